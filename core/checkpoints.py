@@ -1,0 +1,277 @@
+"""Checkpoint bundles: atomic writes, integrity checks, and the public classifier contract.
+
+A bundle `checkpoints/<name>/` holds model.keras, metadata.json, history.csv, predictions.csv and
+split.csv. `load_classifier(path)` returns a `Classifier` whose `predict_proba(images)` takes uint8
+RGB images of any size and returns calibrated float32 probabilities [N, K].
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from core.errors import CheckpointError
+from core.models import sha256_file
+from core.preprocessing import apply_clahe, ensure_rgb_uint8, resize
+
+BUNDLE_FILES = ("model.keras", "metadata.json", "history.csv", "predictions.csv", "split.csv")
+CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------- writing
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False if unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    rc = fn(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bundle(dest: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Create or replace the bundle folder `dest` atomically.
+
+    `fill(tmpdir)` writes every file into a temporary sibling folder; only once it returns is the
+    folder swapped into place (renameat2 exchange, else two renames with recovery). A crash at any
+    moment leaves either the old bundle or the new one, never a mix.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    try:
+        fill(tmp)
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if dest.exists():
+            if not _rename_exchange(tmp, dest):
+                old = dest.parent / f".old-{dest.name}-{uuid.uuid4().hex[:8]}"
+                os.rename(dest, old)
+                os.rename(tmp, dest)
+                tmp = old
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous bundle
+        else:
+            os.rename(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        if tmp.exists() and tmp.name.startswith(".tmp-"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+# ----------------------------------------------------------------------------------------- reading
+def list_bundles(root: str | Path = CHECKPOINTS_DIR) -> list[Path]:
+    """Every folder under `root` that has a metadata.json (hidden temporary folders excluded)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (p / "metadata.json").is_file())
+
+
+def read_metadata(path: str | Path) -> dict:
+    path = Path(path)
+    meta_path = path / "metadata.json" if path.is_dir() else path
+    try:
+        return json.loads(meta_path.read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{meta_path.parent} is not a checkpoint: metadata.json is missing.") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_path} is damaged (invalid JSON): {exc}") from exc
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def verify_bundle(path: str | Path) -> dict:
+    """Check that a bundle is complete and its model file matches the recorded sha256; returns metadata."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"Checkpoint folder not found: {path}")
+    meta = read_metadata(path)
+    model_file = path / "model.keras"
+    if not model_file.is_file():
+        raise CheckpointError(f"{path.name}: model.keras is missing; retrain with `python train.py`.")
+    expected = meta.get("model_sha256")
+    if not expected:
+        raise CheckpointError(f"{path.name}: metadata.json records no model_sha256; the bundle cannot be verified.")
+    actual = sha256_file(model_file)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path.name}: model.keras does not match the sha256 recorded in metadata.json (file changed, "
+            "truncated or corrupted). Restore it from git or retrain with `python train.py`.")
+    for key in ("class_names", "input_size", "backbone"):
+        if key not in meta:
+            raise CheckpointError(f"{path.name}: metadata.json lacks {key!r}.")
+    return meta
+
+
+@dataclass
+class Classifier:
+    """A trained model behind the LIME-style contract: uint8 RGB images of any size -> probabilities.
+
+    Attributes: class_names (K names), input_size (side S in pixels), metadata (the bundle's JSON).
+    """
+
+    model: "object"  # keras.Model: float32 (N, S, S, 3) in 0-255 -> softmax (N, K)
+    class_names: tuple[str, ...]
+    input_size: int
+    metadata: dict = field(default_factory=dict)
+    path: Optional[Path] = None
+    temperature: float = 1.0
+    clahe: bool = False
+    batch_size: int = 32
+    _forward: Optional[Callable] = field(default=None, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path else self.metadata.get("name", "model")
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """One image (H, W[, C]) -> float32 (S, S, 3) in 0-255: the model's exact input."""
+        img = ensure_rgb_uint8(image)
+        img = resize(img, (self.input_size, self.input_size))
+        if self.clahe:
+            img = apply_clahe(img)
+        return img.astype(np.float32)
+
+    def prepare_batch(self, images) -> np.ndarray:
+        """uint8 images (N, H, W, 3) or a list of arrays of any sizes -> float32 (N, S, S, 3)."""
+        if isinstance(images, np.ndarray) and images.ndim in (2, 3):  # one image
+            images = [images]
+        if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (
+                self.input_size, self.input_size, 3) and not self.clahe:
+            return images.astype(np.float32, copy=False)
+        return np.stack([self.prepare(im) for im in images]) if len(images) else np.zeros(
+            (0, self.input_size, self.input_size, 3), np.float32)
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Raw model softmax for prepared float32 inputs (N, S, S, 3), compiled, fixed batch size."""
+        import tensorflow as tf
+
+        if self._forward is None:
+            model = self.model
+            self._forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        out = []
+        bs = self.batch_size
+        for i in range(0, len(batch), bs):
+            chunk = batch[i:i + bs]
+            n = len(chunk)
+            if n < bs and len(batch) > bs:  # pad to keep one traced shape
+                chunk = np.concatenate([chunk, np.zeros((bs - n,) + chunk.shape[1:], chunk.dtype)])
+            out.append(np.asarray(self._forward(tf.convert_to_tensor(chunk)))[:n])
+        return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
+
+    def calibrate(self, probs: np.ndarray) -> np.ndarray:
+        return apply_temperature(probs, self.temperature)
+
+    def predict_proba(self, images, batch_size: Optional[int] = None,
+                      progress: Optional[Callable[[float], None]] = None) -> np.ndarray:
+        """Calibrated class probabilities float32 [N, K] for uint8 RGB images of any size."""
+        x = self.prepare_batch(images)
+        if batch_size:
+            self.batch_size = int(batch_size)
+        if progress is None:
+            return self.calibrate(self.forward(x)).astype(np.float32)
+        outs, step = [], max(self.batch_size, 1) * 4
+        for i in range(0, len(x), step):
+            outs.append(self.forward(x[i:i + step]))
+            progress(min(1.0, (i + step) / max(len(x), 1)))
+        return self.calibrate(np.concatenate(outs)).astype(np.float32)
+
+    __call__ = predict_proba
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T) row-wise: temperature scaling of probabilities, float32 [N, K]."""
+    p = np.asarray(probs, dtype=np.float64)
+    if temperature == 1.0:
+        return p.astype(np.float32)
+    logits = np.log(np.clip(p, 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def load_classifier(path: str | Path) -> Classifier:
+    """Load and verify a checkpoint bundle (sha256, class count) with Keras safe_mode=True."""
+    import keras
+
+    import core.models  # noqa: F401  (registers BackbonePreprocess for deserialisation)
+
+    path = Path(path)
+    meta = verify_bundle(path)
+    try:
+        model = keras.saving.load_model(path / "model.keras", compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for damaged archives
+        raise CheckpointError(f"{path.name}: model.keras cannot be loaded ({type(exc).__name__}: {exc}).") from exc
+    k = int(model.output_shape[-1])
+    class_names = tuple(meta["class_names"])
+    if k != len(class_names):
+        raise CheckpointError(f"{path.name}: the model predicts {k} classes but metadata.json names "
+                              f"{len(class_names)} ({', '.join(class_names)}).")
+    size = int(meta["input_size"])
+    if tuple(model.input_shape[1:3]) != (size, size):
+        raise CheckpointError(f"{path.name}: model input {model.input_shape[1:3]} differs from metadata {size}.")
+    prep = meta.get("preprocessing", {})
+    return Classifier(model=model, class_names=class_names, input_size=size, metadata=meta, path=path,
+                      temperature=float(meta.get("calibration", {}).get("temperature", 1.0)),
+                      clahe=bool(prep.get("clahe", False)))

@@ -1,0 +1,57 @@
+"""The manifest: one row per image, whatever the dataset."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset.
+
+    `group` keeps related images together in splits (BreakHis patient/slide, UCSB microarray);
+    it defaults to the image's own id where nothing better is known.
+    """
+
+    path: str
+    label: int
+    class_name: str
+    group: str
+    mask_paths: tuple[str, ...] = ()
+    magnification: Optional[int] = None
+    subtype: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A dataset: its samples and class names (index = label)."""
+
+    name: str
+    root: str
+    class_names: tuple[str, ...]
+    samples: tuple[Sample, ...] = field(default_factory=tuple)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    @property
+    def groups(self) -> list[str]:
+        return [s.group for s in self.samples]
+
+    def class_counts(self) -> dict[str, int]:
+        counts = Counter(s.class_name for s in self.samples)
+        return {c: counts.get(c, 0) for c in self.class_names}
+
+    def subset(self, indices: Sequence[int]) -> "Manifest":
+        return Manifest(self.name, self.root, self.class_names, tuple(self.samples[i] for i in indices))
+
+    def extend(self, samples: Sequence[Sample]) -> "Manifest":
+        return Manifest(self.name, self.root, self.class_names, self.samples + tuple(samples))

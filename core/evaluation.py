@@ -1,0 +1,220 @@
+"""Classification metrics (sklearn), calibration, bootstrap intervals; CLI: python -m core.evaluation CKPT."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> list[dict]:
+    """One row per class: TP, TN, FP, FN, precision, recall (sensitivity), specificity, F1, support."""
+    k = len(class_names)
+    cm = skm.confusion_matrix(y_true, y_pred, labels=list(range(k)))
+    p, r, f, s = skm.precision_recall_fscore_support(y_true, y_pred, labels=list(range(k)), zero_division=0)
+    rows, n = [], cm.sum()
+    for i, name in enumerate(class_names):
+        tp = int(cm[i, i])
+        fn = int(cm[i].sum() - tp)
+        fp = int(cm[:, i].sum() - tp)
+        tn = int(n - tp - fn - fp)
+        rows.append({"class": name, "tp": tp, "tn": tn, "fp": fp, "fn": fn,
+                     "precision": float(p[i]), "recall": float(r[i]),
+                     "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
+                     "f1": float(f[i]), "support": int(s[i])})
+    return rows
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:
+    """ECE of the top-class confidence over `n_bins` equal-width bins (weighted |accuracy - confidence|)."""
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def reliability_curve(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> dict:
+    """Per-bin mean confidence, accuracy and count of the top-class prediction (reliability diagram)."""
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    out = {"confidence": [], "accuracy": [], "count": [], "bin_lo": [], "bin_hi": []}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        if sel.any():
+            out["confidence"].append(float(conf[sel].mean()))
+            out["accuracy"].append(float(correct[sel].mean()))
+            out["count"].append(int(sel.sum()))
+            out["bin_lo"].append(float(lo))
+            out["bin_hi"].append(float(hi))
+    return out
+
+
+def _auc(y_true: np.ndarray, probs: np.ndarray, k: int) -> Optional[float]:
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return None
+    if k == 2:
+        return float(skm.roc_auc_score(y_true, probs[:, 1]))
+    if len(present) < k:
+        return None
+    return float(skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(k))))
+
+
+def _pr_auc(y_true: np.ndarray, probs: np.ndarray, k: int) -> Optional[float]:
+    if len(np.unique(y_true)) < 2:
+        return None
+    if k == 2:
+        return float(skm.average_precision_score(y_true, probs[:, 1]))
+    onehot = np.eye(k)[y_true]
+    keep = onehot.sum(axis=0) > 0
+    return float(skm.average_precision_score(onehot[:, keep], probs[:, keep], average="macro"))
+
+
+def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, stat, n_boot: int = 1000, seed: int = 0,
+                 alpha: float = 0.05) -> Optional[list[float]]:
+    """Percentile bootstrap (1 - alpha) interval of stat(y_true, probs) over resampled cases."""
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    vals = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        v = stat(y_true[idx], probs[idx])
+        if v is not None:
+            vals.append(v)
+    if n_boot <= 0 or len(vals) < n_boot // 2:
+        return None
+    return [float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))]
+
+
+def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str],
+                           n_boot: int = 1000, seed: int = 0) -> dict:
+    """Every headline metric for true labels (N,) and probabilities (N, K), JSON-ready."""
+    y_true = np.asarray(y_true, dtype=int)
+    probs = np.asarray(probs, dtype=np.float64)
+    probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)  # float32 softmax rounding
+    k = len(class_names)
+    y_pred = probs.argmax(axis=1)
+    labels = list(range(k))
+    rep = skm.classification_report(y_true, y_pred, labels=labels, target_names=list(class_names),
+                                    output_dict=True, zero_division=0)
+    acc_stat = lambda t, p: float((p.argmax(1) == t).mean())
+    auc_stat = lambda t, p: _auc(t, p, k)
+    out = {
+        "n": int(len(y_true)),
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "accuracy_ci95": bootstrap_ci(y_true, probs, acc_stat, n_boot, seed),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)) if len(y_true) else None,
+        "cohen_kappa": float(skm.cohen_kappa_score(y_true, y_pred, labels=labels)),
+        "roc_auc_macro": _auc(y_true, probs, k),
+        "roc_auc_ci95": bootstrap_ci(y_true, probs, auc_stat, n_boot, seed),
+        "pr_auc_macro": _pr_auc(y_true, probs, k),
+        "log_loss": float(skm.log_loss(y_true, np.clip(probs, 1e-12, 1), labels=labels)),
+        "ece": expected_calibration_error(y_true, probs),
+        "macro_avg": {m: float(rep["macro avg"][m]) for m in ("precision", "recall", "f1-score")},
+        "weighted_avg": {m: float(rep["weighted avg"][m]) for m in ("precision", "recall", "f1-score")},
+        "per_class": per_class_table(y_true, y_pred, class_names),
+        "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+    for row in out["per_class"]:
+        out[f"recall_{row['class']}"] = row["recall"]
+    return out
+
+
+def curves(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str]) -> dict:
+    """One-vs-rest ROC and PR curve points per class (for plotting)."""
+    y_true = np.asarray(y_true, dtype=int)
+    out = {}
+    for i, name in enumerate(class_names):
+        t = (y_true == i).astype(int)
+        if t.min() == t.max():
+            continue
+        fpr, tpr, _ = skm.roc_curve(t, probs[:, i])
+        prec, rec, _ = skm.precision_recall_curve(t, probs[:, i])
+        out[name] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": float(skm.auc(fpr, tpr)),
+                     "precision": prec.tolist(), "recall": rec.tolist(),
+                     "ap": float(skm.average_precision_score(t, probs[:, i]))}
+    return out
+
+
+def fit_temperature(y_true: Sequence[int], probs: np.ndarray) -> float:
+    """Temperature T minimising the NLL of softmax(log p / T) on held-out (validation) predictions."""
+    from scipy.optimize import minimize_scalar
+
+    from core.checkpoints import apply_temperature
+
+    y_true = np.asarray(y_true, dtype=int)
+
+    def nll(t):
+        p = apply_temperature(probs, float(t)).astype(np.float64)
+        return -np.mean(np.log(np.clip(p[np.arange(len(y_true)), y_true], 1e-12, 1)))
+
+    res = minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded")
+    return float(res.x)
+
+
+def predictions_from_bundle(path: str | Path, split: str = "test") -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """(y_true (N,), probs (N, K), rows) for one split of a bundle's predictions.csv."""
+    from core.checkpoints import read_csv, read_metadata
+
+    meta = read_metadata(path)
+    rows = [r for r in read_csv(Path(path) / "predictions.csv") if r["split"] == split]
+    names = meta["class_names"]
+    y = np.array([names.index(r["true"]) for r in rows], dtype=int)
+    p = np.array([[float(r[f"p_{c}"]) for c in names] for r in rows], dtype=np.float64)
+    return y, p.reshape(len(rows), len(names)), rows
+
+
+def format_report(m: dict, class_names: Sequence[str]) -> str:
+    """A plain-text summary a person can read."""
+    def ci(v):
+        return f" [{v[0]:.3f}, {v[1]:.3f}]" if v else ""
+    lines = [f"n = {m['n']}",
+             f"accuracy        {m['accuracy']:.3f}{ci(m['accuracy_ci95'])}",
+             f"ROC AUC (macro) {m['roc_auc_macro']:.3f}{ci(m['roc_auc_ci95'])}" if m["roc_auc_macro"] is not None
+             else "ROC AUC (macro) n/a",
+             f"PR AUC (macro)  {m['pr_auc_macro']:.3f}" if m["pr_auc_macro"] is not None else "PR AUC n/a",
+             f"Cohen's kappa   {m['cohen_kappa']:.3f}", f"ECE             {m['ece']:.3f}", "",
+             f"{'class':<22}{'prec':>6}{'recall':>8}{'spec':>7}{'f1':>7}{'TP':>5}{'TN':>5}{'FP':>5}{'FN':>5}{'n':>5}"]
+    for r in m["per_class"]:
+        lines.append(f"{r['class']:<22}{r['precision']:>6.3f}{r['recall']:>8.3f}{r['specificity']:>7.3f}"
+                     f"{r['f1']:>7.3f}{r['tp']:>5}{r['tn']:>5}{r['fp']:>5}{r['fn']:>5}{r['support']:>5}")
+    lines.append(f"{'macro avg':<22}{m['macro_avg']['precision']:>6.3f}{m['macro_avg']['recall']:>8.3f}"
+                 f"{'':>7}{m['macro_avg']['f1-score']:>7.3f}")
+    lines += ["", "confusion matrix (rows = true, columns = predicted): " + ", ".join(class_names)]
+    lines += ["  " + " ".join(f"{v:>5}" for v in row) for row in m["confusion_matrix"]]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core.evaluation",
+                                 description="Metrics of a checkpoint from its saved predictions.csv.")
+    ap.add_argument("checkpoint", help="bundle folder, e.g. checkpoints/busi_densenet121")
+    ap.add_argument("--split", default="test", choices=("val", "test"))
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    from core.checkpoints import read_metadata
+    from core.errors import CheckpointError
+
+    try:
+        meta = read_metadata(args.checkpoint)
+        y, p, _ = predictions_from_bundle(args.checkpoint, args.split)
+    except (CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    m = classification_metrics(y, p, meta["class_names"])
+    print(json.dumps(m, indent=2) if args.json else format_report(m, meta["class_names"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,246 @@
+"""Model zoo: ImageNet backbones and the seeds' small CNN, each as ONE flat functional graph.
+
+Every model takes float32 RGB in 0-255 of shape (S, S, 3); backbone-specific normalisation happens
+inside the graph (`BackbonePreprocess`), so explainers and Grad-CAM work on raw pixels.
+Layer naming convention: `preprocess` (normalisation), backbone layers (Keras names), `head_*`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import keras
+from keras import layers
+
+from core.errors import WeightsUnavailableError
+
+BACKBONES = ("resnet50", "densenet121", "efficientnetb0", "mobilenetv2", "simple_cnn")
+_APPS = {
+    "resnet50": ("ResNet50", "caffe"),
+    "densenet121": ("DenseNet121", "torch"),
+    "efficientnetb0": ("EfficientNetB0", "raw"),  # EfficientNet normalises inside its own graph
+    "mobilenetv2": ("MobileNetV2", "tf"),
+}
+HEAD_PREFIX = "head_"
+OUTPUT_NAME = "head_predictions"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to build. Defaults follow the seeds: dropout 0.5, L2 0.01, Dense 256/128/64 head."""
+
+    backbone: str = "densenet121"
+    num_classes: int = 2
+    input_size: int = 224
+    pooling: str = "avg"  # "avg" (GAP) or "flatten"
+    head_units: tuple[int, ...] = (256, 128, 64)
+    dropout: float = 0.5
+    l2: float = 0.01
+    weights: str = "none"  # "imagenet", "none" or a path to a Keras weights file of the trunk
+
+
+@keras.saving.register_keras_serializable(package="breastxai")
+class BackbonePreprocess(layers.Layer):
+    """Per-backbone normalisation of 0-255 RGB inputs (Keras `preprocess_input` modes, in-graph).
+
+    mode: 'caffe' (RGB->BGR, minus ImageNet mean), 'torch' (/255, ImageNet mean/std), 'tf' ([-1, 1]),
+    'unit' ([0, 1]) or 'raw' (identity).
+    """
+
+    MEAN = (0.485, 0.456, 0.406)
+    STD = (0.229, 0.224, 0.225)
+    CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+    def __init__(self, mode: str = "raw", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("caffe", "torch", "tf", "unit", "raw"):
+            raise ValueError(f"Unknown preprocessing mode {mode!r}")
+        self.mode = mode
+
+    def call(self, x):
+        ops = keras.ops
+        if self.mode == "caffe":
+            x = x[..., ::-1]
+            return x - ops.convert_to_tensor(self.CAFFE_MEAN_BGR, dtype=x.dtype)
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor(self.MEAN, dtype=x.dtype)
+            std = ops.convert_to_tensor(self.STD, dtype=x.dtype)
+            return (x / 255.0 - mean) / std
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "unit":
+            return x / 255.0
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _online(host: str = "storage.googleapis.com", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached_imagenet_file(backbone: str) -> Optional[Path]:
+    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    key = {"resnet50": "resnet50", "densenet121": "densenet121", "efficientnetb0": "efficientnetb0",
+           "mobilenetv2": "mobilenet_v2"}[backbone]
+    hits = sorted(cache.glob(f"{key}*notop*.h5")) if cache.is_dir() else []
+    return hits[0] if hits else None
+
+
+def _simple_cnn(x):
+    """The seeds' baseline: three Conv(3x3, ReLU) + MaxPool blocks with 16/32/64 filters."""
+    for i, filters in enumerate((16, 32, 64), start=1):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{i}")(x)
+        x = layers.MaxPooling2D(name=f"pool{i}")(x)
+    return x
+
+
+def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
+    """Build the flat classifier; returns (model, weights provenance dict).
+
+    Raises WeightsUnavailableError if ImageNet weights are requested offline, naming the alternatives.
+    """
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(f"Unknown backbone {cfg.backbone!r}; choose one of {', '.join(BACKBONES)}.")
+    if cfg.pooling not in ("avg", "flatten"):
+        raise ValueError("pooling must be 'avg' or 'flatten'")
+    size = (cfg.input_size, cfg.input_size, 3)
+    provenance = {"source": "none", "path": None, "sha256": None}
+    ref = None
+    if cfg.backbone != "simple_cnn" and cfg.weights != "none":
+        app = getattr(keras.applications, _APPS[cfg.backbone][0])
+        if cfg.weights == "imagenet":
+            cached = _cached_imagenet_file(cfg.backbone)
+            if cached is None and not _online():
+                raise WeightsUnavailableError(
+                    f"ImageNet weights for {cfg.backbone} must be downloaded by Keras, and there is no network "
+                    "here. Offline alternatives: --weights PATH to a Keras weights file of the trunk (e.g. "
+                    "../shared/weights/densenet121_imagenet_notop.weights.h5 for densenet121), or "
+                    "--weights none to train from scratch.")
+            try:
+                ref = app(include_top=False, weights="imagenet", input_shape=size)
+            except Exception as exc:  # network errors surface as many types
+                raise WeightsUnavailableError(
+                    f"Could not download ImageNet weights for {cfg.backbone} ({exc}). Use --weights PATH "
+                    "or --weights none.") from exc
+            cached = _cached_imagenet_file(cfg.backbone)
+            provenance = {"source": "imagenet (keras.applications download)",
+                          "path": str(cached) if cached else None,
+                          "sha256": sha256_file(cached) if cached else None}
+        else:
+            path = Path(cfg.weights)
+            if not path.is_file():
+                raise WeightsUnavailableError(f"Weights file not found: {path}. Use --weights imagenet "
+                                              "(online), none, or a path to an existing .weights.h5 file.")
+            ref = app(include_top=False, weights=None, input_shape=size)
+            try:
+                ref.load_weights(str(path))
+            except Exception as exc:
+                raise WeightsUnavailableError(f"{path} does not fit a {cfg.backbone} trunk: {exc}") from exc
+            provenance = {"source": "file", "path": str(path), "sha256": sha256_file(path)}
+
+    inp = keras.Input(size, name="image")
+    if cfg.backbone == "simple_cnn":
+        x = BackbonePreprocess("unit", name="preprocess")(inp)
+        features = _simple_cnn(x)
+    else:
+        app_name, mode = _APPS[cfg.backbone]
+        x = BackbonePreprocess(mode, name="preprocess")(inp)
+        base = getattr(keras.applications, app_name)(include_top=False, weights=None, input_tensor=x)
+        features = base.output
+        if ref is not None:
+            _copy_weights(ref, base)
+
+    reg = keras.regularizers.l2(cfg.l2) if cfg.l2 > 0 else None
+    if cfg.pooling == "avg":
+        h = layers.GlobalAveragePooling2D(name=HEAD_PREFIX + "pool")(features)
+    else:
+        h = layers.Flatten(name=HEAD_PREFIX + "flatten")(features)
+    h = layers.BatchNormalization(name=HEAD_PREFIX + "bn")(h)
+    for i, units in enumerate(cfg.head_units, start=1):
+        h = layers.Dense(units, activation="relu", kernel_regularizer=reg, name=f"{HEAD_PREFIX}dense{i}")(h)
+        if cfg.dropout > 0:
+            h = layers.Dropout(cfg.dropout, name=f"{HEAD_PREFIX}dropout{i}")(h)
+    out = layers.Dense(cfg.num_classes, activation="softmax", dtype="float32", name=OUTPUT_NAME)(h)
+    model = keras.Model(inp, out, name=f"breastxai_{cfg.backbone}")
+    return model, provenance
+
+
+def _copy_weights(src: keras.Model, dst: keras.Model) -> None:
+    a = [l for l in src.layers if l.weights]
+    b = [l for l in dst.layers if l.weights]
+    if len(a) != len(b):
+        raise WeightsUnavailableError(f"Weight layout mismatch ({len(a)} vs {len(b)} layers with weights).")
+    for la, lb in zip(a, b):
+        lb.set_weights(la.get_weights())
+
+
+def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Layers between the input normalisation and the head, in graph order."""
+    return [l for l in model.layers
+            if not isinstance(l, keras.layers.InputLayer) and l.name != "preprocess"
+            and not l.name.startswith(HEAD_PREFIX)]
+
+
+def set_trainable(model: keras.Model, fine_tune_layers: int) -> int:
+    """Freeze the backbone, then unfreeze its last `fine_tune_layers` layers (-1: all).
+
+    BatchNormalization layers stay frozen (inference mode), as in Keras' transfer-learning guide.
+    The head is always trainable. Returns how many backbone layers are trainable.
+    """
+    bb = backbone_layers(model)
+    for layer in model.layers:
+        layer.trainable = layer.name.startswith(HEAD_PREFIX)
+    chosen = bb if fine_tune_layers < 0 else (bb[-fine_tune_layers:] if fine_tune_layers else [])
+    n = 0
+    for layer in chosen:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        layer.trainable = True
+        n += 1
+    return n
+
+
+def last_conv_layer(model: keras.Model) -> str:
+    """Name of the last backbone layer with a 4-D (N, h, w, c) output: Grad-CAM's default target."""
+    for layer in reversed(backbone_layers(model)):
+        shape = getattr(layer.output, "shape", None)
+        if shape is not None and len(shape) == 4:
+            return layer.name
+    raise ValueError("The model has no convolutional feature map")
+
+
+def cut_point(model: keras.Model, first_trainable: str) -> Optional[str]:
+    """Latest layer at or before `first_trainable` whose single output alone determines the model output.
+
+    Everything before it is frozen, so its activations can be cached; returns None if none works.
+    """
+    names = [l.name for l in model.layers]
+    start = names.index(first_trainable) - 1
+    for i in range(start, 0, -1):
+        layer = model.layers[i]
+        if isinstance(layer, keras.layers.InputLayer):
+            return None
+        try:
+            keras.Model(layer.output, model.output)
+        except (ValueError, AttributeError):
+            continue
+        return layer.name
+    return None

@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Train a BreastXAI checkpoint, or refresh every committed one.
+
+    python train.py                      # retrain every bundle in checkpoints/ from its recorded command
+    python train.py --dataset busi --data-dir ../shared/data/busi/Dataset_BUSI_with_GT \\
+        --backbone densenet121 --weights ../shared/weights/densenet121_imagenet_notop.weights.h5
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from core.models import BACKBONES
+    from core.training import TrainConfig
+
+    d = TrainConfig()
+    ap = argparse.ArgumentParser(
+        description="Train a breast-image classifier and write a checkpoint bundle "
+                    "(model.keras, metadata.json, history.csv, predictions.csv, split.csv). "
+                    "With no arguments, retrain every bundle in checkpoints/ from the command in its metadata.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = ap.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, choices=("busi", "breakhis", "ucsb", "folder"),
+                   help="dataset layout: BUSI, BreakHis v1 official tree, UCSB H&E, or root/<class>/*.png")
+    g.add_argument("--data-dir", default=d.data_dir, help="dataset root folder")
+    g.add_argument("--task", default=d.task, choices=("binary", "subtype"),
+                   help="BreakHis only: benign/malignant or the 8 tumour subtypes")
+    g.add_argument("--magnification", type=int, default=None, choices=(40, 100, 200, 400),
+                   help="BreakHis only: keep one magnification")
+    g.add_argument("--split", type=float, nargs=3, default=list(d.split), metavar=("TRAIN", "VAL", "TEST"),
+                   help="split fractions (stratified, group-aware: no patient in two splits)")
+    g.add_argument("--split-file", default=None, help="reuse a saved split.csv instead of drawing a new split")
+    g.add_argument("--limit", type=int, default=None, help="use a random subset of N images (smoke tests)")
+    g.add_argument("--clahe", action="store_true", help="CLAHE contrast enhancement (ultrasound)")
+    g = ap.add_argument_group("model")
+    g.add_argument("--backbone", default=d.backbone, choices=BACKBONES)
+    g.add_argument("--input-size", type=int, default=d.input_size, help="square input side in pixels")
+    g.add_argument("--weights", default=d.weights,
+                   help="'imagenet' (Keras download, needs network), 'none' (from scratch) or a trunk weights file")
+    g.add_argument("--pooling", default=d.pooling, choices=("avg", "flatten"), help="GAP or Flatten before the head")
+    g.add_argument("--head-units", type=int, nargs="+", default=list(d.head_units), help="Dense layer sizes")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout after each head Dense layer")
+    g.add_argument("--l2", type=float, default=d.l2, help="L2 penalty on the head's Dense kernels")
+    g.add_argument("--fine-tune-layers", type=int, default=d.fine_tune_layers,
+                   help="unfreeze the last N backbone layers in phase 2 (-1: all; 0: head only)")
+    g = ap.add_argument_group("optimisation")
+    g.add_argument("--head-epochs", type=int, default=d.head_epochs, help="max epochs of phase 1 (head only)")
+    g.add_argument("--fine-tune-epochs", type=int, default=d.fine_tune_epochs, help="max epochs of phase 2")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate, phase 1")
+    g.add_argument("--fine-tune-lr", type=float, default=d.fine_tune_lr, help="Adam learning rate, phase 2")
+    g.add_argument("--patience", type=int, default=d.patience, help="EarlyStopping patience (restores best)")
+    g.add_argument("--lr-factor", type=float, default=d.lr_factor, help="ReduceLROnPlateau factor")
+    g.add_argument("--lr-patience", type=int, default=d.lr_patience, help="ReduceLROnPlateau patience")
+    g.add_argument("--no-class-weights", dest="class_weights", action="store_false",
+                   help="do not weight classes inversely to their frequency")
+    g.add_argument("--no-augment", dest="augment", action="store_false", help="no flip/rotate/zoom/brightness/contrast")
+    g.add_argument("--augment-copies", type=int, default=d.augment_copies,
+                   help="augmented copies per training image in the activation cache")
+    g.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="plain model.fit on images instead of caching frozen-trunk activations")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = ap.add_argument_group("output")
+    g.add_argument("--name", default=None, help="bundle name (default: <dataset>_<backbone>)")
+    g.add_argument("--out-dir", default=d.out_dir, help="folder that holds checkpoint bundles")
+    g.add_argument("--log-file", default=None, help="also write the log to this file")
+    g.add_argument("--quiet", action="store_true", help="no per-epoch output")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace):
+    from core.training import TrainConfig
+
+    return TrainConfig(
+        dataset=args.dataset, data_dir=args.data_dir, name=args.name, out_dir=args.out_dir, task=args.task,
+        magnification=args.magnification, backbone=args.backbone, input_size=args.input_size,
+        weights=args.weights, pooling=args.pooling, head_units=tuple(args.head_units), dropout=args.dropout,
+        l2=args.l2, fine_tune_layers=args.fine_tune_layers, head_epochs=args.head_epochs,
+        fine_tune_epochs=args.fine_tune_epochs, batch_size=args.batch_size, lr=args.lr,
+        fine_tune_lr=args.fine_tune_lr, patience=args.patience, lr_factor=args.lr_factor,
+        lr_patience=args.lr_patience, seed=args.seed, split=tuple(args.split), split_file=args.split_file,
+        clahe=args.clahe, class_weights=args.class_weights, augment=args.augment,
+        augment_copies=args.augment_copies, cache=args.cache, limit=args.limit, verbose=0 if args.quiet else 1)
+
+
+def setup_logging(log_file: str | None) -> None:
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", handlers=handlers, force=True)
+
+
+def refresh_all(out_dir: Path) -> int:
+    """Retrain every bundle from the argv recorded in its metadata.json."""
+    from core.checkpoints import list_bundles, read_metadata
+
+    bundles = list_bundles(out_dir)
+    if not bundles:
+        print(f"No checkpoints in {out_dir}; pass options to train one (see --help).")
+        return 1
+    failures = 0
+    for b in bundles:
+        argv = read_metadata(b).get("argv")
+        if argv is None:
+            print(f"skip {b.name}: its metadata records no command")
+            continue
+        print(f"== refreshing {b.name}: python train.py {' '.join(argv)}", flush=True)
+        failures += main([*argv, "--out-dir", str(out_dir), "--name", b.name]) != 0
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(ROOT))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        return refresh_all(ROOT / "checkpoints")
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_file)
+    from core.errors import BreastXAIError
+    from core.training import train
+
+    try:
+        dest = train(config_from_args(args), argv=argv)
+    except BreastXAIError as exc:
+        logging.getLogger("breastxai.train").error("%s", exc)
+        return 2
+    print(f"Checkpoint written: {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
