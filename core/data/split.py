@@ -21,7 +21,7 @@ def _holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int)
     idx = np.arange(n)
     if len(np.unique(groups)) == n:  # no grouping: exact stratified fraction
         strat = labels if np.min(np.bincount(labels)[np.unique(labels)]) >= 2 else None
-        _, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=strat)
+        _, held = train_test_split(idx, test_size=max(1, int(round(fraction * n))), random_state=seed, stratify=strat)
         out = np.zeros(n, bool)
         out[held] = True
         return out

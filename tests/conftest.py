@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny generated datasets, a tiny trained bundle, and the ../shared data location."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("BREASTXAI_SHARED", ROOT.parent / "shared"))
+DATA = SHARED / "data"
+BUSI = DATA / "busi" / "Dataset_BUSI_with_GT"
+BREAKHIS = DATA / "breakhis_samples" / "BreaKHis_v1"
+UCSB = DATA / "ucsb_breast" / "BreastCancerCell_dataset"
+DENSENET_WEIGHTS = SHARED / "weights" / "densenet121_imagenet_notop.weights.h5"
+
+needs_shared = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not available")
+
+
+def make_class_image(label: int, rng: np.random.Generator, size: int = 48) -> np.ndarray:
+    """Class 0: dark background with a bright square; class 1: bright background with a dark disc."""
+    img = rng.integers(0, 40, (size, size, 3)).astype(np.uint8)
+    c = rng.integers(size // 4, 3 * size // 4, 2)
+    r = size // 6
+    yy, xx = np.mgrid[:size, :size]
+    if label == 0:
+        img[max(c[0] - r, 0):c[0] + r, max(c[1] - r, 0):c[1] + r] = 230
+    else:
+        img[:] = 200 + img // 4
+        img[(yy - c[0]) ** 2 + (xx - c[1]) ** 2 < r * r] = 20
+    return img
+
+
+def write_class_tree(root: Path, n_per_class: int = 12, size: int = 48, seed: int = 0,
+                     classes=("benign", "malignant"), masks: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    for label, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            img = make_class_image(label % 2, rng, size)
+            Image.fromarray(img).save(root / cls / f"{cls} ({i + 1}).png")
+            if masks:
+                m = np.zeros((size, size), np.uint8)
+                m[size // 4: size // 2, size // 4: size // 2] = 255
+                Image.fromarray(m).save(root / cls / f"{cls} ({i + 1})_mask.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_tree(tmp_path_factory) -> Path:
+    return write_class_tree(tmp_path_factory.mktemp("tiny") / "data", n_per_class=14)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_tree) -> Path:
+    """A real bundle trained by train.py for 2 epochs on the tiny tree with simple_cnn at 32 px."""
+    import train
+
+    out = tmp_path_factory.mktemp("ckpt")
+    rc = train.main(["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "simple_cnn",
+                     "--input-size", "32", "--head-epochs", "2", "--fine-tune-epochs", "0",
+                     "--head-units", "16", "--dropout", "0", "--lr", "3e-3", "--batch-size", "8",
+                     "--name", "tiny", "--out-dir", str(out), "--quiet"])
+    assert rc == 0
+    return out / "tiny"

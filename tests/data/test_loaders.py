@@ -1,0 +1,144 @@
+"""Loaders (generic tree, BUSI layout, BreakHis names and tree, UCSB) and group-aware splits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.data import load_breakhis, load_busi, load_dataset, load_folder, load_ucsb, parse_breakhis_name
+from core.data import read_split, split_manifest, write_split
+from core.errors import DatasetError
+from tests.conftest import BREAKHIS, BUSI, UCSB, needs_shared, write_class_tree
+
+
+def test_folder_loader_classes_labels_and_masks(tmp_path):
+    root = write_class_tree(tmp_path / "d", n_per_class=3, classes=("a", "b", "c"), masks=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "a" / "a (1)_mask_1.png")
+    m = load_folder(root)
+    assert m.class_names == ("a", "b", "c") and len(m) == 9
+    assert m.class_counts() == {"a": 3, "b": 3, "c": 3}
+    first = next(s for s in m if s.path.endswith("a (1).png"))
+    assert first.label == 0 and len(first.mask_paths) == 2
+    assert all(len(s.mask_paths) == 1 for s in m if not s.path.endswith("a (1).png"))
+
+
+def test_folder_loader_errors(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        load_folder(tmp_path / "missing")
+    (tmp_path / "only").mkdir()
+    with pytest.raises(DatasetError, match="two class"):
+        load_folder(tmp_path)
+    with pytest.raises(DatasetError, match="Unknown dataset"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_busi_layout_generated(tmp_path):
+    root = write_class_tree(tmp_path / "Dataset_BUSI_with_GT", n_per_class=2,
+                            classes=("benign", "malignant", "normal"), masks=True)
+    m = load_busi(tmp_path)  # parent folder accepted
+    assert m.class_names == ("benign", "malignant", "normal") and len(m) == 6
+    assert all(s.mask_paths for s in m)
+    (root / "normal").rename(root / "other")
+    with pytest.raises(DatasetError, match="normal"):
+        load_busi(root)
+
+
+@needs_shared
+def test_busi_real_counts_and_double_masks():
+    m = load_busi(BUSI)
+    assert m.class_counts() == {"benign": 371, "malignant": 178, "normal": 113}
+    assert all(len(s.mask_paths) >= 1 for s in m)
+    assert any(len(s.mask_paths) >= 2 for s in m)  # some images have _mask_1
+
+
+def test_parse_breakhis_name():
+    info = parse_breakhis_name("SOB_M_DC-14-2523-40-010.png")
+    assert info == {"binary": "malignant", "subtype": "ductal_carcinoma", "code": "DC", "patient": "14-2523",
+                    "magnification": 40, "seq": 10}
+    assert parse_breakhis_name("SOB_B_A-14-22549AB-40-001.png")["patient"] == "14-22549AB"
+    assert parse_breakhis_name("SOB_B_PT-14-21998AB-100-005.png")["subtype"] == "phyllodes_tumor"
+    for bad in ("benign (1).png", "SOB_X_DC-14-2523-40-010.png", "SOB_B_DC-14-2523-40-010.png"):
+        with pytest.raises(DatasetError):
+            parse_breakhis_name(bad)
+
+
+@needs_shared
+def test_breakhis_real_samples():
+    m = load_breakhis(BREAKHIS)
+    assert len(m) == 12 and m.class_names == ("benign", "malignant")
+    assert len({s.subtype for s in m}) == 8
+    assert len({s.group for s in m}) == 9
+    assert {s.magnification for s in m} == {40, 100, 200, 400}
+    for s in m:
+        info = parse_breakhis_name(s.path.rsplit("/", 1)[-1])
+        assert s.class_name == info["binary"] and s.group == info["patient"]
+        assert f"/{info['subtype']}/" in s.path and f"/{s.magnification}X/" in s.path
+    sub = load_breakhis(BREAKHIS, task="subtype")
+    assert len(sub.class_names) == 8 and all(s.class_name == s.subtype for s in sub)
+    m40 = load_breakhis(BREAKHIS, magnification=40)
+    assert 0 < len(m40) < 12 and all(s.magnification == 40 for s in m40)
+    with pytest.raises(DatasetError):
+        load_breakhis(BREAKHIS, magnification=50)
+
+
+@needs_shared
+def test_ucsb_real_groups():
+    m = load_ucsb(UCSB.parent)
+    assert m.class_counts() == {"benign": 32, "malignant": 26}
+    assert len({s.group for s in m}) == 10
+
+
+def _grouped_manifest(tmp_path, n_groups=20, per_group=4):
+    root = tmp_path / "g"
+    (root / "benign").mkdir(parents=True)
+    (root / "malignant").mkdir(parents=True)
+    from core.data import Manifest, Sample
+    samples = []
+    for g in range(n_groups):
+        cls = "benign" if g % 3 else "malignant"
+        for i in range(per_group):
+            samples.append(Sample(str(root / cls / f"p{g}_{i}.png"), int(cls == "malignant"), cls, f"p{g}"))
+    return Manifest("x", str(root), ("benign", "malignant"), tuple(samples))
+
+
+def test_split_is_group_aware_stratified_and_seeded(tmp_path):
+    m = _grouped_manifest(tmp_path)
+    s1 = split_manifest(m, seed=3)
+    s2 = split_manifest(m, seed=3)
+    groups = {k: {x.group for x in v} for k, v in s1.items()}
+    assert not (groups["train"] & groups["val"]) and not (groups["train"] & groups["test"]) \
+        and not (groups["val"] & groups["test"])
+    assert sum(len(v) for v in s1.values()) == len(m)
+    for k in s1:
+        assert [x.path for x in s1[k]] == [x.path for x in s2[k]]
+        assert set(s1[k].labels) == {0, 1}  # every split holds both classes
+    assert [x.path for x in split_manifest(m, seed=4)["test"]] != [x.path for x in s1["test"]]
+
+
+def test_ungrouped_split_fractions_exact(tmp_path):
+    root = write_class_tree(tmp_path / "d", n_per_class=50)
+    s = split_manifest(load_folder(root))
+    assert (len(s["train"]), len(s["val"]), len(s["test"])) == (70, 15, 15)
+    assert s["test"].class_counts() in ({"benign": 8, "malignant": 7}, {"benign": 7, "malignant": 8})
+
+
+def test_split_roundtrip(tmp_path):
+    m = _grouped_manifest(tmp_path)
+    s = split_manifest(m, seed=1)
+    write_split(s, tmp_path / "split.csv")
+    back = read_split(tmp_path / "split.csv", m.root, m.class_names)
+    for k in s:
+        assert [(x.path, x.label, x.group) for x in back[k]] == [(x.path, x.label, x.group) for x in s[k]]
+
+
+def test_split_rejects_bad_fractions(tmp_path):
+    with pytest.raises(DatasetError):
+        split_manifest(_grouped_manifest(tmp_path), (0.5, 0.5, 0.5))
+
+
+@needs_shared
+def test_breakhis_patient_split_real():
+    m = load_breakhis(BREAKHIS)
+    s = split_manifest(m, seed=0)
+    groups = [{x.group for x in s[k]} for k in ("train", "val", "test")]
+    assert sum(map(len, groups)) == 9 and len(set().union(*groups)) == 9

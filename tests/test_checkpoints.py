@@ -1,0 +1,82 @@
+"""Bundles: atomic replacement, integrity checks, and the classifier contract."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from core.checkpoints import list_bundles, load_classifier, verify_bundle, write_bundle
+from core.errors import CheckpointError
+
+
+def test_write_bundle_is_atomic(tmp_path):
+    dest = tmp_path / "b"
+
+    def fill(v):
+        def _f(tmp):
+            (tmp / "a.txt").write_text(v)
+        return _f
+
+    write_bundle(dest, fill("one"))
+    assert (dest / "a.txt").read_text() == "one"
+
+    def broken(tmp):
+        (tmp / "a.txt").write_text("half")
+        raise KeyboardInterrupt  # killed midway
+
+    with pytest.raises(KeyboardInterrupt):
+        write_bundle(dest, broken)
+    assert (dest / "a.txt").read_text() == "one"
+    assert [p.name for p in tmp_path.iterdir()] == ["b"], "no temporary folder left behind"
+    write_bundle(dest, fill("two"))
+    assert (dest / "a.txt").read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_classifier_contract_any_size(tiny_bundle):
+    clf = load_classifier(tiny_bundle)
+    assert clf.class_names == ("benign", "malignant") and clf.input_size == 32
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (50, 70, 3), dtype=np.uint8), rng.integers(0, 255, (20, 20, 3), dtype=np.uint8),
+            rng.integers(0, 255, (64, 64), dtype=np.uint8)]
+    p = clf.predict_proba(imgs)
+    assert p.dtype == np.float32 and p.shape == (3, 2)
+    np.testing.assert_allclose(p.sum(1), 1, rtol=1e-5)
+    one = clf.predict_proba(imgs[0])
+    np.testing.assert_allclose(one[0], p[0], rtol=1e-5, atol=1e-6)
+    batch = rng.integers(0, 255, (70, 32, 32, 3), dtype=np.uint8)  # more than one batch, padded tail
+    pb = clf.predict_proba(batch)
+    assert pb.shape == (70, 2)
+    np.testing.assert_allclose(pb[-1], clf.predict_proba(batch[-1])[0], atol=1e-5)
+
+
+def test_tampered_model_refused(tiny_bundle, tmp_path):
+    b = tmp_path / "t"
+    shutil.copytree(tiny_bundle, b)
+    data = (b / "model.keras").read_bytes()
+    (b / "model.keras").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_classifier(b)
+
+
+def test_class_count_mismatch_refused(tiny_bundle, tmp_path):
+    b = tmp_path / "t"
+    shutil.copytree(tiny_bundle, b)
+    meta = json.loads((b / "metadata.json").read_text())
+    meta["class_names"] = ["a", "b", "c"]
+    (b / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="3"):
+        load_classifier(b)
+
+
+def test_missing_pieces(tmp_path, tiny_bundle):
+    with pytest.raises(CheckpointError, match="not found"):
+        verify_bundle(tmp_path / "none")
+    b = tmp_path / "m"
+    shutil.copytree(tiny_bundle, b)
+    (b / "model.keras").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        verify_bundle(b)
+    assert list_bundles(tmp_path) == [b]

@@ -1,0 +1,103 @@
+"""Every backbone builds as one flat graph; freezing, Grad-CAM layer, cut points, weights handling."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import keras
+
+from core.errors import WeightsUnavailableError
+from core.models import (BACKBONES, BackbonePreprocess, ModelConfig, backbone_layers, build_model, cut_point,
+                         last_conv_layer, set_trainable)
+from tests.conftest import DENSENET_WEIGHTS
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_builds_flat_at_tiny_size(backbone):
+    model, prov = build_model(ModelConfig(backbone=backbone, num_classes=3, input_size=32, weights="none"))
+    assert model.output_shape == (None, 3)
+    assert not any(isinstance(l, keras.Model) for l in model.layers), "nested model breaks Grad-CAM"
+    assert prov["source"] == "none"
+    name = last_conv_layer(model)
+    assert len(model.get_layer(name).output.shape) == 4
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    p = np.asarray(model(x))
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_simple_cnn_is_the_seed_baseline():
+    model, _ = build_model(ModelConfig(backbone="simple_cnn", num_classes=2, input_size=180, head_units=(128,),
+                                       pooling="flatten"))
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    assert [c.filters for c in convs] == [16, 32, 64]
+    assert [l.units for l in model.layers if isinstance(l, keras.layers.Dense)] == [128, 2]
+
+
+def test_head_defaults_follow_the_seeds():
+    model, _ = build_model(ModelConfig(backbone="mobilenetv2", num_classes=2, input_size=32))
+    dense = [l for l in model.layers if isinstance(l, keras.layers.Dense)]
+    assert [d.units for d in dense] == [256, 128, 64, 2]
+    assert all(d.kernel_regularizer is not None and abs(float(d.kernel_regularizer.l2) - 0.01) < 1e-9
+               for d in dense[:3])
+    assert [l.rate for l in model.layers if isinstance(l, keras.layers.Dropout)] == [0.5] * 3
+    assert any(isinstance(l, keras.layers.BatchNormalization) and l.name.startswith("head_") for l in model.layers)
+
+
+def test_set_trainable_last_n_keeps_batchnorm_frozen():
+    model, _ = build_model(ModelConfig(backbone="resnet50", num_classes=2, input_size=32))
+    bb = backbone_layers(model)
+    assert set_trainable(model, 0) == 0
+    assert all(not l.trainable for l in bb)
+    assert all(l.trainable for l in model.layers if l.name.startswith("head_"))
+    n = set_trainable(model, 10)
+    last = bb[-10:]
+    assert n == sum(not isinstance(l, keras.layers.BatchNormalization) for l in last)
+    assert all(l.trainable != isinstance(l, keras.layers.BatchNormalization) for l in last)
+    assert all(not l.trainable for l in bb[:-10])
+
+
+def test_cut_point_tail_reproduces_full_model():
+    model, _ = build_model(ModelConfig(backbone="densenet121", num_classes=2, input_size=32, dropout=0))
+    set_trainable(model, 10)
+    first = next(l.name for l in model.layers if l.trainable and l.weights)
+    cut = cut_point(model, first)
+    assert cut is not None
+    names = [l.name for l in model.layers]
+    assert names.index(cut) < names.index(first)
+    x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    trunk = keras.Model(model.input, model.get_layer(cut).output)
+    tail = keras.Model(model.get_layer(cut).output, model.output)
+    np.testing.assert_allclose(np.asarray(tail(trunk(x))), np.asarray(model(x)), atol=1e-5)
+
+
+def test_preprocess_modes_match_keras():
+    x = np.random.default_rng(2).uniform(0, 255, (1, 8, 8, 3)).astype("float32")
+    for mode, fn in (("caffe", keras.applications.resnet50.preprocess_input),
+                     ("torch", keras.applications.densenet.preprocess_input),
+                     ("tf", keras.applications.mobilenet_v2.preprocess_input)):
+        np.testing.assert_allclose(np.asarray(BackbonePreprocess(mode)(x)), fn(x.copy()), atol=1e-4)
+
+
+def test_imagenet_offline_fails_fast_naming_alternatives(monkeypatch, tmp_path):
+    import core.models as cm
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(cm, "_online", lambda *a, **k: False)
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_model(ModelConfig(backbone="resnet50", input_size=32, weights="imagenet"))
+    msg = str(info.value)
+    assert "--weights PATH" in msg and "--weights none" in msg
+
+
+def test_missing_weights_file_is_clear(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="not found"):
+        build_model(ModelConfig(backbone="densenet121", input_size=32, weights=str(tmp_path / "x.h5")))
+
+
+@pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
+def test_densenet_weights_file_loads_with_provenance():
+    model, prov = build_model(ModelConfig(backbone="densenet121", input_size=32, weights=str(DENSENET_WEIGHTS)))
+    assert prov["sha256"] == "0142d51240a0752a26a858c544e9b2e0ae5f0effbf961bd882100a345b1617d9"
+    ref = keras.applications.DenseNet121(include_top=False, weights=None, input_shape=(32, 32, 3))
+    ref.load_weights(str(DENSENET_WEIGHTS))
+    np.testing.assert_array_equal(model.get_layer("conv1_conv").get_weights()[0], ref.get_layer("conv1_conv").get_weights()[0])

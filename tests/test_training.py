@@ -1,0 +1,96 @@
+"""End-to-end training on tiny generated data: bundle contents, cached fast path, refresh, CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import train
+from core.checkpoints import load_classifier, read_csv
+from core.evaluation import main as evaluation_main
+from tests.conftest import DENSENET_WEIGHTS
+
+
+def test_tiny_bundle_contents(tiny_bundle):
+    names = {p.name for p in tiny_bundle.iterdir()}
+    assert {"model.keras", "metadata.json", "history.csv", "predictions.csv", "split.csv"} <= names
+    meta = json.loads((tiny_bundle / "metadata.json").read_text())
+    for key in ("command", "git_commit", "dataset", "split", "class_names", "input_size", "backbone", "weights",
+                "preprocessing", "training", "metrics", "model_sha256", "calibration"):
+        assert key in meta, key
+    assert meta["command"].startswith("python train.py --dataset folder")
+    assert meta["training"]["epochs"] == 2
+    split = read_csv(tiny_bundle / "split.csv")
+    counts = {s: sum(r["split"] == s for r in split) for s in ("train", "val", "test")}
+    assert counts == meta["split"]["counts"] and sum(counts.values()) == 28
+    preds = read_csv(tiny_bundle / "predictions.csv")
+    assert len(preds) == counts["val"] + counts["test"]
+    for r in preds:
+        p = [float(r["p_benign"]), float(r["p_malignant"])]
+        assert abs(sum(p) - 1) < 1e-4 and r["predicted"] == ("benign", "malignant")[int(np.argmax(p))]
+    hist = read_csv(tiny_bundle / "history.csv")
+    assert [int(h["epoch"]) for h in hist] == [1, 2] and "val_loss" in hist[0]
+    m = meta["metrics"]["test"]
+    assert m["n"] == counts["test"] and 0 <= m["accuracy"] <= 1
+
+
+def test_saved_predictions_match_reloaded_classifier(tiny_bundle):
+    """predictions.csv was produced by the same preprocessing the public loader applies."""
+    from core.preprocessing import load_image
+
+    clf = load_classifier(tiny_bundle)
+    meta = clf.metadata
+    rows = [r for r in read_csv(tiny_bundle / "predictions.csv") if r["split"] == "test"][:5]
+    imgs = [load_image(f"{meta['dataset']['root']}/{r['path']}") for r in rows]
+    p = clf.predict_proba(imgs)
+    expected = np.array([[float(r["p_benign"]), float(r["p_malignant"])] for r in rows])
+    np.testing.assert_allclose(p, expected, atol=1e-4)
+
+
+def test_evaluation_cli(tiny_bundle, capsys):
+    assert evaluation_main([str(tiny_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "confusion matrix" in out and "benign" in out
+    assert evaluation_main([str(tiny_bundle / "missing")]) == 2
+
+
+@pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
+@pytest.mark.parametrize("cache", [True, False])
+def test_two_phase_training_cached_and_plain(tiny_tree, tmp_path, cache):
+    args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "densenet121",
+            "--weights", str(DENSENET_WEIGHTS), "--input-size", "32", "--head-epochs", "1",
+            "--fine-tune-epochs", "1", "--fine-tune-layers", "10", "--augment-copies", "1",
+            "--batch-size", "8", "--out-dir", str(tmp_path), "--name", "d", "--quiet"]
+    assert train.main(args + ([] if cache else ["--no-cache"])) == 0
+    meta = json.loads((tmp_path / "d" / "metadata.json").read_text())
+    assert [p["phase"] for p in meta["training"]["phases"]] == ["head", "fine_tune"]
+    assert (meta["training"]["cut_layer"] is not None) == cache
+    assert meta["weights"]["source"] == "file" and len(meta["weights"]["sha256"]) == 64
+    load_classifier(tmp_path / "d")
+
+
+def test_refresh_retrains_from_recorded_command(tiny_bundle, tmp_path):
+    shutil.copytree(tiny_bundle, tmp_path / "tiny")
+    before = json.loads((tmp_path / "tiny" / "metadata.json").read_text())
+    assert train.refresh_all(tmp_path) == 0
+    after = json.loads((tmp_path / "tiny" / "metadata.json").read_text())
+    assert after["argv"][-4:] == ["--out-dir", str(tmp_path), "--name", "tiny"]
+    assert after["created"] >= before["created"] and after["model_sha256"] != ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_bad_dataset_gives_message_not_traceback(tmp_path, capsys):
+    assert train.main(["--dataset", "folder", "--data-dir", str(tmp_path / "nothing"), "--quiet"]) == 2
+    assert "not found" in capsys.readouterr().out
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    for opt in ("--backbone", "--weights", "--fine-tune-layers", "--clahe", "--magnification", "--no-cache",
+                "--patience", "--split-file"):
+        assert opt in out
