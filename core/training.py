@@ -338,9 +338,9 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     metrics = {s: classification_metrics(arrays[s][1], probs[s], manifest.class_names, seed=cfg.seed)
                for s in ("val", "test")}
     uncal = classification_metrics(arrays["test"][1], raw["test"], manifest.class_names, n_boot=0)
-    log.info("Temperature %.3f; test accuracy %.3f, macro ROC AUC %s, ECE %.3f (uncalibrated ECE %.3f)",
-             temperature, metrics["test"]["accuracy"], metrics["test"]["roc_auc_macro"], metrics["test"]["ece"],
-             uncal["ece"])
+    log.info("Temperature %.3f; validation accuracy %.3f, macro ROC AUC %s (choose settings on these); "
+             "test ECE %.3f (uncalibrated %.3f)", temperature, metrics["val"]["accuracy"],
+             metrics["val"]["roc_auc_macro"], metrics["test"]["ece"], uncal["ece"])
 
     argv = list(argv) if argv is not None else None
     name = cfg.bundle_name

@@ -1,0 +1,139 @@
+"""The one result type (`Explanation`) and the base class every explainer shares."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, ClassVar, Optional
+
+import cv2
+import numpy as np
+
+from core.preprocessing import ensure_rgb_uint8, resize
+
+EPS = 1e-7
+Progress = Optional[Callable[[float], None]]
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """What every method returns.
+
+    attribution: float32 (H, W) at the input image's resolution; positive supports `target`.
+    params: every parameter actually used (seeds included). extras: method-specific (e.g. LIME segments).
+    """
+
+    method: str
+    target: int
+    probability: float
+    attribution: np.ndarray
+    params: dict
+    seconds: float
+    class_name: str = ""
+    probabilities: Optional[np.ndarray] = None  # (K,) calibrated probabilities of the image
+    extras: dict = field(default_factory=dict)
+
+    def heatmap(self) -> np.ndarray:
+        """(H, W) float32 in [0, 1]: 1 = most supportive of the target; negative evidence -> 0.
+
+        A constant or all-negative map gives all zeros (never NaN).
+        """
+        return normalise_positive(self.attribution)
+
+    @property
+    def segments(self) -> Optional[np.ndarray]:
+        return self.extras.get("segments")
+
+
+def normalise_positive(attribution: np.ndarray) -> np.ndarray:
+    a = np.nan_to_num(np.asarray(attribution, dtype=np.float32))
+    a = np.maximum(a, 0.0)
+    top = float(a.max(initial=0.0))
+    if top <= EPS:
+        return np.zeros_like(a, dtype=np.float32)
+    return (a / (top + EPS)).astype(np.float32)
+
+
+def upsample(attribution: np.ndarray, shape: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """Resize a 2-D map to (H, W) = shape (bilinear, or nearest for label maps)."""
+    a = np.asarray(attribution)
+    if a.shape == tuple(shape):
+        return a
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    return cv2.resize(a.astype(np.float32 if not nearest else a.dtype), (shape[1], shape[0]), interpolation=interp)
+
+
+@dataclass(frozen=True)
+class NoParams:
+    pass
+
+
+class Explainer:
+    """Base class: subclasses set `name`, `Params` (a frozen dataclass) and implement `_attribute`.
+
+    `Explainer(classifier, progress=None, **params).explain(image, target=None) -> Explanation`.
+    The classifier is any object with `predict_proba`, `class_names`, `input_size` (see core.checkpoints).
+    """
+
+    name: ClassVar[str] = "base"
+    Params: ClassVar[type] = NoParams
+    stochastic: ClassVar[bool] = False
+    slow: ClassVar[bool] = False
+
+    def __init__(self, classifier, progress: Progress = None, **params: Any):
+        self.classifier = classifier
+        self.progress = progress
+        names = {f.name for f in fields(self.Params)}
+        unknown = set(params) - names
+        if unknown:
+            raise TypeError(f"{self.name} does not take parameter(s) {sorted(unknown)}; it takes {sorted(names)}")
+        self.params = self.Params(**params)
+
+    # -- helpers for subclasses
+    def work_image(self, image: np.ndarray) -> np.ndarray:
+        """The uint8 image at model resolution (S, S, 3); perturbation methods work on it."""
+        s = self.classifier.input_size
+        return resize(image, (s, s))
+
+    def predict_fn(self) -> Callable[[np.ndarray], np.ndarray]:
+        """Batch of images (N, S, S, 3) -> calibrated probabilities (N, K) through the compiled forward pass."""
+        return lambda x: self.classifier.predict_proba(np.asarray(x))
+
+    def report(self, fraction: float) -> None:
+        if self.progress is not None:
+            self.progress(float(min(max(fraction, 0.0), 1.0)))
+
+    def _attribute(self, image: np.ndarray, target: int) -> tuple[np.ndarray, dict]:
+        """Return (attribution at any resolution, extras). Subclasses implement this."""
+        raise NotImplementedError
+
+    def explain(self, image: np.ndarray, target: Optional[int] = None) -> Explanation:
+        """Explain the classifier's output for `target` (default: predicted class) on a uint8 RGB image."""
+        image = ensure_rgb_uint8(image)
+        t0 = time.perf_counter()
+        probs = np.asarray(self.classifier.predict_proba(image)[0], dtype=np.float32)
+        if target is None:
+            target = int(np.argmax(probs))
+        target = int(target)
+        if not 0 <= target < len(probs):
+            raise ValueError(f"target must be a class index in [0, {len(probs) - 1}], got {target}")
+        self.report(0.0)
+        attribution, extras = self._attribute(image, target)
+        attribution = upsample(np.asarray(attribution, dtype=np.float32), image.shape[:2])
+        attribution = np.nan_to_num(attribution).astype(np.float32)
+        self.report(1.0)
+        params = {**asdict(self.params), **extras.pop("resolved", {})}
+        return Explanation(
+            method=self.name, target=target, probability=float(probs[target]), attribution=attribution,
+            params=params, seconds=time.perf_counter() - t0,
+            class_name=str(self.classifier.class_names[target]), probabilities=probs, extras=extras)
+
+
+def baseline_image(image: np.ndarray, kind: str, blur_sigma: float = 10.0) -> np.ndarray:
+    """A uint8 reference image: 'black', 'mean' (per-channel mean colour) or 'blur' (Gaussian)."""
+    if kind == "black":
+        return np.zeros_like(image)
+    if kind == "mean":
+        return np.broadcast_to(image.reshape(-1, 3).mean(0).round().astype(np.uint8), image.shape).copy()
+    if kind == "blur":
+        return cv2.GaussianBlur(image, (0, 0), blur_sigma)
+    raise ValueError(f"baseline must be 'black', 'mean' or 'blur', not {kind!r}")

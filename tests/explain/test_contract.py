@@ -1,0 +1,93 @@
+"""One contract test parametrised over every explainer (type, shape, range, seeds, progress, no mutation)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.explain import EXPLAINERS, Explanation, explain
+
+FAST = {
+    "gradcam": {},
+    "gradcam++": {},
+    "lime": {"num_samples": 64, "n_segments": 12},
+    "shap": {"max_evals": 64, "blur_kernel": 8},
+    "occlusion": {"window": 8, "stride": 8},
+    "integrated_gradients": {"steps": 8},
+}
+SEEDS = {"lime": "random_seed", "shap": "seed"}
+
+
+def test_registry_has_required_methods():
+    assert {"gradcam", "gradcam++", "lime", "shap", "occlusion", "integrated_gradients"} <= set(EXPLAINERS)
+
+
+@pytest.mark.parametrize("method", sorted(FAST))
+def test_contract(method, tiny_classifier, test_image):
+    calls = []
+    e = explain(tiny_classifier, test_image, method, progress=calls.append, **FAST[method])
+    assert isinstance(e, Explanation) and e.method == method
+    assert e.attribution.dtype == np.float32 and e.attribution.shape == test_image.shape[:2]
+    assert np.isfinite(e.attribution).all()
+    h = e.heatmap()
+    assert h.shape == test_image.shape[:2] and h.min() >= 0 and h.max() <= 1
+    probs = tiny_classifier.predict_proba(test_image)[0]
+    assert e.target == int(np.argmax(probs)) and e.probability == pytest.approx(float(probs[e.target]), abs=1e-6)
+    for k, v in FAST[method].items():
+        assert e.params[k] == v
+    assert e.seconds > 0 and calls and calls[-1] == 1.0 and all(0 <= c <= 1 for c in calls)
+    with pytest.raises(TypeError):
+        EXPLAINERS[method](tiny_classifier, not_a_parameter=1)
+
+
+@pytest.mark.parametrize("method", sorted(FAST))
+def test_same_seed_same_result_and_explicit_target(method, tiny_classifier, test_image):
+    a = explain(tiny_classifier, test_image, method, target=1, **FAST[method])
+    b = explain(tiny_classifier, test_image, method, target=1, **FAST[method])
+    assert a.target == 1
+    np.testing.assert_allclose(a.attribution, b.attribution, rtol=1e-5, atol=1e-6)
+
+
+def test_lime_different_seed_differs(tiny_classifier, test_image):
+    a = explain(tiny_classifier, test_image, "lime", random_seed=1, **FAST["lime"])
+    b = explain(tiny_classifier, test_image, "lime", random_seed=2, **FAST["lime"])
+    assert not np.allclose(a.attribution, b.attribution)
+
+
+def test_explainers_do_not_mutate_the_model(tiny_classifier, test_image):
+    model = tiny_classifier.model
+    before = [w.copy() for w in model.get_weights()]
+    n_layers, trainable = len(model.layers), [l.trainable for l in model.layers]
+    for method in FAST:
+        explain(tiny_classifier, test_image, method, **FAST[method])
+    assert len(model.layers) == n_layers and [l.trainable for l in model.layers] == trainable
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_heatmap_robust_to_constant_map():
+    e = Explanation("x", 0, 0.5, np.full((4, 4), 3.0, np.float32), {}, 0.0)
+    assert e.heatmap().max() == pytest.approx(1.0, abs=1e-5)
+    z = Explanation("x", 0, 0.5, np.zeros((4, 4), np.float32), {}, 0.0)
+    assert np.all(z.heatmap() == 0) and np.isfinite(z.heatmap()).all()
+    neg = Explanation("x", 0, 0.5, -np.ones((4, 4), np.float32), {}, 0.0)
+    assert np.all(neg.heatmap() == 0)
+
+
+@pytest.mark.parametrize("seg", ["slic", "quickshift", "felzenszwalb"])
+def test_lime_segmentations_and_hide_colors(seg, tiny_classifier, test_image):
+    for hide in ("mean", "black", "blur"):
+        e = explain(tiny_classifier, test_image, "lime", segmentation=seg, hide_color=hide, num_samples=32,
+                    n_segments=10, kernel_size=2, max_dist=20, scale=50, min_size=10)
+        assert e.segments.shape == test_image.shape[:2] and e.extras["n_segments_found"] >= 2
+
+
+def test_lime_greyscale_and_positive_only(tiny_classifier, test_image):
+    grey = test_image.mean(axis=2).astype(np.uint8)
+    e = explain(tiny_classifier, grey, "lime", positive_only=True, num_features=3, **FAST["lime"])
+    assert e.attribution.shape == grey.shape and e.attribution.min() >= 0
+    assert len(np.unique(e.attribution[e.attribution > 0])) <= 3
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="Unknown method"):
+        explain(None, np.zeros((8, 8, 3), np.uint8), "magic")
