@@ -1,0 +1,189 @@
+"""python -m core.explain.evaluate CHECKPOINT: score every method on the checkpoint's test images.
+
+Writes `explanations.json` into the bundle: per method the mean and 95% bootstrap interval of
+deletion AUC (lower is better), insertion AUC (higher), pointing game, energy in the lesion mask and
+IoU of the top-15% region with the mask, mean seconds per image, pairwise agreement between methods
+and LIME's seed stability. Only test images with a non-empty lesion mask are used (BUSI: benign and
+malignant). Evaluation settings are recorded in the file.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+DEFAULT_PARAMS = {
+    "gradcam": {},
+    "gradcam++": {},
+    "lime": {"num_samples": 500, "n_segments": 50},
+    "shap": {"max_evals": 300},
+    "occlusion": {"window": 32, "stride": 32},
+    "integrated_gradients": {"steps": 16},
+}
+
+
+def mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    if v.size == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    rng = np.random.default_rng(seed)
+    boots = v[rng.integers(0, v.size, (n_boot, v.size))].mean(axis=1)
+    return {"mean": float(v.mean()), "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
+            "n": int(v.size)}
+
+
+def resolve_data_root(meta: dict, bundle: Path, override: Optional[str] = None) -> Path:
+    """The dataset root recorded in metadata, tried relative to the CWD, the repo root and the bundle."""
+    if override:
+        return Path(override)
+    root = Path(meta["dataset"]["root"])
+    repo = Path(__file__).resolve().parents[2]
+    for cand in (root, repo / root, bundle / root):
+        if cand.is_dir():
+            return cand
+    return root
+
+
+def test_cases(bundle: Path, data_root: Path, limit: Optional[int], seed: int = 0) -> list:
+    """Test-split samples with a non-empty lesion mask, balanced across classes if `limit` is given."""
+    from core.checkpoints import read_metadata
+    from core.data import read_split
+    from core.preprocessing import load_mask
+
+    meta = read_metadata(bundle)
+    split = read_split(bundle / "split.csv", data_root, meta["class_names"])["test"]
+    cases = [s for s in split.samples if s.mask_paths and load_mask(s.mask_paths).any()]
+    if limit and len(cases) > limit:
+        rng = np.random.default_rng(seed)
+        by_class: dict[int, list] = {}
+        for s in cases:
+            by_class.setdefault(s.label, []).append(s)
+        for v in by_class.values():
+            rng.shuffle(v)
+        picked, i = [], 0
+        while len(picked) < limit:
+            for v in by_class.values():
+                if i < len(v) and len(picked) < limit:
+                    picked.append(v[i])
+            i += 1
+        cases = sorted(picked, key=lambda s: s.path)
+    return cases
+
+
+def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit: Optional[int] = 24,
+             data_dir: Optional[str] = None, steps: int = 20, stability_images: int = 3, stability_seeds: int = 3,
+             log=print) -> dict:
+    from core.checkpoints import load_classifier
+    from core.explain import EXPLAINERS, explain
+    from core.explain import metrics as M
+    from core.preprocessing import load_image, load_mask, resize
+
+    bundle = Path(bundle)
+    clf = load_classifier(bundle)
+    methods = list(methods or EXPLAINERS)
+    root = resolve_data_root(clf.metadata, bundle, data_dir)
+    cases = test_cases(bundle, root, limit)
+    if not cases:
+        raise ValueError(f"No test images with lesion masks under {root}; is the dataset available?")
+    predict = lambda x: clf.predict_proba(np.asarray(x))
+    s = clf.input_size
+    per: dict[str, dict[str, list]] = {m: {k: [] for k in ("deletion_auc", "insertion_auc", "pointing_game",
+                                                            "energy_in_mask", "mask_iou_top15", "seconds")}
+                                       for m in methods}
+    agree: dict[tuple, list] = {}
+    t_all = time.time()
+    for i, case in enumerate(cases):
+        image = load_image(case.path)
+        mask = load_mask(case.mask_paths, image.shape[:2])
+        work, work_mask = resize(image, (s, s)), resize(mask.astype(np.uint8), (s, s)) > 0
+        maps = {}
+        for m in methods:
+            e = explain(clf, image, m, **DEFAULT_PARAMS.get(m, {}))
+            a = resize(e.attribution, (s, s))
+            maps[m] = a
+            r = per[m]
+            r["seconds"].append(e.seconds)
+            r["deletion_auc"].append(M.deletion_auc(predict, work, a, e.target, steps))
+            r["insertion_auc"].append(M.insertion_auc(predict, work, a, e.target, steps))
+            r["pointing_game"].append(M.pointing_game(a, work_mask))
+            r["energy_in_mask"].append(M.energy_in_mask(a, work_mask))
+            r["mask_iou_top15"].append(M.mask_iou(a, work_mask, 15))
+        for a_i, ma in enumerate(methods):
+            for mb in methods[a_i + 1:]:
+                agree.setdefault((ma, mb), []).append(M.agreement(maps[ma], maps[mb]))
+        log(f"[{i + 1}/{len(cases)}] {Path(case.path).name}: " + ", ".join(
+            f"{m} {per[m]['seconds'][-1]:.1f}s" for m in methods))
+    stability = {}
+    if "lime" in methods and stability_images > 0:
+        vals = []
+        for case in cases[:stability_images]:
+            image = load_image(case.path)
+            runs = [explain(clf, image, "lime", **{**DEFAULT_PARAMS["lime"], "random_seed": sd}).attribution
+                    for sd in range(stability_seeds)]
+            vals.append(M.seed_stability(runs)["stability"])
+        stability["lime"] = {**mean_ci(vals), "seeds": stability_seeds, "images": len(vals)}
+    result = {
+        "checkpoint": bundle.name,
+        "model_sha256": clf.metadata.get("model_sha256"),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "images": {"n": len(cases), "split": "test", "selection": "test images with a non-empty lesion mask, "
+                   "balanced across classes", "classes": {c: sum(x.class_name == c for x in cases)
+                                                          for c in clf.class_names}},
+        "settings": {"params": {m: DEFAULT_PARAMS.get(m, {}) for m in methods}, "curve_steps": steps,
+                     "curve_baseline": "blur", "top_k_percent": 15, "resolution": f"{s}x{s} (model input)",
+                     "target": "predicted class"},
+        "metrics_help": {"deletion_auc": "lower is better", "insertion_auc": "higher is better",
+                         "pointing_game": "share of images whose attribution maximum is inside the lesion",
+                         "energy_in_mask": "share of positive attribution inside the lesion",
+                         "mask_iou_top15": "IoU of the top-15% region with the lesion"},
+        "methods": {m: {k: mean_ci(v) for k, v in per[m].items()} for m in methods},
+        "agreement": [{"a": a, "b": b, "iou_top15": mean_ci([x["iou_top"] for x in v]),
+                       "spearman": mean_ci([x["spearman"] for x in v])} for (a, b), v in agree.items()],
+        "seed_stability": stability,
+        "wall_seconds": round(time.time() - t_all, 1),
+    }
+    return result
+
+
+def write_result(bundle: Path, result: dict) -> Path:
+    out = Path(bundle) / "explanations.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from core.explain import EXPLAINERS
+    from core.errors import BreastXAIError
+
+    ap = argparse.ArgumentParser(prog="python -m core.explain.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--methods", nargs="+", default=None, choices=sorted(EXPLAINERS))
+    ap.add_argument("--limit", type=int, default=24, help="number of test images (0: all with masks)")
+    ap.add_argument("--data-dir", default=None, help="dataset root if not where metadata.json says")
+    ap.add_argument("--steps", type=int, default=20, help="deletion/insertion curve steps")
+    args = ap.parse_args(argv)
+    try:
+        result = evaluate(args.checkpoint, args.methods, args.limit or None, args.data_dir, args.steps)
+    except (BreastXAIError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    path = write_result(Path(args.checkpoint), result)
+    for m, r in result["methods"].items():
+        print(f"{m:<22} del {r['deletion_auc']['mean']:.3f}  ins {r['insertion_auc']['mean']:.3f}  "
+              f"point {r['pointing_game']['mean']:.2f}  energy {r['energy_in_mask']['mean']:.2f}  "
+              f"iou {r['mask_iou_top15']['mean']:.2f}  {r['seconds']['mean']:.2f} s/img")
+    print(f"written {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

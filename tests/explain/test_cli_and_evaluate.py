@@ -1,0 +1,63 @@
+"""Command line and the explanation-quality evaluation on a tiny trained bundle with masks."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.explain.__main__ import main as cli_main, parse_params
+
+
+def test_parse_params():
+    assert parse_params(["n_segments=80", "hide_color=blur", "positive_only=True", "kernel_width=0.3"]) == {
+        "n_segments": 80, "hide_color": "blur", "positive_only": True, "kernel_width": 0.3}
+    with pytest.raises(ValueError):
+        parse_params(["oops"])
+
+
+def test_cli_writes_overlay(tiny_bundle, tiny_tree, tmp_path, capsys):
+    img = next((tiny_tree / "malignant").glob("*.png"))
+    out = tmp_path / "o.png"
+    rc = cli_main([str(img), "--checkpoint", str(tiny_bundle), "--method", "lime", "--param", "num_samples=40",
+                   "--param", "n_segments=8", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "prediction:" in text and "overlay written" in text
+    arr = np.asarray(Image.open(out))
+    assert arr.shape == (48, 48, 3)
+
+
+def test_cli_errors_are_messages(tiny_bundle, tmp_path, capsys):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"not an image")
+    assert cli_main([str(bad), "--checkpoint", str(tiny_bundle)]) == 2
+    assert "not an image format" in capsys.readouterr().err
+    good = tmp_path / "g.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(good)
+    assert cli_main([str(good), "--checkpoint", str(tiny_bundle), "--param", "bogus=1"]) == 2
+    assert "parameters" in capsys.readouterr().err
+
+
+def test_evaluate_writes_explanations_json(tmp_path):
+    import train
+    from core.explain.evaluate import evaluate, write_result
+    from tests.conftest import write_class_tree
+
+    data = write_class_tree(tmp_path / "d", n_per_class=14, masks=True)
+    assert train.main(["--dataset", "folder", "--data-dir", str(data), "--backbone", "simple_cnn",
+                       "--input-size", "32", "--head-epochs", "1", "--fine-tune-epochs", "0", "--head-units", "8",
+                       "--out-dir", str(tmp_path / "c"), "--name", "m", "--quiet"]) == 0
+    bundle = tmp_path / "c" / "m"
+    res = evaluate(bundle, methods=["gradcam", "occlusion", "lime"], limit=4, steps=4, stability_images=1,
+                   stability_seeds=2, log=lambda *_: None)
+    write_result(bundle, res)
+    saved = json.loads((bundle / "explanations.json").read_text())
+    assert saved["images"]["n"] == 4
+    for m in ("gradcam", "occlusion", "lime"):
+        r = saved["methods"][m]
+        for k in ("deletion_auc", "insertion_auc", "pointing_game", "energy_in_mask", "mask_iou_top15", "seconds"):
+            lo, hi = r[k]["ci95"]
+            assert lo <= r[k]["mean"] <= hi
+    assert len(saved["agreement"]) == 3 and "lime" in saved["seed_stability"]
