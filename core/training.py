@@ -162,6 +162,23 @@ class _CachedSequence:
         return Seq(*args, **kwargs)
 
 
+def _epoch_timer():
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds: list[float] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self._t)
+
+    return EpochTimer()
+
+
 def _callbacks(cfg: TrainConfig, monitor: str = "val_loss"):
     import keras
 
@@ -190,9 +207,11 @@ def plan_phases(cfg: TrainConfig) -> list[Phase]:
     """Pretrained trunk: head, then fine-tune the last N layers. From scratch: one phase, all layers."""
     if cfg.weights == "none" or cfg.backbone == "simple_cnn":
         return [Phase("full", -1, cfg.head_epochs + cfg.fine_tune_epochs, cfg.lr)]
-    phases = [Phase("head", 0, cfg.head_epochs, cfg.lr)]
+    phases = [Phase("head", 0, cfg.head_epochs, cfg.lr)] if cfg.head_epochs > 0 else []
     if cfg.fine_tune_layers != 0 and cfg.fine_tune_epochs > 0:
         phases.append(Phase("fine_tune", cfg.fine_tune_layers, cfg.fine_tune_epochs, cfg.fine_tune_lr))
+    if not phases:
+        raise ValueError("Nothing to train: set --head-epochs or --fine-tune-epochs above 0.")
     return phases
 
 
@@ -259,13 +278,13 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         log.info("Phase %s: %d backbone layers trainable (of %d), lr %.1e, up to %d epochs", phase.name,
                  n_trainable, len(backbone_layers(model)), phase.lr, phase.epochs)
         _compile(target, phase.lr)
-        t0 = time.time()
+        t0, timer = time.time(), _epoch_timer()
         h = target.fit(train_data, validation_data=val_data, epochs=epoch0 + phase.epochs,
-                       initial_epoch=epoch0, callbacks=_callbacks(cfg), verbose=verbose)
+                       initial_epoch=epoch0, callbacks=[*_callbacks(cfg), timer], verbose=verbose)
         secs = time.time() - t0
         n_ep = len(h.history.get("loss", []))
         timing["phases"].append({"phase": phase.name, "epochs": n_ep, "seconds": secs,
-                                 "seconds_per_epoch": secs / max(n_ep, 1)})
+                                 "seconds_per_epoch": secs / max(n_ep, 1), "epoch_seconds": timer.seconds})
         for j in range(n_ep):
             history.append({"epoch": epoch0 + j + 1, "phase": phase.name,
                             **{k: float(v[j]) for k, v in h.history.items()}})
