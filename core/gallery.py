@@ -1,0 +1,120 @@
+"""Example images for the dashboard, found through the core loaders in a user-chosen data folder."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from core.data import load_breakhis, load_busi, load_ucsb
+from core.errors import DatasetError
+
+ENV_VAR = "BREASTXAI_DATA"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WHERE_TO_GET = (
+    "No data folder found. The app works from uploads alone. For examples, download BUSI "
+    "(Al-Dhabyani et al. 2020, 'Dataset of breast ultrasound images', Data in Brief) and/or BreakHis "
+    "(Spanhol et al. 2016, web.inf.ufpr.br/vri/databases/breast-cancer-histopathological-database-breakhis/) "
+    f"and point the sidebar setting or the {ENV_VAR} environment variable at the folder that holds them.")
+
+
+@dataclass(frozen=True)
+class Example:
+    path: str
+    dataset: str  # busi | breakhis | ucsb
+    class_name: str
+    mask_paths: tuple[str, ...] = ()
+    detail: str = ""
+
+    @property
+    def label(self) -> str:
+        extra = f" · {self.detail}" if self.detail else ""
+        return f"{self.dataset.upper()} · {self.class_name}{extra} · {Path(self.path).name}"
+
+
+def default_data_dir() -> Optional[Path]:
+    """$BREASTXAI_DATA if set, else ../shared/data beside the repository when it exists."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    cand = REPO_ROOT.parent / "shared" / "data"
+    return cand if cand.is_dir() else None
+
+
+def _find(root: Path, name: str, max_depth: int = 3) -> Optional[Path]:
+    if root.name == name:
+        return root
+    frontier = [root]
+    for _ in range(max_depth):
+        nxt = []
+        for d in frontier:
+            try:
+                children = [c for c in d.iterdir() if c.is_dir()]
+            except OSError:
+                continue
+            for c in children:
+                if c.name == name:
+                    return c
+            nxt.extend(children)
+        frontier = nxt
+    return None
+
+
+def find_examples(data_dir: str | Path | None, per_class: int = 6) -> list[Example]:
+    """Up to `per_class` examples per class of each recognised dataset (BUSI, BreakHis, UCSB) under data_dir."""
+    if data_dir is None or not Path(data_dir).is_dir():
+        return []
+    root = Path(data_dir)
+    out: list[Example] = []
+    finders = (("Dataset_BUSI_with_GT", "busi", lambda p: load_busi(p)),
+               ("BreaKHis_v1", "breakhis", lambda p: load_breakhis(p)),
+               ("BreastCancerCell_dataset", "ucsb", lambda p: load_ucsb(p)))
+    for folder, kind, loader in finders:
+        found = _find(root, folder)
+        if found is None:
+            continue
+        try:
+            manifest = loader(found)
+        except DatasetError:
+            continue
+        counts: dict[str, int] = {}
+        for s in sorted(manifest.samples, key=lambda s: _natural(s.path)):
+            if counts.get(s.class_name, 0) >= per_class:
+                continue
+            counts[s.class_name] = counts.get(s.class_name, 0) + 1
+            detail = ""
+            if kind == "breakhis":
+                detail = f"{s.subtype.replace('_', ' ')}, {s.magnification}X"
+            out.append(Example(s.path, kind, s.class_name, s.mask_paths, detail))
+    return out
+
+
+def _natural(path: str):
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def test_split_examples(bundle: str | Path, per_class: int = 6, data_dir: Optional[str] = None) -> list[Example]:
+    """Examples from a checkpoint's own test split (images the model never trained on), if the data is here."""
+    from core.checkpoints import read_metadata
+    from core.data import read_split
+    from core.explain.evaluate import resolve_data_root
+
+    bundle = Path(bundle)
+    try:
+        meta = read_metadata(bundle)
+        root = resolve_data_root(meta, bundle, data_dir)
+        if not root.is_dir() or not (bundle / "split.csv").is_file():
+            return []
+        test = read_split(bundle / "split.csv", root, meta["class_names"])["test"]
+    except Exception:  # a missing or foreign dataset simply means no examples
+        return []
+    out, counts = [], {}
+    kind = meta.get("dataset", {}).get("kind", "data")
+    for s in sorted(test.samples, key=lambda s: _natural(s.path)):
+        if counts.get(s.class_name, 0) >= per_class or not Path(s.path).is_file():
+            continue
+        counts[s.class_name] = counts.get(s.class_name, 0) + 1
+        out.append(Example(s.path, kind, s.class_name, s.mask_paths, "test split"))
+    return out

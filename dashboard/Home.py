@@ -1,0 +1,76 @@
+"""BreastXAI: home page and model card. Run with `streamlit run dashboard/Home.py`."""
+import streamlit as st
+
+import components as ui
+import services as svc
+
+ui.page_setup("Home", "🩺")
+ckpt = ui.sidebar()
+
+st.title("BreastXAI")
+st.markdown("Interactive explanations for breast-cancer image classifiers: histopathology (BreakHis-style H&E) "
+            "and breast ultrasound (BUSI-style). Upload an image, see the model's calibrated prediction, and see "
+            "*why* with LIME, Grad-CAM, SHAP, occlusion and integrated gradients, compared side by side and "
+            "scored against lesion masks.")
+st.warning(svc.DISCLAIMER, icon="⚠️")
+
+st.markdown("""
+| Page | What it does |
+|---|---|
+| **Explain** | Upload or pick an image, get the prediction and one or more explanations |
+| **LIME Lab** | Tune LIME's superpixels, samples and kernel width live; check its seed stability |
+| **Compare** | All methods side by side, their agreement, deletion/insertion curves, lesion localisation |
+| **Evaluation** | Confusion matrix (click a cell to see those cases), ROC/PR, calibration, training curves |
+| **Annotate** | Draw where you think the lesion is; score each method against it; erase it and re-predict |
+| **Teach** | A quiz for teaching sessions: guess, then reveal the truth, the model and its explanation |
+""")
+
+if ckpt is None:
+    st.stop()
+
+meta = svc.metadata(ckpt)
+st.header(f"Model card · {ckpt.name}")
+m = meta.get("metrics", {}).get("test", {})
+
+
+def fmt(v, ci=None):
+    if v is None:
+        return "n/a"
+    s = f"{v:.3f}"
+    return s + (f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+
+
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Test accuracy", f"{m.get('accuracy', 0):.3f}")
+c2.metric("Macro ROC AUC", f"{m.get('roc_auc_macro') or 0:.3f}")
+c3.metric("Cohen's kappa", f"{m.get('cohen_kappa', 0):.3f}")
+c4.metric("Calibration error (ECE)", f"{m.get('ece', 0):.3f}")
+st.caption(f"Accuracy {fmt(m.get('accuracy'), m.get('accuracy_ci95'))}; ROC AUC "
+           f"{fmt(m.get('roc_auc_macro'), m.get('roc_auc_ci95'))}; measured on the held-out test split "
+           f"(n = {m.get('n', '?')}), bootstrap 95% intervals.")
+
+ds = meta.get("dataset", {})
+split = meta.get("split", {})
+w = meta.get("weights", {})
+rows = {
+    "Classes": ", ".join(meta.get("class_names", [])),
+    "Data": f"{ds.get('kind', '?')} · {ds.get('n_images', '?')} images · {ds.get('class_counts', {})}",
+    "Citation": ds.get("citation") or "—",
+    "Split": f"train {split.get('counts', {}).get('train')}, val {split.get('counts', {}).get('val')}, "
+             f"test {split.get('counts', {}).get('test')} (seed {split.get('seed')}, stratified, group-aware)",
+    "Backbone": f"{meta.get('backbone')} · input {meta.get('input_size')}×{meta.get('input_size')} px",
+    "Weights": f"{w.get('source')} · {w.get('path') or ''} · sha256 {str(w.get('sha256') or '')[:16]}…",
+    "Calibration": f"temperature {meta.get('calibration', {}).get('temperature', 1):.3f} (fitted on validation)",
+    "Trained": f"{meta.get('created', '?')} · {meta.get('training', {}).get('epochs', '?')} epochs · "
+               f"{(meta.get('training', {}).get('wall_seconds') or 0) / 60:.1f} min",
+    "Command": f"`{meta.get('command')}`",
+    "Git commit": str(meta.get("git_commit")),
+}
+st.table({"": list(rows.keys()), "value": list(rows.values())})
+if ds.get("kind") == "busi":
+    st.info("BUSI has no published patient ids and contains near-duplicate images, so image-level test "
+            "scores are optimistic. Cite: " + (ds.get("citation") or ""))
+for key, title in (("external", "External check"),):
+    if key in meta:
+        st.subheader(title)
+        st.json(meta[key])

@@ -1,0 +1,210 @@
+"""Widgets shared by the pages: sidebar, image input, prediction chart, parameter forms, overlays."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+from PIL import Image
+
+import services as svc
+from core.explain import EXPLAINERS
+from core.explain.visualise import boundaries, colorize, mask_outline, overlay
+
+METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "lime": "LIME", "shap": "SHAP (partition)",
+                 "occlusion": "Occlusion", "integrated_gradients": "Integrated gradients"}
+# Which parameters the UI exposes per method: name -> (kind, options or (min, max, step)).
+PARAM_UI = {
+    "gradcam": {"relu": ("bool", None)},
+    "gradcam++": {"relu": ("bool", None)},
+    "lime": {"segmentation": ("choice", ["slic", "quickshift", "felzenszwalb"]),
+             "n_segments": ("int", (5, 300, 5)), "num_samples": ("int", (50, 5000, 50)),
+             "kernel_width": ("float", (0.05, 2.0, 0.05)), "hide_color": ("choice", ["mean", "black", "blur"]),
+             "num_features": ("int", (1, 300, 1)), "positive_only": ("bool", None),
+             "random_seed": ("int", (0, 10_000, 1))},
+    "shap": {"masker": ("choice", ["blur", "inpaint_telea", "inpaint_ns"]),
+             "blur_kernel": ("int", (4, 128, 4)), "max_evals": ("int", (50, 5000, 50)), "seed": ("int", (0, 10_000, 1))},
+    "occlusion": {"window": ("int", (4, 128, 4)), "stride": ("int", (2, 128, 2)),
+                  "baseline": ("choice", ["blur", "mean", "black"])},
+    "integrated_gradients": {"steps": ("int", (4, 256, 4)), "baseline": ("choice", ["black", "blur", "mean"])},
+}
+FAST_DEFAULTS = {"lime": {"num_samples": 300, "n_segments": 50, "num_features": 20},
+                 "shap": {"max_evals": 300}, "integrated_gradients": {"steps": 16}}
+
+
+def page_setup(title: str, icon: str = "🔬") -> None:
+    st.set_page_config(page_title=f"BreastXAI · {title}", page_icon=icon, layout="wide")
+
+
+def sidebar() -> Optional[Path]:
+    """Checkpoint picker and data-folder setting; returns the active checkpoint folder or None."""
+    with st.sidebar:
+        st.markdown("### BreastXAI")
+        statuses = svc.bundle_statuses()
+        usable = [s for s in statuses if s.ok]
+        if not usable:
+            st.error("No usable checkpoint in `checkpoints/`. Train one with `python train.py --help`.")
+        else:
+            names = [s.name for s in usable]
+            current = svc.active_checkpoint()
+            idx = names.index(current.name) if current is not None and current.name in names else 0
+            choice = st.selectbox("Checkpoint", names, index=idx, key="sb_checkpoint",
+                                  help="Trained model bundles found in checkpoints/")
+            st.session_state["checkpoint"] = str(next(s.path for s in usable if s.name == choice))
+        for s in statuses:
+            if not s.ok:
+                st.warning(f"**{s.name}** is unavailable: {s.message}")
+        default = svc.gallery.default_data_dir()
+        st.text_input("Data folder (examples)", value=str(st.session_state.get("data_dir") or default or ""),
+                      key="sb_data_dir", help=f"Folder holding BUSI / BreakHis; also set by ${svc.gallery.ENV_VAR}")
+        st.session_state["data_dir"] = st.session_state.get("sb_data_dir") or None
+        st.caption(svc.DISCLAIMER)
+    return svc.active_checkpoint() if usable else None
+
+
+@dataclass
+class ImageInput:
+    image: np.ndarray  # uint8 (H, W, 3)
+    sha: str
+    name: str
+    mask: Optional[np.ndarray] = None  # bool (H, W) lesion mask, when known
+    true_class: Optional[str] = None
+    notes: tuple = ()
+
+
+def image_input(prefix: str, allow_upload: bool = True) -> Optional[ImageInput]:
+    """Upload (PNG/JPEG/TIFF/BMP) or pick a bundled example; shows decoder notes and errors as messages."""
+    examples = svc.examples()
+    info = st.session_state.get("selected_example_info")
+    if info and not any(e.path == info["path"] for e in examples) and Path(info["path"]).is_file():
+        examples = [svc.gallery.Example(info["path"], "selected", info["class_name"], tuple(info["mask_paths"]),
+                                        "from Evaluation")] + examples
+    sources = (["Upload"] if allow_upload else []) + (["Example"] if examples else [])
+    preset = st.session_state.get("selected_example")
+    default_src = "Example" if (preset and "Example" in sources) else sources[0] if sources else None
+    if not sources:
+        st.info(svc.gallery.WHERE_TO_GET)
+        return None
+    src = st.radio("Image source", sources, index=sources.index(default_src), horizontal=True, key=f"{prefix}_src")
+    if src == "Upload":
+        up = st.file_uploader("Breast histopathology or ultrasound image", key=f"{prefix}_upload",
+                              type=["png", "jpg", "jpeg", "tif", "tiff", "bmp"])
+        if not examples:
+            st.caption(svc.gallery.WHERE_TO_GET)
+        if up is None:
+            return None
+        data, name, mask_paths, true_class = up.getvalue(), up.name, (), None
+    else:
+        labels = [e.label for e in examples]
+        idx = next((i for i, e in enumerate(examples) if e.path == preset), 0)
+        pick = st.selectbox("Example image", labels, index=idx, key=f"{prefix}_example")
+        ex = examples[labels.index(pick)]
+        st.session_state["selected_example"] = ex.path
+        data, name, mask_paths, true_class = svc.read_file(ex.path), Path(ex.path).name, ex.mask_paths, ex.class_name
+    try:
+        decoded = svc.decode(data)
+    except svc.InvalidImageError as exc:
+        st.error(f"This file cannot be used: {exc}")
+        return None
+    for note in decoded.notes:
+        st.info(note)
+    img = decoded.array
+    mask = svc.mask_for(tuple(mask_paths), img.shape[:2]) if mask_paths else None
+    return ImageInput(img, svc.sha256(data), name, mask, true_class, decoded.notes)
+
+
+def prediction_chart(probs: np.ndarray, class_names, height: int = 60) -> go.Figure:
+    order = list(range(len(class_names)))
+    colors = ["#b03a6f" if i == int(np.argmax(probs)) else "#9aa5b1" for i in order]
+    fig = go.Figure(go.Bar(x=[float(probs[i]) for i in order], y=[class_names[i] for i in order], orientation="h",
+                           marker_color=colors, text=[f"{probs[i]:.1%}" for i in order], textposition="auto"))
+    fig.update_layout(xaxis=dict(range=[0, 1], tickformat=".0%", title="calibrated probability"),
+                      height=height + 45 * len(class_names), margin=dict(l=10, r=10, t=10, b=10))
+    return fig
+
+
+def colour_legend(colormap: str = "turbo") -> np.ndarray:
+    """A horizontal colour bar image (uint8) from 0 (no support) to 1 (strongest support)."""
+    bar = np.tile(np.linspace(0, 1, 256)[None, :], (14, 1))
+    return colorize(bar, colormap)
+
+
+def show_legend(colormap: str = "turbo") -> None:
+    st.image(colour_legend(colormap), caption="0 = no support  →  1 = strongest support for the explained class",
+             width="stretch")
+
+
+def params_form_fields(method: str, prefix: str, defaults: Optional[dict] = None) -> dict:
+    """Widgets for a method's tunable parameters (call inside an st.form); returns the chosen values."""
+    cls = EXPLAINERS[method]
+    base = {f.name: f.default for f in fields(cls.Params)}
+    base.update(FAST_DEFAULTS.get(method, {}))
+    base.update(defaults or {})
+    out = {}
+    for name, (kind, spec) in PARAM_UI.get(method, {}).items():
+        key = f"{prefix}_{method}_{name}"
+        label = name.replace("_", " ")
+        if name == "n_segments":
+            label = "segment count (SLIC)"
+        if kind == "bool":
+            out[name] = st.checkbox(label, value=bool(base[name]), key=key)
+        elif kind == "choice":
+            out[name] = st.selectbox(label, spec, index=spec.index(base[name]), key=key)
+        elif kind == "int":
+            lo, hi, step = spec
+            out[name] = int(st.number_input(label, lo, hi, int(base[name]), step, key=key))
+        else:
+            lo, hi, step = spec
+            out[name] = float(st.number_input(label, lo, hi, float(base[name]), step, key=key))
+    return out
+
+
+def default_params(method: str) -> dict:
+    cls = EXPLAINERS[method]
+    base = {f.name: f.default for f in fields(cls.Params)}
+    base.update(FAST_DEFAULTS.get(method, {}))
+    return {k: base[k] for k in PARAM_UI.get(method, {})}
+
+
+def render_overlay(image: np.ndarray, e, alpha: float, mask: Optional[np.ndarray] = None,
+                   show_segments: bool = True) -> np.ndarray:
+    out = overlay(image, e.heatmap(), alpha)
+    if show_segments and e.segments is not None:
+        out = boundaries(out, e.segments, weights=e.extras.get("segment_weights"),
+                         top=int(e.params.get("num_features", 10)) if e.params.get("num_features", 0) < 1000 else 10)
+    if mask is not None:
+        out = mask_outline(out, mask)
+    return out
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def run_methods(ckpt: Path, inp: ImageInput, methods: list[str], params: dict[str, dict],
+                target: Optional[int] = None) -> dict:
+    """Run (or fetch cached) explanations with a progress bar; returns {method: Explanation}."""
+    results, todo = {}, []
+    for m in methods:
+        hit = svc.cached_explanation(ckpt, inp.sha, m, params.get(m, {}), target)
+        if hit is not None:
+            results[m] = hit
+        else:
+            todo.append(m)
+    if todo:
+        bar = st.progress(0.0, text="Explaining…")
+        for i, m in enumerate(todo):
+            def prog(f, i=i, m=m):
+                bar.progress(min(1.0, (i + f) / len(todo)), text=f"{METHOD_LABELS[m]}: {f:.0%}")
+            try:
+                results[m] = svc.explain(ckpt, inp.image, inp.sha, m, params.get(m, {}), target, prog)
+            except (ValueError, TypeError) as exc:
+                st.error(f"{METHOD_LABELS[m]} could not run with these settings: {exc}")
+        bar.empty()
+    return {m: results[m] for m in methods if m in results}

@@ -1,0 +1,66 @@
+"""Explain: prediction and explanations for one image."""
+import streamlit as st
+
+import components as ui
+import services as svc
+
+ui.page_setup("Explain")
+ckpt = ui.sidebar()
+st.title("Explain a prediction")
+if ckpt is None:
+    st.stop()
+clf = svc.classifier(ckpt)
+inp = ui.image_input("ex")
+if inp is None:
+    st.stop()
+
+probs = svc.predict(ckpt, inp.image, inp.sha)
+pred = int(probs.argmax())
+left, right = st.columns([1, 1])
+with left:
+    st.image(inp.image, caption=inp.name + (f" · true class: {inp.true_class}" if inp.true_class else ""),
+             width="stretch")
+with right:
+    st.subheader(f"Prediction: {clf.class_names[pred]} ({probs[pred]:.1%})")
+    st.plotly_chart(ui.prediction_chart(probs, clf.class_names), width="stretch", key="ex_pred_chart")
+    st.caption("Probabilities are temperature-calibrated on the validation split. " + svc.DISCLAIMER)
+
+with st.form("ex_form"):
+    methods = st.multiselect("Methods", list(ui.METHOD_LABELS), default=["gradcam", "lime"],
+                             format_func=ui.METHOD_LABELS.get, key="ex_methods")
+    target = st.selectbox("Explain class", ["predicted"] + list(clf.class_names), key="ex_target")
+    params = {}
+    cols = st.columns(3)
+    for i, m in enumerate(ui.METHOD_LABELS):
+        if ui.PARAM_UI.get(m):
+            with cols[i % 3].expander(f"{ui.METHOD_LABELS[m]} settings"):
+                params[m] = ui.params_form_fields(m, "ex")
+    submitted = st.form_submit_button("Explain", type="primary")
+
+if submitted:
+    st.session_state["ex_request"] = (inp.sha, methods, params, target)
+req = st.session_state.get("ex_request")
+if not req or req[0] != inp.sha:
+    st.info("Choose methods and press **Explain**. LIME and SHAP take a few seconds to a minute on a CPU.")
+    st.stop()
+
+_, methods, params, target = req
+t = None if target == "predicted" else list(clf.class_names).index(target)
+results = ui.run_methods(ckpt, inp, methods, params, t)
+alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="ex_alpha")
+ui.show_legend()
+show_mask = inp.mask is not None and st.checkbox("Outline the lesion mask", value=True, key="ex_mask")
+for m, e in results.items():
+    st.subheader(f"{ui.METHOD_LABELS[m]} · {e.class_name} ({e.probability:.1%}) · {e.seconds:.1f} s")
+    over = ui.render_overlay(inp.image, e, alpha, inp.mask if show_mask else None, show_segments=False)
+    if e.segments is not None:
+        c1, c2 = st.columns(2)
+        c1.image(over, caption="LIME heatmap (segment weights)", width="stretch")
+        bounds = ui.render_overlay(inp.image, e, 0.0, inp.mask if show_mask else None, show_segments=True)
+        c2.image(bounds, caption="Top positive superpixels (boundaries)", width="stretch")
+    else:
+        st.image(over, caption=f"{ui.METHOD_LABELS[m]} overlay", width="stretch")
+    st.download_button("Download overlay PNG", ui.png_bytes(over), file_name=f"{inp.name}.{m}.png",
+                       mime="image/png", key=f"ex_dl_{m}")
+    with st.expander("Parameters used"):
+        st.json(e.params)

@@ -1,0 +1,86 @@
+"""Compare: methods side by side, agreement matrix, deletion/insertion curves, mask localisation."""
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+import components as ui
+import services as svc
+from core.explain import metrics as M
+from core.preprocessing import resize
+
+ui.page_setup("Compare", "⚖️")
+ckpt = ui.sidebar()
+st.title("Compare explanations")
+if ckpt is None:
+    st.stop()
+clf = svc.classifier(ckpt)
+inp = ui.image_input("cmp")
+if inp is None:
+    st.stop()
+with st.form("cmp_form"):
+    methods = st.multiselect("Methods", list(ui.METHOD_LABELS), default=["gradcam", "gradcam++", "occlusion",
+                                                                          "integrated_gradients"],
+                             format_func=ui.METHOD_LABELS.get, key="cmp_methods")
+    k = st.slider("Top region size for agreement (% of pixels)", 5, 50, 15, 5, key="cmp_k")
+    go_btn = st.form_submit_button("Compare", type="primary")
+if go_btn:
+    st.session_state["cmp_request"] = (inp.sha, methods, k)
+req = st.session_state.get("cmp_request")
+if not req or req[0] != inp.sha or len(req[1]) < 1:
+    st.info("Pick at least one method and press **Compare** (LIME/SHAP use the fast settings of the Explain page).")
+    st.stop()
+_, methods, k = req
+params = {m: ui.default_params(m) for m in methods}
+res = ui.run_methods(ckpt, inp, methods, params)
+cols = st.columns(min(len(res), 3))
+for i, (m, e) in enumerate(res.items()):
+    cols[i % len(cols)].image(ui.render_overlay(inp.image, e, 0.5, inp.mask), width="stretch",
+                              caption=f"{ui.METHOD_LABELS[m]} · {e.seconds:.1f} s")
+ui.show_legend()
+
+names = list(res)
+if len(names) >= 2:
+    st.subheader("Agreement between methods")
+    n = len(names)
+    iou_m, rho_m = np.eye(n), np.eye(n)
+    for i in range(n):
+        for j in range(i + 1, n):
+            a = M.agreement(res[names[i]].attribution, res[names[j]].attribution, k)
+            iou_m[i, j] = iou_m[j, i] = a["iou_top"]
+            rho_m[i, j] = rho_m[j, i] = a["spearman"]
+    labels = [ui.METHOD_LABELS[m] for m in names]
+    c1, c2 = st.columns(2)
+    for col, mat, title in ((c1, iou_m, f"IoU of top-{k}% regions"), (c2, rho_m, "Spearman rank correlation")):
+        fig = go.Figure(go.Heatmap(z=mat, x=labels, y=labels, zmin=-1 if "Spearman" in title else 0, zmax=1,
+                                   colorscale="RdBu" if "Spearman" in title else "Viridis",
+                                   text=np.round(mat, 2), texttemplate="%{text}"))
+        fig.update_layout(title=title, height=380, margin=dict(l=10, r=10, t=40, b=10))
+        col.plotly_chart(fig, width="stretch", key=f"cmp_{title}")
+
+st.subheader("Faithfulness: deletion and insertion curves")
+st.caption("Deletion: the most important pixels are blurred away first; a faithful map makes the probability "
+           "fall fast (low area). Insertion: they are revealed first on a blurred image (high area is better).")
+predict = lambda x: clf.predict_proba(np.asarray(x))
+work = clf.prepare(inp.image).astype(np.uint8)
+figs = {"deletion": go.Figure(), "insertion": go.Figure()}
+scores = []
+for m, e in res.items():
+    a = resize(e.attribution, work.shape[:2])
+    row = {"method": ui.METHOD_LABELS[m]}
+    for mode in ("deletion", "insertion"):
+        f, p = M.perturbation_curve(predict, work, a, e.target, mode, steps=16)
+        figs[mode].add_trace(go.Scatter(x=f, y=p, mode="lines+markers", name=ui.METHOD_LABELS[m]))
+        row[f"{mode} AUC"] = round(M.auc(f, p), 3)
+    if inp.mask is not None:
+        row["pointing game"] = M.pointing_game(e.attribution, inp.mask)
+        row["energy in lesion"] = round(M.energy_in_mask(e.attribution, inp.mask), 3)
+        row[f"IoU top-{k}%"] = round(M.mask_iou(e.attribution, inp.mask, k), 3)
+    scores.append(row)
+c1, c2 = st.columns(2)
+for col, mode in ((c1, "deletion"), (c2, "insertion")):
+    figs[mode].update_layout(title=f"{mode.title()} curve", xaxis_title="fraction of pixels", height=360,
+                             yaxis=dict(title="target probability", range=[0, 1]), margin=dict(l=10, r=10, t=40, b=10))
+    col.plotly_chart(figs[mode], width="stretch", key=f"cmp_curve_{mode}")
+st.dataframe(scores, width="stretch")
+if inp.mask is None:
+    st.caption("No lesion mask for this image: localisation scores need a BUSI example (or draw one on Annotate).")

@@ -1,0 +1,137 @@
+"""Evaluation: how good each checkpoint really is, from its saved test predictions."""
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+import components as ui
+import services as svc
+from core.checkpoints import read_csv
+from core.evaluation import classification_metrics, curves, predictions_from_bundle, reliability_curve
+from core.explain.evaluate import resolve_data_root
+
+ui.page_setup("Evaluation", "📊")
+ckpt = ui.sidebar()
+st.title("Evaluation")
+if ckpt is None:
+    st.stop()
+meta = svc.metadata(ckpt)
+names = meta["class_names"]
+split = st.radio("Split", ["test", "val"], horizontal=True, key="ev_split",
+                 help="Settings were chosen on the validation split; the test split was used once, for reporting.")
+y, p, rows = predictions_from_bundle(ckpt, split)
+m = classification_metrics(y, p, names)
+st.caption(f"{len(y)} {split} images · accuracy {m['accuracy']:.3f} · macro ROC AUC {m['roc_auc_macro'] or 0:.3f} "
+           f"· Cohen's kappa {m['cohen_kappa']:.3f} · ECE {m['ece']:.3f}")
+
+st.subheader("Confusion matrix")
+st.caption("Click a cell (or pick it below) to list those images, e.g. the malignant cases called benign.")
+cm = np.asarray(m["confusion_matrix"])
+xs, ys, txt, size = [], [], [], []
+for i in range(len(names)):
+    for j in range(len(names)):
+        xs.append(names[j]); ys.append(names[i]); txt.append(str(cm[i, j])); size.append(cm[i, j])
+fig = go.Figure(go.Scatter(x=xs, y=ys, mode="markers+text", text=txt, textfont=dict(size=18, color="black"),
+                           marker=dict(symbol="square", size=70, color=size, colorscale="Blues", showscale=True,
+                                       line=dict(color="#555", width=1)),
+                           hovertemplate="true %{y}<br>predicted %{x}<br>%{text} images<extra></extra>"))
+fig.update_layout(xaxis=dict(title="predicted", type="category"), yaxis=dict(title="true", type="category",
+                  autorange="reversed"), height=120 + 90 * len(names), margin=dict(l=10, r=10, t=10, b=10))
+event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key="ev_cm", width="content")
+cells = [f"true {a} → predicted {b}" for a in names for b in names]
+clicked = None
+if event and event.selection and event.selection.points:
+    pt = event.selection.points[0]
+    clicked = f"true {pt['y']} → predicted {pt['x']}"
+default_cell = next((i for i, c in enumerate(cells) if c.startswith("true malignant → predicted benign")), 0)
+cell = st.selectbox("Cell", cells, index=cells.index(clicked) if clicked in cells else default_cell, key="ev_cell")
+t_name, p_name = cell[5:].split(" → predicted ")
+hits = [r for r in rows if r["true"] == t_name and r["predicted"] == p_name]
+root = resolve_data_root(meta, ckpt)
+st.write(f"**{len(hits)}** {split} image(s) with true class *{t_name}* predicted *{p_name}*.")
+if hits and not root.is_dir():
+    st.info(f"The dataset folder {root} is not available here, so images cannot be shown.")
+elif hits:
+    cols = st.columns(6)
+    for i, r in enumerate(hits[:18]):
+        path = root / r["path"]
+        col = cols[i % 6]
+        if path.is_file():
+            col.image(str(path), caption=f"{Path(r['path']).name} · p({p_name}) {float(r['p_' + p_name]):.2f}",
+                      width="stretch")
+            if col.button("Open in Explain", key=f"ev_open_{i}"):
+                split_rows = {x["path"]: x for x in read_csv(ckpt / "split.csv")}
+                masks = tuple(str(root / q) for q in split_rows.get(r["path"], {}).get("mask_paths", "").split(";") if q)
+                st.session_state["selected_example"] = str(path)
+                st.session_state["selected_example_info"] = {"path": str(path), "class_name": t_name,
+                                                             "mask_paths": masks}
+                st.switch_page("pages/1_Explain.py")
+
+st.subheader("ROC and precision-recall curves (one vs rest)")
+cv = curves(y, p, names)
+roc, pr = go.Figure(), go.Figure()
+for c, d in cv.items():
+    roc.add_trace(go.Scatter(x=d["fpr"], y=d["tpr"], name=f"{c} (AUC {d['auc']:.3f})", mode="lines"))
+    pr.add_trace(go.Scatter(x=d["recall"], y=d["precision"], name=f"{c} (AP {d['ap']:.3f})", mode="lines"))
+roc.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="grey"), showlegend=False))
+roc.update_layout(xaxis_title="false positive rate", yaxis_title="true positive rate (sensitivity)", height=380)
+pr.update_layout(xaxis_title="recall", yaxis_title="precision", height=380)
+c1, c2 = st.columns(2)
+c1.plotly_chart(roc, width="stretch", key="ev_roc")
+c2.plotly_chart(pr, width="stretch", key="ev_pr")
+
+st.subheader("Calibration")
+rc = reliability_curve(y, p)
+cal = go.Figure()
+cal.add_trace(go.Bar(x=[(a + b) / 2 for a, b in zip(rc["bin_lo"], rc["bin_hi"])], y=rc["accuracy"], width=0.09,
+                     name="accuracy in bin", text=[f"n={n}" for n in rc["count"]]))
+cal.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot"), name="perfect calibration"))
+cal.update_layout(xaxis_title="confidence of the predicted class", yaxis_title="accuracy", height=360,
+                  title=f"Reliability diagram · ECE {m['ece']:.3f} (temperature "
+                        f"{meta.get('calibration', {}).get('temperature', 1):.2f})")
+st.plotly_chart(cal, width="stretch", key="ev_cal")
+
+st.subheader("Training curves")
+hist = read_csv(ckpt / "history.csv")
+if hist:
+    tc = go.Figure()
+    for k in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        if k in hist[0]:
+            tc.add_trace(go.Scatter(x=[int(h["epoch"]) for h in hist], y=[float(h[k]) for h in hist], name=k,
+                                    yaxis="y2" if "acc" in k else "y"))
+    tc.update_layout(yaxis=dict(title="loss"), yaxis2=dict(title="accuracy", overlaying="y", side="right",
+                     range=[0, 1]), xaxis_title="epoch", height=360)
+    st.plotly_chart(tc, width="stretch", key="ev_hist")
+    phases = meta.get("training", {}).get("phases", [])
+    st.caption(" · ".join(f"{ph['phase']}: {ph['epochs']} epochs, {ph['seconds']:.0f} s" for ph in phases))
+
+st.subheader("Classification report and per-class counts")
+st.dataframe([{**{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}} for r in m["per_class"]],
+             width="stretch")
+st.write(f"Macro avg: precision {m['macro_avg']['precision']:.3f}, recall {m['macro_avg']['recall']:.3f}, "
+         f"F1 {m['macro_avg']['f1-score']:.3f} · weighted avg F1 {m['weighted_avg']['f1-score']:.3f}")
+
+st.subheader("Explanation quality")
+ej = svc.explanations_json(ckpt)
+if ej is None:
+    st.info(f"No explanations.json yet: run `python -m core.explain.evaluate {ckpt}`.")
+else:
+    def cell_fmt(d):
+        return "n/a" if d["mean"] is None else f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
+    table = [{"method": ui.METHOD_LABELS.get(mm, mm), **{k: cell_fmt(v) for k, v in r.items()}}
+             for mm, r in ej["methods"].items()]
+    st.dataframe(table, width="stretch")
+    st.caption(f"{ej['images']['n']} test images with lesion masks ({ej['images']['classes']}); deletion: lower is "
+               "better; insertion, pointing game, energy and IoU: higher is better. Mean [95% bootstrap interval].")
+
+bundles = [s for s in svc.bundle_statuses() if s.ok]
+if len(bundles) > 1:
+    st.subheader("All checkpoints")
+    comp = []
+    for b in bundles:
+        mt = svc.metadata(b.path).get("metrics", {}).get("test", {})
+        comp.append({"checkpoint": b.name, "backbone": svc.metadata(b.path).get("backbone"), "n test": mt.get("n"),
+                     "accuracy": mt.get("accuracy"), "macro ROC AUC": mt.get("roc_auc_macro"),
+                     "kappa": mt.get("cohen_kappa"), "ECE": mt.get("ece")})
+    st.dataframe(comp, width="stretch")

@@ -1,0 +1,208 @@
+"""The dashboard's small cached service layer over `core` (the only module pages call for work)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `import core` also works without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np
+import streamlit as st
+
+from core import gallery
+from core.checkpoints import CHECKPOINTS_DIR, list_bundles, load_classifier, read_metadata, verify_bundle
+from core.errors import BreastXAIError, CheckpointError, InvalidImageError
+from core.preprocessing import DecodedImage, decode_image, load_mask
+
+DISCLAIMER = ("Research and teaching aid, **not a diagnostic device**. Predictions and explanations can be "
+              "wrong and must never replace a pathologist's or radiologist's judgement.")
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def checkpoints_dir() -> Path:
+    """checkpoints/ of the repository, or $BREASTXAI_CHECKPOINTS (tests, other installs)."""
+    return Path(os.environ.get("BREASTXAI_CHECKPOINTS") or CHECKPOINTS_DIR)
+
+
+@dataclass(frozen=True)
+class BundleStatus:
+    path: Path
+    name: str
+    ok: bool
+    message: str = ""
+
+
+def bundle_statuses() -> list[BundleStatus]:
+    """Every bundle with whether it verifies (sha256, completeness); broken ones are listed, not served."""
+    out = []
+    for p in list_bundles(checkpoints_dir()):
+        try:
+            _verify_cached(str(p), _mtime(p))
+            out.append(BundleStatus(p, p.name, True))
+        except CheckpointError as exc:
+            out.append(BundleStatus(p, p.name, False, str(exc)))
+    return out
+
+
+def _mtime(p: Path) -> float:
+    f = p / "model.keras"
+    return max(f.stat().st_mtime if f.exists() else 0.0, (p / "metadata.json").stat().st_mtime)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _verify_cached(path: str, mtime: float) -> dict:
+    return verify_bundle(path)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+def _classifier(path: str, mtime: float):
+    return load_classifier(path)
+
+
+def classifier(path: Path):
+    """The loaded Classifier, cached per checkpoint path and file time (a retrain is picked up)."""
+    return _classifier(str(path), _mtime(Path(path)))
+
+
+def metadata(path: Path) -> dict:
+    return read_metadata(path)
+
+
+def active_checkpoint() -> Optional[Path]:
+    p = st.session_state.get("checkpoint")
+    return Path(p) if p else None
+
+
+def explanations_json(path: Path) -> Optional[dict]:
+    f = Path(path) / "explanations.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------ images
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def decode(data: bytes) -> DecodedImage:
+    """Decode uploaded bytes (cached by content); raises InvalidImageError with a usable message."""
+    return decode_image(data)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def read_file(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def mask_for(paths: tuple[str, ...], shape: tuple[int, int]) -> Optional[np.ndarray]:
+    if not paths:
+        return None
+    m = load_mask(paths, shape)
+    return m if m.any() else None
+
+
+def data_dir() -> Optional[Path]:
+    p = st.session_state.get("data_dir")
+    if p:
+        return Path(p)
+    return gallery.default_data_dir()
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _examples(data_root: str, bundle: str, per_class: int) -> list:
+    ex = gallery.test_split_examples(bundle, per_class) if bundle else []
+    seen = {e.dataset for e in ex}
+    return ex + [e for e in gallery.find_examples(data_root or None, per_class) if e.dataset not in seen]
+
+
+def examples(per_class: int = 6) -> list:
+    d, ck = data_dir(), active_checkpoint()
+    return _examples(str(d) if d and d.is_dir() else "", str(ck) if ck else "", per_class)
+
+
+# ------------------------------------------------------------------------------------- predictions
+@st.cache_data(max_entries=256, show_spinner=False)
+def _predict(ckpt: str, mtime: float, image_sha: str, _image: np.ndarray) -> np.ndarray:
+    return _classifier(ckpt, mtime).predict_proba(_image)[0]
+
+
+def predict(path: Path, image: np.ndarray, image_sha: str) -> np.ndarray:
+    """Calibrated probabilities (K,), cached by checkpoint and image hash."""
+    return _predict(str(path), _mtime(Path(path)), image_sha, image)
+
+
+class ResultCache:
+    """A bounded LRU of explanations keyed by (checkpoint, mtime, image sha256, method, params, target)."""
+
+    def __init__(self, max_entries: int = 96):
+        self.max_entries = max_entries
+        self._d: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        if key in self._d:
+            self._d.move_to_end(key)
+            return self._d[key]
+        return None
+
+    def put(self, key, value) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.max_entries:
+            self._d.popitem(last=False)
+
+
+@st.cache_resource
+def _results() -> ResultCache:
+    return ResultCache()
+
+
+def explanation_key(path: Path, image_sha: str, method: str, params: dict, target: Optional[int]) -> tuple:
+    return (str(path), _mtime(Path(path)), image_sha, method, json.dumps(params, sort_keys=True, default=str),
+            target)
+
+
+def cached_explanation(path: Path, image_sha: str, method: str, params: dict, target: Optional[int] = None):
+    return _results().get(explanation_key(path, image_sha, method, params, target))
+
+
+def explain(path: Path, image: np.ndarray, image_sha: str, method: str, params: dict,
+            target: Optional[int] = None, progress: Optional[Callable[[float], None]] = None):
+    """Explanation of one method, computed once per (checkpoint, image hash, method, params, target)."""
+    from core.explain import explain as core_explain
+
+    key = explanation_key(path, image_sha, method, params, target)
+    hit = _results().get(key)
+    if hit is not None:
+        return hit
+    e = core_explain(classifier(path), image, method, target=target, progress=progress, **params)
+    _results().put(key, e)
+    return e
+
+
+@st.cache_resource(max_entries=4, show_spinner="Measuring model speed…")
+def _throughput(path: str, mtime: float) -> float:
+    clf = _classifier(path, mtime)
+    s = clf.input_size
+    x = np.random.default_rng(0).integers(0, 255, (2 * clf.batch_size, s, s, 3), dtype=np.uint8)
+    clf.predict_proba(x[: clf.batch_size])  # warm-up / tracing
+    t0 = time.perf_counter()
+    clf.predict_proba(x)
+    return len(x) / max(time.perf_counter() - t0, 1e-6)
+
+
+def throughput(path: Path) -> float:
+    """Measured images per second through the classifier (for run-time estimates)."""
+    return _throughput(str(path), _mtime(Path(path)))
+
+
+USER_ERRORS = (BreastXAIError, InvalidImageError)
