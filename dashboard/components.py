@@ -208,3 +208,33 @@ def run_methods(ckpt: Path, inp: ImageInput, methods: list[str], params: dict[st
                 st.error(f"{METHOD_LABELS[m]} could not run with these settings: {exc}")
         bar.empty()
     return {m: results[m] for m in methods if m in results}
+
+
+def canvas_region(image: np.ndarray, key: str, mode: str = "freedraw", display_width: int = 480,
+                  stroke_color: str = "#00e5ff", label: str = "") -> Optional[np.ndarray]:
+    """Let the user draw on the image; returns the drawn region as a bool mask (H, W) or None.
+
+    Closed free-hand loops are filled; rectangles, circles and polygons are filled shapes.
+    """
+    import cv2
+    from streamlit_drawable_canvas import st_canvas
+
+    h, w = image.shape[:2]
+    scale = display_width / w
+    dh = int(round(h * scale))
+    res = st_canvas(fill_color="rgba(0, 229, 255, 0.25)", stroke_width=4, stroke_color=stroke_color,
+                    background_image=Image.fromarray(image).resize((display_width, dh)), height=dh,
+                    width=display_width, drawing_mode=mode, return_image_data=True, key=key, label=label)
+    try:
+        data = res.image_data
+    except Exception:  # nothing drawn yet / no frontend (headless tests)
+        return None
+    if data is None:
+        return None
+    alpha = (np.asarray(data)[..., 3] > 0).astype(np.uint8)
+    if not alpha.any():
+        return None
+    contours, _ = cv2.findContours(alpha, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = alpha.copy()
+    cv2.drawContours(filled, contours, -1, 1, thickness=-1)
+    return cv2.resize(filled, (w, h), interpolation=cv2.INTER_NEAREST) > 0

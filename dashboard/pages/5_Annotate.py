@@ -1,0 +1,58 @@
+"""Annotate: draw the lesion, score every method against it, erase it and re-predict."""
+import numpy as np
+import streamlit as st
+
+import components as ui
+import services as svc
+from core.explain import baseline_image
+from core.explain import metrics as M
+from core.explain.visualise import mask_outline
+
+ui.page_setup("Annotate", "✏️")
+ckpt = ui.sidebar()
+st.title("Annotate")
+st.caption("Draw the region you believe is the lesion (a closed loop is filled). Every method is then scored "
+           "against your region, and you can hide the region to see how the prediction changes.")
+if ckpt is None:
+    st.stop()
+clf = svc.classifier(ckpt)
+inp = ui.image_input("an")
+if inp is None:
+    st.stop()
+mode = st.radio("Drawing tool", ["freedraw", "rect", "circle", "polygon"], horizontal=True, key="an_mode")
+drawn = ui.canvas_region(inp.image, key=f"an_canvas_{inp.sha[:12]}_{mode}", mode=mode)
+use_mask = inp.mask is not None and st.checkbox("Use the dataset's lesion mask instead of my drawing",
+                                                value=drawn is None, key="an_use_mask")
+region = inp.mask if use_mask else drawn
+if region is None:
+    st.info("Draw on the image above to define a region.")
+    st.stop()
+st.image(mask_outline(inp.image, region), caption=f"Region: {region.mean():.1%} of the image", width=480)
+
+methods = st.multiselect("Methods to score", list(ui.METHOD_LABELS), default=["gradcam", "gradcam++", "occlusion"],
+                         format_func=ui.METHOD_LABELS.get, key="an_methods")
+if st.button("Score methods against this region", type="primary", key="an_score"):
+    st.session_state["an_request"] = (inp.sha, methods)
+req = st.session_state.get("an_request")
+if req and req[0] == inp.sha:
+    res = ui.run_methods(ckpt, inp, req[1], {m: ui.default_params(m) for m in req[1]})
+    rows = [{"method": ui.METHOD_LABELS[m], "pointing game (max inside)": "hit" if M.pointing_game(e.attribution,
+             region) else "miss", "energy inside": round(M.energy_in_mask(e.attribution, region), 3),
+             "IoU top-15%": round(M.mask_iou(e.attribution, region, 15), 3)} for m, e in res.items()]
+    st.dataframe(rows, width="stretch")
+    cols = st.columns(max(len(res), 1))
+    for col, (m, e) in zip(cols, res.items()):
+        col.image(ui.render_overlay(inp.image, e, 0.5, region), caption=ui.METHOD_LABELS[m], width="stretch")
+
+st.subheader("Erase this region and re-predict")
+fill = st.selectbox("Fill the region with", ["blur", "mean", "black"], key="an_fill")
+erased = inp.image.copy()
+erased[region] = baseline_image(inp.image, fill)[region]
+before = svc.predict(ckpt, inp.image, inp.sha)
+after = clf.predict_proba(erased)[0]
+c1, c2 = st.columns(2)
+c1.image(erased, caption="Image with the region hidden", width="stretch")
+with c2:
+    for i, c in enumerate(clf.class_names):
+        st.metric(c, f"{after[i]:.1%}", delta=f"{(after[i] - before[i]) * 100:+.1f} points")
+    st.caption("A large drop for the predicted class means the model relied on this region.")

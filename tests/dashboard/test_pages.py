@@ -1,0 +1,159 @@
+"""Every page runs headless (AppTest) against a tiny trained bundle; main flows and error paths asserted."""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT
+
+HOME = str(ROOT / "dashboard" / "Home.py")
+PAGES = ["pages/1_Explain.py", "pages/2_LIME_Lab.py", "pages/3_Compare.py", "pages/4_Evaluation.py",
+         "pages/5_Annotate.py", "pages/6_Teach.py"]
+TIMEOUT = 180
+
+
+@pytest.fixture
+def app_env(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tiny_bundle.parent))
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    monkeypatch.setenv("BREASTXAI_DATA", str(empty))
+    import streamlit as st
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    return tiny_bundle
+
+
+def app(page: str | None = None):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(HOME, default_timeout=TIMEOUT)
+    at.run()
+    if page:
+        at.switch_page(page)
+        at.run()
+    return at
+
+
+def no_exception(at):
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_home_model_card(app_env):
+    at = app()
+    no_exception(at)
+    assert at.title[0].value == "BreastXAI"
+    assert any("not a diagnostic device" in w.value for w in at.warning)
+    assert any("Model card" in h.value for h in at.header)
+    assert [m.label for m in at.metric][:2] == ["Test accuracy", "Macro ROC AUC"]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders(app_env, page):
+    at = app(page)
+    no_exception(at)
+    assert at.title
+
+
+def test_upload_prediction_explanation(app_env):
+    at = app("pages/1_Explain.py")
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    at.file_uploader(key="ex_upload").upload("case.png", png(img), "image/png")
+    at.run()
+    no_exception(at)
+    assert any(s.value.startswith("Prediction:") for s in at.subheader)
+    at.multiselect(key="ex_methods").set_value(["gradcam", "occlusion"])
+    at.button(key="FormSubmitter:ex_form-Explain").click()
+    at.run()
+    no_exception(at)
+    heads = [s.value for s in at.subheader]
+    assert any(h.startswith("Grad-CAM") for h in heads) and any(h.startswith("Occlusion") for h in heads)
+    assert len(at.get("image")) >= 4  # the image, the legend and two overlays
+    # cached: the same request again is served from the result cache
+    at.run()
+    assert any(h.startswith("Grad-CAM") for h in [s.value for s in at.subheader])
+
+
+def test_bad_upload_is_a_message_not_a_traceback(app_env):
+    at = app("pages/1_Explain.py")
+    at.file_uploader(key="ex_upload").upload("notes.png", b"this is not an image", "image/png")
+    at.run()
+    no_exception(at)
+    assert any("cannot be used" in e.value for e in at.error)
+
+
+def test_example_from_test_split_and_lime(app_env):
+    at = app("pages/1_Explain.py")
+    at.radio(key="ex_src").set_value("Example").run()
+    no_exception(at)
+    assert any(s.value.startswith("Prediction:") for s in at.subheader)
+    at.multiselect(key="ex_methods").set_value(["lime"])
+    at.number_input(key="ex_lime_num_samples").set_value(50)
+    at.button(key="FormSubmitter:ex_form-Explain").click()
+    at.run()
+    no_exception(at)
+    assert any(s.value.startswith("LIME") for s in at.subheader)
+
+
+def test_no_checkpoint_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tmp_path))
+    at = app()
+    no_exception(at)
+    assert any("No usable checkpoint" in e.value for e in at.sidebar.error)
+
+
+def test_broken_checkpoint_listed_as_unavailable(tiny_bundle, tmp_path, monkeypatch):
+    shutil.copytree(tiny_bundle, tmp_path / "good")
+    shutil.copytree(tiny_bundle, tmp_path / "broken")
+    f = tmp_path / "broken" / "model.keras"
+    f.write_bytes(f.read_bytes()[:100])
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tmp_path))
+    import streamlit as st
+    st.cache_data.clear()
+    at = app()
+    no_exception(at)
+    assert any("broken" in w.value and "unavailable" in w.value for w in at.sidebar.warning)
+    assert at.sidebar.selectbox(key="sb_checkpoint").options == ["good"]
+
+
+def test_evaluation_cell_lists_images(app_env):
+    at = app("pages/4_Evaluation.py")
+    no_exception(at)
+    cell = at.selectbox(key="ev_cell")
+    cell.set_value(cell.options[0]).run()
+    no_exception(at)
+    assert any("image(s) with true class" in m.value for m in at.markdown)
+
+
+def test_teach_reveal_updates_score(app_env):
+    at = app("pages/6_Teach.py")
+    no_exception(at)
+    radio = next(r for r in at.radio if r.key.startswith("teach_guess"))
+    radio.set_value(radio.options[0]).run()
+    at.button(key="teach_reveal").click().run()
+    no_exception(at)
+    assert any("Truth:" in m.value for m in list(at.success) + list(at.error))
+    assert at.metric[0].value.endswith("/ 1")
+
+
+def test_lime_lab_estimate_and_stability(app_env):
+    at = app("pages/2_LIME_Lab.py")
+    at.radio(key="ll_src").set_value("Example").run()
+    no_exception(at)
+    assert any(m.label == "Estimated run time" for m in at.metric)
+    at.slider(key="ll_samples").set_value(50).run()
+    at.button(key="ll_stab").click().run()
+    no_exception(at)
+    assert any(m.label == "Stability score" for m in at.metric)
