@@ -102,6 +102,21 @@ class Explainer:
         if self.progress is not None:
             self.progress(float(min(max(fraction, 0.0), 1.0)))
 
+    def _resolve_target(self, probs: np.ndarray, target: Optional[int]) -> int:
+        if target is None:
+            return int(np.argmax(probs))
+        target = int(target)
+        if not 0 <= target < len(probs):
+            raise ValueError(f"target must be a class index in [0, {len(probs) - 1}], got {target}")
+        return target
+
+    def _forward_and_attribute(self, image: np.ndarray, target: Optional[int]):
+        """(probabilities (K,), target, attribution, extras); gradient methods override this to share one pass."""
+        probs = np.asarray(self.classifier.predict_proba(image)[0], dtype=np.float32)
+        target = self._resolve_target(probs, target)
+        attribution, extras = self._attribute(image, target)
+        return probs, target, attribution, extras
+
     def _attribute(self, image: np.ndarray, target: int) -> tuple[np.ndarray, dict]:
         """Return (attribution at any resolution, extras). Subclasses implement this."""
         raise NotImplementedError
@@ -110,14 +125,8 @@ class Explainer:
         """Explain the classifier's output for `target` (default: predicted class) on a uint8 RGB image."""
         image = ensure_rgb_uint8(image)
         t0 = time.perf_counter()
-        probs = np.asarray(self.classifier.predict_proba(image)[0], dtype=np.float32)
-        if target is None:
-            target = int(np.argmax(probs))
-        target = int(target)
-        if not 0 <= target < len(probs):
-            raise ValueError(f"target must be a class index in [0, {len(probs) - 1}], got {target}")
         self.report(0.0)
-        attribution, extras = self._attribute(image, target)
+        probs, target, attribution, extras = self._forward_and_attribute(image, target)
         attribution = upsample(np.asarray(attribution, dtype=np.float32), image.shape[:2])
         attribution = np.nan_to_num(attribution).astype(np.float32)
         self.report(1.0)

@@ -9,17 +9,34 @@ import numpy as np
 
 from core.explain.base import Explainer
 
-_GRAD_MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_GRAD_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def gradient_model(model, layer_name: str):
-    """A new Model(inputs -> [feature map, penultimate features]); the shared model is not modified."""
+def gradcam_function(model, layer_name: str):
+    """Compiled f(x (1, S, S, 3), target (-1 = predicted)) -> (feature map, d logit_target / d map, logits).
+
+    Built on a new Model(inputs -> [feature map, penultimate features]) sharing the layers; the shared
+    model is never modified. One forward pass plus the backward pass through the head only.
+    """
     import keras
+    import tensorflow as tf
 
-    per_model = _GRAD_MODELS.setdefault(model, {})
+    per_model = _GRAD_FNS.setdefault(model, {})
     if layer_name not in per_model:
         final = model.layers[-1]
-        per_model[layer_name] = keras.Model(model.inputs, [model.get_layer(layer_name).output, final.input])
+        gm = keras.Model(model.inputs, [model.get_layer(layer_name).output, final.input])
+
+        @tf.function(reduce_retracing=True)
+        def fn(x, target):
+            with tf.GradientTape() as tape:
+                fmap, pen = gm(x, training=False)
+                tape.watch(fmap)
+                logits = tf.linalg.matmul(pen, tf.convert_to_tensor(final.kernel)) + tf.convert_to_tensor(final.bias)
+                t = tf.where(target < 0, tf.argmax(logits[0], output_type=tf.int32), target)
+                score = logits[0, t]
+            return fmap, tape.gradient(score, fmap), logits
+
+        per_model[layer_name] = fn
     return per_model[layer_name]
 
 
@@ -51,18 +68,23 @@ class GradCAM(Explainer):
     Params = GradCAMParams
     plus_plus = False
 
-    def _attribute(self, image, target):
+    def _forward_and_attribute(self, image, target):
         import tensorflow as tf
 
+        from core.checkpoints import apply_temperature
+
+        if target is not None:
+            self._resolve_target(np.zeros(len(self.classifier.class_names)), target)  # range check
         layer = self.params.layer or default_layer(self.classifier)
-        model = self.classifier.model
-        gm = gradient_model(model, layer)
+        fn = gradcam_function(self.classifier.model, layer)
         x = tf.convert_to_tensor(self.classifier.prepare(image)[None])
-        with tf.GradientTape() as tape:
-            fmap, pen = gm(x, training=False)
-            score = target_logit(model, pen, target)
-        grads = tape.gradient(score, fmap)[0].numpy().astype(np.float64)
-        a = fmap[0].numpy().astype(np.float64)
+        fmap, grads, logits = fn(x, tf.constant(-1 if target is None else int(target), tf.int32))
+        z = logits.numpy()[0].astype(np.float64)
+        p = np.exp(z - z.max())
+        probs = apply_temperature((p / p.sum())[None], getattr(self.classifier, "temperature", 1.0))[0]
+        target = self._resolve_target(probs, target)
+        grads = grads.numpy()[0].astype(np.float64)
+        a = fmap.numpy()[0].astype(np.float64)
         if self.plus_plus:
             g2, g3 = grads ** 2, grads ** 3
             denom = 2 * g2 + a.sum(axis=(0, 1), keepdims=True) * g3
@@ -73,7 +95,7 @@ class GradCAM(Explainer):
         cam = (a * weights).sum(axis=-1)
         if self.params.relu:
             cam = np.maximum(cam, 0)
-        return cam.astype(np.float32), {"resolved": {"layer": layer}, "feature_map_shape": list(a.shape)}
+        return probs, target, cam.astype(np.float32), {"resolved": {"layer": layer}, "feature_map_shape": list(a.shape)}
 
 
 class GradCAMPlusPlus(GradCAM):

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Explainer speed against the inference floor, measured in one run on one image.
+
+    python benchmarks/explainers.py checkpoints/busi_densenet121 [--repeats 2]
+
+Floor: the time per image of the classifier's compiled forward pass at its best batch size.
+Each perturbation method is reported as (its time) / (its number of forward passes x floor);
+plain lime = LimeImageExplainer with the Keras model's `predict` and lime's default batch_size=10;
+Grad-CAM in units of one single-image forward pass. Targets: <= 1.10, <= 0.5, <= 3.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def pick_image(bundle: Path) -> np.ndarray:
+    from core.checkpoints import read_metadata
+    from core.data import read_split
+    from core.explain.evaluate import resolve_data_root
+    from core.preprocessing import load_image
+
+    meta = read_metadata(bundle)
+    try:
+        root = resolve_data_root(meta, bundle)
+        test = read_split(bundle / "split.csv", root, meta["class_names"])["test"]
+        return load_image(test.samples[0].path)
+    except Exception:
+        return np.random.default_rng(0).integers(0, 255, (400, 500, 3), dtype=np.uint8)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", nargs="?", default=str(ROOT / "checkpoints/busi_densenet121"))
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--floor-images", type=int, default=256)
+    args = ap.parse_args()
+
+    from core.checkpoints import load_classifier
+    from core.explain import explain
+
+    bundle = Path(args.checkpoint)
+    clf = load_classifier(bundle)
+    image = pick_image(bundle)
+    s = clf.input_size
+    x = np.random.default_rng(0).integers(0, 255, (args.floor_images, s, s, 3), dtype=np.uint8)
+
+    # 1. inference floor at the best batch size
+    per_bs = {}
+    for bs in (16, 32, 64, 128):
+        clf.batch_size = bs
+        clf.predict_proba(x[:bs])  # trace
+        per_bs[bs] = best_of(lambda: clf.predict_proba(x), args.repeats) / len(x)
+    best_bs = min(per_bs, key=per_bs.get)
+    clf.batch_size = best_bs
+    floor = per_bs[best_bs]
+    print("floor, seconds per image by batch size: " + ", ".join(f"{b}: {t * 1000:.1f} ms" for b, t in per_bs.items()))
+    print(f"inference floor: {floor * 1000:.2f} ms/image at batch size {best_bs} ({1 / floor:.1f} images/s)")
+
+    # 2. perturbation methods as a ratio to the floor for the same number of forward passes
+    lime_p = {"num_samples": 1000, "random_seed": 0}
+    explain(clf, image, "lime", **{**lime_p, "num_samples": 64})  # warm-up
+    t_lime = best_of(lambda: explain(clf, image, "lime", **lime_p), args.repeats)
+    passes_lime = 1000 + 1  # samples + the prediction of the image itself
+    print(f"LIME 1000 samples: {t_lime:.2f} s -> {t_lime / (passes_lime * floor):.3f} x floor")
+
+    calls = [0]
+    orig = clf.predict_proba
+
+    def counting(images, *a, **k):
+        calls[0] += len(images) if getattr(images, "ndim", 4) == 4 else 1
+        return orig(images, *a, **k)
+
+    clf.predict_proba = counting
+    e = explain(clf, image, "shap", max_evals=500)
+    n_shap = calls[0]
+    clf.predict_proba = orig
+    t_shap = best_of(lambda: explain(clf, image, "shap", max_evals=500), args.repeats)
+    print(f"SHAP 500 evals: {t_shap:.2f} s for {n_shap} forward passes -> {t_shap / (n_shap * floor):.3f} x floor")
+
+    e = explain(clf, image, "occlusion")
+    n_occ = e.extras["n_windows"] + 2
+    t_occ = best_of(lambda: explain(clf, image, "occlusion"), args.repeats)
+    print(f"occlusion ({e.extras['n_windows']} windows): {t_occ:.2f} s -> {t_occ / (n_occ * floor):.3f} x floor")
+
+    # 3. plain lime usage: Keras model.predict, lime's default batch_size=10
+    from lime.lime_image import LimeImageExplainer
+
+    import core.explain.lime_explainer as ours
+
+    work = clf.prepare(image).astype(np.uint8)
+    from core.explain.lime_explainer import LimeParams, segment
+    segs = segment(work, LimeParams())
+    import lime.lime_image as li
+    li.tqdm = ours._no_bar
+
+    def plain():
+        LimeImageExplainer(random_state=0).explain_instance(
+            work, lambda imgs: clf.model.predict(np.asarray(imgs, np.float32), verbose=0), top_labels=1,
+            num_samples=1000, segmentation_fn=lambda _i: segs)
+
+    t_plain = best_of(plain, 1)
+    print(f"plain lime (model.predict, batch_size=10): {t_plain:.2f} s; ours / plain = {t_lime / t_plain:.3f}")
+
+    # 4. Grad-CAM in single-image forward-pass units
+    one = clf.prepare(image)[None]
+    clf.batch_size = 1
+    clf._forward = None
+    clf.forward(one)
+    t_one = best_of(lambda: [clf.forward(one) for _ in range(10)], args.repeats) / 10
+    explain(clf, image, "gradcam")
+    t_cam = best_of(lambda: explain(clf, image, "gradcam"), max(args.repeats, 3))
+    print(f"Grad-CAM: {t_cam * 1000:.1f} ms = {t_cam / t_one:.2f} single-image forward passes ({t_one * 1000:.1f} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Real-browser smoke test: start `streamlit run`, open every page in headless Chromium, no exception boxes.
+
+Screenshots go to $BREASTXAI_SCREENSHOTS (default: <repo>/screenshots, git-ignored).
+Skips when Chromium / chromedriver are not installed (.ci/run installs them).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="chromium and chromedriver not installed")]
+PAGES = ["", "Explain", "LIME_Lab", "Compare", "Evaluation", "Annotate", "Teach"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle):
+    port = free_port()
+    env = {**os.environ, "BREASTXAI_CHECKPOINTS": os.environ.get("BREASTXAI_BROWSER_CHECKPOINTS",
+                                                                 str(tiny_bundle.parent))}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "Home.py"),
+                             "--server.port", str(port), "--server.address", "127.0.0.1",
+                             "--server.headless", "true"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start: " + proc.stdout.read().decode(errors="replace")[-2000:])
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+              "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--window-size=1400,1800"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    yield drv
+    drv.quit()
+
+
+def wait_rendered(drv, timeout: float = 120) -> None:
+    from selenium.webdriver.common.by import By
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        h1 = drv.find_elements(By.CSS_SELECTOR, "h1")
+        running = drv.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
+        if h1 and not running:
+            time.sleep(1.5)
+            if not drv.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'):
+                return
+        time.sleep(0.5)
+    raise AssertionError("page did not finish rendering")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_has_no_exception_box(server, browser, page):
+    from selenium.webdriver.common.by import By
+
+    out = Path(os.environ.get("BREASTXAI_SCREENSHOTS", ROOT / "screenshots"))
+    out.mkdir(parents=True, exist_ok=True)
+    browser.get(f"{server}/{page}")
+    wait_rendered(browser)
+    browser.save_screenshot(str(out / f"{page or 'Home'}.png"))
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+    titles = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "h1")]
+    assert titles and titles[0]
