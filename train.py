@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split-file", default=None, help="reuse a saved split.csv instead of drawing a new split")
     g.add_argument("--limit", type=int, default=None, help="use a random subset of N images (smoke tests)")
     g.add_argument("--clahe", action="store_true", help="CLAHE contrast enhancement (ultrasound)")
+    g.add_argument("--feedback", default=None, metavar="DB",
+                   help="clinician feedback database: add its consented, relabelled images to the training split")
     g = ap.add_argument_group("model")
     g.add_argument("--backbone", default=d.backbone, choices=BACKBONES)
     g.add_argument("--input-size", type=int, default=d.input_size, help="square input side in pixels")
@@ -89,7 +91,7 @@ def config_from_args(args: argparse.Namespace):
         fine_tune_lr=args.fine_tune_lr, patience=args.patience, lr_factor=args.lr_factor,
         lr_patience=args.lr_patience, seed=args.seed, split=tuple(args.split), split_file=args.split_file,
         clahe=args.clahe, class_weights=args.class_weights, augment=args.augment,
-        augment_copies=args.augment_copies, cache=args.cache, limit=args.limit, verbose=0 if args.quiet else 1)
+        augment_copies=args.augment_copies, cache=args.cache, limit=args.limit, feedback=args.feedback, verbose=0 if args.quiet else 1)
 
 
 def setup_logging(log_file: str | None) -> None:

@@ -63,7 +63,8 @@ def write_bundle(dest: str | Path, fill: Callable[[Path], None]) -> Path:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    _remove_stale_temporaries(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-{os.getpid()}-", dir=dest.parent))
     try:
         fill(tmp)
         for f in tmp.iterdir():
@@ -86,6 +87,18 @@ def write_bundle(dest: str | Path, fill: Callable[[Path], None]) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _remove_stale_temporaries(dest: Path) -> None:
+    """Delete temporary folders of `dest` left by writers that were killed (their process is gone)."""
+    for p in dest.parent.glob(f".tmp-{dest.name}-*-*"):
+        try:
+            pid = int(p.name[len(f".tmp-{dest.name}-"):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def write_json(path: Path, obj) -> None:
@@ -175,7 +188,9 @@ class Classifier:
     temperature: float = 1.0
     clahe: bool = False
     batch_size: int = 32
+    ood: Optional[object] = None  # core.ood.OODDetector when the bundle has ood.npz
     _forward: Optional[Callable] = field(default=None, repr=False)
+    _features: Optional[Callable] = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -209,7 +224,7 @@ class Classifier:
 
         if self._forward is None:
             model = self.model
-            self._forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+            self._forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
         out = []
         bs = self.batch_size
         for i in range(0, len(batch), bs):
@@ -219,6 +234,29 @@ class Classifier:
                 chunk = np.concatenate([chunk, np.zeros((bs - n,) + chunk.shape[1:], chunk.dtype)])
             out.append(np.asarray(self._forward(tf.convert_to_tensor(chunk)))[:n])
         return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
+
+    def features(self, images) -> np.ndarray:
+        """Pooled backbone features (N, D) of uint8 images of any size (for the OOD detector)."""
+        import keras
+        import tensorflow as tf
+
+        from core.ood import feature_layer
+
+        if self._features is None:
+            fm = keras.Model(self.model.inputs, self.model.get_layer(feature_layer(self.model)).output)
+            self._features = tf.function(lambda x: fm(x, training=False), reduce_retracing=True, autograph=False)
+        x = self.prepare_batch(images)
+        out = [np.asarray(self._features(tf.convert_to_tensor(x[i:i + self.batch_size])))
+               for i in range(0, len(x), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def ood_check(self, images) -> Optional[list[dict]]:
+        """Per image: {'score', 'threshold', 'out_of_distribution'}; None if the bundle has no detector."""
+        if self.ood is None:
+            return None
+        scores = self.ood.score(self.features(images))
+        return [{"score": float(s), "threshold": self.ood.threshold, "out_of_distribution": bool(s > self.ood.threshold)}
+                for s in scores]
 
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
         return apply_temperature(probs, self.temperature)
@@ -272,6 +310,14 @@ def load_classifier(path: str | Path) -> Classifier:
     if tuple(model.input_shape[1:3]) != (size, size):
         raise CheckpointError(f"{path.name}: model input {model.input_shape[1:3]} differs from metadata {size}.")
     prep = meta.get("preprocessing", {})
+    ood = None
+    if (path / "ood.npz").is_file():
+        from core.ood import OODDetector
+
+        try:
+            ood = OODDetector.load(path / "ood.npz")
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path.name}: ood.npz is damaged ({exc}); refit with `python -m core.ood`.") from exc
     return Classifier(model=model, class_names=class_names, input_size=size, metadata=meta, path=path,
                       temperature=float(meta.get("calibration", {}).get("temperature", 1.0)),
-                      clahe=bool(prep.get("clahe", False)))
+                      clahe=bool(prep.get("clahe", False)), ood=ood)

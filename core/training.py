@@ -64,6 +64,7 @@ class TrainConfig:
     augment_copies: int = 4
     cache: bool = True
     limit: Optional[int] = None
+    feedback: Optional[str] = None  # SQLite feedback DB: consented, relabelled images join the training split
     verbose: int = 1
 
     @property
@@ -243,7 +244,7 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         t0 = time.time()
         trunk = keras.Model(model.input, model.get_layer(cut).output)
         tail = keras.Model(model.get_layer(cut).output, model.output)
-        fwd = tf.function(lambda x: trunk(x, training=False), reduce_retracing=True)
+        fwd = tf.function(lambda x: trunk(x, training=False), reduce_retracing=True, autograph=False)
         copies = [x_train.astype(np.float32)]
         for c in range(cfg.augment_copies if augmenter is not None else 0):
             aug = np.concatenate([np.asarray(augmenter(tf.convert_to_tensor(
@@ -342,6 +343,19 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
         arrays[s] = load_arrays(splits[s], cfg.input_size, cfg.clahe, lambda i, n: bar.update(i))
         log.info("Decoded %d %s images", len(splits[s]), s)
 
+    n_feedback = 0
+    if cfg.feedback:
+        from core.feedback import FeedbackStore
+
+        extra = FeedbackStore(cfg.feedback).consented_images(manifest.class_names)
+        if extra:
+            xs = np.stack([resize(img, (cfg.input_size, cfg.input_size)) for img, _ in extra])
+            xs = np.stack([apply_clahe(im) for im in xs]) if cfg.clahe else xs
+            arrays["train"] = (np.concatenate([arrays["train"][0], xs]),
+                               np.concatenate([arrays["train"][1], [lab for _, lab in extra]]))
+        n_feedback = len(extra)
+        log.info("Added %d consented feedback image(s) from %s to the training split", n_feedback, cfg.feedback)
+
     model, provenance = build_model(ModelConfig(
         backbone=cfg.backbone, num_classes=k, input_size=cfg.input_size, pooling=cfg.pooling,
         head_units=tuple(cfg.head_units), dropout=cfg.dropout, l2=cfg.l2, weights=cfg.weights))
@@ -350,7 +364,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
 
     history, timing = fit_model(model, cfg, *arrays["train"], *arrays["val"], num_classes=k)
 
-    fwd = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    fwd = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
     raw = {s: _predict(fwd, arrays[s][0].astype(np.float32), cfg.batch_size) for s in ("val", "test")}
     temperature = fit_temperature(arrays["val"][1], raw["val"])
     probs = {s: apply_temperature(raw[s], temperature) for s in raw}
@@ -360,6 +374,19 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     log.info("Temperature %.3f; validation accuracy %.3f, macro ROC AUC %s (choose settings on these); "
              "test ECE %.3f (uncalibrated %.3f)", temperature, metrics["val"]["accuracy"],
              metrics["val"]["roc_auc_macro"], metrics["test"]["ece"], uncal["ece"])
+
+    from core import ood as ood_mod
+
+    fl = ood_mod.feature_layer(model)
+    fmodel = keras.Model(model.inputs, model.get_layer(fl).output)
+    ffn = tf.function(lambda x: fmodel(x, training=False), reduce_retracing=True, autograph=False)
+    feats = {s: _predict(ffn, arrays[s][0].astype(np.float32), cfg.batch_size) for s in ("train", "val", "test")}
+    detector = ood_mod.fit(feats["train"], arrays["train"][1], feats["val"])
+    ood_info = {"method": "Mahalanobis distance of pooled backbone features (PCA, Ledoit-Wolf shared covariance, "
+                          "class means from the training split)", "feature_layer": fl, "file": "ood.npz",
+                "threshold": detector.threshold, "false_alarm_rate_val": detector.false_alarm_rate,
+                "test_flagged_rate": float(detector.flag(feats["test"]).mean()),
+                "dims": int(detector.components.shape[0])}
 
     argv = list(argv) if argv is not None else None
     name = cfg.bundle_name
@@ -376,6 +403,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
                     "magnification": cfg.magnification},
         "split": {"seed": cfg.seed, "fractions": list(cfg.split), "group_aware": True,
                   "file": "split.csv", "reused_from": cfg.split_file,
+                  "feedback_images_added_to_train": n_feedback, "feedback_db": cfg.feedback,
                   "counts": {s: len(splits[s]) for s in ("train", "val", "test")},
                   "class_counts": {s: splits[s].class_counts() for s in ("train", "val", "test")}},
         "class_names": list(manifest.class_names),
@@ -394,6 +422,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
         "calibration": {"method": "temperature scaling on the validation split", "temperature": temperature,
                         "test_ece_before": uncal["ece"], "test_ece_after": metrics["test"]["ece"]},
         "metrics": metrics,
+        "ood": ood_info,
     }
     hist_keys = sorted({k2 for row in history for k2 in row} - {"epoch", "phase"})
     pred_header = ["split", "path", "true", "predicted", *[f"p_{c}" for c in manifest.class_names]]
@@ -407,6 +436,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
                   [[r["epoch"], r["phase"], *[r.get(k2, "") for k2 in hist_keys]] for r in history])
         write_csv(tmp / "predictions.csv", pred_header, pred_rows)
         write_split(splits, tmp / "split.csv")
+        detector.save(tmp / "ood.npz")
         write_json(tmp / "metadata.json", metadata)
 
     dest = write_bundle(Path(cfg.out_dir) / name, fill)

@@ -1,0 +1,122 @@
+"""Out-of-distribution warning: Mahalanobis distance of pooled backbone features (Lee et al. 2018).
+
+Fitted on the training split's pooled features (PCA to <= 64 dims, class means, Ledoit-Wolf shared
+covariance); the threshold is the validation split's (1 - false-alarm rate) quantile, so about 5% of
+in-distribution images are flagged by construction. Stored as `ood.npz` in the bundle.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+FEATURE_LAYERS = ("head_pool", "head_flatten")
+
+
+@dataclass(frozen=True)
+class OODDetector:
+    mean: np.ndarray  # (D,)
+    components: np.ndarray  # (d, D)
+    class_means: np.ndarray  # (K, d)
+    precision: np.ndarray  # (d, d)
+    threshold: float
+    false_alarm_rate: float
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Min over classes of the squared Mahalanobis distance (N,); larger = less like the training data."""
+        z = (np.asarray(features, np.float64) - self.mean) @ self.components.T
+        d = z[:, None, :] - self.class_means[None]
+        return np.einsum("nkd,de,nke->nk", d, self.precision, d).min(axis=1)
+
+    def flag(self, features: np.ndarray) -> np.ndarray:
+        return self.score(features) > self.threshold
+
+    def save(self, path: Path) -> None:
+        np.savez(path, mean=self.mean, components=self.components, class_means=self.class_means,
+                 precision=self.precision, threshold=self.threshold, false_alarm_rate=self.false_alarm_rate)
+
+    @classmethod
+    def load(cls, path: Path) -> "OODDetector":
+        with np.load(path) as z:
+            return cls(z["mean"], z["components"], z["class_means"], z["precision"], float(z["threshold"]),
+                       float(z["false_alarm_rate"]))
+
+
+def fit(train_features: np.ndarray, train_labels: np.ndarray, val_features: np.ndarray,
+        false_alarm_rate: float = 0.05, max_dims: int = 64) -> OODDetector:
+    from sklearn.covariance import LedoitWolf
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(train_features, np.float64)
+    y = np.asarray(train_labels)
+    pca = PCA(n_components=int(min(max_dims, x.shape[0] - 1, x.shape[1])), random_state=0).fit(x)
+    z = pca.transform(x)
+    classes = np.unique(y)
+    means = np.stack([z[y == c].mean(axis=0) for c in classes])
+    centred = z - means[np.searchsorted(classes, y)]
+    precision = LedoitWolf().fit(centred).precision_
+    det = OODDetector(pca.mean_, pca.components_, means, precision, 0.0, false_alarm_rate)
+    thr = float(np.quantile(det.score(val_features), 1 - false_alarm_rate))
+    return OODDetector(pca.mean_, pca.components_, means, precision, thr, false_alarm_rate)
+
+
+def feature_layer(model) -> str:
+    names = {l.name for l in model.layers}
+    for n in FEATURE_LAYERS:
+        if n in names:
+            return n
+    raise ValueError("model has no pooled feature layer (head_pool / head_flatten)")
+
+
+def fit_bundle(bundle: str | Path, data_dir: Optional[str] = None, false_alarm_rate: float = 0.05) -> dict:
+    """Fit the detector for an existing bundle from its split (needs the dataset); adds ood.npz atomically."""
+    from core.checkpoints import load_classifier, write_bundle, write_json
+    from core.data import read_split
+    from core.explain.evaluate import resolve_data_root
+    from core.preprocessing import load_image
+
+    bundle = Path(bundle)
+    clf = load_classifier(bundle)
+    root = resolve_data_root(clf.metadata, bundle, data_dir)
+    splits = read_split(bundle / "split.csv", root, clf.class_names)
+    feats = {s: clf.features([load_image(p.path) for p in splits[s].samples]) for s in ("train", "val", "test")}
+    det = fit(feats["train"], np.asarray(splits["train"].labels), feats["val"], false_alarm_rate)
+    test_flagged = float(det.flag(feats["test"]).mean())
+    meta = dict(clf.metadata)
+    meta["ood"] = {"method": "Mahalanobis distance of pooled backbone features (PCA, Ledoit-Wolf shared "
+                             "covariance, class means from the training split)",
+                   "feature_layer": feature_layer(clf.model), "file": "ood.npz",
+                   "threshold": det.threshold, "false_alarm_rate_val": false_alarm_rate,
+                   "test_flagged_rate": test_flagged, "dims": int(det.components.shape[0])}
+
+    def fill(tmp: Path) -> None:
+        for f in bundle.iterdir():
+            if f.is_file() and f.name not in ("metadata.json", "ood.npz"):
+                shutil.copy2(f, tmp / f.name)
+        det.save(tmp / "ood.npz")
+        write_json(tmp / "metadata.json", meta)
+
+    write_bundle(bundle, fill)
+    return meta["ood"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core.ood", description="Fit the out-of-distribution detector "
+                                 "of a checkpoint from its training and validation splits.")
+    ap.add_argument("checkpoint")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--false-alarm-rate", type=float, default=0.05)
+    args = ap.parse_args(argv)
+    info = fit_bundle(args.checkpoint, args.data_dir, args.false_alarm_rate)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

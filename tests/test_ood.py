@@ -1,0 +1,62 @@
+"""Out-of-distribution warning: synthetic known answers, the bundle contract, and the real BUSI checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.ood import OODDetector, fit
+from tests.conftest import BREAKHIS, BUSI, ROOT, UCSB, needs_shared
+
+BUSI_CKPT = ROOT / "checkpoints" / "busi_densenet121"
+
+
+def test_detector_on_synthetic_features(tmp_path):
+    rng = np.random.default_rng(0)
+    train = np.concatenate([rng.normal(0, 1, (200, 16)), rng.normal(3, 1, (200, 16))])
+    labels = np.repeat([0, 1], 200)
+    val = np.concatenate([rng.normal(0, 1, (100, 16)), rng.normal(3, 1, (100, 16))])
+    det = fit(train, labels, val, false_alarm_rate=0.05)
+    assert det.flag(val).mean() == pytest.approx(0.05, abs=0.01)  # threshold set on validation
+    test_in = np.concatenate([rng.normal(0, 1, (300, 16)), rng.normal(3, 1, (300, 16))])
+    assert det.flag(test_in).mean() < 0.12
+    assert det.flag(rng.normal(12, 1, (50, 16))).mean() == 1.0
+    det.save(tmp_path / "ood.npz")
+    back = OODDetector.load(tmp_path / "ood.npz")
+    np.testing.assert_allclose(back.score(val), det.score(val))
+
+
+def test_bundle_has_detector(tiny_bundle):
+    from core.checkpoints import load_classifier
+
+    clf = load_classifier(tiny_bundle)
+    meta = json.loads((tiny_bundle / "metadata.json").read_text())
+    assert (tiny_bundle / "ood.npz").is_file() and meta["ood"]["false_alarm_rate_val"] == 0.05
+    res = clf.ood_check([np.zeros((40, 40, 3), np.uint8)])
+    assert set(res[0]) == {"score", "threshold", "out_of_distribution"}
+
+
+@needs_shared
+@pytest.mark.skipif(not (BUSI_CKPT / "ood.npz").is_file(), reason="committed BUSI checkpoint not present")
+def test_busi_checkpoint_flags_foreign_images():
+    import skimage.data
+
+    from core.checkpoints import load_classifier
+    from core.data import load_breakhis, load_ucsb, read_split
+    from core.preprocessing import load_image
+
+    clf = load_classifier(BUSI_CKPT)
+    test = read_split(BUSI_CKPT / "split.csv", BUSI, clf.class_names)["test"]
+    busi = [r["out_of_distribution"] for r in clf.ood_check([load_image(s.path) for s in test.samples])]
+    histo = [load_image(s.path) for s in load_breakhis(BREAKHIS).samples]
+    histo += [load_image(s.path) for s in load_ucsb(UCSB).samples[::6]]
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (300, 400, 3), dtype=np.uint8) for _ in range(5)]
+    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
+    flagged = {k: float(np.mean([r["out_of_distribution"] for r in clf.ood_check(v)]))
+               for k, v in (("histopathology", histo), ("noise", noise), ("photos", photos))}
+    print(f"BUSI test passed {1 - np.mean(busi):.3f}; flagged: {flagged}")
+    assert 1 - np.mean(busi) >= 0.85
+    assert flagged["histopathology"] >= 0.9 and flagged["noise"] == 1.0 and flagged["photos"] >= 0.75
