@@ -127,6 +127,49 @@ def prediction_chart(probs: np.ndarray, class_names, height: int = 60) -> go.Fig
     return fig
 
 
+def ood_notice(ckpt: Path, inp: "ImageInput") -> None:
+    """Say whether the image looks like the checkpoint's training data."""
+    res = svc.ood_check(ckpt, inp.image, inp.sha)
+    if res is None:
+        st.caption("This checkpoint has no out-of-distribution detector.")
+    elif res["out_of_distribution"]:
+        st.warning(f"This image does not look like the images this model was trained on (distance "
+                   f"{res['score']:.0f} > threshold {res['threshold']:.0f}). Treat the prediction with extra caution: "
+                   "it may be a different modality, magnification or scanner.", icon="⚠️")
+    else:
+        st.success(f"The image resembles the training data (distance {res['score']:.0f} ≤ threshold "
+                   f"{res['threshold']:.0f}; about 5% of genuine validation images exceed it).", icon="✅")
+
+
+def feedback_form(ckpt: Path, inp: "ImageInput", probs: np.ndarray, class_names) -> None:
+    """Agree / disagree with the prediction; stored in the local feedback database."""
+    from core.feedback import FeedbackRecord
+
+    pred = class_names[int(np.argmax(probs))]
+    with st.expander("Give feedback on this prediction"):
+        with st.form("ex_feedback"):
+            verdict = st.radio("Do you agree with the prediction?", ["agree", "disagree"], horizontal=True,
+                               key="fb_verdict")
+            correct = st.selectbox("Correct class (if you disagree)", list(class_names), key="fb_class")
+            comment = st.text_area("Comment", max_chars=2000, key="fb_comment")
+            region = st.session_state.get("an_region") if st.session_state.get("an_region_sha") == inp.sha else None
+            use_region = st.checkbox("Attach the region drawn on the Annotate page", value=region is not None,
+                                     disabled=region is None, key="fb_region")
+            consent = st.checkbox("I consent to storing this image with my feedback (otherwise only its "
+                                  "fingerprint is kept)", key="fb_consent")
+            sent = st.form_submit_button("Save feedback")
+        if sent:
+            store = svc.feedback_store()
+            meta = svc.metadata(ckpt)
+            rid = store.add(FeedbackRecord(
+                image_sha256=inp.sha, image_name=inp.name, checkpoint=ckpt.name,
+                checkpoint_sha256=meta.get("model_sha256"), predicted=pred,
+                probabilities={c: float(p) for c, p in zip(class_names, probs)}, verdict=verdict,
+                correct_class=correct if verdict == "disagree" else pred, comment=comment,
+                region=region if use_region else None, consent=consent, image=inp.image if consent else None))
+            st.success(f"Saved as record {rid} in {store.path}.")
+
+
 def colour_legend(colormap: str = "turbo") -> np.ndarray:
     """A horizontal colour bar image (uint8) from 0 (no support) to 1 (strongest support)."""
     bar = np.tile(np.linspace(0, 1, 256)[None, :], (14, 1))

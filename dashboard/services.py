@@ -141,6 +141,24 @@ def predict(path: Path, image: np.ndarray, image_sha: str) -> np.ndarray:
     return _predict(str(path), _mtime(Path(path)), image_sha, image)
 
 
+@st.cache_data(max_entries=256, show_spinner=False)
+def _ood(ckpt: str, mtime: float, image_sha: str, _image: np.ndarray) -> Optional[dict]:
+    res = _classifier(ckpt, mtime).ood_check([_image])
+    return res[0] if res else None
+
+
+def ood_check(path: Path, image: np.ndarray, image_sha: str) -> Optional[dict]:
+    """{'score', 'threshold', 'out_of_distribution'} or None when the checkpoint has no detector."""
+    return _ood(str(path), _mtime(Path(path)), image_sha, image)
+
+
+@st.cache_resource
+def feedback_store():
+    from core.feedback import FeedbackStore
+
+    return FeedbackStore()
+
+
 class ResultCache:
     """A bounded LRU of explanations keyed by (checkpoint, mtime, image sha256, method, params, target)."""
 

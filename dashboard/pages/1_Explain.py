@@ -23,7 +23,9 @@ with left:
 with right:
     st.subheader(f"Prediction: {clf.class_names[pred]} ({probs[pred]:.1%})")
     st.plotly_chart(ui.prediction_chart(probs, clf.class_names), width="stretch", key="ex_pred_chart")
+    ui.ood_notice(ckpt, inp)
     st.caption("Probabilities are temperature-calibrated on the validation split. " + svc.DISCLAIMER)
+ui.feedback_form(ckpt, inp, probs, clf.class_names)
 
 with st.form("ex_form"):
     methods = st.multiselect("Methods", list(ui.METHOD_LABELS), default=["gradcam", "lime"],

@@ -27,6 +27,8 @@ region = inp.mask if use_mask else drawn
 if region is None:
     st.info("Draw on the image above to define a region.")
     st.stop()
+if drawn is not None:
+    st.session_state["an_region"], st.session_state["an_region_sha"] = drawn, inp.sha  # for Explain's feedback
 st.image(mask_outline(inp.image, region), caption=f"Region: {region.mean():.1%} of the image", width=480)
 
 methods = st.multiselect("Methods to score", list(ui.METHOD_LABELS), default=["gradcam", "gradcam++", "occlusion"],

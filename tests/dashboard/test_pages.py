@@ -157,3 +157,21 @@ def test_lime_lab_estimate_and_stability(app_env):
     at.button(key="ll_stab").click().run()
     no_exception(at)
     assert any(m.label == "Stability score" for m in at.metric)
+
+
+def test_feedback_saved_from_explain(app_env, tmp_path, monkeypatch):
+    db = tmp_path / "fb.sqlite3"
+    monkeypatch.setenv("BREASTXAI_FEEDBACK_DB", str(db))
+    at = app("pages/1_Explain.py")
+    at.radio(key="ex_src").set_value("Example").run()
+    assert any(x.value.startswith("The image resembles") or "does not look like" in x.value
+               for x in list(at.success) + list(at.warning))
+    at.radio(key="fb_verdict").set_value("disagree")
+    at.selectbox(key="fb_class").set_value("malignant")
+    at.text_area(key="fb_comment").input("margin looks irregular")
+    at.button(key="FormSubmitter:ex_feedback-Save feedback").click().run()
+    no_exception(at)
+    from core.feedback import FeedbackStore
+    rows = FeedbackStore(db).rows()
+    assert len(rows) == 1 and rows[0]["verdict"] == "disagree" and rows[0]["correct_class"] == "malignant"
+    assert rows[0]["image_png"] is None  # no consent, no image
