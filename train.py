@@ -16,6 +16,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parent
+DEFAULT_INPUT_SIZE = {"breakhis": 150, "busi": 224, "ucsb": 224, "folder": 224}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clinician feedback database: add its consented, relabelled images to the training split")
     g = ap.add_argument_group("model")
     g.add_argument("--backbone", default=d.backbone, choices=BACKBONES)
-    g.add_argument("--input-size", type=int, default=d.input_size, help="square input side in pixels")
+    g.add_argument("--input-size", type=int, default=None,
+                   help="square input side in pixels (default: 150 for BreakHis, as in the seeds; 224 otherwise)")
     g.add_argument("--weights", default=d.weights,
                    help="'imagenet' (Keras download, needs network), 'none' (from scratch) or a trunk weights file")
     g.add_argument("--pooling", default=d.pooling, choices=("avg", "flatten"), help="GAP or Flatten before the head")
@@ -84,7 +86,8 @@ def config_from_args(args: argparse.Namespace):
 
     return TrainConfig(
         dataset=args.dataset, data_dir=args.data_dir, name=args.name, out_dir=args.out_dir, task=args.task,
-        magnification=args.magnification, backbone=args.backbone, input_size=args.input_size,
+        magnification=args.magnification, backbone=args.backbone,
+        input_size=args.input_size or DEFAULT_INPUT_SIZE.get(args.dataset, 224),
         weights=args.weights, pooling=args.pooling, head_units=tuple(args.head_units), dropout=args.dropout,
         l2=args.l2, fine_tune_layers=args.fine_tune_layers, head_epochs=args.head_epochs,
         fine_tune_epochs=args.fine_tune_epochs, batch_size=args.batch_size, lr=args.lr,

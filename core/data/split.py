@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, train_test_split
 
 from core.data.manifest import Manifest, Sample
 from core.errors import DatasetError
@@ -27,8 +27,12 @@ def _holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int)
         return out
     n_groups = len(np.unique(groups))
     n_splits = int(min(max(2, round(1.0 / fraction)), n_groups))
-    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, held = next(cv.split(idx, labels, groups))
+    try:
+        cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        _, held = next(cv.split(idx, labels, groups))
+    except ValueError:  # every class smaller than n_splits: stratification impossible, keep groups apart
+        gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        _, held = next(gss.split(idx, labels, groups))
     out = np.zeros(n, bool)
     out[held] = True
     return out
