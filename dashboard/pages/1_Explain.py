@@ -55,14 +55,15 @@ show_mask = inp.mask is not None and st.checkbox("Outline the lesion mask", valu
 for m, e in results.items():
     st.subheader(f"{ui.METHOD_LABELS[m]} · {e.class_name} ({e.probability:.1%}) · {e.seconds:.1f} s")
     over = ui.render_overlay(inp.image, e, alpha, inp.mask if show_mask else None, show_segments=False)
+    c1, c2 = st.columns(2)
     if e.segments is not None:
-        c1, c2 = st.columns(2)
         c1.image(over, caption="LIME heatmap (segment weights)", width="stretch")
         bounds = ui.render_overlay(inp.image, e, 0.0, inp.mask if show_mask else None, show_segments=True)
         c2.image(bounds, caption="Top positive superpixels (boundaries)", width="stretch")
     else:
-        st.image(over, caption=f"{ui.METHOD_LABELS[m]} overlay", width="stretch")
-    st.download_button("Download overlay PNG", ui.png_bytes(over), file_name=f"{inp.name}.{m}.png",
+        c1.image(over, caption=f"{ui.METHOD_LABELS[m]} overlay", width="stretch")
+        c2.image(inp.image, caption="Original", width="stretch")
+    c1.download_button("Download overlay PNG", ui.png_bytes(over), file_name=f"{inp.name}.{m}.png",
                        mime="image/png", key=f"ex_dl_{m}")
-    with st.expander("Parameters used"):
+    with c2.expander("Parameters used"):
         st.json(e.params)

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Time from `streamlit run` to the first prediction, and to re-show a cached explanation, in headless Chromium.
+
+    python benchmarks/dashboard_latency.py [--out screenshots]
+
+Starts the real server on a free localhost port with the committed checkpoints and ../shared/data,
+opens Explain, picks the first example, waits for the prediction, runs Grad-CAM + LIME, then asks for
+the same explanation again (served from the result cache). Saves screenshots along the way.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(drv, predicate, timeout=300, poll=0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if predicate(drv):
+                return True
+        except Exception:
+            pass
+        time.sleep(poll)
+    raise TimeoutError("condition not met")
+
+
+def idle(drv) -> bool:
+    from selenium.webdriver.common.by import By
+    return not drv.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "screenshots"))
+    args = ap.parse_args()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t_start = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard/Home.py"),
+                             "--server.port", str(port), "--server.address", "127.0.0.1"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--window-size=1400,2200"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(None, lambda _: urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok", 60)
+        drv.get(url + "/Explain")
+        wait_for(drv, lambda d: d.find_elements(By.XPATH, "//label[.//p[text()='Example']]"))
+        drv.find_element(By.XPATH, "//label[.//p[text()='Example']]").click()
+        wait_for(drv, lambda d: any("Prediction:" in h.text for h in d.find_elements(By.CSS_SELECTOR, "h3")))
+        t_pred = time.time() - t_start
+        print(f"streamlit run -> first prediction on screen: {t_pred:.1f} s")
+        wait_for(drv, idle)
+        drv.save_screenshot(str(out / "explain_prediction.png"))
+        btn = drv.find_element(By.XPATH, "//button[.//p[text()='Explain']]")
+        t0 = time.time()
+        btn.click()
+        wait_for(drv, lambda d: sum(h.text.startswith(("Grad-CAM", "LIME")) for h in d.find_elements(By.CSS_SELECTOR, "h3")) >= 2)
+        wait_for(drv, idle)
+        t_first = time.time() - t0
+        print(f"first Grad-CAM + LIME (300 samples) explanation: {t_first:.1f} s")
+        drv.save_screenshot(str(out / "explain_overlays.png"))
+        t0 = time.time()
+        drv.find_element(By.XPATH, "//button[.//p[text()='Explain']]").click()
+        time.sleep(0.3)
+        wait_for(drv, idle)
+        wait_for(drv, lambda d: sum(h.text.startswith(("Grad-CAM", "LIME")) for h in d.find_elements(By.CSS_SELECTOR, "h3")) >= 2)
+        t_cached = time.time() - t0
+        print(f"re-show the same explanation (cached): {t_cached:.2f} s ({t_first / max(t_cached, 1e-3):.0f}x faster)")
+        for page in ("Compare", "Evaluation", "LIME_Lab", "Annotate", "Teach"):
+            drv.get(f"{url}/{page}")
+            wait_for(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "h1"))
+            time.sleep(1)
+            wait_for(drv, idle)
+            drv.save_screenshot(str(out / f"real_{page}.png"))
+    finally:
+        drv.quit()
+        proc.terminate()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
