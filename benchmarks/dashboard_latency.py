@@ -35,8 +35,10 @@ def wait_for(drv, predicate, timeout=300, poll=0.2):
 
 
 def idle(drv) -> bool:
+    """The app script has finished its run."""
     from selenium.webdriver.common.by import By
-    return not drv.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
+    apps = drv.find_elements(By.CSS_SELECTOR, '[data-testid="stApp"]')
+    return bool(apps) and apps[0].get_attribute("data-test-script-state") == "notRunning"
 
 
 def main() -> int:

@@ -43,7 +43,7 @@ class DecodedImage:
 
 def _read_bytes(source: ImageSource, max_bytes: int) -> tuple[bytes, str]:
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data, name = bytes(source), "uploaded file"
+        data, name = bytes(source), "The uploaded file"
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         name = path.name
@@ -56,7 +56,7 @@ def _read_bytes(source: ImageSource, max_bytes: int) -> tuple[bytes, str]:
                 "Export a smaller PNG or JPEG (for example a region of interest).")
         data = path.read_bytes()
     elif hasattr(source, "read"):
-        name = getattr(source, "name", "uploaded file")
+        name = getattr(source, "name", "The uploaded file")
         data = source.read(max_bytes + 1)
     else:
         raise InvalidImageError(f"Cannot read an image from a {type(source).__name__}.")

@@ -87,6 +87,19 @@ def explanations_json(path: Path) -> Optional[dict]:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+@st.cache_data(max_entries=16, show_spinner="Computing metrics…")
+def split_metrics(path: str, mtime: float, split: str):
+    """(y_true, probs, rows, metrics) of one split of a bundle's predictions.csv (bootstrap 500)."""
+    from core.evaluation import classification_metrics, predictions_from_bundle
+
+    y, p, rows = predictions_from_bundle(path, split)
+    return y, p, rows, classification_metrics(y, p, read_metadata(path)["class_names"], n_boot=500)
+
+
+def metrics_for(path: Path, split: str):
+    return split_metrics(str(path), _mtime(Path(path)), split)
+
+
 # ------------------------------------------------------------------------------------------ images
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

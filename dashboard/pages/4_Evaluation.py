@@ -8,7 +8,7 @@ import streamlit as st
 import components as ui
 import services as svc
 from core.checkpoints import read_csv
-from core.evaluation import classification_metrics, curves, predictions_from_bundle, reliability_curve
+from core.evaluation import curves, reliability_curve
 from core.explain.evaluate import resolve_data_root
 
 ui.page_setup("Evaluation", "📊")
@@ -20,8 +20,7 @@ meta = svc.metadata(ckpt)
 names = meta["class_names"]
 split = st.radio("Split", ["test", "val"], horizontal=True, key="ev_split",
                  help="Settings were chosen on the validation split; the test split was used once, for reporting.")
-y, p, rows = predictions_from_bundle(ckpt, split)
-m = classification_metrics(y, p, names)
+y, p, rows, m = svc.metrics_for(ckpt, split)
 st.caption(f"{len(y)} {split} images · accuracy {m['accuracy']:.3f} · macro ROC AUC {m['roc_auc_macro'] or 0:.3f} "
            f"· Cohen's kappa {m['cohen_kappa']:.3f} · ECE {m['ece']:.3f}")
 
@@ -58,7 +57,8 @@ elif hits:
         path = root / r["path"]
         col = cols[i % 6]
         if path.is_file():
-            col.image(str(path), caption=f"{Path(r['path']).name} · p({p_name}) {float(r['p_' + p_name]):.2f}",
+            thumb = svc.decode(svc.read_file(str(path))).array
+            col.image(thumb, caption=f"{Path(r['path']).name} · p({p_name}) {float(r['p_' + p_name]):.2f}",
                       width="stretch")
             if col.button("Open in Explain", key=f"ev_open_{i}"):
                 split_rows = {x["path"]: x for x in read_csv(ckpt / "split.csv")}

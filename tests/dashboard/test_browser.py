@@ -75,19 +75,26 @@ def browser():
     drv.quit()
 
 
-def wait_rendered(drv, timeout: float = 120) -> None:
+def script_state(drv) -> str:
     from selenium.webdriver.common.by import By
 
+    apps = drv.find_elements(By.CSS_SELECTOR, '[data-testid="stApp"]')
+    return apps[0].get_attribute("data-test-script-state") if apps else ""
+
+
+def wait_rendered(drv, timeout: float = 180) -> None:
+    """Until the script has run to the end (stApp's script state is notRunning for a moment)."""
     deadline = time.time() + timeout
+    quiet_since = None
     while time.time() < deadline:
-        h1 = drv.find_elements(By.CSS_SELECTOR, "h1")
-        running = drv.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
-        if h1 and not running:
-            time.sleep(1.5)
-            if not drv.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'):
+        if script_state(drv) == "notRunning":
+            quiet_since = quiet_since or time.time()
+            if time.time() - quiet_since > 1.5:
                 return
-        time.sleep(0.5)
-    raise AssertionError("page did not finish rendering")
+        else:
+            quiet_since = None
+        time.sleep(0.25)
+    raise AssertionError(f"page did not finish rendering (script state {script_state(drv)!r})")
 
 
 @pytest.mark.parametrize("page", PAGES)
