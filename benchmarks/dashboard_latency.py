@@ -96,6 +96,7 @@ def main() -> int:
             wait_for(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "h1"))
             time.sleep(1)
             wait_for(drv, idle)
+            time.sleep(4)  # custom components (drawing canvas) mount after the script run
             drv.save_screenshot(str(out / f"real_{page}.png"))
     finally:
         drv.quit()

@@ -105,6 +105,7 @@ def test_page_has_no_exception_box(server, browser, page):
     out.mkdir(parents=True, exist_ok=True)
     browser.get(f"{server}/{page}")
     wait_rendered(browser)
+    time.sleep(3)  # custom components (drawing canvas) mount after the script has finished
     browser.save_screenshot(str(out / f"{page or 'Home'}.png"))
     assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
     titles = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "h1")]
