@@ -40,6 +40,25 @@ def page_setup(title: str, icon: str = "🔬") -> None:
     st.set_page_config(page_title=f"BreastXAI · {title}", page_icon=icon, layout="wide")
 
 
+def image_page(title: str, prefix: str, icon: str = "🔬", caption: str = ""):
+    """Common start of the image pages: config, sidebar, title, checkpoint and image; stops if either is missing.
+
+    Returns (checkpoint folder, Classifier, ImageInput).
+    """
+    page_setup(title, icon)
+    ckpt = sidebar()
+    st.title(title)
+    if caption:
+        st.caption(caption)
+    if ckpt is None:
+        st.stop()
+    clf = svc.classifier(ckpt)
+    inp = image_input(prefix)
+    if inp is None:
+        st.stop()
+    return ckpt, clf, inp
+
+
 def sidebar() -> Optional[Path]:
     """Checkpoint picker and data-folder setting; returns the active checkpoint folder or None."""
     with st.sidebar:

@@ -4,15 +4,7 @@ import streamlit as st
 import components as ui
 import services as svc
 
-ui.page_setup("Explain")
-ckpt = ui.sidebar()
-st.title("Explain a prediction")
-if ckpt is None:
-    st.stop()
-clf = svc.classifier(ckpt)
-inp = ui.image_input("ex")
-if inp is None:
-    st.stop()
+ckpt, clf, inp = ui.image_page("Explain a prediction", "ex", "🔬")
 
 probs = svc.predict(ckpt, inp.image, inp.sha)
 pred = int(probs.argmax())

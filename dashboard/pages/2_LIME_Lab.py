@@ -8,17 +8,9 @@ from core.explain.lime_explainer import LimeParams, segment
 from core.explain.metrics import seed_stability
 from core.explain.visualise import boundaries, colorize
 
-ui.page_setup("LIME Lab", "🧪")
-ckpt = ui.sidebar()
-st.title("LIME Lab")
-st.caption("LIME perturbs superpixels and fits a local linear model. Tune the segmentation live here, "
+CAPTION = ("LIME perturbs superpixels and fits a local linear model. Tune the segmentation live here, "
            "then run it and check how much the answer depends on the random seed.")
-if ckpt is None:
-    st.stop()
-clf = svc.classifier(ckpt)
-inp = ui.image_input("ll")
-if inp is None:
-    st.stop()
+ckpt, clf, inp = ui.image_page("LIME Lab", "ll", "🧪", caption=CAPTION)
 
 c1, c2, c3 = st.columns(3)
 algo = c1.selectbox("Segmentation", ["slic", "quickshift", "felzenszwalb"], key="ll_algo")

@@ -8,15 +8,7 @@ import services as svc
 from core.explain import metrics as M
 from core.preprocessing import resize
 
-ui.page_setup("Compare", "⚖️")
-ckpt = ui.sidebar()
-st.title("Compare explanations")
-if ckpt is None:
-    st.stop()
-clf = svc.classifier(ckpt)
-inp = ui.image_input("cmp")
-if inp is None:
-    st.stop()
+ckpt, clf, inp = ui.image_page("Compare explanations", "cmp", "⚖️")
 with st.form("cmp_form"):
     methods = st.multiselect("Methods", list(ui.METHOD_LABELS), default=["gradcam", "gradcam++", "occlusion",
                                                                           "integrated_gradients"],

@@ -8,28 +8,9 @@ from core.explain import baseline_image
 from core.explain import metrics as M
 from core.explain.visualise import mask_outline
 
-ui.page_setup("Annotate", "✏️")
-ckpt = ui.sidebar()
-st.title("Annotate")
-st.caption("Draw the region you believe is the lesion (a closed loop is filled). Every method is then scored "
-           "against your region, and you can hide the region to see how the prediction changes.")
-if ckpt is None:
-    st.stop()
-clf = svc.classifier(ckpt)
-inp = ui.image_input("an")
-if inp is None:
-    st.stop()
-mode = st.radio("Drawing tool", ["freedraw", "rect", "circle", "polygon"], horizontal=True, key="an_mode")
-drawn = ui.canvas_region(inp.image, key=f"an_canvas_{inp.sha[:12]}_{mode}", mode=mode)
-use_mask = inp.mask is not None and st.checkbox("Use the dataset's lesion mask instead of my drawing",
-                                                value=drawn is None, key="an_use_mask")
-region = inp.mask if use_mask else drawn
-if region is None:
-    st.info("Draw on the image above to define a region.")
-    st.stop()
-if drawn is not None:
-    st.session_state["an_region"], st.session_state["an_region_sha"] = drawn, inp.sha  # for Explain's feedback
-st.image(mask_outline(inp.image, region), caption=f"Region: {region.mean():.1%} of the image", width=480)
+CAPTION = ("Draw the region you believe is the lesion (a closed loop is filled). Every method is then "
+           "scored against your region, and you can hide the region to see how the prediction changes.")
+ckpt, clf, inp = ui.image_page("Annotate", "an", "✏️", caption=CAPTION)
 
 methods = st.multiselect("Methods to score", list(ui.METHOD_LABELS), default=["gradcam", "gradcam++", "occlusion"],
                          format_func=ui.METHOD_LABELS.get, key="an_methods")
