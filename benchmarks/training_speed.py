@@ -27,8 +27,8 @@ def main() -> int:
     ap.add_argument("--weights", default=str(ROOT.parent / "shared/weights/densenet121_imagenet_notop.weights.h5"))
     ap.add_argument("--images", type=int, default=128, help="training images")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--fine-tune-layers", type=int, default=114)
-    ap.add_argument("--augment-copies", type=int, default=4)
+    ap.add_argument("--fine-tune-layers", type=int, default=286, help="286 = DenseNet121 conv4+conv5, as committed")
+    ap.add_argument("--augment-copies", type=int, default=6)
     ap.add_argument("--amortise-over", type=int, default=None,
                     help="epochs to spread the cache cost over (default: the committed checkpoint's epoch count)")
     args = ap.parse_args()

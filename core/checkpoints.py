@@ -65,6 +65,7 @@ def write_bundle(dest: str | Path, fill: Callable[[Path], None]) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-{os.getpid()}-", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
     try:
         fill(tmp)
         for f in tmp.iterdir():
