@@ -77,8 +77,8 @@ def main() -> int:
         model.export(str(path), format="onnx", verbose=False)
         so = ort.SessionOptions()
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        backends["onnxruntime"] = lambda v: sess.run(None, {name: np.ascontiguousarray(v)})[0]
+        input_name = sess.get_inputs()[0].name
+        backends["onnxruntime"] = lambda v: sess.run(None, {input_name: np.ascontiguousarray(v)})[0]
     except Exception as exc:  # tf2onnx / onnxruntime missing or export unsupported
         print(f"ONNX Runtime not measured: {type(exc).__name__}: {exc}")
 

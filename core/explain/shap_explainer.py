@@ -42,7 +42,7 @@ class ShapExplainer(Explainer):
         done = [0]
 
         def f(x):
-            out = predict(np.clip(x, 0, 255).astype(np.uint8))
+            out = predict(np.asarray(x, np.float32))  # masked images are already model-sized 0-255 floats
             done[0] += len(x)
             self.report(0.95 * done[0] / max(p.max_evals, 1))
             return out
