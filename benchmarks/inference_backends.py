@@ -5,7 +5,7 @@
 
 Speed: images/s on random inputs at batch 32 (best of 2). Agreement: max |Δp| against float32 Keras
 over the checkpoint's test images (needs the dataset); a backend is worth adopting only if it is
-faster AND max |Δp| <= 0.01.
+at least 5% faster AND max |Δp| <= 0.01.
 """
 from __future__ import annotations
 
@@ -60,12 +60,15 @@ def main() -> int:
     f32 = tf.function(lambda v: model(v, training=False), autograph=False)
     backends = {"float32 keras": lambda v: f32(v).numpy()}
 
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    try:
-        bf = keras.models.clone_model(model)
-    finally:
-        keras.config.set_dtype_policy("float32")
+    def to_bf16(layer):
+        cfg = layer.get_config()
+        if "dtype" in cfg and layer.name != model.layers[-1].name:
+            cfg["dtype"] = "mixed_bfloat16"  # bfloat16 compute, float32 variables; softmax output stays float32
+        return layer.__class__.from_config(cfg)
+
+    bf = keras.models.clone_model(model, clone_function=to_bf16)
     bf.set_weights(model.get_weights())
+    assert any(getattr(l, "compute_dtype", "") == "bfloat16" for l in bf.layers), "bfloat16 policy not applied"
     fbf = tf.function(lambda v: bf(v, training=False), autograph=False)
     backends["bfloat16 keras"] = lambda v: np.asarray(fbf(v), np.float32)
 
@@ -97,7 +100,7 @@ def main() -> int:
             dpt = np.abs(o - ref_test).max()
             flips = int((o.argmax(1) != ref_test.argmax(1)).sum())
             line += f", test set ({len(xt)} images) {dpt:.4f}, {flips} changed predictions"
-            ok = rate > ref_rate and dpt <= 0.01
+            ok = rate >= 1.05 * ref_rate and dpt <= 0.01  # a gain beyond run-to-run noise, same predictions
             line += " -> adopt" if ok else " -> keep float32"
         print(line)
     return 0

@@ -220,7 +220,7 @@ class Classifier:
             (0, self.input_size, self.input_size, 3), np.float32)
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        """Raw model softmax for prepared float32 inputs (N, S, S, 3), compiled, fixed batch size."""
+        """Raw model softmax for prepared float32 inputs (N, S, S, 3), compiled, in chunks of `batch_size`."""
         import tensorflow as tf
 
         if self._forward is None:
@@ -228,12 +228,8 @@ class Classifier:
             self._forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
         out = []
         bs = self.batch_size
-        for i in range(0, len(batch), bs):
-            chunk = batch[i:i + bs]
-            n = len(chunk)
-            if n < bs and len(batch) > bs:  # pad to keep one traced shape
-                chunk = np.concatenate([chunk, np.zeros((bs - n,) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(self._forward(tf.convert_to_tensor(chunk)))[:n])
+        for i in range(0, len(batch), bs):  # the batch dimension is traced as None after two sizes
+            out.append(np.asarray(self._forward(tf.convert_to_tensor(batch[i:i + bs]))))
         return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
 
     def features(self, images) -> np.ndarray:
