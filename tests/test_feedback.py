@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import multiprocessing as mp
 import sqlite3
 
 import numpy as np
@@ -58,19 +57,22 @@ def _writer(db: str, worker: int, n: int) -> None:
 
 
 def test_concurrent_writers_lose_nothing(tmp_path):
+    """8 writer processes x 200 inserts; plain subprocesses (independent of whatever __main__ is in this run)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
     db = str(tmp_path / "fb.sqlite3")
     FeedbackStore(db)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(db, w, 200)) for w in range(8)]
-    for p in procs:
-        p.start()
+    code = "import sys; from tests.test_feedback import _writer; _writer(sys.argv[1], int(sys.argv[2]), 200)"
+    procs = [subprocess.Popen([sys.executable, "-c", code, db, str(w)], cwd=ROOT) for w in range(8)]
     seen = []
     reader = FeedbackStore(db)
-    while any(p.is_alive() for p in procs):
+    while any(p.poll() is None for p in procs):
         seen.append(reader.count())
     for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+        assert p.wait(120) == 0
     assert reader.count() == 1600
     assert seen == sorted(seen), "a reader never sees the count go backwards"
     ids = [r["image_sha256"] for r in reader.rows()]
