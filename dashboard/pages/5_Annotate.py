@@ -1,5 +1,4 @@
 """Annotate: draw the lesion, score every method against it, erase it and re-predict."""
-import numpy as np
 import streamlit as st
 
 import components as ui
@@ -11,6 +10,17 @@ from core.explain.visualise import mask_outline
 CAPTION = ("Draw the region you believe is the lesion (a closed loop is filled). Every method is then "
            "scored against your region, and you can hide the region to see how the prediction changes.")
 ckpt, clf, inp = ui.image_page("Annotate", "an", "✏️", caption=CAPTION)
+mode = st.radio("Drawing tool", ["freedraw", "rect", "circle", "polygon"], horizontal=True, key="an_mode")
+drawn = ui.canvas_region(inp.image, key=f"an_canvas_{inp.sha[:12]}_{mode}", mode=mode)
+use_mask = inp.mask is not None and st.checkbox("Use the dataset's lesion mask instead of my drawing",
+                                                value=drawn is None, key="an_use_mask")
+region = inp.mask if use_mask else drawn
+if region is None:
+    st.info("Draw on the image above to define a region.")
+    st.stop()
+if drawn is not None:
+    st.session_state["an_region"], st.session_state["an_region_sha"] = drawn, inp.sha  # for Explain's feedback
+st.image(mask_outline(inp.image, region), caption=f"Region: {region.mean():.1%} of the image", width=480)
 
 methods = st.multiselect("Methods to score", list(ui.METHOD_LABELS), default=["gradcam", "gradcam++", "occlusion"],
                          format_func=ui.METHOD_LABELS.get, key="an_methods")

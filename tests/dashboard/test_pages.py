@@ -175,3 +175,28 @@ def test_feedback_saved_from_explain(app_env, tmp_path, monkeypatch):
     rows = FeedbackStore(db).rows()
     assert len(rows) == 1 and rows[0]["verdict"] == "disagree" and rows[0]["correct_class"] == "malignant"
     assert rows[0]["image_png"] is None  # no consent, no image
+
+
+def test_annotate_scores_methods_against_the_lesion_mask(tiny_tree, tmp_path, monkeypatch):
+    """Annotate with a masked example: use the dataset mask, score methods, erase the region and re-predict."""
+    import train
+    from tests.conftest import write_class_tree
+
+    data = write_class_tree(tmp_path / "d", n_per_class=14, masks=True)
+    assert train.main(["--dataset", "folder", "--data-dir", str(data), "--backbone", "simple_cnn",
+                       "--input-size", "32", "--head-epochs", "1", "--fine-tune-epochs", "0", "--head-units", "8",
+                       "--out-dir", str(tmp_path / "c"), "--name", "m", "--quiet"]) == 0
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tmp_path / "c"))
+    monkeypatch.setenv("BREASTXAI_DATA", str(tmp_path / "nodata"))
+    import streamlit as st
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = app("pages/5_Annotate.py")
+    at.radio(key="an_src").set_value("Example").run()
+    no_exception(at)
+    assert at.checkbox(key="an_use_mask").value is True  # nothing drawn: the lesion mask is used
+    at.multiselect(key="an_methods").set_value(["gradcam", "occlusion"])
+    at.button(key="an_score").click().run()
+    no_exception(at)
+    assert len(at.dataframe) == 1
+    assert [m.label for m in at.metric] == ["benign", "malignant"]  # re-prediction with the region erased
