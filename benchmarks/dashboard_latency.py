@@ -10,7 +10,6 @@ the same explanation again (served from the result cache). Saves screenshots alo
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import socket
 import subprocess

@@ -22,7 +22,7 @@ import numpy as np
 
 from core.errors import CheckpointError
 from core.models import sha256_file
-from core.preprocessing import apply_clahe, ensure_rgb_uint8, resize
+from core.preprocessing import model_input
 
 BUNDLE_FILES = ("model.keras", "metadata.json", "history.csv", "predictions.csv", "split.csv")
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -203,11 +203,7 @@ class Classifier:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """One image (H, W[, C]) -> float32 (S, S, 3) in 0-255: the model's exact input."""
-        img = ensure_rgb_uint8(image)
-        img = resize(img, (self.input_size, self.input_size))
-        if self.clahe:
-            img = apply_clahe(img)
-        return img.astype(np.float32)
+        return model_input(image, self.input_size, self.clahe).astype(np.float32)
 
     def prepare_batch(self, images) -> np.ndarray:
         """uint8 images (N, H, W, 3) or a list of arrays of any sizes -> float32 (N, S, S, 3)."""
@@ -226,11 +222,9 @@ class Classifier:
         if self._forward is None:
             model = self.model
             self._forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
-        out = []
-        bs = self.batch_size
-        for i in range(0, len(batch), bs):  # the batch dimension is traced as None after two sizes
-            out.append(np.asarray(self._forward(tf.convert_to_tensor(batch[i:i + bs]))))
-        return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
+        if len(batch) == 0:
+            return np.zeros((0, self.num_classes), np.float32)
+        return run_batched(self._forward, batch, self.batch_size)
 
     def features(self, images) -> np.ndarray:
         """Pooled backbone features (N, D) of uint8 images of any size (for the OOD detector)."""
@@ -242,10 +236,7 @@ class Classifier:
         if self._features is None:
             fm = keras.Model(self.model.inputs, self.model.get_layer(feature_layer(self.model)).output)
             self._features = tf.function(lambda x: fm(x, training=False), reduce_retracing=True, autograph=False)
-        x = self.prepare_batch(images)
-        out = [np.asarray(self._features(tf.convert_to_tensor(x[i:i + self.batch_size])))
-               for i in range(0, len(x), self.batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        return run_batched(self._features, self.prepare_batch(images), self.batch_size)
 
     def ood_check(self, images) -> Optional[list[dict]]:
         """Per image: {'score', 'threshold', 'out_of_distribution'}; None if the bundle has no detector."""
@@ -273,6 +264,14 @@ class Classifier:
         return self.calibrate(np.concatenate(outs)).astype(np.float32)
 
     __call__ = predict_proba
+
+
+def run_batched(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Concatenated outputs of a compiled `fn` over float32 chunks of `x` (the traced batch dim becomes None)."""
+    import tensorflow as tf
+
+    return np.concatenate([np.asarray(fn(tf.convert_to_tensor(x[i:i + batch_size], tf.float32)))
+                           for i in range(0, len(x), batch_size)])
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import sqlite3
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence

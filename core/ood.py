@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -66,6 +65,14 @@ def fit(train_features: np.ndarray, train_labels: np.ndarray, val_features: np.n
     return OODDetector(pca.mean_, pca.components_, means, precision, thr, false_alarm_rate)
 
 
+def summary(det: OODDetector, layer: str, test_features: np.ndarray) -> dict:
+    """The metadata.json entry describing a fitted detector, with its flag rate on the test split."""
+    return {"method": "Mahalanobis distance of pooled backbone features (PCA, Ledoit-Wolf shared covariance, "
+                      "class means from the training split)", "feature_layer": layer, "file": "ood.npz",
+            "threshold": det.threshold, "false_alarm_rate_val": det.false_alarm_rate,
+            "test_flagged_rate": float(det.flag(test_features).mean()), "dims": int(det.components.shape[0])}
+
+
 def feature_layer(model) -> str:
     names = {l.name for l in model.layers}
     for n in FEATURE_LAYERS:
@@ -87,13 +94,8 @@ def fit_bundle(bundle: str | Path, data_dir: Optional[str] = None, false_alarm_r
     splits = read_split(bundle / "split.csv", root, clf.class_names)
     feats = {s: clf.features([load_image(p.path) for p in splits[s].samples]) for s in ("train", "val", "test")}
     det = fit(feats["train"], np.asarray(splits["train"].labels), feats["val"], false_alarm_rate)
-    test_flagged = float(det.flag(feats["test"]).mean())
     meta = dict(clf.metadata)
-    meta["ood"] = {"method": "Mahalanobis distance of pooled backbone features (PCA, Ledoit-Wolf shared "
-                             "covariance, class means from the training split)",
-                   "feature_layer": feature_layer(clf.model), "file": "ood.npz",
-                   "threshold": det.threshold, "false_alarm_rate_val": false_alarm_rate,
-                   "test_flagged_rate": test_flagged, "dims": int(det.components.shape[0])}
+    meta["ood"] = summary(det, feature_layer(clf.model), feats["test"])
 
     def fill(tmp: Path) -> None:
         for f in bundle.iterdir():

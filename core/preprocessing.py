@@ -203,6 +203,12 @@ def apply_clahe(image: np.ndarray, clip_limit: float = 2.0, tile: int = 8) -> np
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
+def model_input(image: np.ndarray, size: int, clahe: bool = False) -> np.ndarray:
+    """The one train/inference transform: any image array -> uint8 RGB (size, size, 3), CLAHE optional."""
+    img = resize(ensure_rgb_uint8(image), (size, size))
+    return apply_clahe(img) if clahe else img
+
+
 def ensure_rgb_uint8(image: np.ndarray) -> np.ndarray:
     """Accept (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) arrays (uint8 or float 0-255) -> uint8 RGB."""
     arr = np.asarray(image)

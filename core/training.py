@@ -15,7 +15,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -24,7 +24,8 @@ import numpy as np
 from core.data import Manifest, load_dataset, read_split, split_manifest, write_split
 from core.data.loaders import CITATIONS
 from core.errors import DatasetError
-from core.preprocessing import apply_clahe, load_image, resize
+from core.checkpoints import run_batched
+from core.preprocessing import load_image, model_input
 
 log = logging.getLogger("breastxai.train")
 
@@ -97,8 +98,7 @@ def load_arrays(manifest: Manifest, size: int, clahe: bool = False,
     """Decode every image with `load_image`, resize to (size, size) -> uint8 (N, S, S, 3), labels (N,)."""
     x = np.zeros((len(manifest), size, size, 3), np.uint8)
     for i, s in enumerate(manifest.samples):
-        img = resize(load_image(s.path), (size, size))
-        x[i] = apply_clahe(img) if clahe else img
+        x[i] = model_input(load_image(s.path), size, clahe)
         if progress:
             progress(i + 1, len(manifest))
     return x, np.asarray(manifest.labels, dtype=np.int64)
@@ -126,14 +126,6 @@ def class_weight_vector(y: np.ndarray, k: int) -> np.ndarray:
     w = np.ones(k)
     w[present] = compute_class_weight("balanced", classes=present, y=y)
     return w
-
-
-def _predict(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
-    import tensorflow as tf
-
-    outs = [np.asarray(fn(tf.convert_to_tensor(x[i:i + batch_size], tf.float32)))
-            for i in range(0, len(x), batch_size)]
-    return np.concatenate(outs)
 
 
 class _CachedSequence:
@@ -252,8 +244,8 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
             copies.append(aug)
         log.info("Caching trunk activations at %r for %d train images x %d copies and %d val images",
                  cut, len(x_train), len(copies), len(x_val))
-        cache = np.stack([_predict(fwd, c, cfg.batch_size) for c in copies])
-        val_feats = _predict(fwd, x_val.astype(np.float32), cfg.batch_size)
+        cache = np.stack([run_batched(fwd, c, cfg.batch_size) for c in copies])
+        val_feats = run_batched(fwd, x_val.astype(np.float32), cfg.batch_size)
         timing["cache_seconds"] = time.time() - t0
         timing["cut_layer"] = cut
         log.info("Cached %s activations (%.0f MB) in %.1f s", cache.shape, cache.nbytes / 2**20,
@@ -349,8 +341,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
 
         extra = FeedbackStore(cfg.feedback).consented_images(manifest.class_names)
         if extra:
-            xs = np.stack([resize(img, (cfg.input_size, cfg.input_size)) for img, _ in extra])
-            xs = np.stack([apply_clahe(im) for im in xs]) if cfg.clahe else xs
+            xs = np.stack([model_input(img, cfg.input_size, cfg.clahe) for img, _ in extra])
             arrays["train"] = (np.concatenate([arrays["train"][0], xs]),
                                np.concatenate([arrays["train"][1], [lab for _, lab in extra]]))
         n_feedback = len(extra)
@@ -365,7 +356,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     history, timing = fit_model(model, cfg, *arrays["train"], *arrays["val"], num_classes=k)
 
     fwd = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
-    raw = {s: _predict(fwd, arrays[s][0].astype(np.float32), cfg.batch_size) for s in ("val", "test")}
+    raw = {s: run_batched(fwd, arrays[s][0].astype(np.float32), cfg.batch_size) for s in ("val", "test")}
     temperature = fit_temperature(arrays["val"][1], raw["val"])
     probs = {s: apply_temperature(raw[s], temperature) for s in raw}
     metrics = {s: classification_metrics(arrays[s][1], probs[s], manifest.class_names, seed=cfg.seed)
@@ -380,13 +371,9 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     fl = ood_mod.feature_layer(model)
     fmodel = keras.Model(model.inputs, model.get_layer(fl).output)
     ffn = tf.function(lambda x: fmodel(x, training=False), reduce_retracing=True, autograph=False)
-    feats = {s: _predict(ffn, arrays[s][0].astype(np.float32), cfg.batch_size) for s in ("train", "val", "test")}
+    feats = {s: run_batched(ffn, arrays[s][0].astype(np.float32), cfg.batch_size) for s in ("train", "val", "test")}
     detector = ood_mod.fit(feats["train"], arrays["train"][1], feats["val"])
-    ood_info = {"method": "Mahalanobis distance of pooled backbone features (PCA, Ledoit-Wolf shared covariance, "
-                          "class means from the training split)", "feature_layer": fl, "file": "ood.npz",
-                "threshold": detector.threshold, "false_alarm_rate_val": detector.false_alarm_rate,
-                "test_flagged_rate": float(detector.flag(feats["test"]).mean()),
-                "dims": int(detector.components.shape[0])}
+    ood_info = ood_mod.summary(detector, fl, feats["test"])
 
     argv = list(argv) if argv is not None else None
     name = cfg.bundle_name

@@ -1,7 +1,6 @@
 """End-to-end training on tiny generated data: bundle contents, cached fast path, refresh, CLI."""
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 

@@ -4,7 +4,6 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import components as ui
-import services as svc
 from core.explain import metrics as M
 from core.preprocessing import resize
 
