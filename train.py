@@ -42,6 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split-file", default=None, help="reuse a saved split.csv instead of drawing a new split")
     g.add_argument("--limit", type=int, default=None, help="use a random subset of N images (smoke tests)")
     g.add_argument("--clahe", action="store_true", help="CLAHE contrast enhancement (ultrasound)")
+    g.add_argument("--patches", type=int, default=d.patches, metavar="N",
+                   help="patch training for large histology images: N tissue-aware random crops per training "
+                        "image per epoch; predictions average the tiles of a regular grid over the whole image "
+                        "(0: whole-image training)")
+    g.add_argument("--patch-size", type=int, default=d.patch_size, metavar="S",
+                   help="with --patches: crop side in original pixels (each crop is resized to --input-size)")
+    g.add_argument("--patch-stride", type=int, default=None, metavar="P",
+                   help="with --patches: step of the prediction grid in original pixels (default: the patch size)")
+    g.add_argument("--patch-scale-jitter", type=float, default=d.patch_scale_jitter, metavar="J",
+                   help="with --patches: training crop side = patch size x 2^U(-J, J) (octaves), for robustness "
+                        "to magnification")
+    g.add_argument("--cv-folds", type=int, default=d.cv_folds, metavar="K",
+                   help="also run group-wise K-fold cross-validation over the whole dataset with the same "
+                        "settings and record it in metadata.json (small datasets)")
+    g.add_argument("--external", action="append", default=[], metavar="KIND=DIR",
+                   help="after training, predict another dataset as an external check and record it "
+                        "(e.g. breakhis=../shared/data/breakhis_samples); repeatable")
     g.add_argument("--feedback", default=None, metavar="DB",
                    help="clinician feedback database: add its consented, relabelled images to the training split")
     g = ap.add_argument_group("model")
@@ -68,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-class-weights", dest="class_weights", action="store_false",
                    help="do not weight classes inversely to their frequency")
     g.add_argument("--no-augment", dest="augment", action="store_false", help="no flip/rotate/zoom/brightness/contrast")
+    g.add_argument("--colour-jitter", type=float, default=d.colour_jitter, metavar="F",
+                   help="random hue (± F of the colour wheel) and saturation changes (H&E stain variation); 0: off")
     g.add_argument("--augment-copies", type=int, default=d.augment_copies,
                    help="augmented copies per training image in the activation cache")
     g.add_argument("--no-cache", dest="cache", action="store_false",
@@ -94,7 +113,10 @@ def config_from_args(args: argparse.Namespace):
         fine_tune_lr=args.fine_tune_lr, patience=args.patience, lr_factor=args.lr_factor,
         lr_patience=args.lr_patience, seed=args.seed, split=tuple(args.split), split_file=args.split_file,
         clahe=args.clahe, class_weights=args.class_weights, augment=args.augment,
-        augment_copies=args.augment_copies, cache=args.cache, limit=args.limit, feedback=args.feedback, verbose=0 if args.quiet else 1)
+        augment_copies=args.augment_copies, cache=args.cache, limit=args.limit, feedback=args.feedback,
+        patches=args.patches, patch_size=args.patch_size, patch_stride=args.patch_stride, cv_folds=args.cv_folds,
+        patch_scale_jitter=args.patch_scale_jitter, colour_jitter=args.colour_jitter,
+        external=tuple(args.external), verbose=0 if args.quiet else 1)
 
 
 def setup_logging(log_file: str | None) -> None:

@@ -22,7 +22,9 @@ import numpy as np
 
 from core.errors import CheckpointError
 from core.models import sha256_file
-from core.preprocessing import model_input
+from core.patches import PatchConfig, tiles
+from core.patches import work_image as patch_work_image
+from core.preprocessing import apply_clahe, model_input, resize
 
 BUNDLE_FILES = ("model.keras", "metadata.json", "history.csv", "predictions.csv", "split.csv")
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -190,6 +192,7 @@ class Classifier:
     clahe: bool = False
     batch_size: int = 32
     ood: Optional[object] = None  # core.ood.OODDetector when the bundle has ood.npz
+    patches: Optional[PatchConfig] = None  # patch checkpoints: grid-averaged tiles of the whole image
     _forward: Optional[Callable] = field(default=None, repr=False)
     _features: Optional[Callable] = field(default=None, repr=False)
 
@@ -202,7 +205,7 @@ class Classifier:
         return self.path.name if self.path else self.metadata.get("name", "model")
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        """One image (H, W[, C]) -> float32 (S, S, 3) in 0-255: the model's exact input."""
+        """One image (H, W[, C]) -> float32 (S, S, 3) in 0-255: the model's exact input (whole-image models)."""
         return model_input(image, self.input_size, self.clahe).astype(np.float32)
 
     def prepare_batch(self, images) -> np.ndarray:
@@ -214,6 +217,48 @@ class Classifier:
             return images.astype(np.float32, copy=False)
         return np.stack([self.prepare(im) for im in images]) if len(images) else np.zeros(
             (0, self.input_size, self.input_size, 3), np.float32)
+
+    # -- the whole image as the model sees it: one resized image, or a grid of tiles
+    def work_image(self, image: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 3) -> the image at the resolution the model reads it: (S, S, 3) for whole-image
+        models; scaled by input_size / patch_size (tiles of S x S) for patch models."""
+        if self.patches is None:
+            return resize(image, (self.input_size, self.input_size))
+        return patch_work_image(image, self.patches)
+
+    @property
+    def tile_stride(self) -> int:
+        return self.patches.work_stride if self.patches else self.input_size
+
+    def tiles(self, work: np.ndarray) -> np.ndarray:
+        """Work image(s) (H, W, 3) or (N, H, W, 3) -> float32 model inputs (N * T, S, S, 3)."""
+        if self.patches is None:
+            return self.prepare_batch(work)
+        t = tiles(np.asarray(work), self.input_size, self.tile_stride)
+        if self.clahe:
+            t = np.stack([apply_clahe(im.astype(np.uint8)) for im in t])
+        return t.astype(np.float32, copy=False)
+
+    def _tile_batches(self, images, work: bool) -> tuple[np.ndarray, list[int]]:
+        if self.patches is None:
+            x = self.prepare_batch(images)
+            return x, [1] * len(x)
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            images = [images]
+        if work and isinstance(images, np.ndarray) and images.ndim == 4:
+            x = self.tiles(images)
+            return x, [len(x) // max(len(images), 1)] * len(images)
+        parts = [self.tiles(im if work else self.work_image(np.asarray(im))) for im in images]
+        if not parts:
+            return np.zeros((0, self.input_size, self.input_size, 3), np.float32), []
+        return np.concatenate(parts), [len(p) for p in parts]
+
+    @staticmethod
+    def _mean_per_image(out: np.ndarray, counts: list[int]) -> np.ndarray:
+        if all(c == 1 for c in counts):
+            return out
+        ends = np.cumsum(counts)
+        return np.stack([out[e - c:e].mean(axis=0) for c, e in zip(counts, ends)])
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """Raw model softmax for prepared float32 inputs (N, S, S, 3), compiled, in chunks of `batch_size`."""
@@ -227,7 +272,7 @@ class Classifier:
         return run_batched(self._forward, batch, self.batch_size)
 
     def features(self, images) -> np.ndarray:
-        """Pooled backbone features (N, D) of uint8 images of any size (for the OOD detector)."""
+        """Pooled backbone features (N, D) of uint8 images of any size (for the OOD detector; tile mean)."""
         import keras
         import tensorflow as tf
 
@@ -236,7 +281,8 @@ class Classifier:
         if self._features is None:
             fm = keras.Model(self.model.inputs, self.model.get_layer(feature_layer(self.model)).output)
             self._features = tf.function(lambda x: fm(x, training=False), reduce_retracing=True, autograph=False)
-        return run_batched(self._features, self.prepare_batch(images), self.batch_size)
+        x, counts = self._tile_batches(images, work=False)
+        return self._mean_per_image(run_batched(self._features, x, self.batch_size), counts)
 
     def ood_check(self, images) -> Optional[list[dict]]:
         """Per image: {'score', 'threshold', 'out_of_distribution'}; None if the bundle has no detector."""
@@ -249,19 +295,31 @@ class Classifier:
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
         return apply_temperature(probs, self.temperature)
 
+    def raw_proba(self, images, work: bool = False, progress: Optional[Callable[[float], None]] = None
+                  ) -> np.ndarray:
+        """Uncalibrated probabilities [N, K]; patch models average their tiles' softmax per image."""
+        x, counts = self._tile_batches(images, work)
+        if progress is None:
+            out = self.forward(x)
+        else:
+            outs, step = [], max(self.batch_size, 1) * 4
+            for i in range(0, len(x), step):
+                outs.append(self.forward(x[i:i + step]))
+                progress(min(1.0, (i + step) / max(len(x), 1)))
+            out = np.concatenate(outs) if outs else self.forward(x)
+        return self._mean_per_image(out, counts)
+
     def predict_proba(self, images, batch_size: Optional[int] = None,
                       progress: Optional[Callable[[float], None]] = None) -> np.ndarray:
         """Calibrated class probabilities float32 [N, K] for uint8 RGB images of any size."""
-        x = self.prepare_batch(images)
         if batch_size:
             self.batch_size = int(batch_size)
-        if progress is None:
-            return self.calibrate(self.forward(x)).astype(np.float32)
-        outs, step = [], max(self.batch_size, 1) * 4
-        for i in range(0, len(x), step):
-            outs.append(self.forward(x[i:i + step]))
-            progress(min(1.0, (i + step) / max(len(x), 1)))
-        return self.calibrate(np.concatenate(outs)).astype(np.float32)
+        return self.calibrate(self.raw_proba(images, work=False, progress=progress)).astype(np.float32)
+
+    def predict_work(self, images, progress: Optional[Callable[[float], None]] = None) -> np.ndarray:
+        """Calibrated probabilities [N, K] for images already at work resolution (see `work_image`);
+        perturbation explainers use this on their perturbed copies of the work image."""
+        return self.calibrate(self.raw_proba(images, work=True, progress=progress)).astype(np.float32)
 
     __call__ = predict_proba
 
@@ -314,6 +372,9 @@ def load_classifier(path: str | Path) -> Classifier:
             ood = OODDetector.load(path / "ood.npz")
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{path.name}: ood.npz is damaged ({exc}); refit with `python -m core.ood`.") from exc
+    pc = meta.get("patches")
+    patches = PatchConfig(int(pc["patch_size"]), size, int(pc.get("stride") or pc["patch_size"]),
+                          float(pc.get("min_tissue", 0.5))) if pc else None
     return Classifier(model=model, class_names=class_names, input_size=size, metadata=meta, path=path,
                       temperature=float(meta.get("calibration", {}).get("temperature", 1.0)),
-                      clahe=bool(prep.get("clahe", False)), ood=ood)
+                      clahe=bool(prep.get("clahe", False)), ood=ood, patches=patches)

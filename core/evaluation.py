@@ -147,12 +147,18 @@ def curves(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str])
 
 
 def fit_temperature(y_true: Sequence[int], probs: np.ndarray) -> float:
-    """Temperature T minimising the NLL of softmax(log p / T) on held-out (validation) predictions."""
+    """Temperature T minimising the NLL of softmax(log p / T) on held-out (validation) predictions.
+
+    If every validation prediction is already correct the NLL keeps falling as T -> 0, so the fit
+    would only make the model (arbitrarily) more confident: T stays 1.
+    """
     from scipy.optimize import minimize_scalar
 
     from core.checkpoints import apply_temperature
 
     y_true = np.asarray(y_true, dtype=int)
+    if len(y_true) == 0 or bool((np.argmax(probs, axis=1) == y_true).all()):
+        return 1.0
 
     def nll(t):
         p = apply_temperature(probs, float(t)).astype(np.float64)

@@ -25,7 +25,7 @@ from core.data import Manifest, load_dataset, read_split, split_manifest, write_
 from core.data.loaders import CITATIONS
 from core.errors import DatasetError
 from core.checkpoints import run_batched
-from core.preprocessing import load_image, model_input
+from core.preprocessing import apply_clahe, load_image, model_input
 
 log = logging.getLogger("breastxai.train")
 
@@ -66,11 +66,28 @@ class TrainConfig:
     cache: bool = True
     limit: Optional[int] = None
     feedback: Optional[str] = None  # SQLite feedback DB: consented, relabelled images join the training split
+    patches: int = 0  # >0: train on N random tissue crops per image per epoch; predict by grid-averaged tiles
+    patch_size: int = 448  # crop side in original pixels (resized to input_size)
+    patch_stride: Optional[int] = None  # prediction grid step in original pixels (default: patch_size)
+    patch_scale_jitter: float = 0.0  # training crop side = patch_size * 2**U(-j, j), in octaves
+    colour_jitter: float = 0.0  # >0: random hue (this factor) and saturation (2x) changes: stain variation
+    cv_folds: int = 0  # >1: also report group-wise K-fold cross-validation over the whole dataset
+    external: tuple[str, ...] = ()  # KIND=DIR datasets predicted after training as an external check
     verbose: int = 1
 
     @property
     def bundle_name(self) -> str:
         return self.name or f"{self.dataset}_{self.backbone}"
+
+    @property
+    def patch_config(self):
+        """core.patches.PatchConfig for patch training, else None."""
+        from core.patches import PatchConfig
+
+        if self.patches <= 0:
+            return None
+        return PatchConfig(self.patch_size, self.input_size, self.patch_stride or self.patch_size,
+                           scale_jitter=self.patch_scale_jitter)
 
 
 def set_seeds(seed: int) -> None:
@@ -104,18 +121,31 @@ def load_arrays(manifest: Manifest, size: int, clahe: bool = False,
     return x, np.asarray(manifest.labels, dtype=np.int64)
 
 
-def make_augmenter(seed: int):
-    """Random flips, rotation (±36°), zoom (±10%), brightness and contrast (±10%) on 0-255 floats."""
+def make_augmenter(seed: int, colour_jitter: float = 0.0):
+    """Random flips, rotation (±36°), zoom (±10%), brightness and contrast (±10%) on 0-255 floats;
+    with `colour_jitter` > 0 also hue (± that fraction of the colour wheel) and saturation changes,
+    the usual stand-in for H&E stain variation between labs."""
     import keras
     from keras import layers
 
-    return keras.Sequential([
+    steps = [
         layers.RandomFlip("horizontal_and_vertical", seed=seed),
         layers.RandomRotation(0.1, fill_mode="reflect", seed=seed + 1),
         layers.RandomZoom(0.1, fill_mode="reflect", seed=seed + 2),
         layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed + 3),
         layers.RandomContrast(0.1, seed=seed + 4),
-    ], name="augment")
+    ]
+    if colour_jitter > 0:
+        steps += [layers.RandomHue(colour_jitter, value_range=(0, 255), seed=seed + 5),
+                  layers.RandomSaturation((max(0.0, 0.5 - 2 * colour_jitter), min(1.0, 0.5 + 2 * colour_jitter)),
+                                          value_range=(0, 255), seed=seed + 6)]
+    seq = keras.Sequential(steps, name="augment")
+
+    def augment(x, training: bool = True):
+        # Keras 3.15's RandomSaturation can leave values below 0: clip back to the image range.
+        return keras.ops.clip(seq(x, training=training), 0.0, 255.0)
+
+    return augment
 
 
 def class_weight_vector(y: np.ndarray, k: int) -> np.ndarray:
@@ -151,6 +181,38 @@ class _CachedSequence:
             def __getitem__(self, i):
                 idx = self.order[i * self.bs:(i + 1) * self.bs]
                 return self.cache[self.copy[idx], idx], self.y[idx], self.sw[idx]
+
+        return Seq(*args, **kwargs)
+
+
+class _ResamplingSequence:
+    """Keras PyDataset for patch training without the cache: a fresh random patch draw every epoch."""
+
+    def __new__(cls, *args, **kwargs):
+        import keras
+        import tensorflow as tf
+
+        class Seq(keras.utils.PyDataset):
+            def __init__(self, sampler, y, sw, batch_size, seed, augmenter):
+                super().__init__()
+                self.sampler, self.y, self.sw, self.bs, self.aug = sampler, y, sw, batch_size, augmenter
+                self.rng, self.draw = np.random.default_rng(seed), 0
+                self.on_epoch_end()
+
+            def __len__(self):
+                return int(np.ceil(len(self.y) / self.bs))
+
+            def on_epoch_end(self):
+                self.x = self.sampler(self.draw)
+                self.draw += 1
+                self.order = self.rng.permutation(len(self.y))
+
+            def __getitem__(self, i):
+                idx = self.order[i * self.bs:(i + 1) * self.bs]
+                x = tf.convert_to_tensor(self.x[idx], tf.float32)
+                if self.aug is not None:
+                    x = self.aug(x, training=True)
+                return np.asarray(x), self.y[idx], self.sw[idx]
 
         return Seq(*args, **kwargs)
 
@@ -209,8 +271,13 @@ def plan_phases(cfg: TrainConfig) -> list[Phase]:
 
 
 def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-              y_val: np.ndarray, num_classes: int) -> tuple[list[dict], dict]:
-    """Run every phase; returns (history rows, timing info). Mutates `model`'s weights only."""
+              y_val: np.ndarray, num_classes: int,
+              sampler: Optional[Callable[[int], np.ndarray]] = None) -> tuple[list[dict], dict]:
+    """Run every phase; returns (history rows, timing info). Mutates `model`'s weights only.
+
+    x_train: uint8 (N, S, S, 3) aligned with y_train. `sampler(draw)` (patch training) returns a fresh
+    random draw of the same shape: the cache holds one draw per copy, the plain path draws every epoch.
+    """
     import keras
     import tensorflow as tf
 
@@ -222,7 +289,7 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     verbose = 0 if cfg.verbose == 0 else (1 if sys.stdout.isatty() else 2)  # bar on a terminal, lines in a log
     history: list[dict] = []
     timing: dict = {"phases": []}
-    augmenter = make_augmenter(cfg.seed) if cfg.augment else None
+    augmenter = make_augmenter(cfg.seed, cfg.colour_jitter) if cfg.augment else None
 
     # Where to cut: before the first layer that any phase trains.
     cut = None
@@ -238,10 +305,13 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         tail = keras.Model(model.get_layer(cut).output, model.output)
         fwd = tf.function(lambda x: trunk(x, training=False), reduce_retracing=True, autograph=False)
         copies = [x_train.astype(np.float32)]
-        for c in range(cfg.augment_copies if augmenter is not None else 0):
-            aug = np.concatenate([np.asarray(augmenter(tf.convert_to_tensor(
-                x_train[i:i + 64], tf.float32), training=True)) for i in range(0, len(x_train), 64)])
-            copies.append(aug)
+        n_extra = cfg.augment_copies if (augmenter is not None or sampler is not None) else 0
+        for c in range(n_extra):
+            src = sampler(c + 1) if sampler is not None else x_train
+            if augmenter is not None:
+                src = np.concatenate([np.asarray(augmenter(tf.convert_to_tensor(
+                    src[i:i + 64], tf.float32), training=True)) for i in range(0, len(src), 64)])
+            copies.append(src.astype(np.float32))
         log.info("Caching trunk activations at %r for %d train images x %d copies and %d val images",
                  cut, len(x_train), len(copies), len(x_val))
         cache = np.stack([run_batched(fwd, c, cfg.batch_size) for c in copies])
@@ -253,6 +323,10 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         train_data = _CachedSequence(cache, y_train, sw_train, cfg.batch_size, cfg.seed)
         val_data = (val_feats, y_val)
         target = tail
+    elif sampler is not None:
+        train_data = _ResamplingSequence(sampler, y_train, sw_train, cfg.batch_size, cfg.seed, augmenter)
+        val_data = (x_val.astype(np.float32), y_val)
+        target = model
     else:
         ds = tf.data.Dataset.from_tensor_slices((x_train, y_train, sw_train)).shuffle(
             len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
@@ -299,6 +373,147 @@ def prediction_rows(split: str, manifest: Manifest, probs: np.ndarray, class_nam
     return rows
 
 
+def decode_split(manifest: Manifest, cfg: TrainConfig) -> tuple:
+    """(images, labels): uint8 (N, S, S, 3) model inputs, or for patch training the full-size images (list)."""
+    import keras
+
+    bar = keras.utils.Progbar(len(manifest), verbose=1 if sys.stdout.isatty() and cfg.verbose else 0)
+    if cfg.patches:
+        images = []
+        for i, s in enumerate(manifest.samples):
+            images.append(load_image(s.path))
+            bar.update(i + 1)
+        out = (images, np.asarray(manifest.labels, dtype=np.int64))
+    else:
+        out = load_arrays(manifest, cfg.input_size, cfg.clahe, lambda i, n: bar.update(i))
+    log.info("Decoded %d images of %s", len(manifest), manifest.name)
+    return out
+
+
+def in_memory_classifier(model, cfg: TrainConfig, class_names: Sequence[str]):
+    """A Classifier (temperature 1) over `decode_split` outputs: model inputs, or full images for patch models."""
+    from core.checkpoints import Classifier
+
+    return Classifier(model=model, class_names=tuple(class_names), input_size=cfg.input_size, metadata={},
+                      clahe=cfg.clahe and cfg.patches > 0, patches=cfg.patch_config, batch_size=cfg.batch_size)
+
+
+def train_model(cfg: TrainConfig, num_classes: int, train_data: tuple, val_data: tuple):
+    """Build the model and fit it -> (model, weights provenance, history rows, timing).
+
+    Whole-image training fits the resized arrays. Patch training fits `cfg.patches` random tissue crops
+    per image (fresh draws per cached copy / per epoch) and validates on every grid tile of the
+    validation images (the tile-level loss drives early stopping).
+    """
+    from core.models import ModelConfig, build_model
+    from core.patches import random_patches
+
+    model, provenance = build_model(ModelConfig(
+        backbone=cfg.backbone, num_classes=num_classes, input_size=cfg.input_size, pooling=cfg.pooling,
+        head_units=tuple(cfg.head_units), dropout=cfg.dropout, l2=cfg.l2, weights=cfg.weights))
+    log.info("Model %s: %d layers, %d parameters; weights: %s", model.name, len(model.layers),
+             model.count_params(), provenance["source"])
+    if not cfg.patches:
+        history, timing = fit_model(model, cfg, *train_data, *val_data, num_classes=num_classes)
+        return model, provenance, history, timing
+
+    pc = cfg.patch_config
+    images, labels = train_data
+
+    def sampler(draw: int) -> np.ndarray:
+        rng = np.random.default_rng([cfg.seed, draw])
+        x = np.concatenate([random_patches(im, cfg.patches, pc, rng) for im in images])
+        return np.stack([apply_clahe(t) for t in x]) if cfg.clahe else x
+
+    y_train = np.repeat(labels, cfg.patches)
+    tiler = in_memory_classifier(model, cfg, [str(i) for i in range(num_classes)])
+    val_tiles = [tiler.tiles(tiler.work_image(im)) for im in val_data[0]]
+    x_val = np.concatenate(val_tiles)
+    y_val = np.repeat(val_data[1], [len(t) for t in val_tiles])
+    log.info("Patch training: %d images x %d crops of %d px per epoch; validation on %d grid tiles of %d images",
+             len(images), cfg.patches, cfg.patch_size, len(x_val), len(val_tiles))
+    history, timing = fit_model(model, cfg, sampler(0), y_train, x_val, y_val, num_classes, sampler=sampler)
+    return model, provenance, history, timing
+
+
+def cross_validate(cfg: TrainConfig, manifest: Manifest) -> dict:
+    """Group-wise K-fold cross-validation with the same configuration (no group in two parts of a fold).
+
+    Each fold holds out whole groups as its test part (StratifiedGroupKFold), carves a group-aware
+    validation part out of the rest for early stopping, trains from the same initial weights and
+    reports accuracy and ROC AUC on its held-out groups.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from core.data.split import _holdout
+    from core.evaluation import classification_metrics
+
+    labels, groups = np.asarray(manifest.labels), np.asarray(manifest.groups)
+    k = len(manifest.class_names)
+    cv = StratifiedGroupKFold(n_splits=cfg.cv_folds, shuffle=True, random_state=cfg.seed)
+    quiet = TrainConfig(**{**asdict(cfg), "verbose": 0, "cv_folds": 0, "external": ()})
+    folds, pooled_y, pooled_p, t0 = [], [], [], time.time()
+    for f, (rest, held) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
+        val_rel = _holdout(labels[rest], groups[rest], cfg.split[1] / (cfg.split[0] + cfg.split[1]), cfg.seed + 1)
+        parts = {"train": manifest.subset(rest[~val_rel]), "val": manifest.subset(rest[val_rel]),
+                 "test": manifest.subset(held)}
+        set_seeds(cfg.seed)
+        data = {s: decode_split(parts[s], quiet) for s in parts}
+        model, _, hist, _ = train_model(quiet, k, data["train"], data["val"])
+        p = in_memory_classifier(model, quiet, manifest.class_names).raw_proba(data["test"][0])
+        m = classification_metrics(data["test"][1], p, manifest.class_names, n_boot=0)
+        folds.append({"fold": f + 1, "test_groups": sorted(set(parts["test"].groups)),
+                      "n_train": len(parts["train"]), "n_val": len(parts["val"]), "n_test": len(held),
+                      "epochs": len(hist), "accuracy": m["accuracy"], "roc_auc": m.get("roc_auc_macro")})
+        pooled_y.append(data["test"][1])
+        pooled_p.append(p)
+        log.info("CV fold %d/%d (held-out groups %s): accuracy %.3f", f + 1, cfg.cv_folds,
+                 ", ".join(folds[-1]["test_groups"]), m["accuracy"])
+        import keras
+
+        keras.backend.clear_session()
+    acc = np.array([r["accuracy"] for r in folds])
+    pooled = classification_metrics(np.concatenate(pooled_y), np.concatenate(pooled_p), manifest.class_names,
+                                     seed=cfg.seed)
+    return {"method": f"StratifiedGroupKFold(n_splits={cfg.cv_folds}, shuffle, seed {cfg.seed}) over all "
+                      f"{len(manifest)} images by group; per fold a group-aware validation part for early "
+                      "stopping; same configuration; uncalibrated",
+            "folds": folds, "accuracy_mean": float(acc.mean()), "accuracy_min": float(acc.min()),
+            "accuracy_max": float(acc.max()), "pooled_accuracy": pooled["accuracy"],
+            "pooled_accuracy_ci95": pooled.get("accuracy_ci95"), "pooled_roc_auc": pooled.get("roc_auc_macro"),
+            "seconds": round(time.time() - t0, 1)}
+
+
+def external_check(clf, spec: str) -> dict:
+    """Predict every image of another dataset (`KIND=DIR`, e.g. breakhis=../shared/data/breakhis_samples).
+
+    Classes are matched by name; images of classes the model does not know are skipped. Returns the
+    per-image predictions, accuracy and out-of-distribution flags for metadata.json.
+    """
+    kind, _, root = spec.partition("=")
+    if not root:
+        raise DatasetError(f"--external takes KIND=DIR (e.g. breakhis=../shared/data/breakhis_samples), not {spec!r}")
+    m = load_dataset(kind, root)
+    keep = [i for i, s in enumerate(m.samples) if s.class_name in clf.class_names]
+    m = m.subset(keep)
+    images = [load_image(s.path) for s in m.samples]
+    probs = clf.predict_proba(images)
+    ood = clf.ood_check(images) or [{}] * len(images)
+    rows = []
+    for s, p, o in zip(m.samples, probs, ood):
+        pred = clf.class_names[int(np.argmax(p))]
+        rows.append({"path": os.path.relpath(s.path, m.root), "true": s.class_name, "predicted": pred,
+                     "correct": pred == s.class_name, "subtype": s.subtype, "magnification": s.magnification,
+                     "group": s.group, "probabilities": {c: float(v) for c, v in zip(clf.class_names, p)},
+                     "out_of_distribution": o.get("out_of_distribution")})
+    n_ok = sum(r["correct"] for r in rows)
+    log.info("External check %s: %d/%d correct", kind, n_ok, len(rows))
+    return {"name": kind, "root": root, "label": "EXTERNAL CHECK: a different lab, scanner and magnification; "
+            "never used for training or model selection", "n_images": len(rows), "n_correct": n_ok,
+            "accuracy": n_ok / max(len(rows), 1), "images": rows,
+            "citation": CITATIONS.get(kind)}
+
+
 def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     """Train one checkpoint from `cfg` and write its bundle to `cfg.out_dir/cfg.bundle_name`."""
     import keras
@@ -307,7 +522,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     from core.checkpoints import write_bundle, write_csv, write_json
     from core.evaluation import classification_metrics, fit_temperature
     from core.checkpoints import apply_temperature
-    from core.models import ModelConfig, build_model, last_conv_layer, sha256_file
+    from core.models import last_conv_layer, sha256_file
 
     t_start = time.time()
     set_seeds(cfg.seed)
@@ -329,11 +544,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
              manifest.class_counts())
     log.info("Split (seed %d): train %d, val %d, test %d", cfg.seed, *(len(splits[s]) for s in ("train", "val", "test")))
 
-    arrays = {}
-    for s in ("train", "val", "test"):
-        bar = keras.utils.Progbar(len(splits[s]), verbose=1 if sys.stdout.isatty() else 0)
-        arrays[s] = load_arrays(splits[s], cfg.input_size, cfg.clahe, lambda i, n: bar.update(i))
-        log.info("Decoded %d %s images", len(splits[s]), s)
+    data = {s: decode_split(splits[s], cfg) for s in ("train", "val", "test")}
 
     n_feedback = 0
     if cfg.feedback:
@@ -341,27 +552,22 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
 
         extra = FeedbackStore(cfg.feedback).consented_images(manifest.class_names)
         if extra:
-            xs = np.stack([model_input(img, cfg.input_size, cfg.clahe) for img, _ in extra])
-            arrays["train"] = (np.concatenate([arrays["train"][0], xs]),
-                               np.concatenate([arrays["train"][1], [lab for _, lab in extra]]))
+            x, y = data["train"]
+            xs = [img if cfg.patches else model_input(img, cfg.input_size, cfg.clahe) for img, _ in extra]
+            x = [*x, *xs] if cfg.patches else np.concatenate([x, np.stack(xs)])
+            data["train"] = (x, np.concatenate([y, [lab for _, lab in extra]]).astype(np.int64))
         n_feedback = len(extra)
         log.info("Added %d consented feedback image(s) from %s to the training split", n_feedback, cfg.feedback)
 
-    model, provenance = build_model(ModelConfig(
-        backbone=cfg.backbone, num_classes=k, input_size=cfg.input_size, pooling=cfg.pooling,
-        head_units=tuple(cfg.head_units), dropout=cfg.dropout, l2=cfg.l2, weights=cfg.weights))
-    log.info("Model %s: %d layers, %d parameters; weights: %s", model.name, len(model.layers),
-             model.count_params(), provenance["source"])
-
-    history, timing = fit_model(model, cfg, *arrays["train"], *arrays["val"], num_classes=k)
-
-    fwd = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
-    raw = {s: run_batched(fwd, arrays[s][0].astype(np.float32), cfg.batch_size) for s in ("val", "test")}
-    temperature = fit_temperature(arrays["val"][1], raw["val"])
+    model, provenance, history, timing = train_model(cfg, k, data["train"], data["val"])
+    clf = in_memory_classifier(model, cfg, manifest.class_names)
+    raw = {s: clf.raw_proba(data[s][0]) for s in ("val", "test")}
+    temperature = fit_temperature(data["val"][1], raw["val"])
+    clf.temperature = temperature
     probs = {s: apply_temperature(raw[s], temperature) for s in raw}
-    metrics = {s: classification_metrics(arrays[s][1], probs[s], manifest.class_names, seed=cfg.seed)
+    metrics = {s: classification_metrics(data[s][1], probs[s], manifest.class_names, seed=cfg.seed)
                for s in ("val", "test")}
-    uncal = classification_metrics(arrays["test"][1], raw["test"], manifest.class_names, n_boot=0)
+    uncal = classification_metrics(data["test"][1], raw["test"], manifest.class_names, n_boot=0)
     log.info("Temperature %.3f; validation accuracy %.3f, macro ROC AUC %s (choose settings on these); "
              "test ECE %.3f (uncalibrated %.3f)", temperature, metrics["val"]["accuracy"],
              metrics["val"]["roc_auc_macro"], metrics["test"]["ece"], uncal["ece"])
@@ -369,11 +575,13 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     from core import ood as ood_mod
 
     fl = ood_mod.feature_layer(model)
-    fmodel = keras.Model(model.inputs, model.get_layer(fl).output)
-    ffn = tf.function(lambda x: fmodel(x, training=False), reduce_retracing=True, autograph=False)
-    feats = {s: run_batched(ffn, arrays[s][0].astype(np.float32), cfg.batch_size) for s in ("train", "val", "test")}
-    detector = ood_mod.fit(feats["train"], arrays["train"][1], feats["val"])
+    feats = {s: clf.features(data[s][0]) for s in ("train", "val", "test")}
+    detector = ood_mod.fit(feats["train"], data["train"][1], feats["val"])
     ood_info = ood_mod.summary(detector, fl, feats["test"])
+    clf.ood = detector
+
+    cv = cross_validate(cfg, manifest) if cfg.cv_folds > 1 else None
+    externals = [external_check(clf, spec) for spec in cfg.external]
 
     argv = list(argv) if argv is not None else None
     name = cfg.bundle_name
@@ -411,9 +619,21 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
         "metrics": metrics,
         "ood": ood_info,
     }
+    if cfg.patches:
+        metadata["patches"] = {**cfg.patch_config.to_json(), "train_patches_per_image_per_epoch": cfg.patches,
+                               "sampling": "tissue-aware random crops (darkest channel <= 215 on >= 50% of "
+                                           "pixels, else the most tissue-rich of 20 tries); with the cache, "
+                                           "each epoch draws one of 1 + augment_copies precomputed draws"}
+    if cv is not None:
+        metadata["cross_validation"] = cv
+    if externals:
+        metadata["external_checks"] = externals
     hist_keys = sorted({k2 for row in history for k2 in row} - {"epoch", "phase"})
     pred_header = ["split", "path", "true", "predicted", *[f"p_{c}" for c in manifest.class_names]]
     pred_rows = [r for s in ("val", "test") for r in prediction_rows(s, splits[s], probs[s], manifest.class_names)]
+    pred_rows += [[f"external:{e['name']}", e_row["path"], e_row["true"], e_row["predicted"],
+                   *[f"{e_row['probabilities'][c]:.6f}" for c in manifest.class_names]]
+                  for e in externals for e_row in e["images"]]
 
     def fill(tmp: Path) -> None:
         model.save(tmp / "model.keras")

@@ -20,8 +20,9 @@ def _holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int)
     n = len(labels)
     idx = np.arange(n)
     if len(np.unique(groups)) == n:  # no grouping: exact stratified fraction
-        strat = labels if np.min(np.bincount(labels)[np.unique(labels)]) >= 2 else None
-        _, held = train_test_split(idx, test_size=max(1, int(round(fraction * n))), random_state=seed, stratify=strat)
+        n_held, n_cls = max(1, int(round(fraction * n))), len(np.unique(labels))
+        can_stratify = np.min(np.bincount(labels)[np.unique(labels)]) >= 2 and min(n_held, n - n_held) >= n_cls
+        _, held = train_test_split(idx, test_size=n_held, random_state=seed, stratify=labels if can_stratify else None)
         out = np.zeros(n, bool)
         out[held] = True
         return out

@@ -90,13 +90,25 @@ class Explainer:
 
     # -- helpers for subclasses
     def work_image(self, image: np.ndarray) -> np.ndarray:
-        """The uint8 image at model resolution (S, S, 3); perturbation methods work on it."""
+        """The uint8 image at the resolution the model reads it; perturbation methods work on it.
+
+        (S, S, 3) for a whole-image model; for a patch model the whole image scaled so that its grid
+        tiles are S x S (see core.patches), so the attribution covers the whole image.
+        """
+        if hasattr(self.classifier, "work_image"):
+            return self.classifier.work_image(image)
         s = self.classifier.input_size
         return resize(image, (s, s))
 
     def predict_fn(self) -> Callable[[np.ndarray], np.ndarray]:
-        """Batch of images (N, S, S, 3) -> calibrated probabilities (N, K) through the compiled forward pass."""
+        """Batch of work images (N, H, W, 3) -> calibrated probabilities (N, K) through the compiled forward pass."""
+        if hasattr(self.classifier, "predict_work"):
+            return lambda x: self.classifier.predict_work(np.asarray(x))
         return lambda x: self.classifier.predict_proba(np.asarray(x))
+
+    def tiled(self) -> bool:
+        """True for patch models: gradient methods then attribute each grid tile and stitch the maps."""
+        return getattr(self.classifier, "patches", None) is not None
 
     def report(self, fraction: float) -> None:
         if self.progress is not None:

@@ -7,7 +7,8 @@ from typing import Optional
 
 import numpy as np
 
-from core.explain.base import Explainer
+from core.explain.base import Explainer, upsample
+from core.patches import stitch
 
 _GRAD_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -77,14 +78,39 @@ class GradCAM(Explainer):
             self._resolve_target(np.zeros(len(self.classifier.class_names)), target)  # range check
         layer = self.params.layer or default_layer(self.classifier)
         fn = gradcam_function(self.classifier.model, layer)
+        if self.tiled():
+            # Patch model: the whole-image prediction is the tile mean; each tile gets its own CAM
+            # for the whole image's target class, stitched back onto the work image.
+            work = self.work_image(image)
+            probs = self.classifier.predict_work(work[None])[0]
+            target = self._resolve_target(probs, target)
+            xs = self.classifier.tiles(work)
+            cams = []
+            for i, x in enumerate(xs):
+                fmap, grads, _ = fn(tf.convert_to_tensor(x[None]), tf.constant(target, tf.int32))
+                cams.append(self._cam(fmap.numpy()[0], grads.numpy()[0]))
+                self.report(0.95 * (i + 1) / len(xs))
+            cams = np.stack(cams)
+            top = float(np.abs(cams).max(initial=0.0))
+            tiles_s = self.classifier.input_size
+            up = [upsample(c, (tiles_s, tiles_s)) for c in cams]
+            cam = stitch(np.stack(up), work.shape[:2], tiles_s, self.classifier.tile_stride)
+            return probs, target, cam, {"resolved": {"layer": layer}, "feature_map_shape": list(fmap.shape[1:]),
+                                        "n_tiles": len(xs), "max_tile_cam": top}
         x = tf.convert_to_tensor(self.classifier.prepare(image)[None])
         fmap, grads, logits = fn(x, tf.constant(-1 if target is None else int(target), tf.int32))
         z = logits.numpy()[0].astype(np.float64)
         p = np.exp(z - z.max())
         probs = apply_temperature((p / p.sum())[None], getattr(self.classifier, "temperature", 1.0))[0]
         target = self._resolve_target(probs, target)
-        grads = grads.numpy()[0].astype(np.float64)
-        a = fmap.numpy()[0].astype(np.float64)
+        a = fmap.numpy()[0]
+        cam = self._cam(a, grads.numpy()[0])
+        return probs, target, cam, {"resolved": {"layer": layer}, "feature_map_shape": list(a.shape)}
+
+    def _cam(self, fmap: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        """Feature map A (h, w, k) and dy/dA (h, w, k) -> CAM (h, w) float32."""
+        grads = grads.astype(np.float64)
+        a = fmap.astype(np.float64)
         if self.plus_plus:
             g2, g3 = grads ** 2, grads ** 3
             denom = 2 * g2 + a.sum(axis=(0, 1), keepdims=True) * g3
@@ -95,7 +121,7 @@ class GradCAM(Explainer):
         cam = (a * weights).sum(axis=-1)
         if self.params.relu:
             cam = np.maximum(cam, 0)
-        return probs, target, cam.astype(np.float32), {"resolved": {"layer": layer}, "feature_map_shape": list(a.shape)}
+        return cam.astype(np.float32)
 
 
 class GradCAMPlusPlus(GradCAM):

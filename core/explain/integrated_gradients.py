@@ -7,6 +7,7 @@ import numpy as np
 
 from core.explain.base import Explainer, baseline_image
 from core.explain.gradcam import target_logit
+from core.patches import stitch
 
 
 @dataclass(frozen=True)
@@ -22,12 +23,22 @@ class IntegratedGradients(Explainer):
     slow = True
 
     def _attribute(self, image, target):
+        if not self.tiled():
+            return self._integrate(self.classifier.prepare(image), target, 0.0, 0.95), {}
+        # Patch model: integrate each grid tile of the work image and stitch the maps.
+        work = self.work_image(image)
+        xs = self.classifier.tiles(work)
+        maps = [self._integrate(x, target, 0.95 * i / len(xs), 0.95 / len(xs)) for i, x in enumerate(xs)]
+        s = self.classifier.input_size
+        return stitch(np.stack(maps), work.shape[:2], s, self.classifier.tile_stride), {"n_tiles": len(xs)}
+
+    def _integrate(self, x: np.ndarray, target: int, done: float, share: float) -> np.ndarray:
+        """IG of one prepared input x (S, S, 3) float32 -> (S, S) float32."""
         import keras
         import tensorflow as tf
 
         p = self.params
         model = self.classifier.model
-        x = self.classifier.prepare(image)
         x0 = baseline_image(x.astype(np.uint8), p.baseline).astype(np.float32)
         alphas = (np.arange(p.steps, dtype=np.float32) + 0.5) / p.steps  # midpoint Riemann sum
         pen_model = keras.Model(model.inputs, model.layers[-1].input)
@@ -39,6 +50,5 @@ class IntegratedGradients(Explainer):
                 tape.watch(batch)
                 score = tf.reduce_sum(target_logit(model, pen_model(batch, training=False), target))
             total += tape.gradient(score, batch).numpy().sum(axis=0)
-            self.report(0.95 * min(start + p.batch_size, p.steps) / p.steps)
-        attribution = ((x - x0) * total / p.steps).sum(axis=-1)
-        return attribution.astype(np.float32), {}
+            self.report(done + share * min(start + p.batch_size, p.steps) / p.steps)
+        return ((x - x0) * total / p.steps).sum(axis=-1).astype(np.float32)

@@ -10,7 +10,7 @@ from core.explain.base import Explainer, baseline_image
 
 @dataclass(frozen=True)
 class OcclusionParams:
-    window: int = 32  # patch side, model-resolution pixels
+    window: int = 32  # patch side, work-image pixels (model resolution)
     stride: int = 16
     baseline: str = "blur"  # blur | mean | black
     batch_size: int = 128  # occluded images per classifier call
@@ -31,10 +31,10 @@ class OcclusionExplainer(Explainer):
     def _attribute(self, image, target):
         p = self.params
         work = self.work_image(image)
-        s = work.shape[0]
-        w = int(min(p.window, s))
+        h, wd = work.shape[:2]
+        w = int(min(p.window, h, wd))
         base = baseline_image(work, p.baseline)
-        ys, xs = _positions(s, w, p.stride), _positions(s, w, p.stride)
+        ys, xs = _positions(h, w, p.stride), _positions(wd, w, p.stride)
         coords = [(y, x) for y in ys for x in xs]
         predict = self.predict_fn()
         p0 = float(predict(work[None])[0, target])
@@ -46,8 +46,8 @@ class OcclusionExplainer(Explainer):
                 batch[i, y:y + w, x:x + w] = base[y:y + w, x:x + w]
             drops[start:start + len(chunk)] = p0 - predict(batch)[:, target]
             self.report(0.95 * (start + len(chunk)) / len(coords))
-        total = np.zeros((s, s), np.float32)
-        count = np.zeros((s, s), np.float32)
+        total = np.zeros((h, wd), np.float32)
+        count = np.zeros((h, wd), np.float32)
         for d, (y, x) in zip(drops, coords):
             total[y:y + w, x:x + w] += d
             count[y:y + w, x:x + w] += 1
