@@ -58,7 +58,8 @@ rows = {
     "Citation": ds.get("citation") or "—",
     "Split": f"train {split.get('counts', {}).get('train')}, val {split.get('counts', {}).get('val')}, "
              f"test {split.get('counts', {}).get('test')} (seed {split.get('seed')}, stratified, group-aware)",
-    "Backbone": f"{meta.get('backbone')} · input {meta.get('input_size')}×{meta.get('input_size')} px",
+    "Backbone": f"{meta.get('backbone')} · input {meta.get('input_size')}×{meta.get('input_size')} px"
+                + (f" · patches of {meta['patches']['patch_size']} px, grid-averaged" if meta.get("patches") else ""),
     "Weights": f"{w.get('source')} · {w.get('path') or ''} · sha256 {str(w.get('sha256') or '')[:16]}…",
     "Calibration": f"temperature {meta.get('calibration', {}).get('temperature', 1):.3f} (fitted on validation)",
     "Trained": f"{meta.get('created', '?')} · {meta.get('training', {}).get('epochs', '?')} epochs · "
@@ -70,7 +71,4 @@ st.table({"": list(rows.keys()), "value": list(rows.values())})
 if ds.get("kind") == "busi":
     st.info("BUSI has no published patient ids and contains near-duplicate images, so image-level test "
             "scores are optimistic. Cite: " + (ds.get("citation") or ""))
-for key, title in (("external", "External check"),):
-    if key in meta:
-        st.subheader(title)
-        st.json(meta[key])
+ui.small_data_evidence(meta)

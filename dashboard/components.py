@@ -300,3 +300,35 @@ def canvas_region(image: np.ndarray, key: str, mode: str = "freedraw", display_w
     filled = alpha.copy()
     cv2.drawContours(filled, contours, -1, 1, thickness=-1)
     return cv2.resize(filled, (w, h), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def small_data_evidence(meta: dict) -> None:
+    """Patch settings, group-wise cross-validation and external checks of a checkpoint, when recorded."""
+    pc = meta.get("patches")
+    if pc:
+        st.subheader("Patch model")
+        st.write(f"Trained on {pc['train_patches_per_image_per_epoch']} tissue-aware random crops of "
+                 f"{pc['patch_size']} px per image per epoch (resized to {meta.get('input_size')} px"
+                 + (f", crop side jittered by ±{pc['scale_jitter']:g} octave" if pc.get("scale_jitter") else "")
+                 + f"). A whole image is predicted as the mean of its tiles on a {pc['stride']} px grid; "
+                 "explanations cover the whole image.")
+    cv = meta.get("cross_validation")
+    if cv:
+        st.subheader("Group-wise cross-validation")
+        st.write(f"Accuracy **{cv['accuracy_mean']:.3f}** (mean of {len(cv['folds'])} folds; range "
+                 f"{cv['accuracy_min']:.3f}–{cv['accuracy_max']:.3f}); pooled over all held-out images "
+                 f"{cv['pooled_accuracy']:.3f}" + (f", ROC AUC {cv['pooled_roc_auc']:.3f}" if cv.get("pooled_roc_auc")
+                                                   is not None else "") + ".")
+        st.caption(cv["method"])
+        st.dataframe([{"fold": f["fold"], "held-out groups": ", ".join(f["test_groups"]), "images": f["n_test"],
+                       "accuracy": round(f["accuracy"], 3)} for f in cv["folds"]], hide_index=True)
+    for ext in meta.get("external_checks", []):
+        st.subheader(f"External check · {ext['name']}")
+        st.warning(f"{ext['label']}. {ext['n_correct']} of {ext['n_images']} correct "
+                   f"({ext['accuracy']:.0%}). Source: {ext.get('citation') or ext['root']}")
+        st.dataframe([{"image": Path(r["path"]).name, "subtype": r.get("subtype"), "magnification":
+                       f"{r['magnification']}x" if r.get("magnification") else "", "true": r["true"],
+                       "predicted": r["predicted"], "correct": "✓" if r["correct"] else "✗",
+                       **{f"p({c})": round(v, 3) for c, v in r["probabilities"].items()},
+                       "out of distribution": r.get("out_of_distribution")} for r in ext["images"]],
+                     hide_index=True)

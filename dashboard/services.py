@@ -224,10 +224,13 @@ def explain(path: Path, image: np.ndarray, image_sha: str, method: str, params: 
 def _throughput(path: str, mtime: float) -> float:
     clf = _classifier(path, mtime)
     s = clf.input_size
-    x = np.random.default_rng(0).integers(0, 255, (2 * clf.batch_size, s, s, 3), dtype=np.uint8)
-    clf.predict_proba(x[: clf.batch_size])  # warm-up / tracing
+    # One work image of a typical size: (S, S) for whole-image models, a 2 x 2 tile grid for patch models.
+    shape = (s, s, 3) if clf.patches is None else (2 * s, 2 * s, 3)
+    x = np.random.default_rng(0).integers(0, 255, (max(2 * clf.batch_size // (1 if clf.patches is None else 4), 2),
+                                                   *shape), dtype=np.uint8)
+    clf.predict_work(x[:1])  # warm-up / tracing
     t0 = time.perf_counter()
-    clf.predict_proba(x)
+    clf.predict_work(x)
     return len(x) / max(time.perf_counter() - t0, 1e-6)
 
 

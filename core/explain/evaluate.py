@@ -92,8 +92,7 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
     cases = test_cases(bundle, root, limit)
     if not cases:
         raise ValueError(f"No test images with lesion masks under {root}; is the dataset available?")
-    predict = lambda x: clf.predict_proba(np.asarray(x))
-    s = clf.input_size
+    predict = lambda x: clf.predict_work(np.asarray(x))  # scores are computed at the model's work resolution
     per: dict[str, dict[str, list]] = {m: {k: [] for k in ("deletion_auc", "insertion_auc", "pointing_game",
                                                             "energy_in_mask", "mask_iou_top15", "seconds")}
                                        for m in methods}
@@ -102,11 +101,12 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
     for i, case in enumerate(cases):
         image = load_image(case.path)
         mask = load_mask(case.mask_paths, image.shape[:2])
-        work, work_mask = resize(image, (s, s)), resize(mask.astype(np.uint8), (s, s)) > 0
+        work = clf.work_image(image)
+        work_mask = resize(mask.astype(np.uint8), work.shape[:2]) > 0
         maps = {}
         for m in methods:
             e = explain(clf, image, m, **DEFAULT_PARAMS.get(m, {}))
-            a = resize(e.attribution, (s, s))
+            a = resize(e.attribution, work.shape[:2])
             maps[m] = a
             r = per[m]
             r["seconds"].append(e.seconds)
@@ -137,7 +137,7 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
                    "balanced across classes", "classes": {c: sum(x.class_name == c for x in cases)
                                                           for c in clf.class_names}},
         "settings": {"params": {m: DEFAULT_PARAMS.get(m, {}) for m in methods}, "curve_steps": steps,
-                     "curve_baseline": "blur", "top_k_percent": 15, "resolution": f"{s}x{s} (model input)",
+                     "curve_baseline": "blur", "top_k_percent": 15, "resolution": "work image (model input; the tile grid for patch models)",
                      "target": "predicted class"},
         "metrics_help": {"deletion_auc": "lower is better", "insertion_auc": "higher is better",
                          "pointing_game": "share of images whose attribution maximum is inside the lesion",

@@ -1,5 +1,4 @@
 """LIME Lab: live superpixels, run-time estimate, and seed stability."""
-import numpy as np
 import streamlit as st
 
 import components as ui
@@ -24,14 +23,15 @@ seed = c2.number_input("Random seed", 0, 10_000, 0, key="ll_seed")
 params = dict(segmentation=algo, n_segments=n_segments, kernel_size=kernel_size, scale=float(scale),
               num_samples=num_samples, kernel_width=kernel_width, hide_color=hide, random_seed=int(seed))
 
-work = svc.classifier(ckpt).prepare(inp.image).astype(np.uint8)
+work = clf.work_image(inp.image)
 segs = segment(work, LimeParams(**params))
 rate = svc.throughput(ckpt)
 left, right = st.columns(2)
 left.image(boundaries(work, segs), caption=f"{int(segs.max()) + 1} superpixels at model resolution "
-           f"({clf.input_size}×{clf.input_size})", width="stretch")
+           f"({work.shape[1]}×{work.shape[0]})", width="stretch")
 right.metric("Estimated run time", f"{num_samples / rate:.0f} s",
-             help=f"{num_samples} samples at the measured {rate:.0f} images/s of this checkpoint on this machine")
+             help=f"{num_samples} samples at the measured {rate:.1f} images/s of this checkpoint on this machine"
+                  + (" (each image is read as a grid of tiles)" if clf.patches else ""))
 
 if st.button("Run LIME", type="primary", key="ll_run"):
     st.session_state["ll_request"] = (inp.sha, params)

@@ -51,8 +51,8 @@ if len(names) >= 2:
 st.subheader("Faithfulness: deletion and insertion curves")
 st.caption("Deletion: the most important pixels are blurred away first; a faithful map makes the probability "
            "fall fast (low area). Insertion: they are revealed first on a blurred image (high area is better).")
-predict = lambda x: clf.predict_proba(np.asarray(x))
-work = clf.prepare(inp.image).astype(np.uint8)
+predict = lambda x: clf.predict_work(np.asarray(x))
+work = clf.work_image(inp.image)
 figs = {"deletion": go.Figure(), "insertion": go.Figure()}
 scores = []
 for m, e in res.items():

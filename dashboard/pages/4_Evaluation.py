@@ -112,9 +112,14 @@ st.dataframe([{**{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.
 st.write(f"Macro avg: precision {m['macro_avg']['precision']:.3f}, recall {m['macro_avg']['recall']:.3f}, "
          f"F1 {m['macro_avg']['f1-score']:.3f} · weighted avg F1 {m['weighted_avg']['f1-score']:.3f}")
 
+ui.small_data_evidence(meta)
+
 st.subheader("Explanation quality")
 ej = svc.explanations_json(ckpt)
-if ej is None:
+if ej is None and meta.get("dataset", {}).get("kind") not in ("busi",):
+    st.info("This checkpoint's dataset has no lesion masks, so mask-based explanation scores are not available; "
+            "compare methods on single images (deletion / insertion curves) on the Compare page.")
+elif ej is None:
     st.info(f"No explanations.json yet: run `python -m core.explain.evaluate {ckpt}`.")
 else:
     def cell_fmt(d):
