@@ -71,7 +71,8 @@ def main() -> int:
     clf.batch_size = best_bs
     floor = per_bs[best_bs]
     print("floor, seconds per image by batch size: " + ", ".join(f"{b}: {t * 1000:.1f} ms" for b, t in per_bs.items()))
-    print(f"inference floor: {floor * 1000:.2f} ms/image at batch size {best_bs} ({1 / floor:.1f} images/s)")
+    print(f"inference floor: {floor * 1000:.2f} ms/image at batch size {best_bs} ({1 / floor:.1f} images/s); "
+          f"forward pass: {clf.backend_info.get('backend')} ({clf.backend_info.get('reason')})")
 
     # 2. perturbation methods as a ratio to the floor for the same number of forward passes
     lime_p = {"num_samples": 1000, "random_seed": 0}
@@ -104,7 +105,7 @@ def main() -> int:
 
     import core.explain.lime_explainer as ours
 
-    work = clf.prepare(image).astype(np.uint8)
+    work = clf.work_image(image)
     from core.explain.lime_explainer import LimeParams, segment
     segs = segment(work, LimeParams())
     import lime.lime_image as li
@@ -118,10 +119,10 @@ def main() -> int:
     t_plain = best_of(plain, 1)
     print(f"plain lime (model.predict, batch_size=10): {t_plain:.2f} s; ours / plain = {t_lime / t_plain:.3f}")
 
-    # 4. Grad-CAM in single-image forward-pass units
+    # 4. Grad-CAM in single-image forward-pass units (Grad-CAM runs on the float32 Keras graph: so does the unit)
     one = clf.prepare(image)[None]
     clf.batch_size = 1
-    clf._forward = None
+    clf.backend, clf._forward = "keras", None
     clf.forward(one)
     t_one = best_of(lambda: [clf.forward(one) for _ in range(10)], args.repeats) / 10
     explain(clf, image, "gradcam")

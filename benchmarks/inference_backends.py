@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Can the inference floor go lower? float32 Keras vs bfloat16 Keras vs ONNX Runtime, measured in one run.
+"""Can the inference floor go lower? float32 Keras vs bfloat16 Keras vs ONNX Runtime vs OpenVINO, in one run.
 
     python benchmarks/inference_backends.py checkpoints/busi_densenet121 [--images 64]
 
@@ -84,6 +84,14 @@ def main() -> int:
         backends["onnxruntime"] = lambda v: sess.run(None, {input_name: np.ascontiguousarray(v)})[0]
     except Exception as exc:  # tf2onnx / onnxruntime missing or export unsupported
         print(f"ONNX Runtime not measured: {type(exc).__name__}: {exc}")
+
+    try:
+        from core.backends import openvino_forward
+
+        for prec in ("f32", "bf16"):
+            backends[f"openvino {prec}"] = openvino_forward(model, s, None, precision=prec)
+    except Exception as exc:
+        print(f"OpenVINO not measured: {type(exc).__name__}: {exc}")
 
     ref_rate, ref_out = timed(backends["float32 keras"], x, bs)
     ref_test = np.concatenate([backends["float32 keras"](xt[i:i + bs]) for i in range(0, len(xt), bs)]) \

@@ -193,6 +193,8 @@ class Classifier:
     batch_size: int = 32
     ood: Optional[object] = None  # core.ood.OODDetector when the bundle has ood.npz
     patches: Optional[PatchConfig] = None  # patch checkpoints: grid-averaged tiles of the whole image
+    backend: str = "keras"  # forward pass of predict_proba: keras | openvino | auto (see core.backends)
+    backend_info: dict = field(default_factory=dict)
     _forward: Optional[Callable] = field(default=None, repr=False)
     _features: Optional[Callable] = field(default=None, repr=False)
 
@@ -266,10 +268,20 @@ class Classifier:
 
         if self._forward is None:
             model = self.model
-            self._forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
+            keras_fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
+            keras_forward = lambda b: run_batched(keras_fn, b, self.batch_size)  # noqa: E731
+            if self.backend == "keras":
+                self._forward, self.backend_info = keras_forward, {"backend": "keras float32", "reason": "requested"}
+            else:
+                from core.backends import choose_forward
+
+                self._forward, self.backend_info = choose_forward(
+                    model, self.input_size, keras_forward, self.metadata.get("model_sha256"), self.backend)
         if len(batch) == 0:
             return np.zeros((0, self.num_classes), np.float32)
-        return run_batched(self._forward, batch, self.batch_size)
+        fwd = self._forward
+        return np.concatenate([np.asarray(fwd(batch[i:i + self.batch_size]), np.float32)
+                               for i in range(0, len(batch), self.batch_size)])
 
     def features(self, images) -> np.ndarray:
         """Pooled backbone features (N, D) of uint8 images of any size (for the OOD detector; tile mean)."""
@@ -343,9 +355,15 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def load_classifier(path: str | Path) -> Classifier:
-    """Load and verify a checkpoint bundle (sha256, class count) with Keras safe_mode=True."""
+def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifier:
+    """Load and verify a checkpoint bundle (sha256, class count) with Keras safe_mode=True.
+
+    backend: forward pass of predict_proba, 'auto' (default, or $BREASTXAI_BACKEND): OpenVINO bfloat16
+    where it agrees with float32 Keras (see core.backends), else Keras; 'keras'; 'openvino'.
+    """
     import keras
+
+    from core.backends import requested_backend
 
     import core.models  # noqa: F401  (registers BackbonePreprocess for deserialisation)
 
@@ -377,4 +395,5 @@ def load_classifier(path: str | Path) -> Classifier:
                           float(pc.get("min_tissue", 0.5))) if pc else None
     return Classifier(model=model, class_names=class_names, input_size=size, metadata=meta, path=path,
                       temperature=float(meta.get("calibration", {}).get("temperature", 1.0)),
-                      clahe=bool(prep.get("clahe", False)), ood=ood, patches=patches)
+                      clahe=bool(prep.get("clahe", False)), ood=ood, patches=patches,
+                      backend=requested_backend(backend))

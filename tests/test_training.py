@@ -40,7 +40,7 @@ def test_saved_predictions_match_reloaded_classifier(tiny_bundle):
     """predictions.csv was produced by the same preprocessing the public loader applies."""
     from core.preprocessing import load_image
 
-    clf = load_classifier(tiny_bundle)
+    clf = load_classifier(tiny_bundle, backend="keras")  # float32, as in training (bf16 agreement: test_backends)
     meta = clf.metadata
     rows = [r for r in read_csv(tiny_bundle / "predictions.csv") if r["split"] == "test"][:5]
     imgs = [load_image(f"{meta['dataset']['root']}/{r['path']}") for r in rows]

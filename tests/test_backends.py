@@ -1,0 +1,51 @@
+"""Inference backends: OpenVINO bfloat16 is used only where it agrees with float32 Keras (core.backends)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import core.backends as B
+from core.checkpoints import load_classifier
+
+pytest.importorskip("openvino")
+
+
+@pytest.fixture()
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BREASTXAI_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "openvino"
+
+
+def test_auto_backend_agrees_with_keras_and_caches_the_converted_model(tiny_bundle, isolated_cache):
+    x = np.random.default_rng(0).integers(0, 255, (20, 48, 48, 3)).astype(np.uint8)
+    ref = load_classifier(tiny_bundle, backend="keras")
+    fast = load_classifier(tiny_bundle, backend="auto")
+    p_ref, p_fast = ref.predict_proba(x), fast.predict_proba(x)
+    assert ref.backend_info["backend"] == "keras float32"
+    assert fast.backend_info["backend"] == "openvino bfloat16", fast.backend_info
+    assert np.abs(p_fast - p_ref).max() <= B.MAX_DP
+    assert fast.backend_info["max_dp_probe"] <= B.MAX_DP
+    sha = fast.metadata["model_sha256"]
+    assert (isolated_cache / f"{sha}.xml").is_file() and (isolated_cache / f"{sha}.bin").is_file()
+    again = load_classifier(tiny_bundle, backend="openvino")  # reads the cached IR
+    np.testing.assert_allclose(again.predict_proba(x), p_fast, atol=1e-6)
+
+
+def test_a_disagreeing_backend_is_refused(tiny_bundle, isolated_cache, monkeypatch):
+    monkeypatch.setattr(B, "openvino_forward", lambda *a, **k: (lambda b: np.full((len(b), 2), 0.5, np.float32)))
+    clf = load_classifier(tiny_bundle, backend="auto")
+    x = np.random.default_rng(1).integers(0, 255, (4, 48, 48, 3)).astype(np.uint8)
+    p = clf.predict_proba(x)
+    assert clf.backend_info["backend"] == "keras float32" and "differs" in clf.backend_info["reason"]
+    np.testing.assert_allclose(p, load_classifier(tiny_bundle, backend="keras").predict_proba(x), atol=1e-6)
+    strict = load_classifier(tiny_bundle, backend="openvino")
+    with pytest.raises(RuntimeError, match="differs"):
+        strict.predict_proba(x)
+
+
+def test_environment_selects_the_backend(monkeypatch):
+    monkeypatch.setenv("BREASTXAI_BACKEND", "keras")
+    assert B.requested_backend() == "keras"
+    assert B.requested_backend("openvino") == "openvino"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        B.requested_backend("tensorrt")
