@@ -68,3 +68,31 @@ def tiny_bundle(tmp_path_factory, tiny_tree) -> Path:
                      "--name", "tiny", "--out-dir", str(out), "--quiet"])
     assert rc == 0
     return out / "tiny"
+
+
+def write_large_tree(root: Path, n: int = 6, size=(120, 150)) -> Path:
+    """Two classes of large images: tissue-like patterns on a white background, like slides."""
+    rng = np.random.default_rng(0)
+    for label, cls in enumerate(("benign", "malignant")):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            img = np.full((*size, 3), 240, np.uint8)
+            img[20:80, 30:90] = make_class_image(label, rng, 60)
+            img[50:110, 80:140] = make_class_image(label, rng, 60)
+            Image.fromarray(img).save(root / cls / f"{cls}_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_patch_bundle(tmp_path_factory) -> Path:
+    """A patch checkpoint trained by train.py: 3 crops of 48 px per image, 24 px model input, simple_cnn."""
+    import train
+
+    data = write_large_tree(tmp_path_factory.mktemp("large") / "data")
+    out = tmp_path_factory.mktemp("pckpt")
+    rc = train.main(["--dataset", "folder", "--data-dir", str(data), "--backbone", "simple_cnn", "--weights", "none",
+                     "--input-size", "24", "--patches", "3", "--patch-size", "48", "--head-epochs", "1",
+                     "--fine-tune-epochs", "1", "--batch-size", "8", "--name", "patchy", "--out-dir", str(out),
+                     "--quiet"])
+    assert rc == 0
+    return out / "patchy"

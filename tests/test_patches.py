@@ -5,13 +5,12 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import train
 from core.checkpoints import Classifier, apply_temperature, load_classifier, read_csv
 from core.patches import (PatchConfig, grid_boxes, grid_positions, random_patches, stitch, tiles, tissue_fraction,
                           work_image)
-from tests.conftest import BREAKHIS, UCSB, make_class_image, needs_shared
+from tests.conftest import BREAKHIS, UCSB, needs_shared, write_large_tree
 
 
 def test_grid_covers_the_image_edges_included():
@@ -96,20 +95,6 @@ def test_explainers_cover_the_whole_image_of_a_patch_model(patch_classifier, met
     assert a[:, :105].max() > 0 and a[:, 105:].max() > 0
     if method.startswith("gradcam"):
         assert e.extras["n_tiles"] == 12
-
-
-def write_large_tree(root, n=6, size=(120, 150)):
-    """Two classes of large images, tissue patterns on a white background (like slides)."""
-    rng = np.random.default_rng(0)
-    for label, cls in enumerate(("benign", "malignant")):
-        (root / cls).mkdir(parents=True)
-        for i in range(n):
-            img = np.full((*size, 3), 240, np.uint8)
-            tile = make_class_image(label, rng, 60)
-            img[20:80, 30:90] = tile
-            img[50:110, 80:140] = make_class_image(label, rng, 60)
-            Image.fromarray(img).save(root / cls / f"{cls}_{i}.png")
-    return root
 
 
 def test_patch_training_end_to_end(tmp_path):

@@ -199,3 +199,28 @@ def test_annotate_scores_methods_against_the_lesion_mask(tiny_tree, tmp_path, mo
     no_exception(at)
     assert len(at.dataframe) == 1
     assert [m.label for m in at.metric] == ["benign", "malignant"]  # re-prediction with the region erased
+
+
+def test_patch_checkpoint_explains_the_whole_image(tiny_patch_bundle, tmp_path, monkeypatch):
+    """A patch model: model card says so, and Grad-CAM + LIME overlays are drawn over the whole upload."""
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tiny_patch_bundle.parent))
+    monkeypatch.setenv("BREASTXAI_DATA", str(tmp_path))
+    import streamlit as st
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = app()
+    no_exception(at)
+    assert any(h.value == "Patch model" for h in at.subheader)
+    at.switch_page("pages/1_Explain.py")
+    at.run()
+    img = np.random.default_rng(3).integers(0, 255, (130, 170, 3), dtype=np.uint8)
+    at.file_uploader(key="ex_upload").upload("slide.png", png(img), "image/png")
+    at.run()
+    no_exception(at)
+    at.multiselect(key="ex_methods").set_value(["gradcam", "lime"])
+    at.number_input(key="ex_lime_num_samples").set_value(50)
+    at.button(key="FormSubmitter:ex_form-Explain").click()
+    at.run()
+    no_exception(at)
+    heads = [s.value for s in at.subheader]
+    assert any(h.startswith("Grad-CAM") for h in heads) and any(h.startswith("LIME") for h in heads)
