@@ -358,8 +358,8 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
 def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifier:
     """Load and verify a checkpoint bundle (sha256, class count) with Keras safe_mode=True.
 
-    backend: forward pass of predict_proba, 'auto' (default, or $BREASTXAI_BACKEND): OpenVINO bfloat16
-    where it agrees with float32 Keras (see core.backends), else Keras; 'keras'; 'openvino'.
+    backend: forward pass of predict_proba, 'auto' (default, or $BREASTXAI_BACKEND): OpenVINO float32
+    where it agrees with Keras (see core.backends), else Keras; 'keras'; 'openvino'; 'openvino-bf16'.
     """
     import keras
 

@@ -205,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m core.evaluation",
                                  description="Metrics of a checkpoint from its saved predictions.csv.")
     ap.add_argument("checkpoint", help="bundle folder, e.g. checkpoints/busi_densenet121")
-    ap.add_argument("--split", default="test", choices=("val", "test"))
+    ap.add_argument("--split", default="test", help="val, test, or external:<name> (a recorded external check)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     from core.checkpoints import read_metadata
@@ -216,6 +216,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         y, p, _ = predictions_from_bundle(args.checkpoint, args.split)
     except (CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if len(y) == 0:
+        print(f"error: {args.checkpoint} has no predictions for split {args.split!r}", file=sys.stderr)
         return 2
     m = classification_metrics(y, p, meta["class_names"])
     print(json.dumps(m, indent=2) if args.json else format_report(m, meta["class_names"]))

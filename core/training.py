@@ -508,7 +508,7 @@ def external_check(clf, spec: str) -> dict:
                      "out_of_distribution": o.get("out_of_distribution")})
     n_ok = sum(r["correct"] for r in rows)
     log.info("External check %s: %d/%d correct", kind, n_ok, len(rows))
-    return {"name": kind, "root": root, "label": "EXTERNAL CHECK: a different lab, scanner and magnification; "
+    return {"name": kind, "root": str(m.root), "label": "EXTERNAL CHECK: a different lab, scanner and magnification; "
             "never used for training or model selection", "n_images": len(rows), "n_correct": n_ok,
             "accuracy": n_ok / max(len(rows), 1), "images": rows,
             "citation": CITATIONS.get(kind)}
@@ -592,7 +592,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
         "argv": argv,
         "git_commit": git_commit(),
         "config": {k2: (list(v) if isinstance(v, tuple) else v) for k2, v in asdict(cfg).items()},
-        "dataset": {"kind": manifest.name, "root": str(cfg.data_dir), "n_images": len(manifest),
+        "dataset": {"kind": manifest.name, "root": str(manifest.root), "n_images": len(manifest),
                     "class_counts": manifest.class_counts(), "citation": CITATIONS.get(manifest.name),
                     "task": cfg.task if cfg.dataset == "breakhis" else None,
                     "magnification": cfg.magnification},

@@ -18,8 +18,12 @@ if ckpt is None:
     st.stop()
 meta = svc.metadata(ckpt)
 names = meta["class_names"]
-split = st.radio("Split", ["test", "val"], horizontal=True, key="ev_split",
-                 help="Settings were chosen on the validation split; the test split was used once, for reporting.")
+externals = {f"external:{e['name']}": e for e in meta.get("external_checks", [])}
+split = st.radio("Split", ["test", "val", *externals], horizontal=True, key="ev_split",
+                 help="Settings were chosen on the validation split; the test split was used once, for reporting. "
+                      "External checks are images from another source, never used for training or selection.")
+if split in externals:
+    st.warning(externals[split]["label"])
 y, p, rows, m = svc.metrics_for(ckpt, split)
 st.caption(f"{len(y)} {split} images · accuracy {m['accuracy']:.3f} · macro ROC AUC {m['roc_auc_macro'] or 0:.3f} "
            f"· Cohen's kappa {m['cohen_kappa']:.3f} · ECE {m['ece']:.3f}")
@@ -48,6 +52,8 @@ cell = st.selectbox("Cell", cells, index=cells.index(clicked) if clicked in cell
 t_name, p_name = cell[5:].split(" → predicted ")
 hits = [r for r in rows if r["true"] == t_name and r["predicted"] == p_name]
 root = resolve_data_root(meta, ckpt)
+if split in externals:
+    root = resolve_data_root({"dataset": {"root": externals[split]["root"]}}, ckpt)
 st.write(f"**{len(hits)}** {split} image(s) with true class *{t_name}* predicted *{p_name}*.")
 if hits and not root.is_dir():
     st.info(f"The dataset folder {root} is not available here, so images cannot be shown.")
