@@ -122,6 +122,7 @@ def config_from_args(args: argparse.Namespace):
 def setup_logging(log_file: str | None) -> None:
     handlers = [logging.StreamHandler(sys.stdout)]
     if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", handlers=handlers, force=True)

@@ -96,6 +96,16 @@ def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, stat, n_boot: int = 1000
     return [float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))]
 
 
+def binomial_ci(correct: int, n: int, level: float = 0.95) -> Optional[list[float]]:
+    """Exact (Clopper-Pearson) interval of a proportion; unlike the bootstrap, honest at 12/12."""
+    from scipy.stats import binomtest
+
+    if n <= 0:
+        return None
+    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=level, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
 def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str],
                            n_boot: int = 1000, seed: int = 0) -> dict:
     """Every headline metric for true labels (N,) and probabilities (N, K), JSON-ready."""
@@ -113,6 +123,7 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names
         "n": int(len(y_true)),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "accuracy_ci95": bootstrap_ci(y_true, probs, acc_stat, n_boot, seed),
+        "accuracy_ci95_exact": binomial_ci(int((y_pred == y_true).sum()), len(y_true)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)) if len(y_true) else None,
         "cohen_kappa": float(skm.cohen_kappa_score(y_true, y_pred, labels=labels)),
         "roc_auc_macro": _auc(y_true, probs, k),

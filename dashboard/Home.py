@@ -45,9 +45,14 @@ c1.metric("Test accuracy", f"{m.get('accuracy', 0):.3f}")
 c2.metric("Macro ROC AUC", f"{m.get('roc_auc_macro') or 0:.3f}")
 c3.metric("Cohen's kappa", f"{m.get('cohen_kappa', 0):.3f}")
 c4.metric("Calibration error (ECE)", f"{m.get('ece', 0):.3f}")
+exact = m.get("accuracy_ci95_exact") or svc.exact_accuracy_ci(m)
 st.caption(f"Accuracy {fmt(m.get('accuracy'), m.get('accuracy_ci95'))}; ROC AUC "
            f"{fmt(m.get('roc_auc_macro'), m.get('roc_auc_ci95'))}; measured on the held-out test split "
-           f"(n = {m.get('n', '?')}), bootstrap 95% intervals.")
+           f"(n = {m.get('n', '?')}), bootstrap 95% intervals"
+           + (f"; exact binomial 95% interval for accuracy {exact[0]:.3f}–{exact[1]:.3f}." if exact else "."))
+if m.get("n", 0) and m["n"] < 50:
+    st.warning(f"Only {m['n']} test images: a bootstrap interval collapses when every test image is right, so "
+               "read the exact interval and the cross-validation below, not the single number.")
 
 ds = meta.get("dataset", {})
 split = meta.get("split", {})

@@ -96,6 +96,14 @@ def split_metrics(path: str, mtime: float, split: str):
     return y, p, rows, classification_metrics(y, p, read_metadata(path)["class_names"], n_boot=500)
 
 
+def exact_accuracy_ci(metrics: dict):
+    """Clopper-Pearson 95% interval of a recorded accuracy (for metadata written before it was stored)."""
+    from core.evaluation import binomial_ci
+
+    n = int(metrics.get("n") or 0)
+    return binomial_ci(int(round(metrics.get("accuracy", 0) * n)), n) if n else None
+
+
 def metrics_for(path: Path, split: str):
     return split_metrics(str(path), _mtime(Path(path)), split)
 
