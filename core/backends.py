@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -66,10 +67,12 @@ def openvino_forward(model, input_size: int, key: Optional[str], precision: str 
     compiled = core.compile_model(om, "CPU", {"INFERENCE_PRECISION_HINT": precision,
                                               "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
+    lock = threading.Lock()  # one infer request; Streamlit sessions share the classifier across threads
 
     def forward(batch: np.ndarray) -> np.ndarray:
-        out = request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
-        return np.array(out[compiled.output(0)], dtype=np.float32)
+        with lock:
+            out = request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
+            return np.array(out[compiled.output(0)], dtype=np.float32)
 
     return forward
 

@@ -58,3 +58,16 @@ def test_bfloat16_is_opt_in_and_close(tiny_bundle, isolated_cache):
     p = bf.predict_proba(x)
     assert bf.backend_info["backend"] == "openvino bfloat16"
     assert np.abs(p - load_classifier(tiny_bundle, backend="keras").predict_proba(x)).max() <= 0.05
+
+
+def test_concurrent_callers_share_one_compiled_model(tiny_bundle, isolated_cache):
+    """Dashboard sessions run in threads and share the cached classifier."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    clf = load_classifier(tiny_bundle, backend="openvino")
+    xs = [np.random.default_rng(i).integers(0, 255, (6, 48, 48, 3)).astype(np.uint8) for i in range(8)]
+    expected = [clf.predict_proba(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(clf.predict_proba, xs))
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, atol=1e-6)
