@@ -232,11 +232,14 @@ class Classifier:
     def tile_stride(self) -> int:
         return self.patches.work_stride if self.patches else self.input_size
 
-    def tiles(self, work: np.ndarray) -> np.ndarray:
-        """Work image(s) (H, W, 3) or (N, H, W, 3) -> float32 model inputs (N * T, S, S, 3)."""
+    def tiles(self, work: np.ndarray, stride: Optional[int] = None) -> np.ndarray:
+        """Work image(s) (H, W, 3) or (N, H, W, 3) -> float32 model inputs (N * T, S, S, 3).
+
+        `stride` (work pixels) defaults to the prediction grid's; explainers may ask for a finer grid.
+        """
         if self.patches is None:
             return self.prepare_batch(work)
-        t = tiles(np.asarray(work), self.input_size, self.tile_stride)
+        t = tiles(np.asarray(work), self.input_size, stride or self.tile_stride)
         if self.clahe:
             t = np.stack([apply_clahe(im.astype(np.uint8)) for im in t])
         return t.astype(np.float32, copy=False)

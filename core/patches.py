@@ -106,14 +106,26 @@ def random_patches(image: np.ndarray, n: int, cfg: PatchConfig, rng: np.random.G
     return out
 
 
-def stitch(maps: np.ndarray, shape: tuple[int, int], tile: int, stride: int) -> np.ndarray:
-    """Per-tile maps (T, h, w) in grid order -> one (H, W) float32 map, averaged where tiles overlap."""
+def blend_window(tile: int) -> np.ndarray:
+    """(tile, tile) weights, 1 at the centre falling smoothly towards (never to) 0 at the edges."""
+    w = np.hanning(tile + 2)[1:-1]
+    return np.outer(w, w).astype(np.float32)
+
+
+def stitch(maps: np.ndarray, shape: tuple[int, int], tile: int, stride: int,
+           weights: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per-tile maps (T, h, w) in grid order -> one (H, W) float32 map.
+
+    Overlaps are averaged, uniformly or with `weights` (tile, tile), e.g. `blend_window` on a half-tile
+    grid, which hides the seams between tiles.
+    """
     total = np.zeros(shape, np.float64)
     count = np.zeros(shape, np.float64)
+    w = np.ones((tile, tile), np.float64) if weights is None else np.asarray(weights, np.float64)
     for m, (y, x) in zip(maps, grid_boxes(shape, tile, stride)):
         m = np.asarray(m, np.float32)
         if m.shape != (tile, tile):
             m = cv2.resize(m, (tile, tile), interpolation=cv2.INTER_LINEAR)
-        total[y:y + tile, x:x + tile] += m
-        count[y:y + tile, x:x + tile] += 1
-    return (total / np.maximum(count, 1)).astype(np.float32)
+        total[y:y + tile, x:x + tile] += w * m
+        count[y:y + tile, x:x + tile] += w
+    return (total / np.maximum(count, 1e-12)).astype(np.float32)

@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 
 from core.explain.base import Explainer, upsample
-from core.patches import stitch
+from core.patches import blend_window, stitch
 
 _GRAD_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -79,24 +79,23 @@ class GradCAM(Explainer):
         layer = self.params.layer or default_layer(self.classifier)
         fn = gradcam_function(self.classifier.model, layer)
         if self.tiled():
-            # Patch model: the whole-image prediction is the tile mean; each tile gets its own CAM
-            # for the whole image's target class, stitched back onto the work image.
+            # Patch model: the prediction is the mean over the tile grid. Each tile of a half-step grid
+            # gets its own CAM for the image's target class; the CAMs are blended with a smooth window
+            # (no seams at tile borders) over the whole work image.
             work = self.work_image(image)
             probs = self.classifier.predict_work(work[None])[0]
             target = self._resolve_target(probs, target)
-            xs = self.classifier.tiles(work)
+            s = self.classifier.input_size
+            stride = max(1, s // 2)
+            xs = self.classifier.tiles(work, stride)
             cams = []
             for i, x in enumerate(xs):
                 fmap, grads, _ = fn(tf.convert_to_tensor(x[None]), tf.constant(target, tf.int32))
-                cams.append(self._cam(fmap.numpy()[0], grads.numpy()[0]))
+                cams.append(upsample(self._cam(fmap.numpy()[0], grads.numpy()[0]), (s, s)))
                 self.report(0.95 * (i + 1) / len(xs))
-            cams = np.stack(cams)
-            top = float(np.abs(cams).max(initial=0.0))
-            tiles_s = self.classifier.input_size
-            up = [upsample(c, (tiles_s, tiles_s)) for c in cams]
-            cam = stitch(np.stack(up), work.shape[:2], tiles_s, self.classifier.tile_stride)
+            cam = stitch(np.stack(cams), work.shape[:2], s, stride, blend_window(s))
             return probs, target, cam, {"resolved": {"layer": layer}, "feature_map_shape": list(fmap.shape[1:]),
-                                        "n_tiles": len(xs), "max_tile_cam": top}
+                                        "n_tiles": len(xs), "tile_stride": stride}
         x = tf.convert_to_tensor(self.classifier.prepare(image)[None])
         fmap, grads, logits = fn(x, tf.constant(-1 if target is None else int(target), tf.int32))
         z = logits.numpy()[0].astype(np.float64)
