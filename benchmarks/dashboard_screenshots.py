@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Screenshots of one checkpoint explaining uploaded images in the real dashboard (headless Chromium).
+
+    python benchmarks/dashboard_screenshots.py checkpoints/histo_densenet121 IMAGE [IMAGE ...] [--out DIR]
+
+Serves only that checkpoint, saves the model card, then for each image: upload on Explain, run the
+default methods (Grad-CAM + LIME), print the time to the overlays and the number of exception boxes,
+save a screenshot; finally the Evaluation page.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from dashboard_latency import idle, wait_for
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("images", nargs="+")
+    ap.add_argument("--out", default=str(ROOT / "screenshots"))
+    args = ap.parse_args()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    bundle = Path(args.checkpoint).resolve()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    only = Path(tempfile.mkdtemp())
+    (only / bundle.name).symlink_to(bundle)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard/Home.py"),
+                             "--server.port", str(port), "--server.address", "127.0.0.1"], cwd=ROOT,
+                            env={**os.environ, "BREASTXAI_CHECKPOINTS": str(only)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,2400"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    h3 = lambda d: [h.text for h in d.find_elements(By.CSS_SELECTOR, "h3")]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(None, lambda _: urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok", 60)
+        drv.get(url)
+        wait_for(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "h1"))
+        time.sleep(2)
+        wait_for(drv, idle)
+        drv.save_screenshot(str(out / f"{bundle.name}_home.png"))
+        for image in map(Path, args.images):
+            drv.get(url + "/Explain")
+            wait_for(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=file]"))
+            drv.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(image.resolve()))
+            wait_for(drv, lambda d: any("Prediction:" in t for t in h3(d)))
+            wait_for(drv, idle)
+            t0 = time.time()
+            drv.find_element(By.XPATH, "//button[.//p[text()='Explain']]").click()
+            wait_for(drv, lambda d: sum(t.startswith(("Grad-CAM", "LIME")) for t in h3(d)) >= 2, 600)
+            wait_for(drv, idle)
+            time.sleep(1)
+            pred = next(t for t in h3(drv) if "Prediction:" in t)
+            n_exc = len(drv.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]'))
+            print(f"{image.name}: {pred}; Grad-CAM + LIME on screen in {time.time() - t0:.1f} s; exceptions {n_exc}")
+            drv.save_screenshot(str(out / f"{bundle.name}_explain_{image.stem}.png"))
+        drv.get(url + "/Evaluation")
+        wait_for(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "h1"))
+        time.sleep(2)
+        wait_for(drv, idle)
+        drv.save_screenshot(str(out / f"{bundle.name}_evaluation.png"))
+    finally:
+        drv.quit()
+        proc.terminate()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
