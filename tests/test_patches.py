@@ -109,6 +109,29 @@ def test_explainers_cover_the_whole_image_of_a_patch_model(patch_classifier, met
         assert e.extras["n_tiles"] == 4 * 6  # a half-tile grid over the 75 x 105 work image
 
 
+def test_tiled_occlusion_equals_occluding_the_whole_image(patch_classifier, monkeypatch):
+    """The patch-model shortcut (recompute only the touched tiles) gives the naive answer, with fewer passes."""
+    from core.explain import explain
+    from core.explain.occlusion import OcclusionExplainer
+
+    img = np.random.default_rng(6).integers(0, 255, (150, 210, 3)).astype(np.uint8)
+    passes = {"n": 0}
+    orig = patch_classifier.forward
+
+    def counting(batch):
+        passes["n"] += len(batch)
+        return orig(batch)
+
+    monkeypatch.setattr(patch_classifier, "forward", counting)
+    fast = explain(patch_classifier, img, "occlusion", window=16, stride=12)
+    n_fast = passes["n"]
+    passes["n"] = 0
+    monkeypatch.setattr(OcclusionExplainer, "tiled", lambda self: False)
+    naive = explain(patch_classifier, img, "occlusion", window=16, stride=12)
+    np.testing.assert_allclose(fast.attribution, naive.attribution, atol=1e-5)
+    assert n_fast < passes["n"] / 2
+
+
 def test_patch_training_end_to_end(tmp_path):
     data = write_large_tree(tmp_path / "data")
     out = tmp_path / "ck"
