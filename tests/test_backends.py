@@ -27,6 +27,7 @@ def test_auto_backend_agrees_with_keras_and_caches_the_converted_model(tiny_bund
     assert fast.backend_info["max_dp_probe"] <= B.MAX_DP
     sha = fast.metadata["model_sha256"]
     assert (isolated_cache / f"{sha}.xml").is_file() and (isolated_cache / f"{sha}.bin").is_file()
+    assert (isolated_cache / f"{sha}.keras-probe.json").is_file()  # a warm start skips the Keras self-check pass
     again = load_classifier(tiny_bundle, backend="openvino")  # reads the cached IR
     np.testing.assert_allclose(again.predict_proba(x), p_fast, atol=1e-6)
 
