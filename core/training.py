@@ -90,6 +90,25 @@ class TrainConfig:
                            scale_jitter=self.patch_scale_jitter)
 
 
+#: Largest share of the free memory the activation cache may take before training falls back to plain fit.
+CACHE_MEMORY_FRACTION = 0.6
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux /proc/meminfo MemAvailable; else free pages)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
 def set_seeds(seed: int) -> None:
     import keras
 
@@ -299,6 +318,18 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         first = next((l.name for l in model.layers if l.trainable and l.weights), None)
         if first is not None and deepest < 10**9:
             cut = cut_point(model, first)
+    if cut is not None:
+        n_copies = 1 + (cfg.augment_copies if (augmenter is not None or sampler is not None) else 0)
+        per_item = int(np.prod(model.get_layer(cut).output.shape[1:])) * 4
+        need = per_item * (n_copies * len(x_train) + len(x_val))
+        budget = CACHE_MEMORY_FRACTION * available_memory()
+        if need > budget:
+            log.warning("The activation cache at %r would take %.1f GB (%d images x %d copies), more than %.0f%% of "
+                        "the %.1f GB of free memory: training without the cache instead (slower, same method). "
+                        "Fewer --augment-copies or --fine-tune-layers make the cache fit.", cut, need / 2**30,
+                        len(x_train), n_copies, 100 * CACHE_MEMORY_FRACTION, available_memory() / 2**30)
+            timing["cache_skipped"] = {"cut_layer": cut, "bytes_needed": need, "bytes_budget": int(budget)}
+            cut = None
     if cut is not None:
         t0 = time.time()
         trunk = keras.Model(model.input, model.get_layer(cut).output)
@@ -611,7 +642,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
         "head": {"pooling": cfg.pooling, "units": list(cfg.head_units), "dropout": cfg.dropout, "l2": cfg.l2},
         "gradcam_layer": last_conv_layer(model),
         "training": {"epochs": len(history), "phases": timing["phases"], "cache_seconds": timing.get("cache_seconds"),
-                     "cut_layer": timing.get("cut_layer"),
+                     "cut_layer": timing.get("cut_layer"), "cache_skipped": timing.get("cache_skipped"),
                      "wall_seconds": None, "platform": platform.platform(),
                      "tensorflow": tf.__version__, "keras": keras.__version__},
         "calibration": {"method": "temperature scaling on the validation split", "temperature": temperature,

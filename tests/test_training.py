@@ -71,6 +71,23 @@ def test_two_phase_training_cached_and_plain(tiny_tree, tmp_path, cache):
     load_classifier(tmp_path / "d")
 
 
+@pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
+def test_cache_that_would_not_fit_in_memory_falls_back_to_plain_fit(tiny_tree, tmp_path, monkeypatch, capsys):
+    """A cache larger than the free memory would be OOM-killed without a word: train without it and say so."""
+    import core.training as T
+
+    monkeypatch.setattr(T, "available_memory", lambda: 1024 * 1024)  # 1 MB free
+    args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "densenet121",
+            "--weights", str(DENSENET_WEIGHTS), "--input-size", "32", "--head-epochs", "1",
+            "--fine-tune-epochs", "1", "--fine-tune-layers", "200", "--augment-copies", "2",
+            "--batch-size", "8", "--out-dir", str(tmp_path), "--name", "d", "--quiet"]
+    assert train.main(args) == 0
+    meta = json.loads((tmp_path / "d" / "metadata.json").read_text())
+    skipped = meta["training"]["cache_skipped"]
+    assert meta["training"]["cut_layer"] is None and skipped["bytes_needed"] > skipped["bytes_budget"]
+    assert "training without the cache" in capsys.readouterr().out
+
+
 def test_refresh_retrains_from_recorded_command(tiny_bundle, tmp_path):
     shutil.copytree(tiny_bundle, tmp_path / "tiny")
     before = json.loads((tmp_path / "tiny" / "metadata.json").read_text())
