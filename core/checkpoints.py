@@ -272,7 +272,7 @@ class Classifier:
         if self._forward is None:
             model = self.model
             keras_fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
-            keras_forward = lambda b: run_batched(keras_fn, b, self.batch_size)  # noqa: E731
+            keras_forward = lambda b: np.asarray(keras_fn(tf.convert_to_tensor(b, tf.float32)))  # noqa: E731
             if self.backend == "keras":
                 self._forward, self.backend_info = keras_forward, {"backend": "keras float32", "reason": "requested"}
             else:
@@ -393,9 +393,7 @@ def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifi
             ood = OODDetector.load(path / "ood.npz")
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{path.name}: ood.npz is damaged ({exc}); refit with `python -m core.ood`.") from exc
-    pc = meta.get("patches")
-    patches = PatchConfig(int(pc["patch_size"]), size, int(pc.get("stride") or pc["patch_size"]),
-                          float(pc.get("min_tissue", 0.5))) if pc else None
+    patches = PatchConfig.from_json(meta["patches"], size) if meta.get("patches") else None
     return Classifier(model=model, class_names=class_names, input_size=size, metadata=meta, path=path,
                       temperature=float(meta.get("calibration", {}).get("temperature", 1.0)),
                       clahe=bool(prep.get("clahe", False)), ood=ood, patches=patches,

@@ -38,6 +38,12 @@ class PatchConfig:
         """Grid step in work-image pixels."""
         return max(1, int(round((self.stride or self.patch_size) * self.scale)))
 
+    @classmethod
+    def from_json(cls, d: dict, input_size: int) -> "PatchConfig":
+        """Inverse of `to_json` (the `patches` entry of a bundle's metadata.json)."""
+        return cls(int(d["patch_size"]), int(input_size), int(d.get("stride") or d["patch_size"]),
+                   float(d.get("min_tissue", 0.5)), float(d.get("scale_jitter", 0.0)))
+
     def to_json(self) -> dict:
         return {"patch_size": self.patch_size, "stride": self.stride or self.patch_size,
                 "input_size": self.input_size, "min_tissue": self.min_tissue, "scale_jitter": self.scale_jitter,

@@ -43,7 +43,12 @@ def resolve_data_root(meta: dict, bundle: Path, override: Optional[str] = None) 
     """The dataset root recorded in metadata, tried relative to the CWD, the repo root and the bundle."""
     if override:
         return Path(override)
-    root = Path(meta["dataset"]["root"])
+    return resolve_root(meta["dataset"]["root"], bundle)
+
+
+def resolve_root(root: str | Path, bundle: Path) -> Path:
+    """A recorded (possibly relative) data folder, tried relative to the CWD, the repo root and the bundle."""
+    root = Path(root)
     repo = Path(__file__).resolve().parents[2]
     for cand in (root, repo / root, bundle / root):
         if cand.is_dir():

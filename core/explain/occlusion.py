@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.explain.base import Explainer, baseline_image
+from core.patches import grid_boxes, stitch
 
 
 @dataclass(frozen=True)
@@ -14,13 +15,6 @@ class OcclusionParams:
     stride: int = 16
     baseline: str = "blur"  # blur | mean | black
     batch_size: int = 128  # occluded images per classifier call
-
-
-def _positions(size: int, window: int, stride: int) -> list[int]:
-    pos = list(range(0, max(size - window, 0) + 1, stride))
-    if pos[-1] + window < size:
-        pos.append(size - window)
-    return pos
 
 
 class OcclusionExplainer(Explainer):
@@ -34,18 +28,14 @@ class OcclusionExplainer(Explainer):
         h, wd = work.shape[:2]
         w = int(min(p.window, h, wd))
         base = baseline_image(work, p.baseline)
-        ys, xs = _positions(h, w, p.stride), _positions(wd, w, p.stride)
-        coords = [(y, x) for y in ys for x in xs]
+        coords = grid_boxes((h, wd), w, p.stride)
         if self.tiled():
             drops = self._tiled_drops(work, base, coords, w, target)
         else:
             drops = self._drops(work, base, coords, w, target)
-        total = np.zeros((h, wd), np.float32)
-        count = np.zeros((h, wd), np.float32)
-        for d, (y, x) in zip(drops, coords):
-            total[y:y + w, x:x + w] += d
-            count[y:y + w, x:x + w] += 1
-        return total / np.maximum(count, 1), {"n_windows": len(coords), "resolved": {"window": w}}
+        # each window's drop spread over its pixels, averaged where windows overlap
+        attribution = stitch(np.broadcast_to(drops[:, None, None], (len(coords), w, w)), (h, wd), w, p.stride)
+        return attribution, {"n_windows": len(coords), "resolved": {"window": w}}
 
     def _drops(self, work, base, coords, w, target) -> np.ndarray:
         """p(target) of the image minus p(target) with each window replaced by the baseline."""
@@ -68,8 +58,6 @@ class OcclusionExplainer(Explainer):
         The prediction is calibrate(mean of tile softmax); a window changes only the tiles it overlaps,
         so each occluded image costs its 1-4 touched tiles instead of the whole grid (exact).
         """
-        from core.patches import grid_boxes
-
         clf, p = self.classifier, self.params
         s = clf.input_size
         boxes = grid_boxes(work.shape[:2], s, clf.tile_stride)

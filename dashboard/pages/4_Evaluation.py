@@ -9,7 +9,7 @@ import components as ui
 import services as svc
 from core.checkpoints import read_csv
 from core.evaluation import curves, reliability_curve
-from core.explain.evaluate import resolve_data_root
+from core.explain.evaluate import resolve_data_root, resolve_root
 
 ui.page_setup("Evaluation", "📊")
 ckpt = ui.sidebar()
@@ -51,9 +51,7 @@ default_cell = next((i for i, c in enumerate(cells) if c.startswith("true malign
 cell = st.selectbox("Cell", cells, index=cells.index(clicked) if clicked in cells else default_cell, key="ev_cell")
 t_name, p_name = cell[5:].split(" → predicted ")
 hits = [r for r in rows if r["true"] == t_name and r["predicted"] == p_name]
-root = resolve_data_root(meta, ckpt)
-if split in externals:
-    root = resolve_data_root({"dataset": {"root": externals[split]["root"]}}, ckpt)
+root = resolve_root(externals[split]["root"], ckpt) if split in externals else resolve_data_root(meta, ckpt)
 st.write(f"**{len(hits)}** {split} image(s) with true class *{t_name}* predicted *{p_name}*.")
 if hits and not root.is_dir():
     st.info(f"The dataset folder {root} is not available here, so images cannot be shown.")
