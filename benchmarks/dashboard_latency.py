@@ -10,6 +10,8 @@ the same explanation again (served from the result cache). Saves screenshots alo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -40,33 +42,49 @@ def idle(drv) -> bool:
     return bool(apps) and apps[0].get_attribute("data-test-script-state") == "notRunning"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "screenshots"))
-    args = ap.parse_args()
+@contextlib.contextmanager
+def dashboard(env: dict | None = None, window: str = "1400,2200"):
+    """`streamlit run dashboard/Home.py` on a free localhost port plus headless Chromium -> (driver, url).
+
+    `env` adds environment variables for the server (e.g. BREASTXAI_CHECKPOINTS). Both are stopped on exit.
+    """
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t_start = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard/Home.py"),
                              "--server.port", str(port), "--server.address", "127.0.0.1"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium")
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--window-size=1400,2200"):
+              f"--window-size={window}"):
         opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    drv = None
     try:
+        drv = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
         url = f"http://127.0.0.1:{port}"
         wait_for(None, lambda _: urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok", 60)
+        yield drv, url
+    finally:
+        if drv is not None:
+            drv.quit()
+        proc.terminate()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "screenshots"))
+    args = ap.parse_args()
+    from selenium.webdriver.common.by import By
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    with dashboard() as (drv, url):
         drv.get(url + "/Explain")
         wait_for(drv, lambda d: d.find_elements(By.XPATH, "//label[.//p[text()='Example']]"))
         drv.find_element(By.XPATH, "//label[.//p[text()='Example']]").click()
@@ -97,9 +115,6 @@ def main() -> int:
             wait_for(drv, idle)
             time.sleep(4)  # custom components (drawing canvas) mount after the script run
             drv.save_screenshot(str(out / f"real_{page}.png"))
-    finally:
-        drv.quit()
-        proc.terminate()
     return 0
 
 

@@ -10,20 +10,15 @@ save a screenshot; finally the Evaluation page.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from dashboard_latency import idle, wait_for
+from dashboard_latency import dashboard, idle, wait_for
 
 
 def main() -> int:
@@ -32,8 +27,6 @@ def main() -> int:
     ap.add_argument("images", nargs="+")
     ap.add_argument("--out", default=str(ROOT / "screenshots"))
     args = ap.parse_args()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
     bundle = Path(args.checkpoint).resolve()
@@ -41,22 +34,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     only = Path(tempfile.mkdtemp())
     (only / bundle.name).symlink_to(bundle)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard/Home.py"),
-                             "--server.port", str(port), "--server.address", "127.0.0.1"], cwd=ROOT,
-                            env={**os.environ, "BREASTXAI_CHECKPOINTS": str(only)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium")
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,2400"):
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
-    h3 = lambda d: [h.text for h in d.find_elements(By.CSS_SELECTOR, "h3")]
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(None, lambda _: urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok", 60)
+    h3 = lambda d: [h.text for h in d.find_elements(By.CSS_SELECTOR, "h3")]  # noqa: E731
+    with dashboard({"BREASTXAI_CHECKPOINTS": str(only)}, window="1400,2400") as (drv, url):
         drv.get(url)
         wait_for(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "h1"))
         time.sleep(2)
@@ -82,9 +61,6 @@ def main() -> int:
         time.sleep(2)
         wait_for(drv, idle)
         drv.save_screenshot(str(out / f"{bundle.name}_evaluation.png"))
-    finally:
-        drv.quit()
-        proc.terminate()
     return 0
 
 
