@@ -15,6 +15,7 @@ import random
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -71,6 +72,9 @@ class TrainConfig:
     patch_stride: Optional[int] = None  # prediction grid step in original pixels (default: patch_size)
     patch_scale_jitter: float = 0.0  # training crop side = patch_size * 2**U(-j, j), in octaves
     colour_jitter: float = 0.0  # >0: random hue (this factor) and saturation (2x) changes: stain variation
+    flip: str = "horizontal_and_vertical"  # random flips: "horizontal" keeps ultrasound's skin-up geometry
+    rotation: float = 0.1  # random rotation, ± this fraction of a full turn (0.1 = ±36°)
+    precision: str = "float32"  # "bfloat16": oneDNN mixed precision for the fits (float32 weights), where the CPU has it
     cv_folds: int = 0  # >1: also report group-wise K-fold cross-validation over the whole dataset
     external: tuple[str, ...] = ()  # KIND=DIR datasets predicted after training as an external check
     verbose: int = 1
@@ -109,6 +113,43 @@ def available_memory() -> int:
         return 1 << 62
 
 
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere it would be emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str) -> str:
+    """The precision training will really use: bfloat16 only where the CPU has it (else float32, with a warning)."""
+    if requested not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be 'float32' or 'bfloat16', not {requested!r}")
+    if requested == "bfloat16" and not cpu_has_bf16():
+        log.warning("This CPU has no native bfloat16 (AVX512-BF16/AMX): training in float32 instead.")
+        return "float32"
+    return requested
+
+
+@contextmanager
+def mixed_precision(precision: str):
+    """Inside: TensorFlow functions traced now run oneDNN's automatic bfloat16 rewrite (matmuls and
+    convolutions in bfloat16 on AMX, variables and losses stay float32). float32: no change."""
+    import tensorflow as tf
+
+    if precision != "bfloat16":
+        yield
+        return
+    key = "auto_mixed_precision_onednn_bfloat16"
+    before = tf.config.optimizer.get_experimental_options().get(key, False)
+    tf.config.optimizer.set_experimental_options({key: True})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options({key: before})
+
+
 def set_seeds(seed: int) -> None:
     import keras
 
@@ -140,16 +181,19 @@ def load_arrays(manifest: Manifest, size: int, clahe: bool = False,
     return x, np.asarray(manifest.labels, dtype=np.int64)
 
 
-def make_augmenter(seed: int, colour_jitter: float = 0.0):
-    """Random flips, rotation (±36°), zoom (±10%), brightness and contrast (±10%) on 0-255 floats;
+def make_augmenter(seed: int, colour_jitter: float = 0.0, flip: str = "horizontal_and_vertical",
+                   rotation: float = 0.1):
+    """Random flips (`flip`: "horizontal", "vertical", "horizontal_and_vertical" or "none"), rotation
+    (± `rotation` of a full turn), zoom (±10%), brightness and contrast (±10%) on 0-255 floats;
     with `colour_jitter` > 0 also hue (± that fraction of the colour wheel) and saturation changes,
     the usual stand-in for H&E stain variation between labs."""
     import keras
     from keras import layers
 
-    steps = [
-        layers.RandomFlip("horizontal_and_vertical", seed=seed),
-        layers.RandomRotation(0.1, fill_mode="reflect", seed=seed + 1),
+    steps = [layers.RandomFlip(flip, seed=seed)] if flip != "none" else []
+    if rotation > 0:
+        steps.append(layers.RandomRotation(rotation, fill_mode="reflect", seed=seed + 1))
+    steps += [
         layers.RandomZoom(0.1, fill_mode="reflect", seed=seed + 2),
         layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed + 3),
         layers.RandomContrast(0.1, seed=seed + 4),
@@ -308,7 +352,7 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     verbose = 0 if cfg.verbose == 0 else (1 if sys.stdout.isatty() else 2)  # bar on a terminal, lines in a log
     history: list[dict] = []
     timing: dict = {"phases": []}
-    augmenter = make_augmenter(cfg.seed, cfg.colour_jitter) if cfg.augment else None
+    augmenter = make_augmenter(cfg.seed, cfg.colour_jitter, cfg.flip, cfg.rotation) if cfg.augment else None
 
     # Where to cut: before the first layer that any phase trains.
     cut = None
@@ -370,6 +414,8 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         val_data = (x_val.astype(np.float32), y_val)
         target = model
 
+    precision = resolve_precision(cfg.precision)
+    timing["precision"] = precision
     epoch0 = 0
     for phase in phases:
         n_trainable = set_trainable(model, phase.fine_tune_layers)
@@ -377,8 +423,9 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
                  n_trainable, len(backbone_layers(model)), phase.lr, phase.epochs)
         _compile(target, phase.lr)
         t0, timer = time.time(), _epoch_timer()
-        h = target.fit(train_data, validation_data=val_data, epochs=epoch0 + phase.epochs,
-                       initial_epoch=epoch0, callbacks=[*_callbacks(cfg), timer], verbose=verbose)
+        with mixed_precision(precision):
+            h = target.fit(train_data, validation_data=val_data, epochs=epoch0 + phase.epochs,
+                           initial_epoch=epoch0, callbacks=[*_callbacks(cfg), timer], verbose=verbose)
         secs = time.time() - t0
         n_ep = len(h.history.get("loss", []))
         timing["phases"].append({"phase": phase.name, "epochs": n_ep, "seconds": secs,
@@ -643,7 +690,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
         "gradcam_layer": last_conv_layer(model),
         "training": {"epochs": len(history), "phases": timing["phases"], "cache_seconds": timing.get("cache_seconds"),
                      "cut_layer": timing.get("cut_layer"), "cache_skipped": timing.get("cache_skipped"),
-                     "wall_seconds": None, "platform": platform.platform(),
+                     "precision": timing.get("precision", "float32"), "wall_seconds": None, "platform": platform.platform(),
                      "tensorflow": tf.__version__, "keras": keras.__version__},
         "calibration": {"method": "temperature scaling on the validation split", "temperature": temperature,
                         "test_ece_before": uncal["ece"], "test_ece_after": metrics["test"]["ece"]},

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+import core.training as T
 import train
 from core.checkpoints import load_classifier, read_csv
 from core.evaluation import main as evaluation_main
@@ -57,18 +58,56 @@ def test_evaluation_cli(tiny_bundle, capsys):
 
 
 @pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
-@pytest.mark.parametrize("cache", [True, False])
-def test_two_phase_training_cached_and_plain(tiny_tree, tmp_path, cache):
+@pytest.mark.parametrize("cache,precision", [(True, "bfloat16"), (False, "float32")])
+def test_two_phase_training_cached_and_plain(tiny_tree, tmp_path, cache, precision):
     args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "densenet121",
             "--weights", str(DENSENET_WEIGHTS), "--input-size", "32", "--head-epochs", "1",
             "--fine-tune-epochs", "1", "--fine-tune-layers", "10", "--augment-copies", "1",
-            "--batch-size", "8", "--out-dir", str(tmp_path), "--name", "d", "--quiet"]
+            "--batch-size", "8", "--out-dir", str(tmp_path), "--name", "d", "--quiet",
+            "--precision", precision, "--flip", "horizontal", "--rotation", "0.03"]
     assert train.main(args + ([] if cache else ["--no-cache"])) == 0
     meta = json.loads((tmp_path / "d" / "metadata.json").read_text())
     assert [p["phase"] for p in meta["training"]["phases"]] == ["head", "fine_tune"]
     assert (meta["training"]["cut_layer"] is not None) == cache
     assert meta["weights"]["source"] == "file" and len(meta["weights"]["sha256"]) == 64
-    load_classifier(tmp_path / "d")
+    assert meta["config"]["flip"] == "horizontal" and meta["config"]["precision"] == precision
+    assert meta["training"]["precision"] == (precision if T.cpu_has_bf16() else "float32")
+    clf = load_classifier(tmp_path / "d", backend="keras")
+    assert all(w.dtype == "float32" for w in clf.model.weights)  # bfloat16 only inside the training graph
+    p = clf.predict_proba(np.zeros((2, 40, 40, 3), np.uint8))
+    assert p.dtype == np.float32 and np.allclose(p.sum(1), 1, atol=1e-5)
+
+
+def test_mixed_precision_sets_and_restores_the_onednn_rewrite():
+    import tensorflow as tf
+
+    key = "auto_mixed_precision_onednn_bfloat16"
+    assert not tf.config.optimizer.get_experimental_options().get(key, False)
+    with T.mixed_precision("bfloat16"):
+        assert tf.config.optimizer.get_experimental_options()[key] is True
+    assert not tf.config.optimizer.get_experimental_options().get(key, False)
+    with T.mixed_precision("float32"):
+        assert not tf.config.optimizer.get_experimental_options().get(key, False)
+
+
+def test_precision_falls_back_where_the_cpu_has_no_bfloat16(monkeypatch, caplog):
+    monkeypatch.setattr(T, "cpu_has_bf16", lambda: False)
+    assert T.resolve_precision("bfloat16") == "float32"
+    assert T.resolve_precision("float32") == "float32"
+    monkeypatch.setattr(T, "cpu_has_bf16", lambda: True)
+    assert T.resolve_precision("bfloat16") == "bfloat16"
+    with pytest.raises(ValueError, match="precision"):
+        T.resolve_precision("float16")
+
+
+@pytest.mark.parametrize("flip,may_turn_upside_down", [("horizontal", False), ("horizontal_and_vertical", True)])
+def test_augmenter_flip_choice(flip, may_turn_upside_down):
+    """Ultrasound keeps skin at the top with flip='horizontal'; the default also flips vertically."""
+    img = np.zeros((64, 32, 32, 3), np.float32)
+    img[:, :16] = 200.0  # bright top half
+    out = np.asarray(T.make_augmenter(0, flip=flip, rotation=0.0)(img, training=True))
+    top, bottom = out[:, :16].mean(axis=(1, 2, 3)), out[:, 16:].mean(axis=(1, 2, 3))
+    assert (top > bottom).all() != may_turn_upside_down
 
 
 @pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
