@@ -302,8 +302,24 @@ def canvas_region(image: np.ndarray, key: str, mode: str = "freedraw", display_w
     return cv2.resize(filled, (w, h), interpolation=cv2.INTER_NEAREST) > 0
 
 
+def model_selection(ms: dict | None) -> None:
+    """How the checkpoint was chosen among its training candidates (validation split only)."""
+    if not ms:
+        return
+    with st.expander(f"How this checkpoint was chosen ({len(ms.get('candidates', []))} candidates, validation only)"):
+        st.write(f"Rule: {ms.get('rule') or ms.get('criterion')}.")
+        rows = [{"candidate": c.get("candidate") or c.get("name"),
+                 **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()
+                    if k not in ("candidate", "name")}} for c in ms.get("candidates", [])]
+        st.dataframe(rows, hide_index=True)
+        st.write(f"Chosen: **{ms.get('chosen')}**")
+        if ms.get("note"):
+            st.caption(ms["note"])
+
+
 def small_data_evidence(meta: dict) -> None:
-    """Patch settings, group-wise cross-validation and external checks of a checkpoint, when recorded."""
+    """Patch settings, model selection, group-wise cross-validation and external checks, when recorded."""
+    model_selection(meta.get("model_selection"))
     pc = meta.get("patches")
     if pc:
         st.subheader("Patch model")

@@ -224,3 +224,29 @@ def test_patch_checkpoint_explains_the_whole_image(tiny_patch_bundle, tmp_path, 
     no_exception(at)
     heads = [s.value for s in at.subheader]
     assert any(h.startswith("Grad-CAM") for h in heads) and any(h.startswith("LIME") for h in heads)
+
+
+def test_model_card_shows_how_the_checkpoint_was_chosen(tiny_bundle, tmp_path, monkeypatch):
+    """The validation-only model selection recorded in metadata is on the model card, every candidate a row."""
+    import json
+
+    import streamlit as st
+
+    shutil.copytree(tiny_bundle, tmp_path / "c" / "tiny")
+    meta_path = tmp_path / "c" / "tiny" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model_selection"] = {"rule": "highest validation accuracy", "chosen": "candB",
+                               "candidates": [{"candidate": "candA", "val_accuracy": 0.81234},
+                                              {"candidate": "candB", "val_accuracy": 0.9}],
+                               "note": "test split not used"}
+    meta_path.write_text(json.dumps(meta))
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tmp_path / "c"))
+    monkeypatch.setenv("BREASTXAI_DATA", str(tmp_path / "nodata"))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = app()
+    no_exception(at)
+    assert any(e.label.startswith("How this checkpoint was chosen (2 candidates") for e in at.expander)
+    table = next(d.value for d in at.dataframe if "candidate" in d.value.columns)
+    assert list(table["candidate"]) == ["candA", "candB"] and table["val_accuracy"].iloc[0] == 0.8123
+    assert any("candB" in m.value for m in at.markdown)
