@@ -308,9 +308,10 @@ def model_selection(ms: dict | None) -> None:
         return
     with st.expander(f"How this checkpoint was chosen ({len(ms.get('candidates', []))} candidates, validation only)"):
         st.write(f"Rule: {ms.get('rule') or ms.get('criterion')}.")
-        rows = [{"candidate": c.get("candidate") or c.get("name"),
+        rows = [{"candidate": c.get("candidate") or c.get("name"),  # metrics first, the long settings text last
                  **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()
-                    if k not in ("candidate", "name")}} for c in ms.get("candidates", [])]
+                    if k not in ("candidate", "name", "settings")}, "settings": c.get("settings")}
+                for c in ms.get("candidates", [])]
         st.dataframe(rows, hide_index=True)
         st.write(f"Chosen: **{ms.get('chosen')}**")
         if ms.get("note"):
