@@ -74,7 +74,7 @@ class TrainConfig:
     colour_jitter: float = 0.0  # >0: random hue (this factor) and saturation (2x) changes: stain variation
     flip: str = "horizontal_and_vertical"  # random flips: "horizontal" keeps ultrasound's skin-up geometry
     rotation: float = 0.1  # random rotation, ± this fraction of a full turn (0.1 = ±36°)
-    precision: str = "float32"  # "bfloat16": oneDNN mixed precision for the fits (float32 weights), where the CPU has it
+    precision: str = "float32"  # "bfloat16": oneDNN mixed precision in the fits (float32 weights) where the CPU has it
     cv_folds: int = 0  # >1: also report group-wise K-fold cross-validation over the whole dataset
     external: tuple[str, ...] = ()  # KIND=DIR datasets predicted after training as an external check
     verbose: int = 1
@@ -93,6 +93,11 @@ class TrainConfig:
         return PatchConfig(self.patch_size, self.input_size, self.patch_stride or self.patch_size,
                            scale_jitter=self.patch_scale_jitter)
 
+
+#: `TrainConfig.flip` values (Keras RandomFlip modes, plus "none").
+FLIPS = ("horizontal_and_vertical", "horizontal", "vertical", "none")
+#: `TrainConfig.precision` values.
+PRECISIONS = ("float32", "bfloat16")
 
 #: Largest share of the free memory the activation cache may take before training falls back to plain fit.
 CACHE_MEMORY_FRACTION = 0.6
@@ -124,8 +129,8 @@ def cpu_has_bf16() -> bool:
 
 def resolve_precision(requested: str) -> str:
     """The precision training will really use: bfloat16 only where the CPU has it (else float32, with a warning)."""
-    if requested not in ("float32", "bfloat16"):
-        raise ValueError(f"precision must be 'float32' or 'bfloat16', not {requested!r}")
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {requested!r}")
     if requested == "bfloat16" and not cpu_has_bf16():
         log.warning("This CPU has no native bfloat16 (AVX512-BF16/AMX): training in float32 instead.")
         return "float32"

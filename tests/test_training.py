@@ -92,7 +92,9 @@ def test_mixed_precision_sets_and_restores_the_onednn_rewrite():
 
 def test_precision_falls_back_where_the_cpu_has_no_bfloat16(monkeypatch, caplog):
     monkeypatch.setattr(T, "cpu_has_bf16", lambda: False)
-    assert T.resolve_precision("bfloat16") == "float32"
+    with caplog.at_level("WARNING", logger="breastxai.train"):
+        assert T.resolve_precision("bfloat16") == "float32"
+    assert "no native bfloat16" in caplog.text
     assert T.resolve_precision("float32") == "float32"
     monkeypatch.setattr(T, "cpu_has_bf16", lambda: True)
     assert T.resolve_precision("bfloat16") == "bfloat16"
@@ -113,8 +115,6 @@ def test_augmenter_flip_choice(flip, may_turn_upside_down):
 @pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
 def test_cache_that_would_not_fit_in_memory_falls_back_to_plain_fit(tiny_tree, tmp_path, monkeypatch, capsys):
     """A cache larger than the free memory would be OOM-killed without a word: train without it and say so."""
-    import core.training as T
-
     monkeypatch.setattr(T, "available_memory", lambda: 1024 * 1024)  # 1 MB free
     args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "densenet121",
             "--weights", str(DENSENET_WEIGHTS), "--input-size", "32", "--head-epochs", "1",
