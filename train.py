@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cv-folds", type=int, default=d.cv_folds, metavar="K",
                    help="also run group-wise K-fold cross-validation over the whole dataset with the same "
                         "settings and record it in metadata.json (small datasets)")
+    g.add_argument("--cv-only", action="store_true",
+                   help="only run the --cv-folds cross-validation of these settings and record it in the existing "
+                        "bundle --out-dir/--name (its model, split and test metrics stay unchanged)")
     g.add_argument("--external", action="append", default=[], metavar="KIND=DIR",
                    help="after training, predict another dataset as an external check and record it "
                         "(e.g. breakhis=../shared/data/breakhis_samples); repeatable")
@@ -163,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_file)
     from core.errors import BreastXAIError
-    from core.training import train
+    from core.training import add_cross_validation, train
 
     try:
-        dest = train(config_from_args(args), argv=argv)
+        dest = (add_cross_validation if args.cv_only else train)(config_from_args(args), argv=argv)
     except BreastXAIError as exc:
         logging.getLogger("breastxai.train").error("%s", exc)
         return 2

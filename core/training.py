@@ -564,7 +564,55 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest) -> dict:
             "folds": folds, "accuracy_mean": float(acc.mean()), "accuracy_min": float(acc.min()),
             "accuracy_max": float(acc.max()), "pooled_accuracy": pooled["accuracy"],
             "pooled_accuracy_ci95": pooled.get("accuracy_ci95"), "pooled_roc_auc": pooled.get("roc_auc_macro"),
+            "pooled_recall": {r["class"]: r["recall"] for r in pooled["per_class"]},
+            "pooled_support": {r["class"]: r["support"] for r in pooled["per_class"]},
             "seconds": round(time.time() - t0, 1)}
+
+
+def add_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
+    """Cross-validate `cfg` and record it in the existing bundle `cfg.out_dir/cfg.bundle_name`.
+
+    The bundle's model, split, predictions and test metrics stay as they are; only
+    `metadata.json["cross_validation"]` is (re)written, atomically, with the command that produced it
+    and every setting that differs from the checkpoint's recorded configuration.
+    """
+    import shutil
+
+    from core.checkpoints import read_metadata, write_bundle, write_json
+
+    if cfg.cv_folds < 2:
+        raise DatasetError("--cv-only needs --cv-folds K with K >= 2.")
+    bundle = Path(cfg.out_dir) / cfg.bundle_name
+    if not (bundle / "metadata.json").is_file():
+        raise DatasetError(f"No checkpoint at {bundle} to add cross-validation to; pass the --out-dir and --name "
+                           "of an existing bundle, or drop --cv-only to train one.")
+    meta = read_metadata(bundle)
+    t_start = time.time()
+    set_seeds(cfg.seed)
+    manifest = load_manifest(cfg)
+    if list(manifest.class_names) != list(meta.get("class_names", [])):
+        raise DatasetError(f"The data at {cfg.data_dir} has classes {list(manifest.class_names)}, the checkpoint "
+                           f"{bundle.name} has {meta.get('class_names')}: not the same task.")
+    recorded = meta.get("config", {})
+    now = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    ignore = {"cv_folds", "verbose", "out_dir", "name", "external"}
+    cv = cross_validate(cfg, manifest)
+    cv["command"] = " ".join(["python", "train.py", *map(_quote, argv)]) if argv is not None else None
+    cv["git_commit"] = git_commit()
+    cv["differs_from_checkpoint"] = {k: {"checkpoint": recorded.get(k), "cross_validation": v}
+                                     for k, v in now.items() if k not in ignore and recorded.get(k) != v}
+    meta["cross_validation"] = cv
+
+    def fill(tmp: Path) -> None:
+        for f in bundle.iterdir():
+            if f.is_file() and f.name != "metadata.json":
+                shutil.copy2(f, tmp / f.name)
+        write_json(tmp / "metadata.json", meta)
+
+    dest = write_bundle(bundle, fill)
+    log.info("Cross-validation (%d folds) added to %s in %.1f min: pooled accuracy %.3f", cfg.cv_folds, dest,
+             (time.time() - t_start) / 60, cv["pooled_accuracy"])
+    return dest
 
 
 def external_check(clf, spec: str) -> dict:
@@ -597,6 +645,17 @@ def external_check(clf, spec: str) -> dict:
             "citation": CITATIONS.get(kind)}
 
 
+def load_manifest(cfg: TrainConfig) -> Manifest:
+    """The dataset `cfg` names (BreakHis task/magnification filter, optional seeded `--limit` subset)."""
+    opts = {"task": cfg.task, "magnification": cfg.magnification} if cfg.dataset == "breakhis" else {}
+    manifest = load_dataset(cfg.dataset, cfg.data_dir, **opts)
+    if cfg.limit:
+        rng = np.random.default_rng(cfg.seed)
+        keep = np.sort(rng.permutation(len(manifest))[:cfg.limit])
+        manifest = manifest.subset(keep)
+    return manifest
+
+
 def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     """Train one checkpoint from `cfg` and write its bundle to `cfg.out_dir/cfg.bundle_name`."""
     import keras
@@ -609,12 +668,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
 
     t_start = time.time()
     set_seeds(cfg.seed)
-    opts = {"task": cfg.task, "magnification": cfg.magnification} if cfg.dataset == "breakhis" else {}
-    manifest = load_dataset(cfg.dataset, cfg.data_dir, **opts)
-    if cfg.limit:
-        rng = np.random.default_rng(cfg.seed)
-        keep = np.sort(rng.permutation(len(manifest))[:cfg.limit])
-        manifest = manifest.subset(keep)
+    manifest = load_manifest(cfg)
     if cfg.split_file:
         splits = read_split(cfg.split_file, manifest.root, manifest.class_names, manifest.name)
     else:

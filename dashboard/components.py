@@ -336,7 +336,16 @@ def small_data_evidence(meta: dict) -> None:
                  f"{cv['accuracy_min']:.3f}–{cv['accuracy_max']:.3f}); pooled over all held-out images "
                  f"{cv['pooled_accuracy']:.3f}" + (f", ROC AUC {cv['pooled_roc_auc']:.3f}" if cv.get("pooled_roc_auc")
                                                    is not None else "") + ".")
+        if cv.get("pooled_recall"):
+            st.write("Pooled recall (sensitivity): " + ", ".join(
+                f"{c} **{r:.3f}** (of {cv['pooled_support'][c]})" for c, r in cv["pooled_recall"].items()) + ".")
         st.caption(cv["method"])
+        diff = cv.get("differs_from_checkpoint")
+        if diff:
+            st.caption("Settings that differ from this checkpoint's training: " + "; ".join(
+                f"{k} {v['checkpoint']} → {v['cross_validation']}" for k, v in diff.items()) + ".")
+        if cv.get("command"):
+            st.caption(f"Command: `{cv['command']}`")
         st.dataframe([{"fold": f["fold"], "held-out groups": ", ".join(f["test_groups"]), "images": f["n_test"],
                        "accuracy": round(f["accuracy"], 3)} for f in cv["folds"]], hide_index=True)
     for ext in meta.get("external_checks", []):

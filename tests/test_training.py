@@ -137,6 +137,35 @@ def test_refresh_retrains_from_recorded_command(tiny_bundle, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
 
 
+def test_cv_only_adds_cross_validation_to_an_existing_bundle(tiny_bundle, tiny_tree, tmp_path, capsys):
+    """--cv-only records group-wise CV in metadata.json and leaves the model, split and predictions alone."""
+    shutil.copytree(tiny_bundle, tmp_path / "tiny")
+    b = tmp_path / "tiny"
+    unchanged = {f: (b / f).read_bytes() for f in ("model.keras", "split.csv", "predictions.csv", "history.csv")}
+    before = json.loads((b / "metadata.json").read_text())
+    argv = [*before["argv"][:before["argv"].index("--name")], "--batch-size", "4", "--cv-folds", "2", "--cv-only",
+            "--name", "tiny", "--out-dir", str(tmp_path), "--quiet"]
+    assert train.main(argv) == 0
+    after = json.loads((b / "metadata.json").read_text())
+    assert {f: (b / f).read_bytes() for f in unchanged} == unchanged
+    assert after["metrics"] == before["metrics"] and after["model_sha256"] == before["model_sha256"]
+    cv = after["cross_validation"]
+    assert len(cv["folds"]) == 2 and sum(f["n_test"] for f in cv["folds"]) == before["dataset"]["n_images"]
+    assert sum(cv["pooled_support"].values()) == before["dataset"]["n_images"]
+    assert set(cv["pooled_recall"]) == set(before["class_names"])
+    assert all(0.0 <= r <= 1.0 for r in cv["pooled_recall"].values())
+    assert "--cv-only" in cv["command"]
+    assert cv["differs_from_checkpoint"] == {"batch_size": {"checkpoint": 8, "cross_validation": 4}}
+    load_classifier(b)  # still verifies (sha256 of the unchanged model)
+    # No bundle there, or no folds: a message, not a traceback, and nothing written.
+    assert train.main([*argv[:-5], "--name", "missing", "--out-dir", str(tmp_path), "--quiet"]) == 2
+    assert train.main([*argv[:argv.index("--cv-folds")], "--cv-only", "--name", "tiny", "--out-dir",
+                       str(tmp_path), "--quiet"]) == 2
+    out = capsys.readouterr().out
+    assert "No checkpoint at" in out and "needs --cv-folds" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
 def test_bad_dataset_gives_message_not_traceback(tmp_path, capsys):
     assert train.main(["--dataset", "folder", "--data-dir", str(tmp_path / "nothing"), "--quiet"]) == 2
     assert "not found" in capsys.readouterr().out

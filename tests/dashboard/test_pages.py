@@ -250,3 +250,34 @@ def test_model_card_shows_how_the_checkpoint_was_chosen(tiny_bundle, tmp_path, m
     table = next(d.value for d in at.dataframe if "candidate" in d.value.columns)
     assert list(table["candidate"]) == ["candA", "candB"] and table["val_accuracy"].iloc[0] == 0.8123
     assert any("candB" in m.value for m in at.markdown)
+
+
+def test_model_card_shows_cross_validation_recall_and_differences(tiny_bundle, tmp_path, monkeypatch):
+    """Recorded group-wise CV: pooled per-class recall, the settings it changed and its command are shown."""
+    import json
+
+    import streamlit as st
+
+    shutil.copytree(tiny_bundle, tmp_path / "c" / "tiny")
+    meta_path = tmp_path / "c" / "tiny" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["cross_validation"] = {
+        "method": "StratifiedGroupKFold(n_splits=2)", "accuracy_mean": 0.75, "accuracy_min": 0.7,
+        "accuracy_max": 0.8, "pooled_accuracy": 0.75, "pooled_roc_auc": 0.8,
+        "folds": [{"fold": 1, "test_groups": ["a"], "n_test": 14, "accuracy": 0.7},
+                  {"fold": 2, "test_groups": ["b"], "n_test": 14, "accuracy": 0.8}],
+        "pooled_recall": {"benign": 0.5, "malignant": 0.8571}, "pooled_support": {"benign": 14, "malignant": 14},
+        "differs_from_checkpoint": {"precision": {"checkpoint": "float32", "cross_validation": "bfloat16"}},
+        "command": "python train.py --cv-folds 2 --cv-only"}
+    meta_path.write_text(json.dumps(meta))
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tmp_path / "c"))
+    monkeypatch.setenv("BREASTXAI_DATA", str(tmp_path / "nodata"))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = app()
+    no_exception(at)
+    assert "Group-wise cross-validation" in [s.value for s in at.subheader]
+    assert any("malignant **0.857** (of 14)" in m.value for m in at.markdown)
+    captions = [c.value for c in at.caption]
+    assert any("precision float32 → bfloat16" in c for c in captions)
+    assert any("--cv-only" in c for c in captions)
