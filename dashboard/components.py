@@ -318,6 +318,11 @@ def model_selection(ms: dict | None) -> None:
             st.caption(ms["note"])
 
 
+def _groups_text(groups: list[str], show: int = 3) -> str:
+    """'a, b, c … (132 groups)' for long lists (BUSI: every image is its own group)."""
+    return ", ".join(groups[:show]) + (f" … ({len(groups)} groups)" if len(groups) > show else "")
+
+
 def small_data_evidence(meta: dict) -> None:
     """Patch settings, model selection, group-wise cross-validation and external checks, when recorded."""
     model_selection(meta.get("model_selection"))
@@ -346,7 +351,7 @@ def small_data_evidence(meta: dict) -> None:
                 f"{k} {v['checkpoint']} → {v['cross_validation']}" for k, v in diff.items()) + ".")
         if cv.get("command"):
             st.caption(f"Command: `{cv['command']}`")
-        st.dataframe([{"fold": f["fold"], "held-out groups": ", ".join(f["test_groups"]), "images": f["n_test"],
+        st.dataframe([{"fold": f["fold"], "held-out groups": _groups_text(f["test_groups"]), "images": f["n_test"],
                        "accuracy": round(f["accuracy"], 3)} for f in cv["folds"]], hide_index=True)
     for ext in meta.get("external_checks", []):
         st.subheader(f"External check · {ext['name']}")

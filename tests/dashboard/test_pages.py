@@ -264,7 +264,7 @@ def test_model_card_shows_cross_validation_recall_and_differences(tiny_bundle, t
     meta["cross_validation"] = {
         "method": "StratifiedGroupKFold(n_splits=2)", "accuracy_mean": 0.75, "accuracy_min": 0.7,
         "accuracy_max": 0.8, "pooled_accuracy": 0.75, "pooled_roc_auc": 0.8,
-        "folds": [{"fold": 1, "test_groups": ["a"], "n_test": 14, "accuracy": 0.7},
+        "folds": [{"fold": 1, "test_groups": [f"img{i}.png" for i in range(14)], "n_test": 14, "accuracy": 0.7},
                   {"fold": 2, "test_groups": ["b"], "n_test": 14, "accuracy": 0.8}],
         "pooled_recall": {"benign": 0.5, "malignant": 0.8571}, "pooled_support": {"benign": 14, "malignant": 14},
         "differs_from_checkpoint": {"precision": {"checkpoint": "float32", "cross_validation": "bfloat16"}},
@@ -281,3 +281,5 @@ def test_model_card_shows_cross_validation_recall_and_differences(tiny_bundle, t
     captions = [c.value for c in at.caption]
     assert any("precision float32 → bfloat16" in c for c in captions)
     assert any("--cv-only" in c for c in captions)
+    table = next(d.value for d in at.dataframe if "held-out groups" in d.value.columns)
+    assert list(table["held-out groups"]) == ["img0.png, img1.png, img2.png … (14 groups)", "b"]
