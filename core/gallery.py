@@ -66,7 +66,7 @@ def find_examples(data_dir: str | Path | None, per_class: int = 6) -> list[Examp
         return []
     root = Path(data_dir)
     out: list[Example] = []
-    finders = (("Dataset_BUSI_with_GT", "busi", lambda p: load_busi(p)),
+    finders = (("Dataset_BUSI_with_GT", "busi", lambda p: load_busi(p, near_duplicates=False)),
                ("BreaKHis_v1", "breakhis", lambda p: load_breakhis(p)),
                ("BreastCancerCell_dataset", "ucsb", lambda p: load_ucsb(p)))
     for folder, kind, loader in finders:

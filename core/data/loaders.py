@@ -69,11 +69,14 @@ def load_folder(root: str | Path, class_names: Optional[list[str]] = None, name:
     return Manifest(name, str(root), tuple(class_names), tuple(samples))
 
 
-def load_busi(root: str | Path) -> Manifest:
+def load_busi(root: str | Path, near_duplicates: bool = True) -> Manifest:
     """BUSI `Dataset_BUSI_with_GT/{benign,malignant,normal}/<class> (N).png` with masks beside them.
 
     Accepts the dataset folder itself or a parent that contains `Dataset_BUSI_with_GT`.
-    Classes are ordered benign, malignant, normal (label 0, 1, 2).
+    Classes are ordered benign, malignant, normal (label 0, 1, 2). BUSI publishes no patient ids:
+    with `near_duplicates` (default), images whose difference hashes are within
+    `core.data.duplicates.NEAR_DUPLICATE_BITS` share a group (named after its first file), so repeated
+    scans of one lesion never straddle a split; otherwise each image is its own group.
     """
     root = Path(root)
     if (root / "Dataset_BUSI_with_GT").is_dir():
@@ -84,7 +87,17 @@ def load_busi(root: str | Path) -> Manifest:
     if missing:
         raise DatasetError(f"{root} is not a BUSI folder: missing {', '.join(missing)} sub-folder(s).")
     m = load_folder(root, classes, name="busi")
-    return m
+    if not near_duplicates:
+        return m
+    from dataclasses import replace
+
+    from core.data.duplicates import near_duplicate_components
+
+    comp = near_duplicate_components([s.path for s in m.samples])
+    first: dict[int, str] = {}
+    for c, s in zip(comp, m.samples):
+        first.setdefault(int(c), s.group)
+    return replace(m, samples=tuple(replace(s, group=first[int(c)]) for c, s in zip(comp, m.samples)))
 
 
 def parse_breakhis_name(filename: str) -> dict:
