@@ -142,3 +142,59 @@ def test_breakhis_patient_split_real():
     s = split_manifest(m, seed=0)
     groups = [{x.group for x in s[k]} for k in ("train", "val", "test")]
     assert sum(map(len, groups)) == 9 and len(set().union(*groups)) == 9
+
+
+def _ultrasound_like(seed: int, size=(120, 160)) -> np.ndarray:
+    """Speckle texture with a dark elliptical lesion; different seeds give unrelated scenes."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    img = cv2.GaussianBlur(rng.integers(0, 255, size).astype(np.uint8), (0, 0), 3)
+    cy, cx = rng.integers(30, 90), rng.integers(40, 120)
+    cv2.ellipse(img, (int(cx), int(cy)), (18, 12), 0, 0, 360, 10, -1)
+    return np.stack([img] * 3, -1)
+
+
+def test_dhash_separates_repeats_from_other_scenes():
+    from core.data.duplicates import NEAR_DUPLICATE_BITS, dhash
+
+    a = _ultrasound_like(1)
+    marked = a.copy()
+    marked[40:43, 50:60] = 255  # calipers drawn on the same scan
+    shifted = np.roll(a, 2, axis=1)
+    assert (dhash(a) != dhash(a)).sum() == 0
+    assert (dhash(a) != dhash(marked)).sum() <= NEAR_DUPLICATE_BITS
+    assert (dhash(a) != dhash(shifted)).sum() <= NEAR_DUPLICATE_BITS
+    assert all((dhash(a) != dhash(_ultrasound_like(s))).sum() > NEAR_DUPLICATE_BITS for s in range(2, 8))
+
+
+def test_busi_near_duplicates_share_a_group_and_a_split(tmp_path):
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    for k, c in enumerate(("benign", "malignant", "normal")):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(_ultrasound_like(100 + 10 * k + i)).save(root / c / f"{c} ({i + 1}).png")
+    scan = _ultrasound_like(99)
+    Image.fromarray(scan).save(root / "benign" / "benign (7).png")
+    repeat = scan.copy()
+    repeat[10:12, 10:30] = 255
+    Image.fromarray(repeat).save(root / "malignant" / "malignant (7).png")  # same scan filed twice
+    (root / "normal" / "normal (7).png").write_bytes(b"not an image")  # own group, reported at decode time
+    m = load_busi(root)
+    group = {s.path.split("/")[-1]: s.group for s in m}
+    assert group["malignant (7).png"] == group["benign (7).png"] == "benign/benign (7).png"
+    assert group["normal (7).png"] == "normal/normal (7).png"
+    assert len(set(group.values())) == len(m) - 1
+    assert len({s.group for s in load_busi(root, near_duplicates=False)}) == len(m)
+    for seed in range(5):
+        sp = split_manifest(m, (0.5, 0.25, 0.25), seed)
+        where = {s.path.split("/")[-1]: name for name, part in sp.items() for s in part}
+        assert where["malignant (7).png"] == where["benign (7).png"]
+
+
+@needs_shared
+def test_busi_real_cross_class_duplicate_is_one_group():
+    m = load_busi(BUSI)
+    group = {s.path.split("/")[-1]: s.group for s in m}
+    assert group["malignant (145).png"] == group["benign (433).png"]  # the identical scan filed under two classes
+    assert len({s.group for s in m}) < len(m)
