@@ -120,6 +120,21 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def update_metadata(bundle: str | Path, updates: dict) -> Path:
+    """Set top-level `updates` in a bundle's metadata.json, atomically; every other file is copied unchanged."""
+    bundle = Path(bundle)
+    meta = read_metadata(bundle)
+    meta.update(updates)
+
+    def fill(tmp: Path) -> None:
+        for f in bundle.iterdir():
+            if f.is_file() and f.name != "metadata.json":
+                shutil.copy2(f, tmp / f.name)
+        write_json(tmp / "metadata.json", meta)
+
+    return write_bundle(bundle, fill)
+
+
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)

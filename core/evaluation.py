@@ -191,6 +191,42 @@ def predictions_from_bundle(path: str | Path, split: str = "test") -> tuple[np.n
     return y, p.reshape(len(rows), len(names)), rows
 
 
+def near_duplicate_audit(path: str | Path, split: str = "test", data_dir: Optional[str] = None,
+                         max_bits: Optional[int] = None) -> dict:
+    """Metrics of `split` without the images that have a near-duplicate (a repeat scan) in another split.
+
+    Near-duplicates are the difference-hash clusters of `core.data.duplicates` over every image of the
+    bundle's split.csv; an image is excluded when its cluster reaches any other split. Needs the dataset.
+    """
+    from core.checkpoints import read_csv, read_metadata
+    from core.data.duplicates import NEAR_DUPLICATE_BITS, near_duplicate_components
+    from core.errors import DatasetError
+    from core.explain.evaluate import resolve_data_root
+
+    path = Path(path)
+    max_bits = NEAR_DUPLICATE_BITS if max_bits is None else max_bits
+    meta = read_metadata(path)
+    root = resolve_data_root(meta, path, data_dir)
+    rows = read_csv(path / "split.csv")
+    missing = [r["path"] for r in rows if not (root / r["path"]).is_file()]
+    if missing:
+        raise DatasetError(f"{len(missing)} images of {path.name}'s split are not under {root} (e.g. {missing[0]}); "
+                           "pass --data-dir.")
+    comp = near_duplicate_components([str(root / r["path"]) for r in rows], max_bits)
+    splits_of: dict[int, set] = {}
+    for c, r in zip(comp, rows):
+        splits_of.setdefault(int(c), set()).add(r["split"])
+    leaky = {r["path"] for c, r in zip(comp, rows) if r["split"] == split and len(splits_of[int(c)]) > 1}
+    y, p, pred_rows = predictions_from_bundle(path, split)
+    keep = np.array([r["path"] not in leaky for r in pred_rows], bool)
+    m = classification_metrics(y[keep], p[keep], meta["class_names"], seed=0)
+    return {"method": f"difference hash (16x16), clusters of images within {max_bits} of 256 bits over every "
+                      f"image of split.csv; {split} images whose cluster reaches another split are excluded",
+            "split": split, "max_bits": max_bits, "n_split": int(len(y)), "n_excluded": int((~keep).sum()),
+            "excluded_by_class": {c: int(((y == i) & ~keep).sum()) for i, c in enumerate(meta["class_names"])},
+            "excluded": sorted(leaky), "metrics": m}
+
+
 def format_report(m: dict, class_names: Sequence[str]) -> str:
     """A plain-text summary a person can read."""
     def ci(v):
@@ -218,16 +254,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("checkpoint", help="bundle folder, e.g. checkpoints/busi_densenet121")
     ap.add_argument("--split", default="test", help="val, test, or external:<name> (a recorded external check)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--without-near-duplicates", action="store_true",
+                    help="leave out images with a near-duplicate (repeat scan) in another split; needs the dataset")
+    ap.add_argument("--data-dir", default=None, help="dataset folder, if not where metadata.json says")
+    ap.add_argument("--record", action="store_true",
+                    help="with --without-near-duplicates: also store the audit in metadata.json (atomically)")
     args = ap.parse_args(argv)
     from core.checkpoints import read_metadata
-    from core.errors import CheckpointError
+    from core.errors import BreastXAIError, CheckpointError
 
     try:
         meta = read_metadata(args.checkpoint)
         y, p, _ = predictions_from_bundle(args.checkpoint, args.split)
-    except (CheckpointError, FileNotFoundError) as exc:
+        audit = near_duplicate_audit(args.checkpoint, args.split, args.data_dir) if args.without_near_duplicates \
+            else None
+    except (BreastXAIError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if audit is not None:
+        if args.record:
+            from core.checkpoints import update_metadata
+
+            update_metadata(args.checkpoint, {"near_duplicate_audit": audit})
+        print(json.dumps(audit, indent=2) if args.json else
+              f"{audit['n_excluded']} of {audit['n_split']} {args.split} images left out (near-duplicate in "
+              f"another split: {audit['excluded_by_class']})\n" + format_report(audit["metrics"], meta["class_names"]))
+        return 0
     if len(y) == 0:
         print(f"error: {args.checkpoint} has no predictions for split {args.split!r}", file=sys.stderr)
         return 2

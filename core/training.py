@@ -576,9 +576,7 @@ def add_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str]] = None)
     `metadata.json["cross_validation"]` is (re)written, atomically, with the command that produced it
     and every setting that differs from the checkpoint's recorded configuration.
     """
-    import shutil
-
-    from core.checkpoints import read_metadata, write_bundle, write_json
+    from core.checkpoints import read_metadata, update_metadata
 
     if cfg.cv_folds < 2:
         raise DatasetError("--cv-only needs --cv-folds K with K >= 2.")
@@ -601,15 +599,7 @@ def add_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str]] = None)
     cv["git_commit"] = git_commit()
     cv["differs_from_checkpoint"] = {k: {"checkpoint": recorded.get(k), "cross_validation": v}
                                      for k, v in now.items() if k not in ignore and recorded.get(k) != v}
-    meta["cross_validation"] = cv
-
-    def fill(tmp: Path) -> None:
-        for f in bundle.iterdir():
-            if f.is_file() and f.name != "metadata.json":
-                shutil.copy2(f, tmp / f.name)
-        write_json(tmp / "metadata.json", meta)
-
-    dest = write_bundle(bundle, fill)
+    dest = update_metadata(bundle, {"cross_validation": cv})
     log.info("Cross-validation (%d folds) added to %s in %.1f min: pooled accuracy %.3f", cfg.cv_folds, dest,
              (time.time() - t_start) / 60, cv["pooled_accuracy"])
     return dest

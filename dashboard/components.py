@@ -353,6 +353,18 @@ def small_data_evidence(meta: dict) -> None:
             st.caption(f"Command: `{cv['command']}`")
         st.dataframe([{"fold": f["fold"], "held-out groups": _groups_text(f["test_groups"]), "images": f["n_test"],
                        "accuracy": round(f["accuracy"], 3)} for f in cv["folds"]], hide_index=True)
+    audit = meta.get("near_duplicate_audit")
+    if audit:
+        m = audit["metrics"]
+        ci = m.get("accuracy_ci95")
+        st.subheader(f"{audit['split'].capitalize()} split without repeat scans")
+        st.write(f"{audit['n_excluded']} of {audit['n_split']} {audit['split']} images have a near-duplicate (a repeat "
+                 f"scan of the same lesion) in another split. On the other {m['n']}: accuracy **{m['accuracy']:.3f}**"
+                 + (f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+                 + (f", macro ROC AUC {m['roc_auc_macro']:.3f}" if m.get("roc_auc_macro") is not None else "")
+                 + "; recall " + ", ".join(f"{r['class']} {r['recall']:.3f} ({r['tp']}/{r['support']})"
+                                           for r in m["per_class"]) + ".")
+        st.caption(audit["method"])
     for ext in meta.get("external_checks", []):
         st.subheader(f"External check · {ext['name']}")
         st.warning(f"{ext['label']}. {ext['n_correct']} of {ext['n_images']} correct "

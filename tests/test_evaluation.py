@@ -76,3 +76,44 @@ def test_curves_per_class():
     c = curves(Y, P, NAMES)
     assert set(c) == set(NAMES)
     assert c["normal"]["auc"] == pytest.approx(1.0)
+
+
+def test_near_duplicate_audit_leaves_out_test_images_repeated_in_train(tiny_bundle, tiny_tree, tmp_path, capsys):
+    """A test image whose repeat scan sits in the training split is excluded; the rest are scored as before."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from core.checkpoints import read_csv
+    from core.evaluation import main, near_duplicate_audit, predictions_from_bundle
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_tree, data)
+    bundle = tmp_path / "ck" / "tiny"
+    shutil.copytree(tiny_bundle, bundle)
+    rows = read_csv(bundle / "split.csv")
+    test_row = next(r for r in rows if r["split"] == "test")
+    train_row = next(r for r in rows if r["split"] == "train")
+    repeat = np.array(Image.open(data / test_row["path"]).convert("RGB"))
+    repeat[:2, :6] = 255  # the same scan with a marker, filed as a training image
+    Image.fromarray(repeat).save(data / train_row["path"])
+
+    audit = near_duplicate_audit(bundle, "test", data_dir=str(data))
+    assert audit["excluded"] == [test_row["path"]] and audit["n_excluded"] == 1
+    y, p, pred = predictions_from_bundle(bundle, "test")
+    keep = np.array([r["path"] != test_row["path"] for r in pred])
+    expected = classification_metrics(y[keep], p[keep], ("benign", "malignant"), seed=0)
+    assert audit["metrics"]["n"] == audit["n_split"] - 1 == len(y) - 1
+    assert audit["metrics"]["accuracy"] == pytest.approx(expected["accuracy"])
+    assert sum(audit["excluded_by_class"].values()) == 1
+
+    model_bytes = (bundle / "model.keras").read_bytes()
+    assert main([str(bundle), "--without-near-duplicates", "--data-dir", str(data), "--record"]) == 0
+    assert f"1 of {len(y)} test images left out" in capsys.readouterr().out
+    meta = json.loads((bundle / "metadata.json").read_text())
+    assert meta["near_duplicate_audit"]["excluded"] == [test_row["path"]]
+    assert (bundle / "model.keras").read_bytes() == model_bytes
+    # Without the dataset: a message, not a traceback.
+    assert main([str(bundle), "--without-near-duplicates", "--data-dir", str(tmp_path / "none")]) == 2
+    assert "pass --data-dir" in capsys.readouterr().err

@@ -252,7 +252,7 @@ def test_model_card_shows_how_the_checkpoint_was_chosen(tiny_bundle, tmp_path, m
     assert any("candB" in m.value for m in at.markdown)
 
 
-def test_model_card_shows_cross_validation_recall_and_differences(tiny_bundle, tmp_path, monkeypatch):
+def test_model_card_shows_cross_validation_and_near_duplicate_audit(tiny_bundle, tmp_path, monkeypatch):
     """Recorded group-wise CV: pooled per-class recall, the settings it changed and its command are shown."""
     import json
 
@@ -269,6 +269,11 @@ def test_model_card_shows_cross_validation_recall_and_differences(tiny_bundle, t
         "pooled_recall": {"benign": 0.5, "malignant": 0.8571}, "pooled_support": {"benign": 14, "malignant": 14},
         "differs_from_checkpoint": {"precision": {"checkpoint": "float32", "cross_validation": "bfloat16"}},
         "command": "python train.py --cv-folds 2 --cv-only"}
+    meta["near_duplicate_audit"] = {
+        "method": "difference hash", "split": "test", "n_split": 10, "n_excluded": 2,
+        "metrics": {"n": 8, "accuracy": 0.875, "accuracy_ci95": [0.5, 1.0], "roc_auc_macro": 0.9,
+                    "per_class": [{"class": "benign", "recall": 1.0, "tp": 4, "support": 4},
+                                  {"class": "malignant", "recall": 0.75, "tp": 3, "support": 4}]}}
     meta_path.write_text(json.dumps(meta))
     monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tmp_path / "c"))
     monkeypatch.setenv("BREASTXAI_DATA", str(tmp_path / "nodata"))
@@ -281,5 +286,7 @@ def test_model_card_shows_cross_validation_recall_and_differences(tiny_bundle, t
     captions = [c.value for c in at.caption]
     assert any("precision float32 → bfloat16" in c for c in captions)
     assert any("--cv-only" in c for c in captions)
+    assert "Test split without repeat scans" in [s.value for s in at.subheader]
+    assert any("2 of 10 test images" in m.value and "malignant 0.750 (3/4)" in m.value for m in at.markdown)
     table = next(d.value for d in at.dataframe if "held-out groups" in d.value.columns)
     assert list(table["held-out groups"]) == ["img0.png, img1.png, img2.png … (14 groups)", "b"]
