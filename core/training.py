@@ -528,7 +528,7 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest) -> dict:
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from core.data.split import _holdout
+    from core.data.split import _holdout, describe_groups
     from core.evaluation import classification_metrics
 
     labels, groups = np.asarray(manifest.labels), np.asarray(manifest.groups)
@@ -551,7 +551,7 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest) -> dict:
         pooled_y.append(data["test"][1])
         pooled_p.append(p)
         log.info("CV fold %d/%d (held-out groups %s): accuracy %.3f", f + 1, cfg.cv_folds,
-                 ", ".join(folds[-1]["test_groups"]), m["accuracy"])
+                 describe_groups(folds[-1]["test_groups"]), m["accuracy"])
         import keras
 
         keras.backend.clear_session()

@@ -12,6 +12,7 @@ import streamlit as st
 from PIL import Image
 
 import services as svc
+from core.data.split import describe_groups
 from core.explain import EXPLAINERS
 from core.explain.visualise import boundaries, colorize, mask_outline, overlay
 
@@ -318,11 +319,6 @@ def model_selection(ms: dict | None) -> None:
             st.caption(ms["note"])
 
 
-def _groups_text(groups: list[str], show: int = 3) -> str:
-    """'a, b, c … (132 groups)' for long lists (BUSI: every image is its own group)."""
-    return ", ".join(groups[:show]) + (f" … ({len(groups)} groups)" if len(groups) > show else "")
-
-
 def small_data_evidence(meta: dict) -> None:
     """Patch settings, model selection, group-wise cross-validation and external checks, when recorded."""
     model_selection(meta.get("model_selection"))
@@ -351,8 +347,9 @@ def small_data_evidence(meta: dict) -> None:
                 f"{k} {v['checkpoint']} → {v['cross_validation']}" for k, v in diff.items()) + ".")
         if cv.get("command"):
             st.caption(f"Command: `{cv['command']}`")
-        st.dataframe([{"fold": f["fold"], "held-out groups": _groups_text(f["test_groups"]), "images": f["n_test"],
-                       "accuracy": round(f["accuracy"], 3)} for f in cv["folds"]], hide_index=True)
+        st.dataframe([{"fold": f["fold"], "held-out groups": describe_groups(f["test_groups"]),
+                       "images": f["n_test"], "accuracy": round(f["accuracy"], 3)} for f in cv["folds"]],
+                     hide_index=True)
     audit = meta.get("near_duplicate_audit")
     if audit:
         m = audit["metrics"]

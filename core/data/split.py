@@ -15,6 +15,12 @@ from core.errors import DatasetError
 SPLITS = ("train", "val", "test")
 
 
+def describe_groups(groups: Sequence[str], show: int = 3) -> str:
+    """'a, b, c … (132 groups)' for long lists (BUSI folds hold out over a hundred groups)."""
+    groups = list(groups)
+    return ", ".join(groups[:show]) + (f" … ({len(groups)} groups)" if len(groups) > show else "")
+
+
 def _holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of a held-out part of about `fraction`, stratified, never splitting a group."""
     n = len(labels)
