@@ -226,26 +226,30 @@ def test_patch_checkpoint_explains_the_whole_image(tiny_patch_bundle, tmp_path, 
     assert any(h.startswith("Grad-CAM") for h in heads) and any(h.startswith("LIME") for h in heads)
 
 
-def test_model_card_shows_how_the_checkpoint_was_chosen(tiny_bundle, tmp_path, monkeypatch):
-    """The validation-only model selection recorded in metadata is on the model card, every candidate a row."""
+def model_card_with(tiny_bundle, tmp_path, monkeypatch, **fields):
+    """Run Home on a copy of the tiny bundle whose metadata.json has `fields` set."""
     import json
 
     import streamlit as st
 
     shutil.copytree(tiny_bundle, tmp_path / "c" / "tiny")
     meta_path = tmp_path / "c" / "tiny" / "metadata.json"
-    meta = json.loads(meta_path.read_text())
-    meta["model_selection"] = {"rule": "highest validation accuracy", "chosen": "candB",
-                               "candidates": [{"candidate": "candA", "val_accuracy": 0.81234},
-                                              {"candidate": "candB", "val_accuracy": 0.9}],
-                               "note": "test split not used"}
-    meta_path.write_text(json.dumps(meta))
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), **fields}))
     monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tmp_path / "c"))
     monkeypatch.setenv("BREASTXAI_DATA", str(tmp_path / "nodata"))
     st.cache_data.clear()
     st.cache_resource.clear()
     at = app()
     no_exception(at)
+    return at
+
+
+def test_model_card_shows_how_the_checkpoint_was_chosen(tiny_bundle, tmp_path, monkeypatch):
+    """The validation-only model selection recorded in metadata is on the model card, every candidate a row."""
+    at = model_card_with(tiny_bundle, tmp_path, monkeypatch, model_selection={
+        "rule": "highest validation accuracy", "chosen": "candB",
+        "candidates": [{"candidate": "candA", "val_accuracy": 0.81234}, {"candidate": "candB", "val_accuracy": 0.9}],
+        "note": "test split not used"})
     assert any(e.label.startswith("How this checkpoint was chosen (2 candidates") for e in at.expander)
     table = next(d.value for d in at.dataframe if "candidate" in d.value.columns)
     assert list(table["candidate"]) == ["candA", "candB"] and table["val_accuracy"].iloc[0] == 0.8123
@@ -253,34 +257,19 @@ def test_model_card_shows_how_the_checkpoint_was_chosen(tiny_bundle, tmp_path, m
 
 
 def test_model_card_shows_cross_validation_and_near_duplicate_audit(tiny_bundle, tmp_path, monkeypatch):
-    """Recorded group-wise CV: pooled per-class recall, the settings it changed and its command are shown."""
-    import json
-
-    import streamlit as st
-
-    shutil.copytree(tiny_bundle, tmp_path / "c" / "tiny")
-    meta_path = tmp_path / "c" / "tiny" / "metadata.json"
-    meta = json.loads(meta_path.read_text())
-    meta["cross_validation"] = {
-        "method": "StratifiedGroupKFold(n_splits=2)", "accuracy_mean": 0.75, "accuracy_min": 0.7,
-        "accuracy_max": 0.8, "pooled_accuracy": 0.75, "pooled_roc_auc": 0.8,
-        "folds": [{"fold": 1, "test_groups": [f"img{i}.png" for i in range(14)], "n_test": 14, "accuracy": 0.7},
-                  {"fold": 2, "test_groups": ["b"], "n_test": 14, "accuracy": 0.8}],
-        "pooled_recall": {"benign": 0.5, "malignant": 0.8571}, "pooled_support": {"benign": 14, "malignant": 14},
-        "differs_from_checkpoint": {"precision": {"checkpoint": "float32", "cross_validation": "bfloat16"}},
-        "command": "python train.py --cv-folds 2 --cv-only"}
-    meta["near_duplicate_audit"] = {
-        "method": "difference hash", "split": "test", "n_split": 10, "n_excluded": 2,
-        "metrics": {"n": 8, "accuracy": 0.875, "accuracy_ci95": [0.5, 1.0], "roc_auc_macro": 0.9,
-                    "per_class": [{"class": "benign", "recall": 1.0, "tp": 4, "support": 4},
-                                  {"class": "malignant", "recall": 0.75, "tp": 3, "support": 4}]}}
-    meta_path.write_text(json.dumps(meta))
-    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tmp_path / "c"))
-    monkeypatch.setenv("BREASTXAI_DATA", str(tmp_path / "nodata"))
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    at = app()
-    no_exception(at)
+    """Recorded group-wise CV (pooled recall, changed settings, command) and the repeat-scan audit are shown."""
+    cv = {"method": "StratifiedGroupKFold(n_splits=2)", "accuracy_mean": 0.75, "accuracy_min": 0.7,
+          "accuracy_max": 0.8, "pooled_accuracy": 0.75, "pooled_roc_auc": 0.8,
+          "folds": [{"fold": 1, "test_groups": [f"img{i}.png" for i in range(14)], "n_test": 14, "accuracy": 0.7},
+                    {"fold": 2, "test_groups": ["b"], "n_test": 14, "accuracy": 0.8}],
+          "pooled_recall": {"benign": 0.5, "malignant": 0.8571}, "pooled_support": {"benign": 14, "malignant": 14},
+          "differs_from_checkpoint": {"precision": {"checkpoint": "float32", "cross_validation": "bfloat16"}},
+          "command": "python train.py --cv-folds 2 --cv-only"}
+    audit = {"method": "difference hash", "split": "test", "n_split": 10, "n_excluded": 2,
+             "metrics": {"n": 8, "accuracy": 0.875, "accuracy_ci95": [0.5, 1.0], "roc_auc_macro": 0.9,
+                         "per_class": [{"class": "benign", "recall": 1.0, "tp": 4, "support": 4},
+                                       {"class": "malignant", "recall": 0.75, "tp": 3, "support": 4}]}}
+    at = model_card_with(tiny_bundle, tmp_path, monkeypatch, cross_validation=cv, near_duplicate_audit=audit)
     assert "Group-wise cross-validation" in [s.value for s in at.subheader]
     assert any("malignant **0.857** (of 14)" in m.value for m in at.markdown)
     captions = [c.value for c in at.caption]
