@@ -569,6 +569,23 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest) -> dict:
             "seconds": round(time.time() - t0, 1)}
 
 
+def config_differences(recorded: dict, cfg: TrainConfig) -> dict:
+    """{option: {"checkpoint": recorded value, "cross_validation": value in cfg}} for the settings that differ.
+
+    Options newer than the checkpoint count at their default (the behaviour before they existed);
+    output-only options (folds, verbosity, paths, external checks) are ignored.
+    """
+    ignore = {"cv_folds", "verbose", "out_dir", "name", "external"}
+    default = asdict(TrainConfig())
+    out = {}
+    for k, v in asdict(cfg).items():
+        v = list(v) if isinstance(v, tuple) else v
+        was = recorded.get(k, list(default[k]) if isinstance(default[k], tuple) else default[k])
+        if k not in ignore and was != v:
+            out[k] = {"checkpoint": was, "cross_validation": v}
+    return out
+
+
 def add_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     """Cross-validate `cfg` and record it in the existing bundle `cfg.out_dir/cfg.bundle_name`.
 
@@ -591,14 +608,10 @@ def add_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str]] = None)
     if list(manifest.class_names) != list(meta.get("class_names", [])):
         raise DatasetError(f"The data at {cfg.data_dir} has classes {list(manifest.class_names)}, the checkpoint "
                            f"{bundle.name} has {meta.get('class_names')}: not the same task.")
-    recorded = meta.get("config", {})
-    now = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
-    ignore = {"cv_folds", "verbose", "out_dir", "name", "external"}
     cv = cross_validate(cfg, manifest)
     cv["command"] = " ".join(["python", "train.py", *map(_quote, argv)]) if argv is not None else None
     cv["git_commit"] = git_commit()
-    cv["differs_from_checkpoint"] = {k: {"checkpoint": recorded.get(k), "cross_validation": v}
-                                     for k, v in now.items() if k not in ignore and recorded.get(k) != v}
+    cv["differs_from_checkpoint"] = config_differences(meta.get("config", {}), cfg)
     dest = update_metadata(bundle, {"cross_validation": cv})
     log.info("Cross-validation (%d folds) added to %s in %.1f min: pooled accuracy %.3f", cfg.cv_folds, dest,
              (time.time() - t_start) / 60, cv["pooled_accuracy"])

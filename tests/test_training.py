@@ -156,6 +156,10 @@ def test_cv_only_adds_cross_validation_to_an_existing_bundle(tiny_bundle, tiny_t
     assert all(0.0 <= r <= 1.0 for r in cv["pooled_recall"].values())
     assert "--cv-only" in cv["command"]
     assert cv["differs_from_checkpoint"] == {"batch_size": {"checkpoint": 8, "cross_validation": 4}}
+    older = {k: v for k, v in before["config"].items() if k not in ("precision", "flip")}  # options it predates
+    cfg = T.TrainConfig(**{**before["config"], "split": tuple(before["config"]["split"]),
+                           "head_units": tuple(before["config"]["head_units"]), "precision": "bfloat16"})
+    assert T.config_differences(older, cfg) == {"precision": {"checkpoint": "float32", "cross_validation": "bfloat16"}}
     load_classifier(b)  # still verifies (sha256 of the unchanged model)
     # No bundle there, or no folds: a message, not a traceback, and nothing written.
     assert train.main([*argv[:-5], "--name", "missing", "--out-dir", str(tmp_path), "--quiet"]) == 2
