@@ -120,16 +120,23 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def update_metadata(bundle: str | Path, updates: dict) -> Path:
-    """Set top-level `updates` in a bundle's metadata.json, atomically; every other file is copied unchanged."""
+def update_metadata(bundle: str | Path, updates: dict,
+                    files: Optional[dict[str, Callable[[Path], None]]] = None) -> Path:
+    """Set top-level `updates` in a bundle's metadata.json, atomically.
+
+    `files` maps a file name to a writer `fn(path)` that (re)creates it; every other file is copied unchanged.
+    """
     bundle = Path(bundle)
     meta = read_metadata(bundle)
     meta.update(updates)
+    files = files or {}
 
     def fill(tmp: Path) -> None:
         for f in bundle.iterdir():
-            if f.is_file() and f.name != "metadata.json":
+            if f.is_file() and f.name != "metadata.json" and f.name not in files:
                 shutil.copy2(f, tmp / f.name)
+        for name, write in files.items():
+            write(tmp / name)
         write_json(tmp / "metadata.json", meta)
 
     return write_bundle(bundle, fill)

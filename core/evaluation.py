@@ -261,11 +261,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="with --without-near-duplicates: also store the audit in metadata.json (atomically)")
     args = ap.parse_args(argv)
     from core.checkpoints import read_metadata
-    from core.errors import BreastXAIError, CheckpointError
+    from core.errors import BreastXAIError
 
     try:
         meta = read_metadata(args.checkpoint)
         y, p, _ = predictions_from_bundle(args.checkpoint, args.split)
+        if len(y) == 0:
+            print(f"error: {args.checkpoint} has no predictions for split {args.split!r}", file=sys.stderr)
+            return 2
         audit = near_duplicate_audit(args.checkpoint, args.split, args.data_dir) if args.without_near_duplicates \
             else None
     except (BreastXAIError, FileNotFoundError) as exc:
@@ -280,9 +283,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{audit['n_excluded']} of {audit['n_split']} {args.split} images left out (near-duplicate in "
               f"another split: {audit['excluded_by_class']})\n" + format_report(audit["metrics"], meta["class_names"]))
         return 0
-    if len(y) == 0:
-        print(f"error: {args.checkpoint} has no predictions for split {args.split!r}", file=sys.stderr)
-        return 2
     m = classification_metrics(y, p, meta["class_names"])
     print(json.dumps(m, indent=2) if args.json else format_report(m, meta["class_names"]))
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -83,7 +82,7 @@ def feature_layer(model) -> str:
 
 def fit_bundle(bundle: str | Path, data_dir: Optional[str] = None, false_alarm_rate: float = 0.05) -> dict:
     """Fit the detector for an existing bundle from its split (needs the dataset); adds ood.npz atomically."""
-    from core.checkpoints import load_classifier, write_bundle, write_json
+    from core.checkpoints import load_classifier, update_metadata
     from core.data import read_split
     from core.explain.evaluate import resolve_data_root
     from core.preprocessing import load_image
@@ -94,18 +93,9 @@ def fit_bundle(bundle: str | Path, data_dir: Optional[str] = None, false_alarm_r
     splits = read_split(bundle / "split.csv", root, clf.class_names)
     feats = {s: clf.features([load_image(p.path) for p in splits[s].samples]) for s in ("train", "val", "test")}
     det = fit(feats["train"], np.asarray(splits["train"].labels), feats["val"], false_alarm_rate)
-    meta = dict(clf.metadata)
-    meta["ood"] = summary(det, feature_layer(clf.model), feats["test"])
-
-    def fill(tmp: Path) -> None:
-        for f in bundle.iterdir():
-            if f.is_file() and f.name not in ("metadata.json", "ood.npz"):
-                shutil.copy2(f, tmp / f.name)
-        det.save(tmp / "ood.npz")
-        write_json(tmp / "metadata.json", meta)
-
-    write_bundle(bundle, fill)
-    return meta["ood"]
+    info = summary(det, feature_layer(clf.model), feats["test"])
+    update_metadata(bundle, {"ood": info}, files={"ood.npz": det.save})
+    return info
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

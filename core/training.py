@@ -569,6 +569,11 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest) -> dict:
             "seconds": round(time.time() - t0, 1)}
 
 
+def config_json(cfg: TrainConfig) -> dict:
+    """`cfg` as recorded in metadata.json["config"] (tuples as lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+
+
 def config_differences(recorded: dict, cfg: TrainConfig) -> dict:
     """{option: {"checkpoint": recorded value, "cross_validation": value in cfg}} for the settings that differ.
 
@@ -576,14 +581,9 @@ def config_differences(recorded: dict, cfg: TrainConfig) -> dict:
     output-only options (folds, verbosity, paths, external checks) are ignored.
     """
     ignore = {"cv_folds", "verbose", "out_dir", "name", "external"}
-    default = asdict(TrainConfig())
-    out = {}
-    for k, v in asdict(cfg).items():
-        v = list(v) if isinstance(v, tuple) else v
-        was = recorded.get(k, list(default[k]) if isinstance(default[k], tuple) else default[k])
-        if k not in ignore and was != v:
-            out[k] = {"checkpoint": was, "cross_validation": v}
-    return out
+    was = {**config_json(TrainConfig()), **recorded}
+    return {k: {"checkpoint": was[k], "cross_validation": v} for k, v in config_json(cfg).items()
+            if k not in ignore and was[k] != v}
 
 
 def add_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
@@ -731,7 +731,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
         "command": " ".join(["python", "train.py", *map(_quote, argv)]) if argv is not None else None,
         "argv": argv,
         "git_commit": git_commit(),
-        "config": {k2: (list(v) if isinstance(v, tuple) else v) for k2, v in asdict(cfg).items()},
+        "config": config_json(cfg),
         "dataset": {"kind": manifest.name, "root": str(manifest.root), "n_images": len(manifest),
                     "class_counts": manifest.class_counts(), "citation": CITATIONS.get(manifest.name),
                     "task": cfg.task if cfg.dataset == "breakhis" else None,

@@ -59,3 +59,27 @@ def test_busi_checkpoint_flags_foreign_images():
     print(f"BUSI test passed {1 - np.mean(busi):.3f}; flagged: {flagged}")
     assert 1 - np.mean(busi) >= 0.85
     assert flagged["histopathology"] >= 0.9 and flagged["noise"] == 1.0 and flagged["photos"] >= 0.75
+
+
+def test_refit_rewrites_detector_and_metadata_only(tiny_bundle, tiny_tree, tmp_path, capsys):
+    """`python -m core.ood CKPT` refits ood.npz from the split; the model and other files stay byte-identical."""
+    import shutil
+
+    from core.checkpoints import load_classifier
+    from core.ood import main
+
+    b = tmp_path / "tiny"
+    shutil.copytree(tiny_bundle, b)
+    (b / "ood.npz").unlink()
+    meta = json.loads((b / "metadata.json").read_text())
+    del meta["ood"]
+    (b / "metadata.json").write_text(json.dumps(meta))
+    unchanged = {f: (b / f).read_bytes() for f in ("model.keras", "split.csv", "predictions.csv", "history.csv")}
+    assert main([str(b), "--data-dir", str(tiny_tree), "--false-alarm-rate", "0.1"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {f: (b / f).read_bytes() for f in unchanged} == unchanged
+    after = json.loads((b / "metadata.json").read_text())
+    assert after["ood"] == info and info["false_alarm_rate_val"] == pytest.approx(0.1)
+    assert OODDetector.load(b / "ood.npz").threshold == pytest.approx(info["threshold"])
+    assert load_classifier(b).ood is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]

@@ -7,7 +7,7 @@ hashes are close keeps every such cluster inside one split.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -30,8 +30,7 @@ def dhash(image: np.ndarray, size: int = HASH_SIZE) -> np.ndarray:
     return (g[:, 1:] > g[:, :-1]).ravel()
 
 
-def near_duplicate_components(paths: Sequence[str], max_bits: int = NEAR_DUPLICATE_BITS,
-                              progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+def near_duplicate_components(paths: Sequence[str], max_bits: int = NEAR_DUPLICATE_BITS) -> np.ndarray:
     """Connected components of images whose hashes differ in at most `max_bits` bits -> int (N,).
 
     Images that cannot be decoded get a component of their own (training reports them later).
@@ -50,12 +49,10 @@ def near_duplicate_components(paths: Sequence[str], max_bits: int = NEAR_DUPLICA
             hashes[i], valid[i] = dhash(load_image(p)), True
         except (InvalidImageError, OSError):
             pass
-        if progress is not None:
-            progress(i + 1, n)
     packed = np.packbits(hashes, axis=1)
     popcount = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)
     close = np.zeros((n, n), bool)
-    for i in range(n):  # row by row keeps memory at O(N * 32 bytes)
+    for i in range(n):  # row by row: the XOR temporary stays (N, 32) bytes
         close[i] = popcount[packed[i] ^ packed].sum(1) <= max_bits
     close &= valid[:, None] & valid[None, :]
     np.fill_diagonal(close, True)
