@@ -341,6 +341,8 @@ def small_data_evidence(meta: dict) -> None:
             st.write("Pooled recall (sensitivity): " + ", ".join(
                 f"{c} **{r:.3f}** (of {cv['pooled_support'][c]})" for c, r in cv["pooled_recall"].items()) + ".")
         st.caption(cv["method"])
+        if cv.get("note"):
+            st.caption(cv["note"])
         diff = cv.get("differs_from_checkpoint")
         if diff:
             st.caption("Settings that differ from this checkpoint's training: " + "; ".join(
@@ -351,7 +353,12 @@ def small_data_evidence(meta: dict) -> None:
                        "images": f["n_test"], "accuracy": round(f["accuracy"], 3)} for f in cv["folds"]],
                      hide_index=True)
     audit = meta.get("near_duplicate_audit")
-    if audit:
+    if audit and audit["n_excluded"] == 0:
+        st.subheader(f"{audit['split'].capitalize()} split: repeat-scan check")
+        st.write(f"None of the {audit['n_split']} {audit['split']} images has a near-duplicate (a repeat scan of the "
+                 f"same lesion) in another split, so its metrics above are not inflated by repeat scans.")
+        st.caption(audit["method"])
+    elif audit:
         m = audit["metrics"]
         ci = m.get("accuracy_ci95")
         st.subheader(f"{audit['split'].capitalize()} split without repeat scans")

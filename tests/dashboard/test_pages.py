@@ -264,7 +264,7 @@ def test_model_card_shows_cross_validation_and_near_duplicate_audit(tiny_bundle,
                     {"fold": 2, "test_groups": ["b"], "n_test": 14, "accuracy": 0.8}],
           "pooled_recall": {"benign": 0.5, "malignant": 0.8571}, "pooled_support": {"benign": 14, "malignant": 14},
           "differs_from_checkpoint": {"precision": {"checkpoint": "float32", "cross_validation": "bfloat16"}},
-          "command": "python train.py --cv-folds 2 --cv-only"}
+          "command": "python train.py --cv-folds 2 --cv-only", "note": "carried over from the previous checkpoint"}
     audit = {"method": "difference hash", "split": "test", "n_split": 10, "n_excluded": 2,
              "metrics": {"n": 8, "accuracy": 0.875, "accuracy_ci95": [0.5, 1.0], "roc_auc_macro": 0.9,
                          "per_class": [{"class": "benign", "recall": 1.0, "tp": 4, "support": 4},
@@ -275,7 +275,18 @@ def test_model_card_shows_cross_validation_and_near_duplicate_audit(tiny_bundle,
     captions = [c.value for c in at.caption]
     assert any("precision float32 → bfloat16" in c for c in captions)
     assert any("--cv-only" in c for c in captions)
+    assert "carried over from the previous checkpoint" in captions
     assert "Test split without repeat scans" in [s.value for s in at.subheader]
     assert any("2 of 10 test images" in m.value and "malignant 0.750 (3/4)" in m.value for m in at.markdown)
     table = next(d.value for d in at.dataframe if "held-out groups" in d.value.columns)
     assert list(table["held-out groups"]) == ["img0.png, img1.png, img2.png … (14 groups)", "b"]
+
+
+def test_model_card_says_when_no_test_image_has_a_repeat_scan(tiny_bundle, tmp_path, monkeypatch):
+    """An audit that excluded nothing says the test metrics are free of repeat scans instead of repeating them."""
+    audit = {"method": "difference hash", "split": "test", "n_split": 10, "n_excluded": 0,
+             "metrics": {"n": 10, "accuracy": 0.8, "per_class": []}}
+    at = model_card_with(tiny_bundle, tmp_path, monkeypatch, near_duplicate_audit=audit)
+    subheaders = [s.value for s in at.subheader]
+    assert "Test split: repeat-scan check" in subheaders and "Test split without repeat scans" not in subheaders
+    assert any("None of the 10 test images" in m.value for m in at.markdown)
