@@ -74,6 +74,11 @@ rows = {
 }
 st.table({"": list(rows.keys()), "value": list(rows.values())})
 if ds.get("kind") == "busi":
-    st.info("BUSI has no published patient ids and contains near-duplicate images, so image-level test "
-            "scores are optimistic. Cite: " + (ds.get("citation") or ""))
+    audit = meta.get("near_duplicate_audit") or {}
+    grouped = audit.get("n_excluded") == 0
+    st.info("BUSI has no published patient ids and contains repeat scans of the same lesion. "
+            + ("This split keeps near-duplicate images together, but other images of the same patient may still "
+               "sit in different splits, so test scores can be somewhat optimistic. " if grouped else
+               "Image-level test scores are optimistic. ")
+            + "Cite: " + (ds.get("citation") or ""))
 ui.small_data_evidence(meta)

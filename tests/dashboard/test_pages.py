@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 
 import numpy as np
@@ -228,8 +229,6 @@ def test_patch_checkpoint_explains_the_whole_image(tiny_patch_bundle, tmp_path, 
 
 def model_card_with(tiny_bundle, tmp_path, monkeypatch, **fields):
     """Run Home on a copy of the tiny bundle whose metadata.json has `fields` set."""
-    import json
-
     import streamlit as st
 
     shutil.copytree(tiny_bundle, tmp_path / "c" / "tiny")
@@ -286,7 +285,9 @@ def test_model_card_says_when_no_test_image_has_a_repeat_scan(tiny_bundle, tmp_p
     """An audit that excluded nothing says the test metrics are free of repeat scans instead of repeating them."""
     audit = {"method": "difference hash", "split": "test", "n_split": 10, "n_excluded": 0,
              "metrics": {"n": 10, "accuracy": 0.8, "per_class": []}}
-    at = model_card_with(tiny_bundle, tmp_path, monkeypatch, near_duplicate_audit=audit)
+    dataset = {**json.loads((tiny_bundle / "metadata.json").read_text())["dataset"], "kind": "busi"}
+    at = model_card_with(tiny_bundle, tmp_path, monkeypatch, near_duplicate_audit=audit, dataset=dataset)
+    assert any("keeps near-duplicate images together" in i.value for i in at.info)
     subheaders = [s.value for s in at.subheader]
     assert "Test split: repeat-scan check" in subheaders and "Test split without repeat scans" not in subheaders
     assert any("None of the 10 test images" in m.value for m in at.markdown)
