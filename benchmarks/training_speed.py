@@ -42,7 +42,7 @@ def main() -> int:
     from core.models import ModelConfig, build_model
     from core.training import TrainConfig, cpu_has_bf16, fit_model, load_arrays, set_seeds
 
-    m = load_busi(args.data_dir)
+    m = load_busi(args.data_dir, near_duplicates=False)  # random images, no split: repeat-scan groups unused
     rng = np.random.default_rng(0)
     idx = rng.permutation(len(m))
     train_m, val_m = m.subset(idx[:args.images]), m.subset(idx[args.images:args.images + 32])
