@@ -16,7 +16,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_INPUT_SIZE = {"breakhis": 150, "busi": 224, "ucsb": 224, "folder": 224}
+DEFAULT_INPUT_SIZE = {"breakhis": 150, "busi": 224, "ucsb": 224, "idc": 50, "folder": 224}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "With no arguments, retrain every bundle in checkpoints/ from the command in its metadata.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = ap.add_argument_group("data")
-    g.add_argument("--dataset", default=d.dataset, choices=("busi", "breakhis", "ucsb", "folder"),
+    g.add_argument("--dataset", default=d.dataset, choices=("busi", "breakhis", "ucsb", "idc", "folder"),
                    help="dataset layout: BUSI, BreakHis v1 official tree, UCSB H&E, or root/<class>/*.png")
     g.add_argument("--data-dir", default=d.data_dir, help="dataset root folder")
     g.add_argument("--task", default=d.task, choices=("binary", "subtype"),

@@ -618,11 +618,13 @@ def add_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str]] = None)
     return dest
 
 
-def external_check(clf, spec: str) -> dict:
+def external_check(clf, spec: str, training: Optional[Manifest] = None) -> dict:
     """Predict every image of another dataset (`KIND=DIR`, e.g. breakhis=../shared/data/breakhis_samples).
 
     Classes are matched by name; images of classes the model does not know are skipped. Returns the
-    per-image predictions, accuracy and out-of-distribution flags for metadata.json.
+    per-image predictions, accuracy and out-of-distribution flags for metadata.json. When `training` (the
+    manifest the model learned from) is of the same dataset kind, images of its groups (patients) are
+    marked `"external": False` and the headline counts only the truly external ones.
     """
     kind, _, root = spec.partition("=")
     if not root:
@@ -640,11 +642,18 @@ def external_check(clf, spec: str) -> dict:
                      "correct": pred == s.class_name, "subtype": s.subtype, "magnification": s.magnification,
                      "group": s.group, "probabilities": {c: float(v) for c, v in zip(clf.class_names, p)},
                      "out_of_distribution": o.get("out_of_distribution")})
-    n_ok = sum(r["correct"] for r in rows)
-    log.info("External check %s: %d/%d correct", kind, n_ok, len(rows))
-    return {"name": kind, "root": str(m.root), "label": "EXTERNAL CHECK: a different lab, scanner and magnification; "
-            "never used for training or model selection", "n_images": len(rows), "n_correct": n_ok,
-            "accuracy": n_ok / max(len(rows), 1), "images": rows,
+    seen = set(training.groups) if training is not None and training.name == m.name else set()
+    for r in rows:
+        r["external"] = r["group"] not in seen
+    ext = [r for r in rows if r["external"]]
+    n_ok = sum(r["correct"] for r in ext)
+    log.info("External check %s: %d/%d correct (%d image(s) of patients seen in training not counted)", kind, n_ok,
+             len(ext), len(rows) - len(ext))
+    label = ("EXTERNAL CHECK: never used for training or model selection"
+             + (f"; {len(rows) - len(ext)} image(s) from patients in the training data are shown but not counted"
+                if len(ext) < len(rows) else ""))
+    return {"name": kind, "root": str(m.root), "label": label, "n_images": len(ext), "n_correct": n_ok,
+            "accuracy": n_ok / max(len(ext), 1), "n_not_external": len(rows) - len(ext), "images": rows,
             "citation": CITATIONS.get(kind)}
 
 
@@ -721,7 +730,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     clf.ood = detector
 
     cv = cross_validate(cfg, manifest) if cfg.cv_folds > 1 else None
-    externals = [external_check(clf, spec) for spec in cfg.external]
+    externals = [external_check(clf, spec, manifest) for spec in cfg.external]
 
     argv = list(argv) if argv is not None else None
     name = cfg.bundle_name

@@ -16,6 +16,9 @@ BREAKHIS_CITATION = ("Spanhol F, Oliveira L, Petitjean C, Heutte L. A dataset fo
                      "histopathological image classification. IEEE TBME 63(7):1455-1462 (2016).")
 UCSB_CITATION = ("Drelie Gelasca E, Obara B, Fedorov D, Kvilekval K, Manjunath BS. A biosegmentation "
                  "benchmark for evaluation of bioimage analysis methods. BMC Bioinformatics 10:368 (2009).")
+IDC_CITATION = ("Janowczyk A, Madabhushi A. Deep learning for digital pathology image analysis: a comprehensive "
+                "tutorial with selected use cases. J Pathol Inform 7:29 (2016); data from Cruz-Roa A et al., "
+                "SPIE Medical Imaging 2014.")
 
 #: BreakHis subtype code -> (folder name, benign?)
 BREAKHIS_SUBTYPES = {
@@ -26,6 +29,7 @@ BREAKHIS_SUBTYPES = {
 BREAKHIS_SUBTYPE_NAMES = tuple(v[0] for v in BREAKHIS_SUBTYPES.values())
 _BREAKHIS_RE = re.compile(
     r"^SOB_(?P<cls>[BM])_(?P<code>[A-Z]+)-(?P<year>\d+)-(?P<slide>[0-9A-Za-z]+)-(?P<mag>\d+)-(?P<seq>\d+)$")
+_IDC_RE = re.compile(r"^(?P<patient>[0-9A-Za-z]+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<cls>[01])$")
 _UCSB_RE = re.compile(r"^(?P<group>ytma\d+_\d+)_(?P<cls>benign|malignant)(?P<k>\d+)_ccd$", re.I)
 _BUSI_MASK_RE = re.compile(r"_mask(_\d+)?$")
 
@@ -100,10 +104,19 @@ def load_busi(root: str | Path, near_duplicates: bool = True) -> Manifest:
     return replace(m, samples=tuple(replace(s, group=first[int(c)]) for c, s in zip(comp, m.samples)))
 
 
+def _leading_digits(slide: str) -> str:
+    """'23060AB' -> '23060'; an id without leading digits stays as it is."""
+    digits = re.match(r"\d*", slide).group()
+    return digits or slide
+
+
 def parse_breakhis_name(filename: str) -> dict:
     """Parse an official BreakHis file name, e.g. `SOB_M_DC-14-2523-40-010.png`.
 
-    Returns dict(binary='benign'|'malignant', subtype, code, patient='14-2523', magnification=40, seq=10).
+    Returns dict(binary='benign'|'malignant', subtype, code, slide='14-2523', patient='14-2523',
+    magnification=40, seq=10). `patient` keeps only the digits of the slide id: BreakHis files slides of one
+    patient under ids that share the number (`23060AB` / `23060CD`, `29960AB` in fibroadenoma and `29960CD`
+    in adenosis), so grouping on `patient` keeps every slide of a patient in one split.
     Raises DatasetError if the name does not follow the BreakHis convention.
     """
     stem = Path(filename).stem
@@ -117,7 +130,8 @@ def parse_breakhis_name(filename: str) -> dict:
         "binary": "benign" if benign else "malignant",
         "subtype": subtype,
         "code": m.group("code"),
-        "patient": f"{m.group('year')}-{m.group('slide')}",
+        "slide": f"{m.group('year')}-{m.group('slide')}",
+        "patient": f"{m.group('year')}-{_leading_digits(m.group('slide'))}",
         "magnification": int(m.group("mag")),
         "seq": int(m.group("seq")),
     }
@@ -127,7 +141,8 @@ def load_breakhis(root: str | Path, task: str = "binary", magnification: Optiona
     """BreakHis v1 official tree (`BreaKHis_v1/histology_slides/breast/...`), any level of it as root.
 
     task: 'binary' (benign/malignant) or 'subtype' (8 classes). magnification: 40, 100, 200, 400 or None.
-    Group = patient/slide id parsed from the file name, so splits keep each patient in one split.
+    Group = patient (the digits of the slide id in the file name), so splits and CV folds keep each
+    patient in one part. Any image suffix (official PNG, JPEG copies) and any size.
     """
     if task not in ("binary", "subtype"):
         raise DatasetError(f"BreakHis task must be 'binary' or 'subtype', not {task!r}.")
@@ -152,6 +167,30 @@ def load_breakhis(root: str | Path, task: str = "binary", magnification: Optiona
     return Manifest("breakhis", str(root), tuple(class_names), tuple(samples))
 
 
+def load_idc(root: str | Path) -> Manifest:
+    """IDC patches (Janowczyk & Madabhushi 2016), official layout
+    `IDC_regular_ps50_idx5/<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<k>.png`.
+
+    Accepts that folder or a parent holding it. Label from the `<0|1>` folder (0 = non-IDC, 1 = IDC),
+    group = patient folder, `position` = the patch's (x, y) in its slide. Classes: ("non_idc", "idc").
+    """
+    root = Path(root)
+    if (root / "IDC_regular_ps50_idx5").is_dir():
+        root = root / "IDC_regular_ps50_idx5"
+    root = _require_dir(root, "IDC")
+    class_names = ("non_idc", "idc")
+    samples = []
+    for patient in sorted(p for p in root.iterdir() if p.is_dir()):
+        for label in (0, 1):
+            for f in _images(patient / str(label)):
+                m = _IDC_RE.match(f.stem)
+                pos = (int(m.group("x")), int(m.group("y"))) if m else None
+                samples.append(Sample(str(f), label, class_names[label], group=patient.name, position=pos))
+    if not samples:
+        raise DatasetError(f"No IDC patches (<patient>/<0|1>/*.png) found under {root}.")
+    return Manifest("idc", str(root), class_names, tuple(samples))
+
+
 def load_ucsb(root: str | Path) -> Manifest:
     """UCSB breast H&E: `ytma<NN>_<MMDDYY>_<benign|malignant><k>_ccd.png`; group = microarray/date."""
     root = Path(root)
@@ -171,13 +210,13 @@ def load_ucsb(root: str | Path) -> Manifest:
 
 
 DATASETS: dict[str, Callable[..., Manifest]] = {
-    "folder": load_folder, "busi": load_busi, "breakhis": load_breakhis, "ucsb": load_ucsb,
+    "folder": load_folder, "busi": load_busi, "breakhis": load_breakhis, "ucsb": load_ucsb, "idc": load_idc,
 }
-CITATIONS = {"busi": BUSI_CITATION, "breakhis": BREAKHIS_CITATION, "ucsb": UCSB_CITATION}
+CITATIONS = {"busi": BUSI_CITATION, "breakhis": BREAKHIS_CITATION, "ucsb": UCSB_CITATION, "idc": IDC_CITATION}
 
 
 def load_dataset(kind: str, root: str | Path, **options) -> Manifest:
-    """Dispatch to a loader by name ('folder', 'busi', 'breakhis', 'ucsb')."""
+    """Dispatch to a loader by name ('folder', 'busi', 'breakhis', 'ucsb', 'idc')."""
     if kind not in DATASETS:
         raise DatasetError(f"Unknown dataset kind {kind!r}; choose one of {', '.join(DATASETS)}.")
     if kind != "breakhis":

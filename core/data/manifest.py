@@ -10,7 +10,7 @@ from typing import Iterator, Optional, Sequence
 class Sample:
     """One image of a dataset.
 
-    `group` keeps related images together in splits (BreakHis patient/slide, UCSB microarray);
+    `group` keeps related images together in splits (BreakHis and IDC patient, UCSB microarray);
     it defaults to the image's own id where nothing better is known.
     """
 
@@ -21,6 +21,7 @@ class Sample:
     mask_paths: tuple[str, ...] = ()
     magnification: Optional[int] = None
     subtype: Optional[str] = None
+    position: Optional[tuple[int, int]] = None  # (x, y) of a patch in its slide, in slide pixels (IDC)
 
 
 @dataclass(frozen=True)

@@ -68,12 +68,14 @@ def write_split(splits: dict[str, Manifest], path: str | Path) -> None:
     """Write `split.csv`: split, path (relative to the dataset root), label, class_name, group, masks."""
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["split", "path", "label", "class_name", "group", "mask_paths", "magnification", "subtype"])
+        w.writerow(["split", "path", "label", "class_name", "group", "mask_paths", "magnification", "subtype",
+                    "x", "y"])
         for name in SPLITS:
             m = splits[name]
             for s in m.samples:
                 w.writerow([name, _rel(s.path, m.root), s.label, s.class_name, s.group,
-                            ";".join(_rel(p, m.root) for p in s.mask_paths), s.magnification or "", s.subtype or ""])
+                            ";".join(_rel(p, m.root) for p in s.mask_paths), s.magnification or "", s.subtype or "",
+                            *(s.position or ("", ""))])
 
 
 def read_split(path: str | Path, root: str | Path, class_names: Sequence[str], name: str = "dataset"
@@ -86,7 +88,8 @@ def read_split(path: str | Path, root: str | Path, class_names: Sequence[str], n
                 path=str(Path(root) / r["path"]), label=int(r["label"]), class_name=r["class_name"],
                 group=r["group"], mask_paths=tuple(str(Path(root) / p) for p in r["mask_paths"].split(";") if p),
                 magnification=int(r["magnification"]) if r["magnification"] else None,
-                subtype=r["subtype"] or None))
+                subtype=r["subtype"] or None,
+                position=(int(r["x"]), int(r["y"])) if r.get("x") else None))
     return {s: Manifest(name, str(root), tuple(class_names), tuple(v)) for s, v in rows.items()}
 
 
