@@ -186,6 +186,17 @@ def load_mask(paths, shape: tuple[int, int] | None = None) -> np.ndarray:
     return mask
 
 
+def pad_patch(image: np.ndarray, side: int, fill: int = 255) -> np.ndarray:
+    """Pad a uint8 (h, w, 3) patch cut by a slide's border to (max(h, side), max(w, side), 3) with `fill`
+    (white glass) on the bottom and right, where the border lies in IDC's patch grid."""
+    h, w = image.shape[:2]
+    if h >= side and w >= side:
+        return image
+    out = np.full((max(h, side), max(w, side), 3), fill, np.uint8)
+    out[:h, :w] = image
+    return out
+
+
 def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize (H, W, C) or (H, W) to (height, width) = `size`: area when shrinking, linear otherwise."""
     h, w = image.shape[:2]

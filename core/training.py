@@ -180,7 +180,7 @@ def load_arrays(manifest: Manifest, size: int, clahe: bool = False,
     """Decode every image with `load_image`, resize to (size, size) -> uint8 (N, S, S, 3), labels (N,)."""
     x = np.zeros((len(manifest), size, size, 3), np.uint8)
     for i, s in enumerate(manifest.samples):
-        x[i] = model_input(load_image(s.path), size, clahe)
+        x[i] = model_input(manifest.read(s), size, clahe)
         if progress:
             progress(i + 1, len(manifest))
     return x, np.asarray(manifest.labels, dtype=np.int64)
@@ -464,7 +464,7 @@ def decode_split(manifest: Manifest, cfg: TrainConfig) -> tuple:
     if cfg.patches:
         images = []
         for i, s in enumerate(manifest.samples):
-            images.append(load_image(s.path))
+            images.append(manifest.read(s))
             bar.update(i + 1)
         out = (images, np.asarray(manifest.labels, dtype=np.int64))
     else:
@@ -632,7 +632,7 @@ def external_check(clf, spec: str, training: Optional[Manifest] = None) -> dict:
     m = load_dataset(kind, root)
     keep = [i for i, s in enumerate(m.samples) if s.class_name in clf.class_names]
     m = m.subset(keep)
-    images = [load_image(s.path) for s in m.samples]
+    images = [m.read(s) for s in m.samples]
     probs = clf.predict_proba(images)
     ood = clf.ood_check(images) or [{}] * len(images)
     rows = []
@@ -682,7 +682,8 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     set_seeds(cfg.seed)
     manifest = load_manifest(cfg)
     if cfg.split_file:
-        splits = read_split(cfg.split_file, manifest.root, manifest.class_names, manifest.name)
+        splits = read_split(cfg.split_file, manifest.root, manifest.class_names, manifest.name,
+                            manifest.patch_side)
     else:
         splits = split_manifest(manifest, cfg.split, cfg.seed)
     for s in ("train", "val", "test"):

@@ -30,6 +30,7 @@ BREAKHIS_SUBTYPE_NAMES = tuple(v[0] for v in BREAKHIS_SUBTYPES.values())
 _BREAKHIS_RE = re.compile(
     r"^SOB_(?P<cls>[BM])_(?P<code>[A-Z]+)-(?P<year>\d+)-(?P<slide>[0-9A-Za-z]+)-(?P<mag>\d+)-(?P<seq>\d+)$")
 _IDC_RE = re.compile(r"^(?P<patient>[0-9A-Za-z]+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<cls>[01])$")
+IDC_PATCH_SIDE = 50
 _UCSB_RE = re.compile(r"^(?P<group>ytma\d+_\d+)_(?P<cls>benign|malignant)(?P<k>\d+)_ccd$", re.I)
 _BUSI_MASK_RE = re.compile(r"_mask(_\d+)?$")
 
@@ -188,7 +189,7 @@ def load_idc(root: str | Path) -> Manifest:
                 samples.append(Sample(str(f), label, class_names[label], group=patient.name, position=pos))
     if not samples:
         raise DatasetError(f"No IDC patches (<patient>/<0|1>/*.png) found under {root}.")
-    return Manifest("idc", str(root), class_names, tuple(samples))
+    return Manifest("idc", str(root), class_names, tuple(samples), patch_side=IDC_PATCH_SIDE)
 
 
 def load_ucsb(root: str | Path) -> Manifest:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional, Sequence
 
 
@@ -32,6 +32,16 @@ class Manifest:
     root: str
     class_names: tuple[str, ...]
     samples: tuple[Sample, ...] = field(default_factory=tuple)
+    patch_side: Optional[int] = None  # fixed-size patch sets (IDC: 50): smaller edge patches are padded to it
+
+    def read(self, sample: Sample):
+        """The sample's image as uint8 RGB (H, W, 3) via `load_image`; for a patch set, edge patches cut by the
+        slide border (IDC's 50 x 8, say) are padded with white glass to `patch_side` on the bottom/right."""
+        from core.preprocessing import load_image, pad_patch
+
+        if self.patch_side is None:
+            return load_image(sample.path)
+        return pad_patch(load_image(sample.path, min_side=1), self.patch_side)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -52,7 +62,7 @@ class Manifest:
         return {c: counts.get(c, 0) for c in self.class_names}
 
     def subset(self, indices: Sequence[int]) -> "Manifest":
-        return Manifest(self.name, self.root, self.class_names, tuple(self.samples[i] for i in indices))
+        return replace(self, samples=tuple(self.samples[i] for i in indices))
 
     def extend(self, samples: Sequence[Sample]) -> "Manifest":
-        return Manifest(self.name, self.root, self.class_names, self.samples + tuple(samples))
+        return replace(self, samples=self.samples + tuple(samples))

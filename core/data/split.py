@@ -78,9 +78,10 @@ def write_split(splits: dict[str, Manifest], path: str | Path) -> None:
                             *(s.position or ("", ""))])
 
 
-def read_split(path: str | Path, root: str | Path, class_names: Sequence[str], name: str = "dataset"
-               ) -> dict[str, Manifest]:
-    """Read `split.csv` back into manifests, resolving paths against the dataset `root`."""
+def read_split(path: str | Path, root: str | Path, class_names: Sequence[str], name: str = "dataset",
+               patch_side: int | None = None) -> dict[str, Manifest]:
+    """Read `split.csv` back into manifests, resolving paths against the dataset `root`
+    (`patch_side`: see `Manifest.patch_side`)."""
     rows: dict[str, list[Sample]] = {s: [] for s in SPLITS}
     with open(path, newline="") as fh:
         for r in csv.DictReader(fh):
@@ -90,7 +91,7 @@ def read_split(path: str | Path, root: str | Path, class_names: Sequence[str], n
                 magnification=int(r["magnification"]) if r["magnification"] else None,
                 subtype=r["subtype"] or None,
                 position=(int(r["x"]), int(r["y"])) if r.get("x") else None))
-    return {s: Manifest(name, str(root), tuple(class_names), tuple(v)) for s, v in rows.items()}
+    return {s: Manifest(name, str(root), tuple(class_names), tuple(v), patch_side) for s, v in rows.items()}
 
 
 def _rel(path: str, root: str) -> str:
