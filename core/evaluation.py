@@ -141,6 +141,35 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names
     return out
 
 
+def patient_level_metrics(y_true: Sequence[int], probs: np.ndarray, groups: Sequence[str],
+                          class_names: Sequence[str], n_boot: int = 1000, seed: int = 0) -> Optional[dict]:
+    """Patient-level results as in Spanhol et al. (2016), for datasets whose patients carry one class.
+
+    Each patient's probability is the mean over its images (N,) -> metrics over patients, plus the
+    patient recognition rate (mean over patients of the share of their images classified correctly) and
+    one row per patient. Returns None when a patient has images of two classes (IDC: tissue, not patients).
+    """
+    y_true, probs, groups = np.asarray(y_true, int), np.asarray(probs, np.float64), np.asarray(groups)
+    names = sorted(set(groups.tolist()))
+    y_pat, p_pat, rates, rows = [], [], [], []
+    for g in names:
+        sel = groups == g
+        if len(set(y_true[sel].tolist())) > 1:
+            return None
+        p = probs[sel].mean(axis=0)
+        rate = float((probs[sel].argmax(1) == y_true[sel]).mean())
+        y_pat.append(int(y_true[sel][0]))
+        p_pat.append(p)
+        rates.append(rate)
+        rows.append({"patient": str(g), "true": class_names[y_pat[-1]], "predicted": class_names[int(p.argmax())],
+                     "n_images": int(sel.sum()), "image_accuracy": rate,
+                     "probabilities": {c: float(v) for c, v in zip(class_names, p)}})
+    out = classification_metrics(np.array(y_pat), np.array(p_pat), class_names, n_boot=n_boot, seed=seed)
+    out["patient_recognition_rate"] = float(np.mean(rates))
+    out["patients"] = rows
+    return out
+
+
 def curves(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str]) -> dict:
     """One-vs-rest ROC and PR curve points per class (for plotting)."""
     y_true = np.asarray(y_true, dtype=int)

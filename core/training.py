@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -519,54 +520,115 @@ def train_model(cfg: TrainConfig, num_classes: int, train_data: tuple, val_data:
     return model, provenance, history, timing
 
 
-def cross_validate(cfg: TrainConfig, manifest: Manifest) -> dict:
+def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path] = None) -> dict:
     """Group-wise K-fold cross-validation with the same configuration (no group in two parts of a fold).
 
     Each fold holds out whole groups as its test part (StratifiedGroupKFold), carves a group-aware
     validation part out of the rest for early stopping, trains from the same initial weights and
-    reports accuracy and ROC AUC on its held-out groups.
+    reports accuracy and ROC AUC on its held-out groups. Pooled over folds: accuracy, balanced accuracy,
+    ROC AUC, per-class recall, and patient-level results where each patient has one class.
+
+    With `work_dir`, each finished fold's predictions are saved there (`fold_<k>.npz`) and a rerun with
+    the same configuration and data resumes after the last finished fold. Returns the metadata entry;
+    its "predictions" list (path, group, fold, true label, probabilities) is written to `cv_predictions.csv`.
     """
+    import json
+
     from sklearn.model_selection import StratifiedGroupKFold
 
     from core.data.split import _holdout, describe_groups
-    from core.evaluation import classification_metrics
+    from core.evaluation import classification_metrics, patient_level_metrics
 
     labels, groups = np.asarray(manifest.labels), np.asarray(manifest.groups)
     k = len(manifest.class_names)
     cv = StratifiedGroupKFold(n_splits=cfg.cv_folds, shuffle=True, random_state=cfg.seed)
     quiet = TrainConfig(**{**asdict(cfg), "verbose": 0, "cv_folds": 0, "external": ()})
-    folds, pooled_y, pooled_p, t0 = [], [], [], time.time()
+    key = json.dumps({"config": config_json(quiet), "paths": [s.path for s in manifest.samples]}, sort_keys=True)
+    if work_dir is not None:
+        work_dir = Path(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        if (work_dir / "key.json").is_file() and (work_dir / "key.json").read_text() != key:
+            log.warning("Cross-validation work folder %s holds folds of other settings or data: starting afresh",
+                        work_dir)
+            for f in work_dir.glob("fold_*.npz"):
+                f.unlink()
+        (work_dir / "key.json").write_text(key)
+    folds, pooled_idx, pooled_p, pooled_fold, t0 = [], [], [], [], time.time()
     for f, (rest, held) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
-        val_rel = _holdout(labels[rest], groups[rest], cfg.split[1] / (cfg.split[0] + cfg.split[1]), cfg.seed + 1)
-        parts = {"train": manifest.subset(rest[~val_rel]), "val": manifest.subset(rest[val_rel]),
-                 "test": manifest.subset(held)}
-        set_seeds(cfg.seed)
-        data = {s: decode_split(parts[s], quiet) for s in parts}
-        model, _, hist, _ = train_model(quiet, k, data["train"], data["val"])
-        p = in_memory_classifier(model, quiet, manifest.class_names).raw_proba(data["test"][0])
-        m = classification_metrics(data["test"][1], p, manifest.class_names, n_boot=0)
-        folds.append({"fold": f + 1, "test_groups": sorted(set(parts["test"].groups)),
-                      "n_train": len(parts["train"]), "n_val": len(parts["val"]), "n_test": len(held),
-                      "epochs": len(hist), "accuracy": m["accuracy"], "roc_auc": m.get("roc_auc_macro")})
-        pooled_y.append(data["test"][1])
-        pooled_p.append(p)
-        log.info("CV fold %d/%d (held-out groups %s): accuracy %.3f", f + 1, cfg.cv_folds,
-                 describe_groups(folds[-1]["test_groups"]), m["accuracy"])
-        import keras
+        saved = work_dir / f"fold_{f + 1}.npz" if work_dir is not None else None
+        if saved is not None and saved.is_file():
+            z = np.load(saved, allow_pickle=False)
+            p, row = z["probs"], json.loads(str(z["row"]))
+            log.info("CV fold %d/%d: resumed from %s", f + 1, cfg.cv_folds, saved)
+        else:
+            val_rel = _holdout(labels[rest], groups[rest], cfg.split[1] / (cfg.split[0] + cfg.split[1]),
+                               cfg.seed + 1)
+            parts = {"train": manifest.subset(rest[~val_rel]), "val": manifest.subset(rest[val_rel]),
+                     "test": manifest.subset(held)}
+            set_seeds(cfg.seed)
+            data = {s: decode_split(parts[s], quiet) for s in parts}
+            t_fold = time.time()
+            model, _, hist, _ = train_model(quiet, k, data["train"], data["val"])
+            p = in_memory_classifier(model, quiet, manifest.class_names).raw_proba(data["test"][0])
+            m = classification_metrics(data["test"][1], p, manifest.class_names, n_boot=0)
+            row = {"fold": f + 1, "test_groups": sorted(set(parts["test"].groups)),
+                   "n_train": len(parts["train"]), "n_val": len(parts["val"]), "n_test": len(held),
+                   "epochs": len(hist), "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
+                   "roc_auc": m.get("roc_auc_macro"), "seconds": round(time.time() - t_fold, 1)}
+            if saved is not None:
+                tmp = saved.with_suffix(".tmp.npz")
+                np.savez(tmp, probs=p, held=held, row=json.dumps(row))
+                os.replace(tmp, saved)
+            import keras
 
-        keras.backend.clear_session()
+            keras.backend.clear_session()
+        folds.append(row)
+        pooled_idx.append(held)
+        pooled_p.append(p)
+        pooled_fold.append(np.full(len(held), f + 1))
+        log.info("CV fold %d/%d (held-out groups %s): accuracy %.3f, balanced accuracy %.3f", f + 1,
+                 cfg.cv_folds, describe_groups(row["test_groups"]), row["accuracy"],
+                 row.get("balanced_accuracy") or float("nan"))
+    idx, probs, fold_of = np.concatenate(pooled_idx), np.concatenate(pooled_p), np.concatenate(pooled_fold)
+    y, g = labels[idx], groups[idx]
     acc = np.array([r["accuracy"] for r in folds])
-    pooled = classification_metrics(np.concatenate(pooled_y), np.concatenate(pooled_p), manifest.class_names,
-                                     seed=cfg.seed)
-    return {"method": f"StratifiedGroupKFold(n_splits={cfg.cv_folds}, shuffle, seed {cfg.seed}) over all "
-                      f"{len(manifest)} images by group; per fold a group-aware validation part for early "
-                      "stopping; same configuration; uncalibrated",
-            "folds": folds, "accuracy_mean": float(acc.mean()), "accuracy_min": float(acc.min()),
-            "accuracy_max": float(acc.max()), "pooled_accuracy": pooled["accuracy"],
-            "pooled_accuracy_ci95": pooled.get("accuracy_ci95"), "pooled_roc_auc": pooled.get("roc_auc_macro"),
-            "pooled_recall": {r["class"]: r["recall"] for r in pooled["per_class"]},
-            "pooled_support": {r["class"]: r["support"] for r in pooled["per_class"]},
-            "seconds": round(time.time() - t0, 1)}
+    pooled = classification_metrics(y, probs, manifest.class_names, seed=cfg.seed)
+    patients = patient_level_metrics(y, probs, g, manifest.class_names, seed=cfg.seed)
+    out = {"method": f"group-wise {cfg.cv_folds}-fold cross-validation over all {len(manifest)} images "
+                     f"({len(set(groups.tolist()))} groups; stratified, shuffled with seed {cfg.seed}); per fold a "
+                     "group-aware validation part for early stopping; same configuration; uncalibrated",
+           "folds": folds, "accuracy_mean": float(acc.mean()), "accuracy_min": float(acc.min()),
+           "accuracy_max": float(acc.max()), "pooled_accuracy": pooled["accuracy"],
+           "pooled_accuracy_ci95": pooled.get("accuracy_ci95"), "pooled_roc_auc": pooled.get("roc_auc_macro"),
+           "pooled_balanced_accuracy": pooled.get("balanced_accuracy"),
+           "pooled_recall": {r["class"]: r["recall"] for r in pooled["per_class"]},
+           "pooled_support": {r["class"]: r["support"] for r in pooled["per_class"]},
+           "pooled_confusion_matrix": pooled["confusion_matrix"],
+           "seconds": round(sum(r.get("seconds", 0) for r in folds) or time.time() - t0, 1),
+           "predictions": [{"path": os.path.relpath(manifest.samples[i].path, manifest.root),
+                            "group": str(groups[i]), "fold": int(fo), "true": int(labels[i]),
+                            "probabilities": [float(v) for v in pr]}
+                           for i, fo, pr in zip(idx, fold_of, probs)]}
+    if patients is not None:
+        out["patient_level"] = {
+            "method": "each patient's probability is the mean over its images (Spanhol et al. 2016)",
+            "n_patients": patients["n"], "accuracy": patients["accuracy"],
+            "accuracy_ci95_exact": patients["accuracy_ci95_exact"],
+            "balanced_accuracy": patients["balanced_accuracy"], "roc_auc": patients["roc_auc_macro"],
+            "recall": {r["class"]: r["recall"] for r in patients["per_class"]},
+            "support": {r["class"]: r["support"] for r in patients["per_class"]},
+            "patient_recognition_rate": patients["patient_recognition_rate"], "patients": patients["patients"]}
+    return out
+
+
+def write_cv_predictions(cv: dict, path: Path, class_names: Sequence[str]) -> None:
+    """`cv_predictions.csv`: one row per image of the cross-validation (fold, group, true, p_<class>)."""
+    from core.checkpoints import write_csv
+
+    write_csv(path, ["fold", "path", "group", "true", "predicted", *[f"p_{c}" for c in class_names]],
+              [[r["fold"], r["path"], r["group"], class_names[r["true"]],
+                class_names[int(np.argmax(r["probabilities"]))], *[f"{v:.6f}" for v in r["probabilities"]]]
+               for r in cv["predictions"]])
 
 
 def config_json(cfg: TrainConfig) -> dict:
@@ -608,11 +670,15 @@ def add_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str]] = None)
     if list(manifest.class_names) != list(meta.get("class_names", [])):
         raise DatasetError(f"The data at {cfg.data_dir} has classes {list(manifest.class_names)}, the checkpoint "
                            f"{bundle.name} has {meta.get('class_names')}: not the same task.")
-    cv = cross_validate(cfg, manifest)
+    work = Path(cfg.out_dir) / f".{cfg.bundle_name}.cv"
+    cv = cross_validate(cfg, manifest, work_dir=work)
+    preds = cv.pop("predictions")
     cv["command"] = " ".join(["python", "train.py", *map(_quote, argv)]) if argv is not None else None
     cv["git_commit"] = git_commit()
     cv["differs_from_checkpoint"] = config_differences(meta.get("config", {}), cfg)
-    dest = update_metadata(bundle, {"cross_validation": cv})
+    dest = update_metadata(bundle, {"cross_validation": cv}, files={
+        "cv_predictions.csv": lambda p: write_cv_predictions({"predictions": preds}, p, manifest.class_names)})
+    shutil.rmtree(work, ignore_errors=True)  # recorded: the per-fold resume files are no longer needed
     log.info("Cross-validation (%d folds) added to %s in %.1f min: pooled accuracy %.3f", cfg.cv_folds, dest,
              (time.time() - t_start) / 60, cv["pooled_accuracy"])
     return dest
@@ -730,7 +796,9 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     ood_info = ood_mod.summary(detector, fl, feats["test"])
     clf.ood = detector
 
-    cv = cross_validate(cfg, manifest) if cfg.cv_folds > 1 else None
+    cv = (cross_validate(cfg, manifest, work_dir=Path(cfg.out_dir) / f".{cfg.bundle_name}.cv")
+          if cfg.cv_folds > 1 else None)
+    cv_preds = cv.pop("predictions") if cv is not None else None
     externals = [external_check(clf, spec, manifest) for spec in cfg.external]
 
     argv = list(argv) if argv is not None else None
@@ -794,8 +862,11 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
         write_csv(tmp / "predictions.csv", pred_header, pred_rows)
         write_split(splits, tmp / "split.csv")
         detector.save(tmp / "ood.npz")
+        if cv_preds is not None:
+            write_cv_predictions({"predictions": cv_preds}, tmp / "cv_predictions.csv", manifest.class_names)
         write_json(tmp / "metadata.json", metadata)
 
     dest = write_bundle(Path(cfg.out_dir) / name, fill)
+    shutil.rmtree(Path(cfg.out_dir) / f".{cfg.bundle_name}.cv", ignore_errors=True)
     log.info("Wrote %s in %.1f min", dest, (time.time() - t_start) / 60)
     return dest

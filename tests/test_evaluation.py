@@ -117,3 +117,22 @@ def test_near_duplicate_audit_leaves_out_test_images_repeated_in_train(tiny_bund
     # Without the dataset: a message, not a traceback.
     assert main([str(bundle), "--without-near-duplicates", "--data-dir", str(tmp_path / "none")]) == 2
     assert "pass --data-dir" in capsys.readouterr().err
+
+
+def test_patient_level_metrics_by_hand():
+    """Mean probability per patient (Spanhol et al. 2016) and the patient recognition rate, by hand."""
+    from core.evaluation import patient_level_metrics
+
+    y = [0, 0, 0, 1, 1, 1, 1]
+    p1 = np.array([0.6, 0.3, 0.2, 0.9, 0.4, 0.8, 0.45])  # P(malignant)
+    probs = np.stack([1 - p1, p1], 1)
+    groups = ["a", "a", "b", "c", "c", "d", "d"]
+    out = patient_level_metrics(y, probs, groups, ("benign", "malignant"), n_boot=0)
+    # patient means: a 0.45 -> benign (right), b 0.2 right, c 0.65 right, d 0.625 right
+    assert out["n"] == 4 and out["accuracy"] == 1.0 and out["roc_auc_macro"] == 1.0
+    # recognition rate: a 1/2, b 1/1, c 1/2, d 1/2 -> mean 0.625
+    assert out["patient_recognition_rate"] == pytest.approx(0.625)
+    rows = {r["patient"]: r for r in out["patients"]}
+    assert rows["a"]["probabilities"]["malignant"] == pytest.approx(0.45) and rows["c"]["n_images"] == 2
+    # A patient with images of both classes (IDC slides): no patient-level result.
+    assert patient_level_metrics([0, 1], probs[:2], ["a", "a"], ("benign", "malignant"), n_boot=0) is None

@@ -182,3 +182,26 @@ def test_help_documents_every_option(capsys):
     for opt in ("--backbone", "--weights", "--fine-tune-layers", "--clahe", "--magnification", "--no-cache",
                 "--patience", "--split-file"):
         assert opt in out
+
+
+def test_cross_validation_resumes_finished_folds(tiny_tree, tmp_path, monkeypatch):
+    """Each finished fold is saved; a rerun of the same settings reuses it instead of training again, and
+    the pooled result (balanced accuracy, patient level, per-image predictions) is the same."""
+    from core.data import load_folder
+
+    m = load_folder(tiny_tree)
+    m = m.subset(range(len(m)))
+    cfg = T.TrainConfig(dataset="folder", data_dir=str(tiny_tree), backbone="simple_cnn", input_size=24,
+                        head_epochs=1, fine_tune_epochs=0, head_units=(8,), dropout=0.0, batch_size=8,
+                        cv_folds=2, verbose=0)
+    first = T.cross_validate(cfg, m, work_dir=tmp_path / "cv")
+    assert sorted(p.name for p in (tmp_path / "cv").glob("fold_*.npz")) == ["fold_1.npz", "fold_2.npz"]
+    assert len(first["predictions"]) == len(m) and {r["fold"] for r in first["predictions"]} == {1, 2}
+    assert 0.0 <= first["pooled_balanced_accuracy"] <= 1.0
+    assert first["patient_level"]["n_patients"] == len(set(m.groups))  # one image per group here
+    monkeypatch.setattr(T, "train_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    again = T.cross_validate(cfg, m, work_dir=tmp_path / "cv")
+    assert again["predictions"] == first["predictions"] and again["folds"] == first["folds"]
+    # Other settings do not reuse the saved folds.
+    with pytest.raises(AssertionError, match="retrained"):
+        T.cross_validate(T.TrainConfig(**{**T.asdict(cfg), "batch_size": 4}), m, work_dir=tmp_path / "cv")

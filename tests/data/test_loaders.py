@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.data import load_breakhis, load_busi, load_dataset, load_folder, load_ucsb, parse_breakhis_name
+from core.data import (load_breakhis, load_busi, load_dataset, load_folder, load_idc, load_ucsb,
+                       parse_breakhis_name)
 from core.data import read_split, split_manifest, write_split
 from core.errors import DatasetError
 from tests.conftest import BREAKHIS, BUSI, UCSB, needs_shared, write_class_tree
@@ -53,9 +54,10 @@ def test_busi_real_counts_and_double_masks():
 
 def test_parse_breakhis_name():
     info = parse_breakhis_name("SOB_M_DC-14-2523-40-010.png")
-    assert info == {"binary": "malignant", "subtype": "ductal_carcinoma", "code": "DC", "patient": "14-2523",
-                    "magnification": 40, "seq": 10}
-    assert parse_breakhis_name("SOB_B_A-14-22549AB-40-001.png")["patient"] == "14-22549AB"
+    assert info == {"binary": "malignant", "subtype": "ductal_carcinoma", "code": "DC", "slide": "14-2523",
+                    "patient": "14-2523", "magnification": 40, "seq": 10}
+    ab = parse_breakhis_name("SOB_B_A-14-22549AB-40-001.png")
+    assert (ab["slide"], ab["patient"]) == ("14-22549AB", "14-22549")
     assert parse_breakhis_name("SOB_B_PT-14-21998AB-100-005.png")["subtype"] == "phyllodes_tumor"
     for bad in ("benign (1).png", "SOB_X_DC-14-2523-40-010.png", "SOB_B_DC-14-2523-40-010.png"):
         with pytest.raises(DatasetError):
@@ -198,3 +200,76 @@ def test_busi_real_cross_class_duplicate_is_one_group():
     group = {s.path.split("/")[-1]: s.group for s in m}
     assert group["malignant (145).png"] == group["benign (433).png"]  # the identical scan filed under two classes
     assert len({s.group for s in m}) < len(m)
+
+
+def _write_breakhis_tree(root, slides, n=3, size=(46, 70), ext=".png"):
+    """Official BreakHis tree: `(benign?, code, subtype folder, slide id, magnification)` per slide."""
+    rng = np.random.default_rng(0)
+    for benign, code, sub, slide, mag in slides:
+        cls = "benign" if benign else "malignant"
+        d = root / "BreaKHis_v1/histology_slides/breast" / cls / "SOB" / sub / f"SOB_{cls[0].upper()}_{code}_14-{slide}" / f"{mag}X"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = rng.integers(0, 255, (*size, 3)).astype(np.uint8)
+            Image.fromarray(img).save(d / f"SOB_{cls[0].upper()}_{code}-14-{slide}-{mag}-{i + 1:03d}{ext}")
+    return root
+
+
+def test_breakhis_groups_slides_of_one_patient_any_suffix_and_size(tmp_path):
+    """23060AB / 23060CD and 29960AB (fibroadenoma) / 29960CD (adenosis) are one patient each; JPEG copies
+    at 224 px and official PNGs at 700 x 460 load alike; no patient is on both sides of a split or CV fold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    slides = [(True, "F", "fibroadenoma", "23060AB", 200), (True, "F", "fibroadenoma", "23060CD", 200),
+              (True, "F", "fibroadenoma", "29960AB", 200), (True, "A", "adenosis", "29960CD", 200),
+              (True, "TA", "tubular_adenoma", "3411F", 200), (True, "PT", "phyllodes_tumor", "21998AB", 200),
+              (False, "DC", "ductal_carcinoma", "2523", 200), (False, "MC", "mucinous_carcinoma", "18842", 200),
+              (False, "MC", "mucinous_carcinoma", "18842D", 200), (False, "LC", "lobular_carcinoma", "16196", 200),
+              (False, "PC", "papillary_carcinoma", "9146", 200), (False, "DC", "ductal_carcinoma", "4372", 200),
+              (False, "DC", "ductal_carcinoma", "2523", 40)]
+    _write_breakhis_tree(tmp_path, slides[:7], ext=".jpg", size=(224, 224))
+    _write_breakhis_tree(tmp_path, slides[7:], ext=".png", size=(46, 70))
+    m = load_breakhis(tmp_path, magnification=200)
+    assert len(m) == 12 * 3 and {s.magnification for s in m} == {200}
+    assert {s.group for s in m} == {"14-23060", "14-29960", "14-3411", "14-21998", "14-2523", "14-18842",
+                                    "14-16196", "14-9146", "14-4372"}
+    assert {s.subtype for s in m if s.group == "14-29960"} == {"fibroadenoma", "adenosis"}
+    assert sum(s.group == "14-23060" for s in m) == 6 and sum(s.group == "14-18842" for s in m) == 6
+    assert len(load_breakhis(tmp_path)) == 13 * 3  # no magnification filter: 40X too
+    sub = load_breakhis(tmp_path, task="subtype", magnification=200)
+    assert len(sub.class_names) == 8 and {s.class_name for s in sub} == {s.subtype for s in m}
+    for seed in range(3):
+        parts = split_manifest(m, seed=seed)
+        groups = [{x.group for x in parts[k]} for k in ("train", "val", "test")]
+        assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    for _, held in StratifiedGroupKFold(3, shuffle=True, random_state=0).split(m.labels, m.labels, m.groups):
+        held_groups = {m.samples[i].group for i in held}
+        assert all((s.group in held_groups) == (i in set(held)) for i, s in enumerate(m.samples))
+
+
+def test_idc_official_layout_groups_labels_positions_and_edge_patches(tmp_path):
+    root = tmp_path / "IDC_regular_ps50_idx5"
+    rng = np.random.default_rng(0)
+    expected = []
+    for patient in ("8863", "10253", "12345"):
+        for label in (0, 1):
+            (root / patient / str(label)).mkdir(parents=True)
+            for x, y in ((51, 101), (1001, 2951)):
+                h = 8 if (y == 2951 and label == 0) else 50  # an edge patch cut by the slide border
+                Image.fromarray(rng.integers(0, 255, (h, 50, 3)).astype(np.uint8)).save(
+                    root / patient / str(label) / f"{patient}_idx5_x{x}_y{y}_class{label}.png")
+                expected.append((patient, label, (x, y)))
+    m = load_idc(tmp_path)  # the parent folder works too
+    assert m.class_names == ("non_idc", "idc") and load_dataset("idc", root).name == "idc"
+    assert sorted((s.group, s.label, s.position) for s in m) == sorted(expected)
+    edge = next(s for s in m if s.label == 0 and s.position == (1001, 2951))
+    img = m.read(edge)
+    assert img.shape == (50, 50, 3) and (img[8:] == 255).all()
+    parts = split_manifest(m, (0.34, 0.33, 0.33), seed=0)
+    assert sorted(len({x.group for x in parts[k]}) for k in parts) == [1, 1, 1]
+    write_split(parts, tmp_path / "split.csv")
+    back = read_split(tmp_path / "split.csv", m.root, m.class_names, "idc", m.patch_side)
+    assert [(x.path, x.position) for x in back["test"]] == [(x.path, x.position) for x in parts["test"]]
+    assert back["test"].read(back["test"].samples[0]).shape == (50, 50, 3)
+    with pytest.raises(DatasetError):
+        load_idc(tmp_path / "IDC_regular_ps50_idx5" / "8863" / "0")
