@@ -17,6 +17,8 @@ DATA = SHARED / "data"
 BUSI = DATA / "busi" / "Dataset_BUSI_with_GT"
 BREAKHIS = DATA / "breakhis_samples" / "BreaKHis_v1"
 UCSB = DATA / "ucsb_breast" / "BreastCancerCell_dataset"
+BREAKHIS_200X = DATA / "breakhis_200x"
+IDC = DATA / "idc"
 DENSENET_WEIGHTS = SHARED / "weights" / "densenet121_imagenet_notop.weights.h5"
 
 needs_shared = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not available")

@@ -1,0 +1,45 @@
+"""Tiny end-to-end trains on the real BreakHis 200X and IDC copies (skip without ../shared)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+import train
+from core.checkpoints import load_classifier, read_csv
+from tests.conftest import BREAKHIS_200X, IDC, needs_shared
+
+TINY = ["--backbone", "simple_cnn", "--weights", "none", "--head-epochs", "1", "--fine-tune-epochs", "0",
+        "--head-units", "8", "--batch-size", "16", "--quiet"]
+
+
+def _patients_by_split(bundle):
+    rows = read_csv(bundle / "split.csv")
+    return rows, {s: {r["group"] for r in rows if r["split"] == s} for s in ("train", "val", "test")}
+
+
+@needs_shared
+def test_breakhis_200x_tiny_train_keeps_patients_apart(tmp_path):
+    rc = train.main(["--dataset", "breakhis", "--data-dir", str(BREAKHIS_200X), "--magnification", "200",
+                     "--limit", "80", "--input-size", "32", "--name", "bh", "--out-dir", str(tmp_path), *TINY])
+    assert rc == 0
+    rows, by = _patients_by_split(tmp_path / "bh")
+    assert all(by.values()) and not (by["train"] & by["val"] or by["train"] & by["test"] or by["val"] & by["test"])
+    assert all(g.startswith("14-") and g[3:].isdigit() for g in set().union(*by.values()))  # slide letters dropped
+    meta = json.loads((tmp_path / "bh" / "metadata.json").read_text())
+    assert meta["dataset"]["magnification"] == 200 and meta["class_names"] == ["benign", "malignant"]
+    clf = load_classifier(tmp_path / "bh")
+    assert clf.predict_proba(np.zeros((224, 224, 3), np.uint8)).shape == (1, 2)
+
+
+@needs_shared
+def test_idc_tiny_train_keeps_patients_apart_and_positions(tmp_path):
+    rc = train.main(["--dataset", "idc", "--data-dir", str(IDC), "--limit", "300", "--input-size", "50",
+                     "--name", "idc", "--out-dir", str(tmp_path), *TINY])
+    assert rc == 0
+    rows, by = _patients_by_split(tmp_path / "idc")
+    assert all(by.values()) and not (by["train"] & by["val"] or by["train"] & by["test"] or by["val"] & by["test"])
+    assert len(rows) == 300 and all(r["x"].isdigit() and r["y"].isdigit() for r in rows)
+    assert all(f"_x{r['x']}_y{r['y']}_class" in r["path"] and r["path"].startswith(r["group"] + "/") for r in rows)
+    meta = json.loads((tmp_path / "idc" / "metadata.json").read_text())
+    assert meta["class_names"] == ["non_idc", "idc"] and meta["input_size"] == 50
