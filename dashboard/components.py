@@ -337,9 +337,26 @@ def small_data_evidence(meta: dict) -> None:
                  f"{cv['accuracy_min']:.3f}–{cv['accuracy_max']:.3f}); pooled over all held-out images "
                  f"{cv['pooled_accuracy']:.3f}" + (f", ROC AUC {cv['pooled_roc_auc']:.3f}" if cv.get("pooled_roc_auc")
                                                    is not None else "") + ".")
+        if cv.get("pooled_balanced_accuracy") is not None:
+            st.write(f"Pooled balanced accuracy **{cv['pooled_balanced_accuracy']:.3f}** (the mean of the "
+                     "per-class recalls: the honest figure when one class dominates).")
         if cv.get("pooled_recall"):
             st.write("Pooled recall (sensitivity): " + ", ".join(
                 f"{c} **{r:.3f}** (of {cv['pooled_support'][c]})" for c, r in cv["pooled_recall"].items()) + ".")
+        pl = cv.get("patient_level")
+        if pl:
+            ci = pl.get("accuracy_ci95_exact")
+            st.write(f"Per patient ({pl['n_patients']} patients; a patient's probability is the mean over their "
+                     f"images): accuracy **{pl['accuracy']:.3f}**" + (f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+                     + (f", balanced accuracy {pl['balanced_accuracy']:.3f}" if pl.get("balanced_accuracy") is not None
+                        else "") + (f", ROC AUC {pl['roc_auc']:.3f}" if pl.get("roc_auc") is not None else "")
+                     + "; recall " + ", ".join(f"{c} {r:.3f} (of {pl['support'][c]})" for c, r in pl["recall"].items())
+                     + f"; patient recognition rate {pl['patient_recognition_rate']:.3f}.")
+            with st.expander("Every patient in cross-validation"):
+                st.dataframe([{"patient": r["patient"], "true": r["true"], "predicted": r["predicted"],
+                               "images": r["n_images"], "images correct": round(r["image_accuracy"], 3),
+                               **{f"mean p({c})": round(v, 3) for c, v in r["probabilities"].items()}}
+                              for r in pl["patients"]], hide_index=True)
         st.caption(cv["method"])
         if cv.get("note"):
             st.caption(cv["note"])
@@ -371,11 +388,13 @@ def small_data_evidence(meta: dict) -> None:
         st.caption(audit["method"])
     for ext in meta.get("external_checks", []):
         st.subheader(f"External check · {ext['name']}")
-        st.warning(f"{ext['label']}. {ext['n_correct']} of {ext['n_images']} correct "
+        st.warning(f"{ext['label']}. {ext['n_correct']} of {ext['n_images']} external images correct "
                    f"({ext['accuracy']:.0%}). Source: {ext.get('citation') or ext['root']}")
         st.dataframe([{"image": Path(r["path"]).name, "subtype": r.get("subtype"), "magnification":
                        f"{r['magnification']}x" if r.get("magnification") else "", "true": r["true"],
                        "predicted": r["predicted"], "correct": "✓" if r["correct"] else "✗",
                        **{f"p({c})": round(v, 3) for c, v in r["probabilities"].items()},
-                       "out of distribution": r.get("out_of_distribution")} for r in ext["images"]],
+                       "out of distribution": r.get("out_of_distribution"),
+                       "external": "yes" if r.get("external", True) else "no: patient in training data"}
+                      for r in ext["images"]],
                      hide_index=True)

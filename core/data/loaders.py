@@ -31,6 +31,8 @@ _BREAKHIS_RE = re.compile(
     r"^SOB_(?P<cls>[BM])_(?P<code>[A-Z]+)-(?P<year>\d+)-(?P<slide>[0-9A-Za-z]+)-(?P<mag>\d+)-(?P<seq>\d+)$")
 _IDC_RE = re.compile(r"^(?P<patient>[0-9A-Za-z]+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<cls>[01])$")
 IDC_PATCH_SIDE = 50
+#: Datasets of fixed-size patches: dataset kind -> patch side in pixels (models trained on them read fields by tiles).
+PATCH_SIDES = {"idc": IDC_PATCH_SIDE}
 _UCSB_RE = re.compile(r"^(?P<group>ytma\d+_\d+)_(?P<cls>benign|malignant)(?P<k>\d+)_ccd$", re.I)
 _BUSI_MASK_RE = re.compile(r"_mask(_\d+)?$")
 
