@@ -22,6 +22,7 @@ import numpy as np
 
 from core.errors import CheckpointError
 from core.models import sha256_file
+from core.data.loaders import PATCH_SIDES
 from core.patches import PatchConfig, tiles
 from core.patches import work_image as patch_work_image
 from core.preprocessing import apply_clahe, model_input, resize
@@ -416,6 +417,9 @@ def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifi
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{path.name}: ood.npz is damaged ({exc}); refit with `python -m core.ood`.") from exc
     patches = PatchConfig.from_json(meta["patches"], size) if meta.get("patches") else None
+    side = PATCH_SIDES.get(meta.get("dataset", {}).get("kind"))
+    if patches is None and side:  # a patch-set model (IDC): a larger field is read as a grid of its patches
+        patches = PatchConfig(side, size, side, min_tissue=0.0)
     return Classifier(model=model, class_names=class_names, input_size=size, metadata=meta, path=path,
                       temperature=float(meta.get("calibration", {}).get("temperature", 1.0)),
                       clahe=bool(prep.get("clahe", False)), ood=ood, patches=patches,

@@ -1,7 +1,7 @@
 """Where in the tissue: per-tile probability maps of large H&E fields, and slide mosaics of IDC patches.
 
 A patch model (trained on crops, `Classifier.patches`) or a patch-set model (IDC: one 50 px patch per
-image, `core.data.loaders.PATCH_SIDES`) reads a large field tile by tile; `tile_probability_map`
+image, `core.data.loaders.PATCH_SIDES`, loaded with a 50 px grid) reads a large field tile by tile; `tile_probability_map`
 returns each tile's calibrated probabilities and paints them back onto the field. `slide_mosaic` lays a
 patient's patches out at their recorded slide positions, with the ground truth beside the model's map,
 the picture pathology teachers use for invasive ductal carcinoma.
@@ -43,20 +43,17 @@ class TileMap:
             return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
 
     def share_above(self, target: int, threshold: float = 0.5) -> float:
-        """Fraction of tiles whose P(target) exceeds `threshold`, in [0, 1]."""
-        return float((self.probs[:, target] > threshold).mean()) if len(self.probs) else 0.0
+        """Fraction of the classified tiles whose P(target) exceeds `threshold`, in [0, 1]."""
+        p = self.probs[:, target]
+        p = p[~np.isnan(p)]
+        return float((p > threshold).mean()) if len(p) else 0.0
 
 
 def tile_side(clf) -> Optional[int]:
-    """Tile side in original pixels for a model that reads fields tile by tile, else None.
-
-    Patch models: their crop size. Patch-set models (IDC): the dataset's patch side (50 px).
-    """
-    from core.data.loaders import PATCH_SIDES
-
-    if getattr(clf, "patches", None) is not None:
-        return int(clf.patches.patch_size)
-    return PATCH_SIDES.get((clf.metadata or {}).get("dataset", {}).get("kind"))
+    """Tile side in original pixels for a model that reads fields tile by tile (patch models, and IDC-style
+    patch-set models, which `load_classifier` gives a patch grid of their patch side), else None."""
+    patches = getattr(clf, "patches", None)
+    return int(patches.patch_size) if patches is not None else None
 
 
 def tile_probability_map(clf, image: np.ndarray, stride: Optional[int] = None, min_tissue: float = 0.0,
@@ -64,7 +61,7 @@ def tile_probability_map(clf, image: np.ndarray, stride: Optional[int] = None, m
     """Classify every tile of a uint8 (H, W, 3) field on a regular grid (`stride` original pixels, default
     the tile side) -> TileMap, or None when the model does not read tiles or the image is one tile or less.
 
-    Tiles with less tissue than `min_tissue` (near-white glass) get probability NaN.
+    Tiles with less tissue than `min_tissue` (near-white glass) are not classified: probability NaN.
     """
     from core.patches import tissue_fraction
 
@@ -74,18 +71,15 @@ def tile_probability_map(clf, image: np.ndarray, stride: Optional[int] = None, m
         return None
     boxes = tuple(grid_boxes((h, w), side, stride or side))
     crops = [image[y:y + side, x:x + side] for y, x in boxes]
-    if clf.patches is not None:  # a patch model predicts a crop as one whole image of patch_size
-        probs = np.concatenate([clf.predict_proba(crops[i:i + 64]) for i in range(0, len(crops), 64)])
-    else:
-        probs = np.zeros((len(crops), clf.num_classes), np.float32)
-        for i in range(0, len(crops), 256):
-            probs[i:i + 256] = clf.predict_proba(crops[i:i + 256])
-            if progress:
-                progress(min(1.0, (i + 256) / len(crops)))
-    if min_tissue > 0:
-        keep = np.array([tissue_fraction(c) >= min_tissue for c in crops])
-        probs = np.where(keep[:, None], probs, np.nan).astype(np.float32)
-    return TileMap(probs.astype(np.float32), boxes, side, (h, w), tuple(clf.class_names))
+    keep = np.array([min_tissue <= 0 or tissue_fraction(c) >= min_tissue for c in crops])
+    probs = np.full((len(crops), clf.num_classes), np.nan, np.float32)
+    todo = np.flatnonzero(keep)
+    for i in range(0, len(todo), 256):  # each crop is one tile of the model's grid
+        part = todo[i:i + 256]
+        probs[part] = clf.predict_proba([crops[j] for j in part])
+        if progress:
+            progress(min(1.0, (i + len(part)) / max(len(todo), 1)))
+    return TileMap(probs, boxes, side, (h, w), tuple(clf.class_names))
 
 
 @dataclass(frozen=True)

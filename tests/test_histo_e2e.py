@@ -43,3 +43,8 @@ def test_idc_tiny_train_keeps_patients_apart_and_positions(tmp_path):
     assert all(f"_x{r['x']}_y{r['y']}_class" in r["path"] and r["path"].startswith(r["group"] + "/") for r in rows)
     meta = json.loads((tmp_path / "idc" / "metadata.json").read_text())
     assert meta["class_names"] == ["non_idc", "idc"] and meta["input_size"] == 50
+    clf = load_classifier(tmp_path / "idc")  # a larger field is read as a grid of 50 px patches
+    assert clf.patches is not None and clf.patches.patch_size == 50
+    field = np.random.default_rng(0).integers(0, 255, (100, 150, 3)).astype(np.uint8)
+    tiles = clf.predict_proba([field[y:y + 50, x:x + 50] for y in (0, 50) for x in (0, 50, 100)])
+    assert np.allclose(clf.predict_proba(field)[0], tiles.mean(0), atol=1e-5)

@@ -14,6 +14,7 @@ def brightness_classifier():
     import keras
 
     from core.checkpoints import Classifier
+    from core.patches import PatchConfig
 
     inp = keras.Input((10, 10, 3))
     x = keras.layers.GlobalAveragePooling2D()(inp)
@@ -22,22 +23,28 @@ def brightness_classifier():
     logits = keras.layers.Dense(2, kernel_initializer=keras.initializers.Constant([[-1 / 8, 1 / 8]]),
                                 bias_initializer=keras.initializers.Constant([16.0, -16.0]))(x)
     model = keras.Model(inp, keras.layers.Softmax()(logits))
-    return Classifier(model=model, class_names=("non_idc", "idc"), input_size=10,
-                      metadata={"dataset": {"kind": "idc"}}, backend="keras")
+    return Classifier(model=model, class_names=("non_idc", "idc"), input_size=10,  # as load_classifier gives IDC
+                      metadata={"dataset": {"kind": "idc"}}, patches=PatchConfig(50, 10, 50, min_tissue=0.0),
+                      backend="keras")
 
 
 def test_tile_map_finds_the_bright_quadrant(brightness_classifier):
     clf = brightness_classifier
     assert tile_side(clf) == 50
     img = np.full((100, 150, 3), 20, np.uint8)
-    img[:50, 100:] = 240  # the top-right tile is bright
+    img[:50, 100:] = 200  # the top-right tile is bright (tissue, not glass)
     tm = tile_probability_map(clf, img)
+    assert clf.predict_proba(img)[0, 1] == pytest.approx(tm.probs[:, 1].mean(), abs=1e-5)  # mean of the grid
     assert tm.probs.shape == (6, 2) and tm.boxes == ((0, 0), (0, 50), (0, 100), (50, 0), (50, 50), (50, 100))
     assert np.argmax(tm.probs[:, 1]) == 2 and tm.probs[2, 1] > 0.99 and tm.probs[[0, 1, 3, 4, 5], 1].max() < 0.01
     pm = tm.pixel_map(1)
     assert pm.shape == (100, 150) and pm[10, 120] > 0.99 and pm[80, 20] < 0.01
     assert tm.share_above(1) == pytest.approx(1 / 6)
     assert tile_probability_map(clf, img[:50, :50]) is None  # one tile: nothing to map
+    img[50:, :50] = 255  # glass: not classified when tissue is required
+    glass = tile_probability_map(clf, img, min_tissue=0.5)
+    assert np.isnan(glass.probs[3]).all() and not np.isnan(glass.probs[2]).any()
+    assert glass.share_above(1) == pytest.approx(1 / 5)
     whole = type(clf)(model=clf.model, class_names=clf.class_names, input_size=10, metadata={})
     assert tile_side(whole) is None and tile_probability_map(whole, img) is None
 
