@@ -33,7 +33,7 @@ def best_of(fn, repeats: int) -> float:
 def pick_image(bundle: Path) -> np.ndarray:
     from core.checkpoints import read_metadata
     from core.data import read_split
-    from core.explain.evaluate import resolve_data_root
+    from core.data.roots import resolve_data_root
     from core.preprocessing import load_image
 
     meta = read_metadata(bundle)

@@ -43,7 +43,7 @@ def main() -> int:
 
     from core.checkpoints import load_classifier
     from core.data import read_split
-    from core.explain.evaluate import resolve_data_root
+    from core.data.roots import resolve_data_root
     from core.preprocessing import load_image
 
     clf = load_classifier(args.checkpoint)

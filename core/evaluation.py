@@ -230,7 +230,7 @@ def near_duplicate_audit(path: str | Path, split: str = "test", data_dir: Option
     from core.checkpoints import read_csv, read_metadata
     from core.data.duplicates import NEAR_DUPLICATE_BITS, near_duplicate_components
     from core.errors import DatasetError
-    from core.explain.evaluate import resolve_data_root
+    from core.data.roots import resolve_data_root
 
     path = Path(path)
     max_bits = NEAR_DUPLICATE_BITS if max_bits is None else max_bits

@@ -98,8 +98,7 @@ def _natural(path: str):
 def test_split_examples(bundle: str | Path, per_class: int = 6, data_dir: Optional[str] = None) -> list[Example]:
     """Examples from a checkpoint's own test split (images the model never trained on), if the data is here."""
     from core.checkpoints import read_metadata
-    from core.data import read_split
-    from core.explain.evaluate import resolve_data_root
+    from core.data.roots import bundle_splits, resolve_data_root
 
     bundle = Path(bundle)
     try:
@@ -107,7 +106,7 @@ def test_split_examples(bundle: str | Path, per_class: int = 6, data_dir: Option
         root = resolve_data_root(meta, bundle, data_dir)
         if not root.is_dir() or not (bundle / "split.csv").is_file():
             return []
-        test = read_split(bundle / "split.csv", root, meta["class_names"])["test"]
+        test = bundle_splits(bundle, meta, data_dir)["test"]
     except Exception:  # a missing or foreign dataset simply means no examples
         return []
     out, counts = [], {}

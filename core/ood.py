@@ -84,7 +84,7 @@ def fit_bundle(bundle: str | Path, data_dir: Optional[str] = None, false_alarm_r
     """Fit the detector for an existing bundle from its split (needs the dataset); adds ood.npz atomically."""
     from core.checkpoints import load_classifier, update_metadata
     from core.data import read_split
-    from core.explain.evaluate import resolve_data_root
+    from core.data.roots import resolve_data_root
     from core.preprocessing import load_image
 
     bundle = Path(bundle)

@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from core.data.roots import resolve_data_root
+
 DEFAULT_PARAMS = {
     "gradcam": {},
     "gradcam++": {},
@@ -37,23 +39,6 @@ def mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
     boots = v[rng.integers(0, v.size, (n_boot, v.size))].mean(axis=1)
     return {"mean": float(v.mean()), "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
             "n": int(v.size)}
-
-
-def resolve_data_root(meta: dict, bundle: Path, override: Optional[str] = None) -> Path:
-    """The dataset root recorded in metadata, tried relative to the CWD, the repo root and the bundle."""
-    if override:
-        return Path(override)
-    return resolve_root(meta["dataset"]["root"], bundle)
-
-
-def resolve_root(root: str | Path, bundle: Path) -> Path:
-    """A recorded (possibly relative) data folder, tried relative to the CWD, the repo root and the bundle."""
-    root = Path(root)
-    repo = Path(__file__).resolve().parents[2]
-    for cand in (root, repo / root, bundle / root):
-        if cand.is_dir():
-            return cand
-    return root
 
 
 def test_cases(bundle: Path, data_root: Path, limit: Optional[int], seed: int = 0) -> list:

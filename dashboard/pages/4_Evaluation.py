@@ -9,7 +9,7 @@ import components as ui
 import services as svc
 from core.checkpoints import read_csv
 from core.evaluation import curves, reliability_curve
-from core.explain.evaluate import resolve_data_root, resolve_root
+from core.data.roots import resolve_data_root, resolve_root
 
 ui.page_setup("Evaluation", "📊")
 ckpt = ui.sidebar()
