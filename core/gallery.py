@@ -18,6 +18,16 @@ WHERE_TO_GET = (
     f"and point the sidebar setting or the {ENV_VAR} environment variable at the folder that holds them.")
 
 
+#: Dataset kind -> imaging modality; the dashboard offers only examples of the active checkpoint's modality.
+MODALITY = {"busi": "ultrasound", "breakhis": "histopathology", "ucsb": "histopathology", "idc": "histopathology"}
+
+
+def same_modality(dataset: str, checkpoint_dataset: Optional[str]) -> bool:
+    """True when an example of `dataset` suits a checkpoint trained on `checkpoint_dataset` (unknown: True)."""
+    a, b = MODALITY.get(dataset), MODALITY.get(checkpoint_dataset or "")
+    return a is None or b is None or a == b
+
+
 @dataclass(frozen=True)
 class Example:
     path: str

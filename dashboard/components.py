@@ -398,3 +398,51 @@ def small_data_evidence(meta: dict) -> None:
                        "external": "yes" if r.get("external", True) else "no: patient in training data"}
                       for r in ext["images"]],
                      hide_index=True)
+
+
+def _blend(image: np.ndarray, rgb: np.ndarray, alpha: float, where: np.ndarray) -> np.ndarray:
+    out = image.astype(np.float32).copy()
+    out[where] = (1 - alpha) * out[where] + alpha * rgb[where].astype(np.float32)
+    return out.astype(np.uint8)
+
+
+def tile_map_view(ckpt: Path, inp: "ImageInput", clf, target: int) -> None:
+    """'Where in the tissue': the model's probability for `target` tile by tile, beside the field (patch models)."""
+    tm = svc.tile_map(ckpt, inp.image, inp.sha)
+    if tm is None:
+        return
+    st.subheader(f"Where in the tissue · P({clf.class_names[target]}) per {tm.tile} px tile")
+    values = tm.pixel_map(target)
+    rgb = svc.tiles.colour_map(values)
+    c1, c2 = st.columns(2)
+    c1.image(inp.image, caption=inp.name, width="stretch")
+    c2.image(_blend(inp.image, rgb, 0.55, ~np.isnan(values)), width="stretch",
+             caption=f"Blue 0 → red 1; glass tiles left clear. {tm.share_above(target):.0%} of "
+                     f"{int((~np.isnan(tm.probs[:, target])).sum())} tissue tiles above 0.5.")
+    st.caption("Each tile is classified on its own, as the model was trained; the headline prediction is the mean "
+               "over all tiles. The map shows where the model sees the class, not a segmentation.")
+
+
+def mosaic_view(ckpt: Path, clf, prefix: str) -> None:
+    """IDC test patients: their patches at their slide positions, ground truth beside the model's map."""
+    patients = svc.mosaic_patients(ckpt)
+    if not patients or clf.num_classes != 2:
+        return
+    st.subheader("Slide mosaics · test patients")
+    labels = {p["patient"]: f"patient {p['patient']} · {p['patches']} patches, {p['positive']} "
+                            f"{clf.class_names[1].replace('_', ' ')}" for p in patients}
+    patient = st.selectbox("Patient (never seen in training)", list(labels)[:12], format_func=labels.get,
+                           key=f"{prefix}_mosaic_patient")
+    mo, probs = svc.mosaic(ckpt, patient)
+    truth = mo.paint(mo.labels.astype(np.float32))
+    model = mo.paint(probs[:, 1])
+    where = mo.truth >= 0
+    c1, c2, c3 = st.columns(3)
+    c1.image(mo.image, caption=f"Patches at their slide positions (scale {mo.scale:.2f})", width="stretch")
+    c2.image(_blend(mo.image, svc.tiles.colour_map(truth), 0.6, where), width="stretch",
+             caption=f"Ground truth: red = {clf.class_names[1].replace('_', ' ')} (pathologist's annotation)")
+    c3.image(_blend(mo.image, svc.tiles.colour_map(model), 0.6, where), width="stretch",
+             caption=f"Model: P({clf.class_names[1].replace('_', ' ')}), blue 0 → red 1")
+    pred = probs.argmax(1)
+    st.caption(f"{int((pred == mo.labels).sum())} of {len(pred)} patches classified as annotated. This set holds "
+               "a sample of each slide's patches, so the mosaic is sparse; white is slide not in the set.")

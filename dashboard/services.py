@@ -18,7 +18,8 @@ if str(ROOT) not in sys.path:  # `import core` also works without `pip install -
 import numpy as np
 import streamlit as st
 
-from core import gallery
+from core import gallery, tiles
+from core.data.roots import bundle_splits
 from core.checkpoints import CHECKPOINTS_DIR, list_bundles, load_classifier, read_metadata, verify_bundle
 from core.errors import BreastXAIError, CheckpointError, InvalidImageError
 from core.preprocessing import DecodedImage, decode_image, load_mask
@@ -143,7 +144,9 @@ def data_dir() -> Optional[Path]:
 def _examples(data_root: str, bundle: str, per_class: int) -> list:
     ex = gallery.test_split_examples(bundle, per_class) if bundle else []
     seen = {e.dataset for e in ex}
-    return ex + [e for e in gallery.find_examples(data_root or None, per_class) if e.dataset not in seen]
+    kind = read_metadata(bundle).get("dataset", {}).get("kind") if bundle else None
+    return ex + [e for e in gallery.find_examples(data_root or None, per_class)
+                 if e.dataset not in seen and gallery.same_modality(e.dataset, kind)]
 
 
 def examples(per_class: int = 6) -> list:
@@ -248,3 +251,54 @@ def throughput(path: Path) -> float:
 
 
 USER_ERRORS = (BreastXAIError, InvalidImageError)
+
+
+# ------------------------------------------------------------------------------------- where in the tissue
+@st.cache_data(max_entries=32, show_spinner="Classifying every tile of the field…")
+def _tile_map(ckpt: str, mtime: float, image_sha: str, _image: np.ndarray):
+    return tiles.tile_probability_map(_classifier(ckpt, mtime), _image, min_tissue=0.2)
+
+
+def tile_map(path: Path, image: np.ndarray, image_sha: str):
+    """core.tiles.TileMap of a field larger than one tile of a patch model (glass tiles left out), else None."""
+    return _tile_map(str(path), _mtime(Path(path)), image_sha, image)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _mosaic_patients(ckpt: str, mtime: float) -> list[dict]:
+    try:
+        test = bundle_splits(Path(ckpt), read_metadata(ckpt))["test"]
+    except Exception:  # no data here: no mosaics
+        return []
+    by: dict[str, list] = {}
+    for s in test.samples:
+        if s.position is not None and Path(s.path).is_file():
+            by.setdefault(s.group, []).append(s)
+    rows = [{"patient": g, "patches": len(v), "positive": sum(x.label == 1 for x in v)} for g, v in by.items()]
+    return sorted(rows, key=lambda r: (-min(r["positive"], r["patches"] - r["positive"]), -r["patches"], r["patient"]))
+
+
+def mosaic_patients(path: Path) -> list[dict]:
+    """Test patients of a patch-set checkpoint (IDC) whose patches carry slide positions: patient, patches,
+    positive (label-1 patches); patients with both classes and many patches first."""
+    return _mosaic_patients(str(path), _mtime(Path(path)))
+
+
+@st.cache_data(max_entries=8, show_spinner="Laying out the patient's patches and classifying each…")
+def _mosaic(ckpt: str, mtime: float, patient: str, width: int):
+    from core.data.loaders import PATCH_SIDES
+
+    meta = read_metadata(ckpt)
+    test = bundle_splits(Path(ckpt), meta)["test"]
+    samples = [s for s in test.samples if s.group == patient and s.position is not None]
+    side = PATCH_SIDES.get(meta.get("dataset", {}).get("kind"), 50)
+    xs = [s.position[0] for s in samples]
+    scale = min(1.0, width / (max(xs) - min(xs) + side))
+    mosaic = tiles.slide_mosaic(samples, test.read, side, scale)
+    probs = _classifier(ckpt, mtime).predict_proba([test.read(s) for s in samples])
+    return mosaic, probs
+
+
+def mosaic(path: Path, patient: str, width: int = 900):
+    """(core.tiles.Mosaic, calibrated probabilities (N, K)) for one test patient, at most `width` px wide."""
+    return _mosaic(str(path), _mtime(Path(path)), patient, width)

@@ -98,3 +98,32 @@ def tiny_patch_bundle(tmp_path_factory) -> Path:
                      "--quiet"])
     assert rc == 0
     return out / "patchy"
+
+
+def write_idc_tree(root: Path, patients=("8863", "9036", "10253", "12345", "13666", "14191"), n: int = 8) -> Path:
+    """IDC official layout: per patient a 4 x 4 block of 50 px patches, IDC (dark discs) in the left columns."""
+    rng = np.random.default_rng(3)
+    for p in patients:
+        for k in range(n):
+            x, y = 1001 + 50 * (k % 4), 501 + 50 * (k // 4)
+            label = int(k % 4 < 2)
+            d = root / "IDC_regular_ps50_idx5" / p / str(label)
+            d.mkdir(parents=True, exist_ok=True)
+            img = make_class_image(label, rng, 50)
+            Image.fromarray(img).save(d / f"{p}_idx5_x{x}_y{y}_class{label}.png")
+    return root / "IDC_regular_ps50_idx5"
+
+
+@pytest.fixture(scope="session")
+def tiny_idc_bundle(tmp_path_factory) -> Path:
+    """An IDC-style patch-set bundle trained by train.py on a generated tree (simple_cnn, 16 px input)."""
+    import train
+
+    data = write_idc_tree(tmp_path_factory.mktemp("idc"))
+    out = tmp_path_factory.mktemp("idcckpt")
+    rc = train.main(["--dataset", "idc", "--data-dir", str(data), "--backbone", "simple_cnn", "--weights", "none",
+                     "--input-size", "16", "--head-epochs", "2", "--fine-tune-epochs", "0", "--head-units", "8",
+                     "--dropout", "0", "--lr", "3e-3", "--batch-size", "8", "--split", "0.5", "0.25", "0.25",
+                     "--name", "idc_tiny", "--out-dir", str(out), "--quiet"])
+    assert rc == 0
+    return out / "idc_tiny"

@@ -18,6 +18,8 @@ with right:
     ui.ood_notice(ckpt, inp)
     st.caption("Probabilities are temperature-calibrated on the validation split. " + svc.DISCLAIMER)
 ui.feedback_form(ckpt, inp, probs, clf.class_names)
+ui.tile_map_view(ckpt, inp, clf, pred if clf.num_classes != 2 else 1)
+ui.mosaic_view(ckpt, clf, "ex")
 
 with st.form("ex_form"):
     methods = st.multiselect("Methods", list(ui.METHOD_LABELS), default=["gradcam", "lime"],

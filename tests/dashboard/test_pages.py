@@ -291,3 +291,24 @@ def test_model_card_says_when_no_test_image_has_a_repeat_scan(tiny_bundle, tmp_p
     subheaders = [s.value for s in at.subheader]
     assert "Test split: repeat-scan check" in subheaders and "Test split without repeat scans" not in subheaders
     assert any("None of the 10 test images" in m.value for m in at.markdown)
+
+
+def test_idc_tile_map_and_slide_mosaic(tiny_idc_bundle, monkeypatch):
+    """A patch-set (IDC) checkpoint: a large field gets a per-tile map; test patients are offered as slide
+    mosaics with the ground truth beside the model's map."""
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tiny_idc_bundle.parent))
+    monkeypatch.setenv("BREASTXAI_DATA", str(tiny_idc_bundle.parent))
+    import streamlit as st
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = app("pages/1_Explain.py")
+    field = np.full((100, 150, 3), 230, np.uint8)
+    field[:, :75] = 40
+    at.file_uploader(key="ex_upload").upload("field.png", png(field), "image/png")
+    at.run()
+    no_exception(at)
+    assert any(s.value.startswith("Where in the tissue") for s in at.subheader)
+    assert any(s.value.startswith("Slide mosaics") for s in at.subheader)
+    patients = at.selectbox(key="ex_mosaic_patient").options
+    assert patients and all("patches" in p for p in patients)
+    assert any("classified as annotated" in c.value for c in at.caption)
