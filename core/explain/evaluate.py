@@ -41,15 +41,18 @@ def mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
             "n": int(v.size)}
 
 
-def test_cases(bundle: Path, data_root: Path, limit: Optional[int], seed: int = 0) -> list:
-    """Test-split samples with a non-empty lesion mask, balanced across classes if `limit` is given."""
+def test_cases(bundle: Path, data_root: Path, limit: Optional[int], seed: int = 0) -> tuple[list, bool]:
+    """(test-split samples, with_masks): those with a non-empty lesion mask when the dataset has masks, else
+    every test image (histopathology sets have none); balanced across classes if `limit` is given."""
     from core.checkpoints import read_metadata
-    from core.data import read_split
+    from core.data.roots import bundle_splits
     from core.preprocessing import load_mask
 
     meta = read_metadata(bundle)
-    split = read_split(bundle / "split.csv", data_root, meta["class_names"])["test"]
-    cases = [s for s in split.samples if s.mask_paths and load_mask(s.mask_paths).any()]
+    split = bundle_splits(bundle, meta, str(data_root))["test"]
+    with_masks = any(s.mask_paths for s in split.samples)
+    cases = [s for s in split.samples if s.mask_paths and load_mask(s.mask_paths).any()] if with_masks else \
+        [s for s in split.samples if Path(s.path).is_file()]
     if limit and len(cases) > limit:
         rng = np.random.default_rng(seed)
         by_class: dict[int, list] = {}
@@ -64,7 +67,7 @@ def test_cases(bundle: Path, data_root: Path, limit: Optional[int], seed: int = 
                     picked.append(v[i])
             i += 1
         cases = sorted(picked, key=lambda s: s.path)
-    return cases
+    return cases, with_masks
 
 
 def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit: Optional[int] = 24,
@@ -79,20 +82,21 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
     clf = load_classifier(bundle)
     methods = list(methods or EXPLAINERS)
     root = resolve_data_root(clf.metadata, bundle, data_dir)
-    cases = test_cases(bundle, root, limit)
+    cases, with_masks = test_cases(bundle, root, limit)
     if not cases:
-        raise ValueError(f"No test images with lesion masks under {root}; is the dataset available?")
+        raise ValueError(f"No test images under {root}; is the dataset available?")
+    mask_keys = ("pointing_game", "energy_in_mask", "mask_iou_top15") if with_masks else ()
     predict = lambda x: clf.predict_work(np.asarray(x))  # scores are computed at the model's work resolution
-    per: dict[str, dict[str, list]] = {m: {k: [] for k in ("deletion_auc", "insertion_auc", "pointing_game",
-                                                            "energy_in_mask", "mask_iou_top15", "seconds")}
-                                       for m in methods}
+    per: dict[str, dict[str, list]] = {m: {k: [] for k in ("deletion_auc", "insertion_auc", *mask_keys,
+                                                            "seconds")} for m in methods}
     agree: dict[tuple, list] = {}
     t_all = time.time()
     for i, case in enumerate(cases):
-        image = load_image(case.path)
-        mask = load_mask(case.mask_paths, image.shape[:2])
+        image = load_image(case.path, min_side=1)
         work = clf.work_image(image)
-        work_mask = resize(mask.astype(np.uint8), work.shape[:2]) > 0
+        if with_masks:
+            mask = load_mask(case.mask_paths, image.shape[:2])
+            work_mask = resize(mask.astype(np.uint8), work.shape[:2]) > 0
         maps = {}
         for m in methods:
             e = explain(clf, image, m, **DEFAULT_PARAMS.get(m, {}))
@@ -102,9 +106,10 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
             r["seconds"].append(e.seconds)
             r["deletion_auc"].append(M.deletion_auc(predict, work, a, e.target, steps))
             r["insertion_auc"].append(M.insertion_auc(predict, work, a, e.target, steps))
-            r["pointing_game"].append(M.pointing_game(a, work_mask))
-            r["energy_in_mask"].append(M.energy_in_mask(a, work_mask))
-            r["mask_iou_top15"].append(M.mask_iou(a, work_mask, 15))
+            if with_masks:
+                r["pointing_game"].append(M.pointing_game(a, work_mask))
+                r["energy_in_mask"].append(M.energy_in_mask(a, work_mask))
+                r["mask_iou_top15"].append(M.mask_iou(a, work_mask, 15))
         for a_i, ma in enumerate(methods):
             for mb in methods[a_i + 1:]:
                 agree.setdefault((ma, mb), []).append(M.agreement(maps[ma], maps[mb]))
@@ -114,7 +119,7 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
     if "lime" in methods and stability_images > 0:
         vals = []
         for case in cases[:stability_images]:
-            image = load_image(case.path)
+            image = load_image(case.path, min_side=1)
             runs = [explain(clf, image, "lime", **{**DEFAULT_PARAMS["lime"], "random_seed": sd}).attribution
                     for sd in range(stability_seeds)]
             vals.append(M.seed_stability(runs)["stability"])
@@ -123,8 +128,10 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
         "checkpoint": bundle.name,
         "model_sha256": clf.metadata.get("model_sha256"),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "images": {"n": len(cases), "split": "test", "selection": "test images with a non-empty lesion mask, "
-                   "balanced across classes", "classes": {c: sum(x.class_name == c for x in cases)
+        "images": {"n": len(cases), "split": "test", "with_masks": with_masks,
+                   "selection": ("test images with a non-empty lesion mask, balanced across classes" if with_masks
+                                 else "test images (the dataset has no lesion masks: localisation scores are not "
+                                      "computed), balanced across classes"), "classes": {c: sum(x.class_name == c for x in cases)
                                                           for c in clf.class_names}},
         "settings": {"params": {m: DEFAULT_PARAMS.get(m, {}) for m in methods}, "curve_steps": steps,
                      "curve_baseline": "blur", "top_k_percent": 15, "resolution": "work image (model input; the tile grid for patch models)",

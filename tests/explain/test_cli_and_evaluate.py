@@ -61,3 +61,17 @@ def test_evaluate_writes_explanations_json(tmp_path):
             lo, hi = r[k]["ci95"]
             assert lo <= r[k]["mean"] <= hi
     assert len(saved["agreement"]) == 3 and "lime" in saved["seed_stability"]
+
+
+def test_evaluate_without_masks_reports_faithfulness_agreement_and_stability(tiny_idc_bundle):
+    """Histopathology sets have no lesion masks: deletion/insertion, agreement and seed stability only."""
+    from core.explain.evaluate import evaluate
+
+    res = evaluate(tiny_idc_bundle, methods=["gradcam", "lime"], limit=4, steps=4, stability_images=1,
+                   stability_seeds=2, log=lambda *_: None)
+    assert res["images"]["with_masks"] is False and res["images"]["n"] == 4
+    assert set(res["images"]["classes"]) == {"non_idc", "idc"}
+    for m in ("gradcam", "lime"):
+        assert set(res["methods"][m]) == {"deletion_auc", "insertion_auc", "seconds"}
+        assert 0.0 <= res["methods"][m]["deletion_auc"]["mean"] <= 1.0
+    assert len(res["agreement"]) == 1 and res["seed_stability"]["lime"]["n"] == 1
