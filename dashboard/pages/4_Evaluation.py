@@ -131,8 +131,18 @@ else:
     table = [{"method": ui.METHOD_LABELS.get(mm, mm), **{k: cell_fmt(v) for k, v in r.items()}}
              for mm, r in ej["methods"].items()]
     st.dataframe(table, width="stretch")
-    st.caption(f"{ej['images']['n']} test images with lesion masks ({ej['images']['classes']}); deletion: lower is "
-               "better; insertion, pointing game, energy and IoU: higher is better. Mean [95% bootstrap interval].")
+    masks = ej["images"].get("with_masks", True)
+    st.caption(f"{ej['images']['n']} test images " + ("with lesion masks " if masks else "")
+               + f"({ej['images']['classes']}); deletion: lower is better; insertion"
+               + (", pointing game, energy and IoU" if masks else "") + ": higher is better. Mean [95% bootstrap "
+               "interval]." + ("" if masks else " The dataset has no lesion masks, so localisation is not scored."))
+    if ej.get("agreement"):
+        st.dataframe([{"methods": f"{ui.METHOD_LABELS.get(a['a'], a['a'])} vs {ui.METHOD_LABELS.get(a['b'], a['b'])}",
+                       "top-15% overlap (IoU)": cell_fmt(a["iou_top15"]), "rank correlation": cell_fmt(a["spearman"])}
+                      for a in ej["agreement"]], width="stretch", hide_index=True)
+    for mm, r in ej.get("seed_stability", {}).items():
+        st.caption(f"{ui.METHOD_LABELS.get(mm, mm)} seed stability over {r['seeds']} seeds on {r['images']} images: "
+                   f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}].")
 
 bundles = [s for s in svc.bundle_statuses() if s.ok]
 if len(bundles) > 1:
