@@ -8,7 +8,7 @@ import streamlit as st
 import components as ui
 import services as svc
 from core.checkpoints import read_csv
-from core.evaluation import curves, reliability_curve
+from core.evaluation import curves, patient_level_metrics, reliability_curve
 from core.data.roots import resolve_data_root, resolve_root
 
 ui.page_setup("Evaluation", "📊")
@@ -71,6 +71,20 @@ elif hits:
                 st.session_state["selected_example_info"] = {"path": str(path), "class_name": t_name,
                                                              "mask_paths": masks}
                 st.switch_page("pages/1_Explain.py")
+
+if split in ("test", "val"):
+    groups = {x["path"]: x["group"] for x in read_csv(ckpt / "split.csv") if x["split"] == split}
+    pl = patient_level_metrics(y, p, [groups.get(r["path"], r["path"]) for r in rows], names, n_boot=0)
+    if pl is not None and pl["n"] < len(y):
+        st.subheader(f"Per patient ({pl['n']} {split} patients)")
+        st.write(f"A patient's probability is the mean over their images (Spanhol et al. 2016): accuracy "
+                 f"**{pl['accuracy']:.3f}** ({sum(r['true'] == r['predicted'] for r in pl['patients'])} of "
+                 f"{pl['n']}), balanced accuracy {pl['balanced_accuracy']:.3f}; patient recognition rate "
+                 f"(mean share of each patient's images classified right) {pl['patient_recognition_rate']:.3f}.")
+        st.dataframe([{"patient": r["patient"], "true": r["true"], "predicted": r["predicted"], "images": r["n_images"],
+                       "images correct": round(r["image_accuracy"], 3),
+                       **{f"mean p({c})": round(v, 3) for c, v in r["probabilities"].items()}}
+                      for r in pl["patients"]], hide_index=True, width="stretch")
 
 st.subheader("ROC and precision-recall curves (one vs rest)")
 cv = curves(y, p, names)

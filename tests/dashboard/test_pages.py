@@ -312,3 +312,27 @@ def test_idc_tile_map_and_slide_mosaic(tiny_idc_bundle, monkeypatch):
     patients = at.selectbox(key="ex_mosaic_patient").options
     assert patients and all("patches" in p for p in patients)
     assert any("classified as annotated" in c.value for c in at.caption)
+
+
+def test_evaluation_per_patient_view(tmp_path, monkeypatch):
+    """BreakHis-style data (several images per patient, one class each): Evaluation lists the test patients."""
+    import train
+    from tests.data.test_loaders import _write_breakhis_tree
+
+    slides = [(True, "F", "fibroadenoma", s, 200) for s in ("23060AB", "23060CD", "29960AB", "3411F", "21998AB")]
+    slides += [(False, "DC", "ductal_carcinoma", s, 200) for s in ("2523", "4372", "9146", "16196", "18842")]
+    data = _write_breakhis_tree(tmp_path / "bh", slides, n=4, size=(32, 48))
+    out = tmp_path / "ck"
+    assert train.main(["--dataset", "breakhis", "--data-dir", str(data), "--backbone", "simple_cnn", "--input-size",
+                       "16", "--head-epochs", "1", "--fine-tune-epochs", "0", "--head-units", "4", "--split", "0.5",
+                       "0.25", "0.25", "--name", "bh", "--out-dir", str(out), "--quiet"]) == 0
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(out))
+    import streamlit as st
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = app("pages/4_Evaluation.py")
+    no_exception(at)
+    head = next(s.value for s in at.subheader if s.value.startswith("Per patient"))
+    n_test = len({r.split(",")[4] for r in (out / "bh" / "split.csv").read_text().splitlines()[1:]
+                  if r.startswith("test,")})
+    assert head == f"Per patient ({n_test} test patients)" and n_test >= 2
