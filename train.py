@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cv-folds", type=int, default=d.cv_folds, metavar="K",
                    help="also run group-wise K-fold cross-validation over the whole dataset with the same "
                         "settings and record it in metadata.json (small datasets)")
+    g.add_argument("--cv-scope", default=d.cv_scope, choices=("all", "train+val"),
+                   help="images the cross-validation covers: the whole dataset (the checkpoint's reported CV), or "
+                        "only the training and validation patients of the split, keeping the test patients out "
+                        "(for choosing settings when the validation split holds too few patients)")
     g.add_argument("--cv-only", action="store_true",
                    help="only run the --cv-folds cross-validation of these settings and record it in the existing "
                         "bundle --out-dir/--name (its model, split and test metrics stay unchanged)")
@@ -125,7 +129,7 @@ def config_from_args(args: argparse.Namespace):
         clahe=args.clahe, class_weights=args.class_weights, augment=args.augment,
         augment_copies=args.augment_copies, cache=args.cache, limit=args.limit, feedback=args.feedback,
         patches=args.patches, patch_size=args.patch_size, patch_stride=args.patch_stride, cv_folds=args.cv_folds,
-        patch_scale_jitter=args.patch_scale_jitter, colour_jitter=args.colour_jitter,
+        cv_scope=args.cv_scope, patch_scale_jitter=args.patch_scale_jitter, colour_jitter=args.colour_jitter,
         flip=args.flip, rotation=args.rotation, precision=args.precision,
         external=tuple(args.external), verbose=0 if args.quiet else 1)
 

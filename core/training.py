@@ -77,6 +77,7 @@ class TrainConfig:
     rotation: float = 0.1  # random rotation, ± this fraction of a full turn (0.1 = ±36°)
     precision: str = "float32"  # "bfloat16": oneDNN mixed precision in the fits (float32 weights) where the CPU has it
     cv_folds: int = 0  # >1: also report group-wise K-fold cross-validation over the whole dataset
+    cv_scope: str = "all"  # "train+val": cross-validate over the split's training and validation patients only
     external: tuple[str, ...] = ()  # KIND=DIR datasets predicted after training as an external check
     verbose: int = 1
 
@@ -594,9 +595,12 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
     acc = np.array([r["accuracy"] for r in folds])
     pooled = classification_metrics(y, probs, manifest.class_names, seed=cfg.seed)
     patients = patient_level_metrics(y, probs, g, manifest.class_names, seed=cfg.seed)
-    out = {"method": f"group-wise {cfg.cv_folds}-fold cross-validation over all {len(manifest)} images "
+    scope = (f"all {len(manifest)} images" if cfg.cv_scope == "all" else
+             f"the {len(manifest)} training and validation images of the split (test patients kept out)")
+    out = {"method": f"group-wise {cfg.cv_folds}-fold cross-validation over {scope} "
                      f"({len(set(groups.tolist()))} groups; stratified, shuffled with seed {cfg.seed}); per fold a "
                      "group-aware validation part for early stopping; same configuration; uncalibrated",
+           "scope": cfg.cv_scope,
            "folds": folds, "accuracy_mean": float(acc.mean()), "accuracy_min": float(acc.min()),
            "accuracy_max": float(acc.max()), "pooled_accuracy": pooled["accuracy"],
            "pooled_accuracy_ci95": pooled.get("accuracy_ci95"), "pooled_roc_auc": pooled.get("roc_auc_macro"),
@@ -642,7 +646,7 @@ def config_differences(recorded: dict, cfg: TrainConfig) -> dict:
     Options newer than the checkpoint count at their default (the behaviour before they existed);
     output-only options (folds, verbosity, paths, external checks) are ignored.
     """
-    ignore = {"cv_folds", "verbose", "out_dir", "name", "external"}
+    ignore = {"cv_folds", "cv_scope", "verbose", "out_dir", "name", "external"}
     was = {**config_json(TrainConfig()), **recorded}
     return {k: {"checkpoint": was[k], "cross_validation": v} for k, v in config_json(cfg).items()
             if k not in ignore and was[k] != v}
@@ -671,6 +675,12 @@ def add_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str]] = None)
         raise DatasetError(f"The data at {cfg.data_dir} has classes {list(manifest.class_names)}, the checkpoint "
                            f"{bundle.name} has {meta.get('class_names')}: not the same task.")
     work = Path(cfg.out_dir) / f".{cfg.bundle_name}.cv"
+    if cfg.cv_scope == "train+val":
+        from core.data.roots import bundle_splits
+
+        parts = bundle_splits(bundle, meta, cfg.data_dir)
+        keep = {s.path for k in ("train", "val") for s in parts[k].samples}
+        manifest = manifest.subset([i for i, s in enumerate(manifest.samples) if s.path in keep])
     cv = cross_validate(cfg, manifest, work_dir=work)
     preds = cv.pop("predictions")
     cv["command"] = " ".join(["python", "train.py", *map(_quote, argv)]) if argv is not None else None
@@ -796,7 +806,8 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     ood_info = ood_mod.summary(detector, fl, feats["test"])
     clf.ood = detector
 
-    cv = (cross_validate(cfg, manifest, work_dir=Path(cfg.out_dir) / f".{cfg.bundle_name}.cv")
+    cv_data = manifest if cfg.cv_scope == "all" else splits["train"].extend(splits["val"].samples)
+    cv = (cross_validate(cfg, cv_data, work_dir=Path(cfg.out_dir) / f".{cfg.bundle_name}.cv")
           if cfg.cv_folds > 1 else None)
     cv_preds = cv.pop("predictions") if cv is not None else None
     externals = [external_check(clf, spec, manifest) for spec in cfg.external]

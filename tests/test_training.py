@@ -205,3 +205,18 @@ def test_cross_validation_resumes_finished_folds(tiny_tree, tmp_path, monkeypatc
     # Other settings do not reuse the saved folds.
     with pytest.raises(AssertionError, match="retrained"):
         T.cross_validate(T.TrainConfig(**{**T.asdict(cfg), "batch_size": 4}), m, work_dir=tmp_path / "cv")
+
+
+def test_cv_scope_train_val_keeps_test_patients_out(tiny_bundle, tmp_path):
+    """--cv-scope train+val cross-validates only the split's training and validation images."""
+    shutil.copytree(tiny_bundle, tmp_path / "tiny")
+    before = json.loads((tmp_path / "tiny" / "metadata.json").read_text())
+    argv = [*before["argv"][:before["argv"].index("--name")], "--cv-folds", "2", "--cv-scope", "train+val",
+            "--cv-only", "--name", "tiny", "--out-dir", str(tmp_path), "--quiet"]
+    assert train.main(argv) == 0
+    cv = json.loads((tmp_path / "tiny" / "metadata.json").read_text())["cross_validation"]
+    split = read_csv(tmp_path / "tiny" / "split.csv")
+    test_paths = {r["path"] for r in split if r["split"] == "test"}
+    cv_paths = {r["path"] for r in read_csv(tmp_path / "tiny" / "cv_predictions.csv")}
+    assert cv["scope"] == "train+val" and len(cv_paths) == len(split) - len(test_paths)
+    assert not cv_paths & test_paths and sum(f["n_test"] for f in cv["folds"]) == len(cv_paths)
