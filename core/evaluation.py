@@ -256,6 +256,37 @@ def near_duplicate_audit(path: str | Path, split: str = "test", data_dir: Option
             "excluded": sorted(leaky), "metrics": m}
 
 
+def compare_bundles(path: str | Path, other: str | Path) -> dict:
+    """Another checkpoint's results on the same split (e.g. a baseline CNN beside the committed DenseNet), for the
+    model card: its settings, validation and test metrics and test probabilities in this bundle's test order.
+
+    Raises DatasetError unless both bundles hold predictions for exactly the same validation and test images.
+    """
+    from core.checkpoints import read_metadata
+    from core.errors import DatasetError
+
+    meta, om = read_metadata(path), read_metadata(other)
+    out = {"name": om.get("name"), "backbone": om.get("backbone"), "input_size": om.get("input_size"),
+           "command": om.get("command"), "git_commit": om.get("git_commit"), "model_sha256": om.get("model_sha256"),
+           "weights": (om.get("weights") or {}).get("source"),
+           "epochs": om.get("training", {}).get("epochs"),
+           "wall_seconds": om.get("training", {}).get("wall_seconds"),
+           "n_parameters": om.get("n_parameters"), "metrics": {}}
+    if list(om.get("class_names", [])) != list(meta.get("class_names", [])):
+        raise DatasetError(f"{Path(other).name} predicts other classes than {Path(path).name}.")
+    for split in ("val", "test"):
+        y, _, rows = predictions_from_bundle(path, split)
+        oy, op, orows = predictions_from_bundle(other, split)
+        order = {r["path"]: i for i, r in enumerate(orows)}
+        if set(order) != {r["path"] for r in rows}:
+            raise DatasetError(f"{Path(other).name} was not evaluated on the same {split} images as {Path(path).name}.")
+        idx = [order[r["path"]] for r in rows]
+        out["metrics"][split] = classification_metrics(oy[idx], op[idx], meta["class_names"], seed=0)
+        if split == "test":
+            out["test_probabilities"] = np.round(op[idx], 6).tolist()
+    return out
+
+
 def format_report(m: dict, class_names: Sequence[str]) -> str:
     """A plain-text summary a person can read."""
     def ci(v):
@@ -286,8 +317,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--without-near-duplicates", action="store_true",
                     help="leave out images with a near-duplicate (repeat scan) in another split; needs the dataset")
     ap.add_argument("--data-dir", default=None, help="dataset folder, if not where metadata.json says")
+    ap.add_argument("--compare", default=None, metavar="OTHER_BUNDLE",
+                    help="another checkpoint trained on the same split (e.g. the simple CNN baseline): its metrics on "
+                         "the same images; with --record stored as metadata.json['comparison'] for the model card")
     ap.add_argument("--record", action="store_true",
-                    help="with --without-near-duplicates: also store the audit in metadata.json (atomically)")
+                    help="with --without-near-duplicates or --compare: also store the result in metadata.json "
+                         "(atomically)")
     args = ap.parse_args(argv)
     from core.checkpoints import read_metadata
     from core.errors import BreastXAIError
@@ -303,6 +338,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (BreastXAIError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.compare:
+        if args.split not in ("val", "test"):
+            print("error: --compare works on the val or test split", file=sys.stderr)
+            return 2
+        try:
+            comp = compare_bundles(args.checkpoint, args.compare)
+        except (BreastXAIError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if args.record:
+            from core.checkpoints import update_metadata
+
+            update_metadata(args.checkpoint, {"comparison": comp})
+        mine = classification_metrics(y, p, meta["class_names"], n_boot=0)
+        for label, mm in ((Path(args.checkpoint).name, mine), (comp["name"], comp["metrics"][args.split])):
+            print(f"{label}: balanced accuracy {mm['balanced_accuracy']:.3f}, ROC AUC {mm['roc_auc_macro']:.3f}, "
+                  f"accuracy {mm['accuracy']:.3f} ({args.split}, n = {mm['n']})")
+        return 0
     if audit is not None:
         if args.record:
             from core.checkpoints import update_metadata

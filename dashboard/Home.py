@@ -81,4 +81,4 @@ if ds.get("kind") == "busi":
                "sit in different splits, so test scores can be somewhat optimistic. " if grouped else
                "Image-level test scores are optimistic. ")
             + "Cite: " + (ds.get("citation") or ""))
-ui.small_data_evidence(meta)
+ui.small_data_evidence(meta, ckpt)

@@ -319,8 +319,8 @@ def model_selection(ms: dict | None) -> None:
             st.caption(ms["note"])
 
 
-def small_data_evidence(meta: dict) -> None:
-    """Patch settings, model selection, group-wise cross-validation and external checks, when recorded."""
+def small_data_evidence(meta: dict, ckpt: Optional[Path] = None) -> None:
+    """Patch settings, model selection, a recorded comparison, group-wise cross-validation and external checks."""
     model_selection(meta.get("model_selection"))
     pc = meta.get("patches")
     if pc:
@@ -330,6 +330,7 @@ def small_data_evidence(meta: dict) -> None:
                  + (f", crop side jittered by ±{pc['scale_jitter']:g} octave" if pc.get("scale_jitter") else "")
                  + f"). A whole image is predicted as the mean of its tiles on a {pc['stride']} px grid; "
                  "explanations cover the whole image.")
+    comparison_view(meta, ckpt)
     cv = meta.get("cross_validation")
     if cv:
         st.subheader("Group-wise cross-validation")
@@ -446,3 +447,36 @@ def mosaic_view(ckpt: Path, clf, prefix: str) -> None:
     pred = probs.argmax(1)
     st.caption(f"{int((pred == mo.labels).sum())} of {len(pred)} patches classified as annotated. This set holds "
                "a sample of each slide's patches, so the mosaic is sparse; white is slide not in the set.")
+
+
+def comparison_view(meta: dict, ckpt: Optional[Path] = None) -> None:
+    """This checkpoint beside another trained on the same split (e.g. the simple CNN baseline): metrics and ROC
+    curves on the same test images, so a user sees what transfer learning buys."""
+    comp = meta.get("comparison")
+    if not comp or ckpt is None:
+        return
+    from core.evaluation import curves, predictions_from_bundle
+
+    st.subheader(f"Compared with {comp['name']} on the same test images")
+    y, p, _ = predictions_from_bundle(ckpt, "test")
+    other = np.asarray(comp["test_probabilities"])
+    mine = meta["metrics"]["test"]
+    rows = []
+    for name, backbone, m, v in ((meta.get("name"), meta.get("backbone"), mine, meta["metrics"].get("val", {})),
+                                 (comp["name"], comp.get("backbone"), comp["metrics"]["test"],
+                                  comp["metrics"].get("val", {}))):
+        rows.append({"checkpoint": name, "network": backbone, "validation balanced accuracy":
+                     round(v.get("balanced_accuracy") or 0, 3), "test balanced accuracy": round(m["balanced_accuracy"], 3),
+                     "test ROC AUC": round(m["roc_auc_macro"] or 0, 3), "test accuracy": round(m["accuracy"], 3)})
+    st.dataframe(rows, hide_index=True, width="stretch")
+    pos = meta["class_names"][-1]
+    fig = go.Figure()
+    for name, probs in ((meta.get("name"), p), (comp["name"], other)):
+        c = curves(y, probs, meta["class_names"])[pos]
+        fig.add_trace(go.Scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=f"{name} (AUC {c['auc']:.3f})"))
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="grey"), showlegend=False))
+    fig.update_layout(xaxis_title="false positive rate", yaxis_title=f"sensitivity for {pos.replace('_', ' ')}",
+                      height=360, margin=dict(l=10, r=10, t=10, b=10))
+    st.plotly_chart(fig, width="stretch", key="comparison_roc")
+    st.caption(f"The committed checkpoint was chosen on the validation split. {comp['name']}: "
+               f"`{comp.get('command')}`")

@@ -136,3 +136,35 @@ def test_patient_level_metrics_by_hand():
     assert rows["a"]["probabilities"]["malignant"] == pytest.approx(0.45) and rows["c"]["n_images"] == 2
     # A patient with images of both classes (IDC slides): no patient-level result.
     assert patient_level_metrics([0, 1], probs[:2], ["a", "a"], ("benign", "malignant"), n_boot=0) is None
+
+
+def test_compare_records_a_baseline_on_the_same_test_images(tiny_bundle, tiny_tree, tmp_path, capsys):
+    """--compare OTHER --record stores another checkpoint's metrics and test probabilities, aligned by image."""
+    import json
+    import shutil
+
+    import train
+    from core.checkpoints import load_classifier, read_csv
+    from core.evaluation import main
+
+    shutil.copytree(tiny_bundle, tmp_path / "tiny")
+    assert train.main(["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "simple_cnn",
+                       "--input-size", "24", "--head-epochs", "1", "--fine-tune-epochs", "0", "--head-units", "4",
+                       "--batch-size", "8", "--name", "other", "--out-dir", str(tmp_path), "--quiet"]) == 0
+    assert main([str(tmp_path / "tiny"), "--compare", str(tmp_path / "other"), "--record"]) == 0
+    assert "other: balanced accuracy" in capsys.readouterr().out
+    comp = json.loads((tmp_path / "tiny" / "metadata.json").read_text())["comparison"]
+    mine = [r["path"] for r in read_csv(tmp_path / "tiny" / "predictions.csv") if r["split"] == "test"]
+    theirs = {r["path"]: float(r["p_malignant"]) for r in read_csv(tmp_path / "other" / "predictions.csv")
+              if r["split"] == "test"}
+    assert comp["name"] == "other" and comp["input_size"] == 24
+    assert [p[1] for p in comp["test_probabilities"]] == pytest.approx([theirs[p] for p in mine], abs=1e-6)
+    assert comp["metrics"]["test"]["n"] == len(mine)
+    load_classifier(tmp_path / "tiny")  # model untouched, still verifies
+    # A bundle from another split is refused with a message.
+    other_split = tmp_path / "other2"
+    shutil.copytree(tmp_path / "other", other_split)
+    rows = (other_split / "predictions.csv").read_text().splitlines()
+    (other_split / "predictions.csv").write_text("\n".join(r for r in rows if not r.startswith("test,")) + "\n")
+    assert main([str(tmp_path / "tiny"), "--compare", str(other_split)]) == 2
+    assert "not evaluated on the same test images" in capsys.readouterr().err

@@ -130,7 +130,7 @@ st.dataframe([{**{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.
 st.write(f"Macro avg: precision {m['macro_avg']['precision']:.3f}, recall {m['macro_avg']['recall']:.3f}, "
          f"F1 {m['macro_avg']['f1-score']:.3f} · weighted avg F1 {m['weighted_avg']['f1-score']:.3f}")
 
-ui.small_data_evidence(meta)
+ui.small_data_evidence(meta, ckpt)
 
 st.subheader("Explanation quality")
 ej = svc.explanations_json(ckpt)

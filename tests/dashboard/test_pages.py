@@ -336,3 +336,24 @@ def test_evaluation_per_patient_view(tmp_path, monkeypatch):
     n_test = len({r.split(",")[4] for r in (out / "bh" / "split.csv").read_text().splitlines()[1:]
                   if r.startswith("test,")})
     assert head == f"Per patient ({n_test} test patients)" and n_test >= 2
+
+
+def test_model_card_shows_a_recorded_comparison(tiny_bundle, tiny_tree, tmp_path, monkeypatch):
+    import train
+    from core.evaluation import main as evaluation_main
+
+    shutil.copytree(tiny_bundle, tmp_path / "ck" / "tiny")
+    assert train.main(["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "simple_cnn",
+                       "--input-size", "24", "--head-epochs", "1", "--fine-tune-epochs", "0", "--head-units", "4",
+                       "--batch-size", "8", "--name", "baseline", "--out-dir", str(tmp_path / "b"), "--quiet"]) == 0
+    assert evaluation_main([str(tmp_path / "ck" / "tiny"), "--compare", str(tmp_path / "b" / "baseline"),
+                            "--record"]) == 0
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tmp_path / "ck"))
+    import streamlit as st
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = app()
+    no_exception(at)
+    assert any(s.value == "Compared with baseline on the same test images" for s in at.subheader)
+    table = next(d.value for d in at.dataframe if "test ROC AUC" in d.value.columns)
+    assert list(table["checkpoint"]) == ["tiny", "baseline"]
