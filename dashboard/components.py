@@ -331,6 +331,7 @@ def small_data_evidence(meta: dict, ckpt: Optional[Path] = None) -> None:
                  + f"). A whole image is predicted as the mean of its tiles on a {pc['stride']} px grid; "
                  "explanations cover the whole image.")
     comparison_view(meta, ckpt)
+    better_choice_view(meta, ckpt)
     cv = meta.get("cross_validation")
     if cv:
         st.subheader("Group-wise cross-validation")
@@ -480,3 +481,29 @@ def comparison_view(meta: dict, ckpt: Optional[Path] = None) -> None:
     st.plotly_chart(fig, width="stretch", key="comparison_roc")
     st.caption(f"The committed checkpoint was chosen on the validation split. {comp['name']}: "
                f"`{comp.get('command')}`")
+
+
+def better_choice_view(meta: dict, ckpt: Optional[Path] = None) -> None:
+    """Which checkpoint suits which images: this model's external checks against the checkpoint trained on that
+    data (its cross-validation), and other checkpoints' external checks on this model's data."""
+    kind = meta.get("dataset", {}).get("kind")
+    rows = []
+    for b in (s for s in svc.bundle_statuses() if s.ok and (ckpt is None or s.path != ckpt)):
+        om = svc.metadata(b.path)
+        okind, ocv = om.get("dataset", {}).get("kind"), om.get("cross_validation") or {}
+        for e in meta.get("external_checks", []):
+            if e["name"] == okind and ocv.get("pooled_accuracy") is not None:
+                rows.append({"images": f"{okind} ({e['n_images']})", "this checkpoint": f"{e['accuracy']:.3f} (external)",
+                             "other checkpoint": f"{b.name}: {ocv['pooled_accuracy']:.3f} (cross-validation)",
+                             "better choice": b.name if ocv["pooled_accuracy"] > e["accuracy"] else meta.get("name")})
+        own = (meta.get("cross_validation") or {}).get("pooled_accuracy")
+        for e in om.get("external_checks", []):
+            if e["name"] == kind and own is not None:
+                rows.append({"images": f"{kind} ({e['n_images']})", "this checkpoint": f"{own:.3f} (cross-validation)",
+                             "other checkpoint": f"{b.name}: {e['accuracy']:.3f} (external)",
+                             "better choice": meta.get("name") if own >= e["accuracy"] else b.name})
+    if rows:
+        st.subheader("Which checkpoint for which images")
+        st.dataframe(rows, hide_index=True, width="stretch")
+        st.caption("Accuracy on a dataset from a checkpoint trained on it (cross-validation: held-out groups) against "
+                   "a checkpoint that never saw it (external check). Pick the checkpoint made for your images.")

@@ -357,3 +357,30 @@ def test_model_card_shows_a_recorded_comparison(tiny_bundle, tiny_tree, tmp_path
     assert any(s.value == "Compared with baseline on the same test images" for s in at.subheader)
     table = next(d.value for d in at.dataframe if "test ROC AUC" in d.value.columns)
     assert list(table["checkpoint"]) == ["tiny", "baseline"]
+
+
+def test_model_card_says_which_checkpoint_suits_which_images(tiny_bundle, tmp_path, monkeypatch):
+    """A checkpoint's external check on data another checkpoint was trained on is set against that one's CV."""
+    from core.checkpoints import update_metadata
+
+    for name in ("histo", "other"):
+        shutil.copytree(tiny_bundle, tmp_path / "ck" / name)
+    update_metadata(tmp_path / "ck" / "histo", {"dataset": {"kind": "ucsb"}, "name": "histo",
+                                                "cross_validation": None})
+    update_metadata(tmp_path / "ck" / "other", {"name": "other", "external_checks": [
+        {"name": "ucsb", "root": "x", "label": "EXTERNAL CHECK", "n_images": 58, "n_correct": 31,
+         "accuracy": 31 / 58, "images": []}]})
+    update_metadata(tmp_path / "ck" / "histo", {"cross_validation": {
+        "method": "m", "folds": [], "accuracy_mean": 0.9, "accuracy_min": 0.75, "accuracy_max": 1.0,
+        "pooled_accuracy": 0.897, "pooled_roc_auc": 0.936}})
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tmp_path / "ck"))
+    import streamlit as st
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = app()
+    at.selectbox(key="sb_checkpoint").set_value("other")
+    at.run()
+    no_exception(at)
+    assert any(s.value == "Which checkpoint for which images" for s in at.subheader)
+    table = next(d.value for d in at.dataframe if "better choice" in d.value.columns)
+    assert list(table["better choice"]) == ["histo"] and "0.534 (external)" in table["this checkpoint"][0]
