@@ -103,7 +103,8 @@ class FeedbackStore:
             raise ValueError("verdict must be 'agree' or 'disagree'")
         region = _png((np.asarray(r.region, bool) * 255).astype(np.uint8)) if r.region is not None else None
         image = _png(r.image) if (r.consent and r.image is not None) else None
-        row = (_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), r.image_sha256, r.image_name,
+        name = r.image_name if r.consent else None  # without consent nothing identifying: no file name either
+        row = (_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), r.image_sha256, name,
                r.checkpoint, r.checkpoint_sha256, r.predicted, json.dumps(r.probabilities), r.verdict,
                r.correct_class, r.comment, region, int(bool(r.consent)), image)
         con = self._connect()

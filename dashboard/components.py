@@ -147,6 +147,21 @@ def prediction_chart(probs: np.ndarray, class_names, height: int = 60) -> go.Fig
     return fig
 
 
+def prediction_headline(ckpt: Path, inp: "ImageInput", probs: np.ndarray, class_names) -> bool:
+    """The headline: the prediction, or first of all that the image is out of distribution (then the prediction
+    is shown as not applicable). Returns True when the image is out of distribution."""
+    res = svc.ood_check(ckpt, inp.image, inp.sha)
+    pred = int(np.argmax(probs))
+    if res is not None and res["out_of_distribution"]:
+        st.subheader("Out of distribution: no verdict")
+        st.error(f"This image does not look like the images this model was trained on, so its output is not a "
+                 f"prediction. For reference only, the model's output would be {class_names[pred]} "
+                 f"({probs[pred]:.1%}). Use a checkpoint made for this kind of image.", icon="⛔")
+        return True
+    st.subheader(f"Prediction: {class_names[pred]} ({probs[pred]:.1%})")
+    return False
+
+
 def ood_notice(ckpt: Path, inp: "ImageInput") -> None:
     """Say whether the image looks like the checkpoint's training data."""
     res = svc.ood_check(ckpt, inp.image, inp.sha)
@@ -182,12 +197,14 @@ def feedback_form(ckpt: Path, inp: "ImageInput", probs: np.ndarray, class_names)
             store = svc.feedback_store()
             meta = svc.metadata(ckpt)
             rid = store.add(FeedbackRecord(
-                image_sha256=inp.sha, image_name=inp.name, checkpoint=ckpt.name,
+                image_sha256=inp.sha, checkpoint=ckpt.name,
                 checkpoint_sha256=meta.get("model_sha256"), predicted=pred,
                 probabilities={c: float(p) for c, p in zip(class_names, probs)}, verdict=verdict,
                 correct_class=correct if verdict == "disagree" else pred, comment=comment,
-                region=region if use_region else None, consent=consent, image=inp.image if consent else None))
-            st.success(f"Saved as record {rid} in {store.path}.")
+                region=region if use_region else None, consent=consent, image=inp.image if consent else None,
+                image_name=inp.name if consent else None))
+            st.success(f"Saved as feedback record {rid}." + ("" if consent else
+                       " Without consent only the image's fingerprint is kept, not the image or its file name."))
 
 
 def colour_legend(colormap: str = "turbo") -> np.ndarray:
@@ -507,3 +524,16 @@ def better_choice_view(meta: dict, ckpt: Optional[Path] = None) -> None:
         st.dataframe(rows, hide_index=True, width="stretch")
         st.caption("Accuracy on a dataset from a checkpoint trained on it (cross-validation: held-out groups) against "
                    "a checkpoint that never saw it (external check). Pick the checkpoint made for your images.")
+
+
+def evidence_view(e, prefix: str) -> object:
+    """When a method finds no positive evidence for the explained class, say so and offer the evidence against
+    it (signed view) instead of a blank map; also on request. Returns the explanation to draw."""
+    blank = not e.has_positive_evidence
+    if blank:
+        st.warning(f"{METHOD_LABELS.get(e.method, e.method)} found **no evidence for {e.class_name}** in this image: "
+                   "every region lowers its probability. The map below shows the evidence *against* it instead.",
+                   icon="🔎")
+    against = st.toggle("Show evidence against the class", value=blank, key=f"{prefix}_against_{e.method}",
+                        help="Signed view: regions that pull the prediction away from the explained class.")
+    return e.against() if against else e

@@ -24,10 +24,11 @@ def test_schema_wal_and_roundtrip(tmp_path):
     assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     img = np.full((20, 20, 3), 9, np.uint8)
     store.add(rec(1, verdict="disagree", correct_class="malignant", comment="spiculated margin",
-                  region=np.eye(20, dtype=bool), image=img, consent=False))
-    store.add(rec(2, image=img, consent=True))
+                  region=np.eye(20, dtype=bool), image=img, consent=False, image_name="Smith_J_case12.png"))
+    store.add(rec(2, image=img, consent=True, image_name="case2.png"))
     rows = store.rows()
     assert [r["image_png"] is None for r in rows] == [True, False], "image kept only with consent"
+    assert [r["image_name"] for r in rows] == [None, "case2.png"], "file name kept only with consent"
     assert rows[0]["region_png"] is not None and rows[0]["comment"] == "spiculated margin"
     assert store.consented_images(["benign", "malignant"])[0][1] == 0
     with pytest.raises(ValueError):

@@ -43,6 +43,21 @@ class Explanation:
     def segments(self) -> Optional[np.ndarray]:
         return self.extras.get("segments")
 
+    @property
+    def has_positive_evidence(self) -> bool:
+        """False when nothing in the image supports `target` (the heatmap would be blank)."""
+        return float(np.nan_to_num(self.attribution).max(initial=0.0)) > EPS
+
+    def against(self) -> "Explanation":
+        """The signed view's other half: the same explanation with the sign flipped, so its heatmap shows the
+        evidence *against* `target` (what pulls the prediction away from it)."""
+        from dataclasses import replace
+
+        return replace(self, attribution=-np.asarray(self.attribution, np.float32),
+                       extras={**self.extras, "segment_weights": {k: -v for k, v in
+                                                                   self.extras["segment_weights"].items()}}
+                       if "segment_weights" in self.extras else self.extras)
+
 
 def normalise_positive(attribution: np.ndarray) -> np.ndarray:
     a = np.nan_to_num(np.asarray(attribution, dtype=np.float32))

@@ -122,7 +122,9 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
             image = load_image(case.path, min_side=1)
             runs = [explain(clf, image, "lime", **{**DEFAULT_PARAMS["lime"], "random_seed": sd}).attribution
                     for sd in range(stability_seeds)]
-            vals.append(M.seed_stability(runs)["stability"])
+            st = M.seed_stability(runs)["stability"]
+            if st is not None:  # empty maps have no stability to report
+                vals.append(st)
         stability["lime"] = {**mean_ci(vals), "seeds": stability_seeds, "images": len(vals)}
     result = {
         "checkpoint": bundle.name,

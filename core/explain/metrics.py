@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from scipy.stats import spearmanr
 
-from core.explain.base import baseline_image, normalise_positive, upsample
+from core.explain.base import EPS, baseline_image, normalise_positive, upsample
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -113,14 +113,21 @@ def agreement(a: np.ndarray, b: np.ndarray, k_percent: float = 15.0, size: int =
 
 
 def seed_stability(attributions: Sequence[np.ndarray]) -> dict:
-    """Spread over N runs with different seeds: per-pixel std of the [0, 1] heatmaps and its mean.
+    """Spread over N runs with different seeds, on the *signed* attributions (evidence for and against).
 
-    stability = 1 - 2 * mean std, in [0, 1] (1 = identical maps; the std of [0, 1] values is at most 0.5).
+    Each map is scaled by its largest absolute value into [-1, 1]; std_map is the per-pixel std across runs and
+    stability = 1 - mean std, in [0, 1] (1 = identical maps; the std of values in [-1, 1] is at most 1). Maps
+    that are empty (all zero) carry no evidence: then stability is None and `empty_maps` counts them, so an
+    empty explanation is never reported as perfectly stable.
     """
-    maps = np.stack([normalise_positive(a) for a in attributions])
+    maps = np.stack([np.nan_to_num(np.asarray(a, np.float64)) for a in attributions])
+    scale = np.abs(maps).reshape(len(maps), -1).max(axis=1)
+    empty = int((scale <= EPS).sum())
+    maps = maps / np.maximum(scale, EPS)[:, None, None]
     std = maps.std(axis=0)
     mean_std = float(std.mean())
-    return {"std_map": std.astype(np.float32), "mean_std": mean_std, "stability": float(1 - 2 * mean_std)}
+    return {"std_map": std.astype(np.float32), "mean_std": mean_std, "empty_maps": empty,
+            "stability": None if empty else float(1 - mean_std)}
 
 
 def _fit_mask(mask: np.ndarray, shape) -> np.ndarray:

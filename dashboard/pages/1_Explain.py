@@ -13,8 +13,9 @@ with left:
     st.image(inp.image, caption=inp.name + (f" · true class: {inp.true_class}" if inp.true_class else ""),
              width="stretch")
 with right:
-    st.subheader(f"Prediction: {clf.class_names[pred]} ({probs[pred]:.1%})")
-    st.plotly_chart(ui.prediction_chart(probs, clf.class_names), width="stretch", key="ex_pred_chart")
+    ood = ui.prediction_headline(ckpt, inp, probs, clf.class_names)
+    if not ood:
+        st.plotly_chart(ui.prediction_chart(probs, clf.class_names), width="stretch", key="ex_pred_chart")
     ui.ood_notice(ckpt, inp)
     st.caption("Probabilities are temperature-calibrated on the validation split. " + svc.DISCLAIMER)
 ui.feedback_form(ckpt, inp, probs, clf.class_names)
@@ -48,6 +49,7 @@ ui.show_legend()
 show_mask = inp.mask is not None and st.checkbox("Outline the lesion mask", value=True, key="ex_mask")
 for m, e in results.items():
     st.subheader(f"{ui.METHOD_LABELS[m]} · {e.class_name} ({e.probability:.1%}) · {e.seconds:.1f} s")
+    e = ui.evidence_view(e, "ex")
     over = ui.render_overlay(inp.image, e, alpha, inp.mask if show_mask else None, show_segments=False)
     c1, c2 = st.columns(2)
     if e.segments is not None:

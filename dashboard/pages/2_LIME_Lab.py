@@ -64,6 +64,10 @@ if sreq and sreq[0] == inp.sha:
     std = stab["std_map"]
     c1.image(colorize(std / max(float(std.max()), 1e-7)), caption="Per-pixel spread (std) across seeds "
              "(bright = unstable)", width="stretch")
-    c2.metric("Stability score", f"{stab['stability']:.3f}", help="1 − 2 × mean per-pixel std of the [0, 1] "
-              "heatmaps; 1 = identical across seeds")
+    if stab["stability"] is None:
+        c2.warning(f"{stab['empty_maps']} of {k} runs found no evidence at all (empty maps): stability is not "
+                   "defined, and an empty map is not a stable explanation.")
+    else:
+        c2.metric("Stability score", f"{stab['stability']:.3f}", help="1 − mean per-pixel std of the signed maps "
+                  "(each scaled to [−1, 1]: evidence for and against); 1 = identical across seeds")
     c2.metric("Mean per-pixel std", f"{stab['mean_std']:.4f}")

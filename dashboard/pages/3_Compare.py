@@ -4,25 +4,35 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import components as ui
+import services as svc
 from core.explain import metrics as M
 from core.preprocessing import resize
 
 ckpt, clf, inp = ui.image_page("Compare explanations", "cmp", "⚖️")
+probs = svc.predict(ckpt, inp.image, inp.sha)
+pred = int(probs.argmax())
+ui.prediction_headline(ckpt, inp, probs, clf.class_names)
 with st.form("cmp_form"):
+    target_name = st.selectbox("Explain class", list(clf.class_names), index=pred, key="cmp_target",
+                               format_func=lambda c: f"{c} (predicted, {probs[pred]:.1%})" if c == clf.class_names[pred]
+                               else f"{c} ({probs[list(clf.class_names).index(c)]:.1%})")
     methods = st.multiselect("Methods", list(ui.METHOD_LABELS), default=["gradcam", "gradcam++", "occlusion",
                                                                           "integrated_gradients"],
                              format_func=ui.METHOD_LABELS.get, key="cmp_methods")
     k = st.slider("Top region size for agreement (% of pixels)", 5, 50, 15, 5, key="cmp_k")
     go_btn = st.form_submit_button("Compare", type="primary")
 if go_btn:
-    st.session_state["cmp_request"] = (inp.sha, methods, k)
+    st.session_state["cmp_request"] = (inp.sha, methods, k, list(clf.class_names).index(target_name))
 req = st.session_state.get("cmp_request")
 if not req or req[0] != inp.sha or len(req[1]) < 1:
     st.info("Pick at least one method and press **Compare** (LIME/SHAP use the fast settings of the Explain page).")
     st.stop()
-_, methods, k = req
+_, methods, k, target = (*req, pred)[:4]
 params = {m: ui.default_params(m) for m in methods}
-res = ui.run_methods(ckpt, inp, methods, params)
+res = ui.run_methods(ckpt, inp, methods, params, None if target == pred else target)
+st.markdown(f"These maps explain **{clf.class_names[target]}**"
+            + (" (the predicted class)." if target == pred else
+               f", not the predicted class {clf.class_names[pred]}: they show evidence for the alternative."))
 cols = st.columns(min(len(res), 3))
 for i, (m, e) in enumerate(res.items()):
     cols[i % len(cols)].image(ui.render_overlay(inp.image, e, 0.5, inp.mask), width="stretch",

@@ -155,6 +155,8 @@ else:
                        "top-15% overlap (IoU)": cell_fmt(a["iou_top15"]), "rank correlation": cell_fmt(a["spearman"])}
                       for a in ej["agreement"]], width="stretch", hide_index=True)
     for mm, r in ej.get("seed_stability", {}).items():
+        if r.get("mean") is None:
+            continue
         st.caption(f"{ui.METHOD_LABELS.get(mm, mm)} seed stability over {r['seeds']} seeds on {r['images']} images: "
                    f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}].")
 

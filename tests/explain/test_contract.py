@@ -73,6 +73,16 @@ def test_heatmap_robust_to_constant_map():
     assert np.all(neg.heatmap() == 0)
 
 
+def test_all_negative_map_is_flagged_and_its_signed_view_is_not_blank():
+    a = -np.arange(16, dtype=np.float32).reshape(4, 4)
+    e = Explanation("lime", 1, 0.2, a, {}, 0.0, extras={"segment_weights": {0: -0.3, 1: -0.1}})
+    assert not e.has_positive_evidence and np.all(e.heatmap() == 0)
+    flipped = e.against()
+    assert flipped.heatmap()[3, 3] == pytest.approx(1.0, abs=1e-5) and flipped.heatmap()[0, 0] == 0
+    assert flipped.extras["segment_weights"] == {0: 0.3, 1: 0.1} and e.extras["segment_weights"][0] == -0.3
+    assert Explanation("x", 0, 0.5, a + 20, {}, 0.0).has_positive_evidence
+
+
 @pytest.mark.parametrize("seg", ["slic", "quickshift", "felzenszwalb"])
 def test_lime_segmentations_and_hide_colors(seg, tiny_classifier, test_image):
     for hide in ("mean", "black", "blur"):

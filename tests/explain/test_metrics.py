@@ -68,3 +68,11 @@ def test_seed_stability():
     zero[7, 7] = 1
     s2 = seed_stability([one, zero])
     assert s2["mean_std"] == pytest.approx(2 * 0.5 / 64) and s2["std_map"].shape == (8, 8)
+    assert s2["stability"] == pytest.approx(1 - 1 / 64)
+    # Signed: the same positive part but different negative evidence is not 'identical'.
+    b, c = a - 0.5, a - 0.5
+    c[b < 0] *= 3
+    assert seed_stability([b, c])["stability"] < 1.0
+    # Empty maps (LIME finding nothing) are never reported as perfectly stable.
+    blank = seed_stability([np.zeros((8, 8)), np.zeros((8, 8))])
+    assert blank["stability"] is None and blank["empty_maps"] == 2
