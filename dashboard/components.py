@@ -37,8 +37,31 @@ FAST_DEFAULTS = {"lime": {"num_samples": 300, "n_segments": 50, "num_features": 
                  "shap": {"max_evals": 300}, "integrated_gradients": {"steps": 16}}
 
 
+#: Widget keys whose values persist for the session when the user leaves a page and comes back
+#: (Streamlit forgets a page's widget state once another page runs). Prefixes of settings widgets:
+PERSIST_PREFIXES = ("ex_", "ll_", "cmp_", "ev_", "an_", "teach_opt_")
+_NOT_SETTINGS = ("_upload", "_src", "_example", "_run", "_stab", "_next", "_reveal", "_chart", "_cm", "_roc", "_pr",
+                 "_cal", "_hist", "_curve", "_dl_", "_open_", "_mosaic_patient", "FormSubmitter")
+_PERSIST = "_persisted_settings"
+
+
+def persist_settings() -> None:
+    """Keep method choices and settings per page for the session: remember this run's settings widgets and
+    restore any that Streamlit dropped while the user was on another page."""
+    store = st.session_state.setdefault(_PERSIST, {})
+    for k in list(st.session_state.keys()):
+        v = st.session_state[k]
+        if (isinstance(k, str) and k.startswith(PERSIST_PREFIXES) and not any(t in k for t in _NOT_SETTINGS)
+                and isinstance(v, (str, int, float, list, tuple)) and not isinstance(v, bool)):
+            store[k] = v
+    for k, v in store.items():
+        if k not in st.session_state:
+            st.session_state[k] = v
+
+
 def page_setup(title: str, icon: str = "🔬") -> None:
     st.set_page_config(page_title=f"BreastXAI · {title}", page_icon=icon, layout="wide")
+    persist_settings()
 
 
 def image_page(title: str, prefix: str, icon: str = "🔬", caption: str = ""):
@@ -96,20 +119,32 @@ class ImageInput:
     notes: tuple = ()
 
 
+CURRENT = "current_image"
+
+
+def set_current_image(data: bytes, name: str, mask_paths=(), true_class: Optional[str] = None,
+                      origin: str = "upload") -> None:
+    """Make an image the current one on every page until it is replaced (with its mask and true class)."""
+    st.session_state[CURRENT] = {"data": data, "sha": svc.sha256(data), "name": name,
+                                 "mask_paths": tuple(mask_paths), "true_class": true_class, "origin": origin}
+
+
 def image_input(prefix: str, allow_upload: bool = True) -> Optional[ImageInput]:
-    """Upload (PNG/JPEG/TIFF/BMP) or pick a bundled example; shows decoder notes and errors as messages."""
+    """The current image (uploaded or picked on any page, kept across pages until replaced), or a new upload /
+    example; shows decoder notes and errors as messages."""
     examples = svc.examples()
-    info = st.session_state.get("selected_example_info")
-    if info and not any(e.path == info["path"] for e in examples) and Path(info["path"]).is_file():
-        examples = [svc.gallery.Example(info["path"], "selected", info["class_name"], tuple(info["mask_paths"]),
-                                        "from Evaluation")] + examples
-    sources = (["Upload"] if allow_upload else []) + (["Example"] if examples else [])
-    preset = st.session_state.get("selected_example")
-    default_src = "Example" if (preset and "Example" in sources) else sources[0] if sources else None
+    info = st.session_state.pop("selected_example_info", None)  # "Open in Explain" from another page
+    if info and Path(info["path"]).is_file():
+        set_current_image(svc.read_file(info["path"]), Path(info["path"]).name, info["mask_paths"],
+                          info["class_name"], "example")
+    cur = st.session_state.get(CURRENT)
+    sources = (["Current image"] if cur else []) + (["Upload"] if allow_upload else []) + \
+        (["Example"] if examples else [])
     if not sources:
         st.info(svc.gallery.WHERE_TO_GET)
         return None
-    src = st.radio("Image source", sources, index=sources.index(default_src), horizontal=True, key=f"{prefix}_src")
+    src = st.radio("Image source", sources, index=0, horizontal=True, key=f"{prefix}_src",
+                   help="The current image stays the same on every page until you upload or pick another.")
     if src == "Upload":
         up = st.file_uploader("Breast histopathology or ultrasound image", key=f"{prefix}_upload",
                               type=["png", "jpg", "jpeg", "tif", "tiff", "bmp"])
@@ -117,24 +152,36 @@ def image_input(prefix: str, allow_upload: bool = True) -> Optional[ImageInput]:
             st.caption(svc.gallery.WHERE_TO_GET)
         if up is None:
             return None
-        data, name, mask_paths, true_class = up.getvalue(), up.name, (), None
-    else:
+        data = up.getvalue()
+        if cur is None or cur["sha"] != svc.sha256(data):
+            set_current_image(data, up.name)
+    elif src == "Example":
         labels = [e.label for e in examples]
-        idx = next((i for i, e in enumerate(examples) if e.path == preset), 0)
+        preset = cur["name"] if cur and cur["origin"] == "example" else None
+        idx = next((i for i, e in enumerate(examples) if Path(e.path).name == preset), 0)
         pick = st.selectbox("Example image", labels, index=idx, key=f"{prefix}_example")
         ex = examples[labels.index(pick)]
-        st.session_state["selected_example"] = ex.path
-        data, name, mask_paths, true_class = svc.read_file(ex.path), Path(ex.path).name, ex.mask_paths, ex.class_name
+        data = svc.read_file(ex.path)
+        if cur is None or cur["sha"] != svc.sha256(data):
+            set_current_image(data, Path(ex.path).name, ex.mask_paths, ex.class_name, "example")
+    cur = st.session_state.get(CURRENT)
+    if cur is None:
+        return None
+    if src == "Current image":
+        st.caption(f"Current image: **{cur['name']}** ({'uploaded' if cur['origin'] == 'upload' else 'example'}"
+                   + (f", true class {cur['true_class']}" if cur["true_class"] else "") + "). Choose Upload or "
+                   "Example to replace it.")
     try:
-        decoded = svc.decode(data)
+        decoded = svc.decode(cur["data"])
     except svc.InvalidImageError as exc:
         st.error(f"This file cannot be used: {exc}")
+        st.session_state.pop(CURRENT, None)
         return None
     for note in decoded.notes:
         st.info(note)
     img = decoded.array
-    mask = svc.mask_for(tuple(mask_paths), img.shape[:2]) if mask_paths else None
-    return ImageInput(img, svc.sha256(data), name, mask, true_class, decoded.notes)
+    mask = svc.mask_for(tuple(cur["mask_paths"]), img.shape[:2]) if cur["mask_paths"] else None
+    return ImageInput(img, cur["sha"], cur["name"], mask, cur["true_class"], decoded.notes)
 
 
 def prediction_chart(probs: np.ndarray, class_names, height: int = 60) -> go.Figure:

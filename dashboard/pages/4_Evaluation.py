@@ -67,7 +67,6 @@ elif hits:
             if col.button("Open in Explain", key=f"ev_open_{i}"):
                 split_rows = {x["path"]: x for x in read_csv(ckpt / "split.csv")}
                 masks = tuple(str(root / q) for q in split_rows.get(r["path"], {}).get("mask_paths", "").split(";") if q)
-                st.session_state["selected_example"] = str(path)
                 st.session_state["selected_example_info"] = {"path": str(path), "class_name": t_name,
                                                              "mask_paths": masks}
                 st.switch_page("pages/1_Explain.py")

@@ -67,9 +67,11 @@ def test_every_page_renders(app_env, page):
 
 
 def test_upload_prediction_explanation(app_env):
+    from tests.conftest import make_class_image
+
     at = app("pages/1_Explain.py")
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    img = make_class_image(1, np.random.default_rng(0), 48)  # like the training images: in distribution
+    at.radio(key="ex_src").set_value("Upload").run()
     at.file_uploader(key="ex_upload").upload("case.png", png(img), "image/png")
     at.run()
     no_exception(at)
@@ -384,3 +386,44 @@ def test_model_card_says_which_checkpoint_suits_which_images(tiny_bundle, tmp_pa
     assert any(s.value == "Which checkpoint for which images" for s in at.subheader)
     table = next(d.value for d in at.dataframe if "better choice" in d.value.columns)
     assert list(table["better choice"]) == ["histo"] and "0.534 (external)" in table["this checkpoint"][0]
+
+
+def test_out_of_distribution_upload_gets_no_verdict_but_can_be_explained(app_env):
+    at = app("pages/1_Explain.py")
+    noise = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    at.radio(key="ex_src").set_value("Upload").run()
+    at.file_uploader(key="ex_upload").upload("noise.png", png(noise), "image/png")
+    at.run()
+    no_exception(at)
+    heads = [s.value for s in at.subheader]
+    assert heads[0] == "Out of distribution: no verdict" and not any(h.startswith("Prediction:") for h in heads)
+    assert any("not a prediction" in e.value for e in at.error)
+    at.multiselect(key="ex_methods").set_value(["gradcam"])
+    at.button(key="FormSubmitter:ex_form-Explain").click()
+    at.run()
+    no_exception(at)
+    assert any(s.value.startswith("Grad-CAM") for s in at.subheader)
+
+
+def test_current_image_follows_the_user_across_pages_with_settings(app_env):
+    """An upload on Explain is the current image on Compare and back on Explain; Explain's method choice stays."""
+    from tests.conftest import make_class_image
+
+    at = app("pages/1_Explain.py")
+    img = make_class_image(0, np.random.default_rng(1), 48)
+    at.radio(key="ex_src").set_value("Upload").run()
+    at.file_uploader(key="ex_upload").upload("mine.png", png(img), "image/png")
+    at.run()
+    at.multiselect(key="ex_methods").set_value(["occlusion"])
+    at.button(key="FormSubmitter:ex_form-Explain").click()
+    at.run()
+    no_exception(at)
+    at.switch_page("pages/3_Compare.py").run()
+    no_exception(at)
+    assert at.radio(key="cmp_src").value == "Current image"
+    assert any("mine.png" in c.value for c in at.caption)
+    assert any(s.value.startswith("Prediction:") for s in at.subheader)
+    at.switch_page("pages/1_Explain.py").run()
+    no_exception(at)
+    assert at.radio(key="ex_src").value == "Current image" and any("mine.png" in c.value for c in at.caption)
+    assert at.multiselect(key="ex_methods").value == ["occlusion"]
