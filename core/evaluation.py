@@ -287,6 +287,43 @@ def compare_bundles(path: str | Path, other: str | Path) -> dict:
     return out
 
 
+def sensitivity_specificity(y_true: Sequence[int], p_pos: np.ndarray, positive: int, threshold: float) -> dict:
+    """Calling `positive` when P(positive) >= threshold: sensitivity and specificity with exact 95% intervals and
+    the 2x2 counts (positive vs the rest)."""
+    y = np.asarray(y_true) == positive
+    call = np.asarray(p_pos) >= threshold
+    tp, fn = int((y & call).sum()), int((y & ~call).sum())
+    tn, fp = int((~y & ~call).sum()), int((~y & call).sum())
+    return {"threshold": float(threshold), "tp": tp, "fn": fn, "tn": tn, "fp": fp,
+            "sensitivity": tp / max(tp + fn, 1), "sensitivity_ci95": binomial_ci(tp, tp + fn),
+            "specificity": tn / max(tn + fp, 1), "specificity_ci95": binomial_ci(tn, tn + fp)}
+
+
+def operating_point(y_val: Sequence[int], p_val: np.ndarray, y_test: Sequence[int], p_test: np.ndarray,
+                    positive: int, class_names: Sequence[str], target_sensitivity: float = 0.95) -> dict:
+    """A threshold on P(positive) chosen on validation for sensitivity >= target (the highest such threshold, so
+    specificity is as high as that allows), with validation and test sensitivity / specificity at it.
+
+    p_val, p_test: calibrated probabilities (N, K). Positive vs the rest (e.g. malignant vs benign + normal).
+    """
+    pv = np.asarray(p_val)[:, positive]
+    yv = np.asarray(y_val) == positive
+    if not yv.any():
+        raise ValueError(f"The validation split has no {class_names[positive]} images to set a threshold on.")
+    candidates = np.unique(pv[yv])[::-1]  # thresholds at the positives' own probabilities, high to low
+    threshold = float(candidates[-1])
+    for t in candidates:
+        if (pv[yv] >= t).mean() >= target_sensitivity:
+            threshold = float(t)
+            break
+    return {"positive_class": class_names[positive], "target_sensitivity": target_sensitivity,
+            "rule": f"the highest threshold on P({class_names[positive]}) whose validation sensitivity is at least "
+                    f"{target_sensitivity:.2f} ({class_names[positive]} against every other class)",
+            "threshold": threshold,
+            "val": sensitivity_specificity(y_val, pv, positive, threshold),
+            "test": sensitivity_specificity(y_test, np.asarray(p_test)[:, positive], positive, threshold)}
+
+
 def format_report(m: dict, class_names: Sequence[str]) -> str:
     """A plain-text summary a person can read."""
     def ci(v):
@@ -320,9 +357,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--compare", default=None, metavar="OTHER_BUNDLE",
                     help="another checkpoint trained on the same split (e.g. the simple CNN baseline): its metrics on "
                          "the same images; with --record stored as metadata.json['comparison'] for the model card")
+    ap.add_argument("--operating-point", default=None, metavar="CLASS",
+                    help="choose a threshold on P(CLASS) on validation for --sensitivity (CLASS against the rest) and "
+                         "report test sensitivity and specificity at it; with --record stored for the model card")
+    ap.add_argument("--sensitivity", type=float, default=0.95, help="with --operating-point: target sensitivity")
     ap.add_argument("--record", action="store_true",
-                    help="with --without-near-duplicates or --compare: also store the result in metadata.json "
-                         "(atomically)")
+                    help="with --without-near-duplicates, --compare or --operating-point: also store the result in "
+                         "metadata.json (atomically)")
     args = ap.parse_args(argv)
     from core.checkpoints import read_metadata
     from core.errors import BreastXAIError
@@ -338,6 +379,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (BreastXAIError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.operating_point:
+        names = list(meta["class_names"])
+        if args.operating_point not in names:
+            print(f"error: {args.operating_point!r} is not one of {names}", file=sys.stderr)
+            return 2
+        yv, pv, _ = predictions_from_bundle(args.checkpoint, "val")
+        yt, pt, _ = predictions_from_bundle(args.checkpoint, "test")
+        try:
+            op = operating_point(yv, pv, yt, pt, names.index(args.operating_point), names, args.sensitivity)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if args.record:
+            from core.checkpoints import update_metadata
+
+            update_metadata(args.checkpoint, {"operating_point": op})
+        print(json.dumps(op, indent=2) if args.json else "\n".join(
+            [f"threshold P({op['positive_class']}) >= {op['threshold']:.4f} ({op['rule']})"] +
+            [f"{s}: sensitivity {op[s]['sensitivity']:.3f} ({op[s]['tp']}/{op[s]['tp'] + op[s]['fn']}), specificity "
+             f"{op[s]['specificity']:.3f} ({op[s]['tn']}/{op[s]['tn'] + op[s]['fp']})" for s in ("val", "test")]))
+        return 0
     if args.compare:
         if args.split not in ("val", "test"):
             print("error: --compare works on the val or test split", file=sys.stderr)

@@ -394,6 +394,7 @@ def small_data_evidence(meta: dict, ckpt: Optional[Path] = None) -> None:
                  + (f", crop side jittered by ±{pc['scale_jitter']:g} octave" if pc.get("scale_jitter") else "")
                  + f"). A whole image is predicted as the mean of its tiles on a {pc['stride']} px grid; "
                  "explanations cover the whole image.")
+    operating_point_view(meta)
     comparison_view(meta, ckpt)
     better_choice_view(meta, ckpt)
     cv = meta.get("cross_validation")
@@ -584,3 +585,36 @@ def evidence_view(e, prefix: str) -> object:
     against = st.toggle("Show evidence against the class", value=blank, key=f"{prefix}_against_{e.method}",
                         help="Signed view: regions that pull the prediction away from the explained class.")
     return e.against() if against else e
+
+
+def _ci(ci) -> str:
+    return f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else ""
+
+
+def operating_point_view(meta: dict) -> None:
+    """The model card's operating point: threshold chosen on validation, test sensitivity / specificity at it."""
+    op = meta.get("operating_point")
+    if not op:
+        return
+    t = op["test"]
+    st.subheader(f"Operating point · {op['positive_class']} against the rest")
+    st.write(f"Call **{op['positive_class']}** when its probability is at least **{op['threshold']:.3f}** (chosen on "
+             f"validation for sensitivity ≥ {op['target_sensitivity']:.2f}). On the test split: sensitivity "
+             f"**{t['sensitivity']:.3f}**{_ci(t['sensitivity_ci95'])} ({t['tp']} of {t['tp'] + t['fn']}), specificity "
+             f"**{t['specificity']:.3f}**{_ci(t['specificity_ci95'])} ({t['tn']} of {t['tn'] + t['fp']}).")
+    st.caption(f"Rule: {op['rule']}. Validation at this threshold: sensitivity {op['val']['sensitivity']:.3f}, "
+               f"specificity {op['val']['specificity']:.3f}.")
+
+
+def operating_point_note(meta: dict, probs: np.ndarray, class_names) -> None:
+    """On Explain: whether this image's probability crosses the model card's operating point."""
+    op = meta.get("operating_point")
+    if not op or op["positive_class"] not in class_names:
+        return
+    p = float(probs[list(class_names).index(op["positive_class"])])
+    crosses = p >= op["threshold"]
+    (st.warning if crosses else st.info)(
+        f"P({op['positive_class']}) {p:.3f} is {'at or above' if crosses else 'below'} the operating point "
+        f"{op['threshold']:.3f} (set on validation for sensitivity ≥ {op['target_sensitivity']:.2f}): "
+        + (f"at this operating point the case counts as **possibly {op['positive_class']}**." if crosses else
+           f"at this operating point the case is not flagged as {op['positive_class']}."))

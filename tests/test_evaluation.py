@@ -168,3 +168,29 @@ def test_compare_records_a_baseline_on_the_same_test_images(tiny_bundle, tiny_tr
     (other_split / "predictions.csv").write_text("\n".join(r for r in rows if not r.startswith("test,")) + "\n")
     assert main([str(tmp_path / "tiny"), "--compare", str(other_split)]) == 2
     assert "not evaluated on the same test images" in capsys.readouterr().err
+
+
+def test_operating_point_by_hand():
+    """Threshold chosen on validation for sensitivity >= 0.75; test sensitivity / specificity at it."""
+    from core.evaluation import operating_point
+
+    names = ("benign", "malignant", "normal")
+
+    def probs(pm):
+        pm = np.asarray(pm, float)
+        return np.stack([(1 - pm) / 2, pm, (1 - pm) / 2], 1)
+
+    yv = [1, 1, 1, 1, 0, 2, 0]
+    pv = probs([0.9, 0.6, 0.4, 0.1, 0.5, 0.3, 0.05])
+    yt = [1, 1, 0, 2, 0]
+    pt = probs([0.7, 0.35, 0.45, 0.2, 0.39])
+    op = operating_point(yv, pv, yt, pt, 1, names, target_sensitivity=0.75)
+    # validation malignant probabilities 0.9, 0.6, 0.4, 0.1: 3 of 4 reach 0.4 -> threshold 0.4
+    assert op["threshold"] == pytest.approx(0.4) and op["val"]["sensitivity"] == 0.75
+    assert (op["val"]["tn"], op["val"]["fp"]) == (2, 1)  # the benign 0.5 is called malignant
+    t = op["test"]
+    assert (t["tp"], t["fn"], t["tn"], t["fp"]) == (1, 1, 2, 1) and t["specificity"] == pytest.approx(2 / 3)
+    lo, hi = t["sensitivity_ci95"]
+    assert lo < 0.5 < hi
+    with pytest.raises(ValueError):
+        operating_point([0, 2], pv[:2], yt, pt, 1, names)

@@ -16,6 +16,7 @@ with right:
     ood = ui.prediction_headline(ckpt, inp, probs, clf.class_names)
     if not ood:
         st.plotly_chart(ui.prediction_chart(probs, clf.class_names), width="stretch", key="ex_pred_chart")
+        ui.operating_point_note(svc.metadata(ckpt), probs, clf.class_names)
     ui.ood_notice(ckpt, inp)
     st.caption("Probabilities are temperature-calibrated on the validation split. " + svc.DISCLAIMER)
 ui.feedback_form(ckpt, inp, probs, clf.class_names)

@@ -8,7 +8,7 @@ import streamlit as st
 import components as ui
 import services as svc
 from core.checkpoints import read_csv
-from core.evaluation import curves, patient_level_metrics, reliability_curve
+from core.evaluation import curves, patient_level_metrics, reliability_curve, sensitivity_specificity
 from core.data.roots import resolve_data_root, resolve_root
 
 ui.page_setup("Evaluation", "📊")
@@ -84,6 +84,23 @@ if split in ("test", "val"):
                        "images correct": round(r["image_accuracy"], 3),
                        **{f"mean p({c})": round(v, 3) for c, v in r["probabilities"].items()}}
                       for r in pl["patients"]], hide_index=True, width="stretch")
+
+if split in ("test", "val") and len(names) >= 2:
+    op = meta.get("operating_point") or {}
+    positive = op.get("positive_class") or ("malignant" if "malignant" in names else names[-1])
+    st.subheader(f"Threshold · {positive} against the rest")
+    thr = st.slider(f"Call {positive} when its probability is at least", 0.0, 1.0,
+                    float(round(op.get("threshold", 0.5), 3)), 0.001, format="%.3f", key="ev_threshold",
+                    help="Moves the operating point live: sensitivity, specificity and the 2 x 2 table update.")
+    ss = sensitivity_specificity(y, p[:, names.index(positive)], names.index(positive), thr)
+    c1, c2, c3 = st.columns([1, 1, 2])
+    c1.metric("Sensitivity", f"{ss['sensitivity']:.3f}", help=f"{ss['tp']} of {ss['tp'] + ss['fn']} {positive}")
+    c2.metric("Specificity", f"{ss['specificity']:.3f}", help=f"{ss['tn']} of {ss['tn'] + ss['fp']} others")
+    c3.dataframe([{"": f"true {positive}", f"called {positive}": ss["tp"], "not called": ss["fn"]},
+                  {"": "true other", f"called {positive}": ss["fp"], "not called": ss["tn"]}], hide_index=True)
+    if op:
+        st.caption(f"The model card's operating point is {op['threshold']:.3f} (chosen on validation for sensitivity "
+                   f"≥ {op['target_sensitivity']:.2f}).")
 
 st.subheader("ROC and precision-recall curves (one vs rest)")
 cv = curves(y, p, names)

@@ -427,3 +427,16 @@ def test_current_image_follows_the_user_across_pages_with_settings(app_env):
     no_exception(at)
     assert at.radio(key="ex_src").value == "Current image" and any("mine.png" in c.value for c in at.caption)
     assert at.multiselect(key="ex_methods").value == ["occlusion"]
+    assert not any("Session State" in w.value for w in at.warning)
+
+
+def test_evaluation_threshold_slider_updates_sensitivity_live(app_env):
+    at = app("pages/4_Evaluation.py")
+    no_exception(at)
+    sens = lambda: next(m.value for m in at.metric if m.label == "Sensitivity")  # noqa: E731
+    spec = lambda: next(m.value for m in at.metric if m.label == "Specificity")  # noqa: E731
+    at.slider(key="ev_threshold").set_value(0.0).run()
+    assert sens() == "1.000" and spec() == "0.000"
+    at.slider(key="ev_threshold").set_value(1.0).run()
+    no_exception(at)
+    assert spec() == "1.000"
