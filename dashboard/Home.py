@@ -40,16 +40,33 @@ def fmt(v, ci=None):
     return s + (f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
 
 
+cv = meta.get("cross_validation") or {}
 c1, c2, c3, c4 = st.columns(4)
-c1.metric("Test accuracy", f"{m.get('accuracy', 0):.3f}")
-c2.metric("Macro ROC AUC", f"{m.get('roc_auc_macro') or 0:.3f}")
-c3.metric("Cohen's kappa", f"{m.get('cohen_kappa', 0):.3f}")
-c4.metric("Calibration error (ECE)", f"{m.get('ece', 0):.3f}")
-exact = m.get("accuracy_ci95_exact") or svc.exact_accuracy_ci(m)
-st.caption(f"Accuracy {fmt(m.get('accuracy'), m.get('accuracy_ci95'))}; ROC AUC "
-           f"{fmt(m.get('roc_auc_macro'), m.get('roc_auc_ci95'))}; measured on the held-out test split "
-           f"(n = {m.get('n', '?')}), bootstrap 95% intervals"
-           + (f"; exact binomial 95% interval for accuracy {exact[0]:.3f}–{exact[1]:.3f}." if exact else "."))
+if cv.get("pooled_roc_auc") is not None and cv.get("scope", "all") == "all":
+    # The most honest estimate first: cross-validation over every image, the single test split beside it.
+    pos = "malignant" if "malignant" in meta.get("class_names", []) else meta.get("class_names", ["?"])[-1]
+    ba = cv.get("pooled_balanced_accuracy")
+    c1.metric("Balanced accuracy (cross-validated)", f"{ba:.3f}" if ba is not None else "n/a")
+    c2.metric("ROC AUC (cross-validated)", f"{cv['pooled_roc_auc']:.3f}")
+    c3.metric(f"{pos.capitalize()} recall (cross-validated)", f"{cv.get('pooled_recall', {}).get(pos, 0):.3f}")
+    c4.metric("Calibration error (ECE, test)", f"{m.get('ece', 0):.3f}")
+    n_cv = sum(cv.get("pooled_support", {}).values()) or "?"
+    pl = cv.get("patient_level")
+    st.caption(f"Cross-validation: {len(cv.get('folds', []))} folds, every one of the {n_cv} images held out once with "
+               "its whole group (patient) kept together" + (f"; per patient: accuracy {pl['accuracy']:.3f} over "
+                                                           f"{pl['n_patients']} patients" if pl else "") + ". "
+               f"Single held-out test split (n = {m.get('n', '?')}): accuracy {fmt(m.get('accuracy'), m.get('accuracy_ci95'))}"
+               f", balanced accuracy {fmt(m.get('balanced_accuracy'))}, ROC AUC {fmt(m.get('roc_auc_macro'), m.get('roc_auc_ci95'))}.")
+else:
+    c1.metric("Test accuracy", f"{m.get('accuracy', 0):.3f}")
+    c2.metric("Macro ROC AUC", f"{m.get('roc_auc_macro') or 0:.3f}")
+    c3.metric("Cohen's kappa", f"{m.get('cohen_kappa', 0):.3f}")
+    c4.metric("Calibration error (ECE)", f"{m.get('ece', 0):.3f}")
+    exact = m.get("accuracy_ci95_exact") or svc.exact_accuracy_ci(m)
+    st.caption(f"Accuracy {fmt(m.get('accuracy'), m.get('accuracy_ci95'))}; ROC AUC "
+               f"{fmt(m.get('roc_auc_macro'), m.get('roc_auc_ci95'))}; measured on the held-out test split "
+               f"(n = {m.get('n', '?')}), bootstrap 95% intervals"
+               + (f"; exact binomial 95% interval for accuracy {exact[0]:.3f}–{exact[1]:.3f}." if exact else "."))
 if m.get("n", 0) and m["n"] < 50:
     st.warning(f"Only {m['n']} test images: a bootstrap interval collapses when every test image is right, so "
                "read the exact interval and the cross-validation below, not the single number.")

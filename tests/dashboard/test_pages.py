@@ -440,3 +440,23 @@ def test_evaluation_threshold_slider_updates_sensitivity_live(app_env):
     at.slider(key="ev_threshold").set_value(1.0).run()
     no_exception(at)
     assert spec() == "1.000"
+
+
+def test_model_card_headline_is_cross_validation_when_recorded(tiny_bundle, tmp_path, monkeypatch):
+    from core.checkpoints import update_metadata
+
+    shutil.copytree(tiny_bundle, tmp_path / "ck" / "tiny")
+    update_metadata(tmp_path / "ck" / "tiny", {"cross_validation": {
+        "method": "m", "scope": "all", "folds": [], "accuracy_mean": 0.8, "accuracy_min": 0.7, "accuracy_max": 0.9,
+        "pooled_accuracy": 0.81, "pooled_roc_auc": 0.912, "pooled_balanced_accuracy": 0.777,
+        "pooled_recall": {"benign": 0.8, "malignant": 0.754}, "pooled_support": {"benign": 14, "malignant": 14}}})
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tmp_path / "ck"))
+    import streamlit as st
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = app()
+    no_exception(at)
+    assert [(m.label, m.value) for m in at.metric][:3] == [("Balanced accuracy (cross-validated)", "0.777"),
+                                                          ("ROC AUC (cross-validated)", "0.912"),
+                                                          ("Malignant recall (cross-validated)", "0.754")]
+    assert any("Single held-out test split" in c.value for c in at.caption)
