@@ -460,3 +460,33 @@ def test_model_card_headline_is_cross_validation_when_recorded(tiny_bundle, tmp_
                                                           ("ROC AUC (cross-validated)", "0.912"),
                                                           ("Malignant recall (cross-validated)", "0.754")]
     assert any("Single held-out test split" in c.value for c in at.caption)
+
+
+def test_teach_session_setup_summary_and_reset_on_checkpoint_change(app_env, tmp_path, monkeypatch):
+    """The educator picks class and number of cases; the reveal can use any method; a summary ends the session;
+    switching checkpoint starts a clean session."""
+    at = app("pages/6_Teach.py")
+    at.multiselect(key="teach_opt_classes").set_value(["malignant"])
+    at.number_input(key="teach_opt_n").set_value(2)
+    at.button(key="FormSubmitter:teach_setup-Start session").click().run()
+    no_exception(at)
+    for case in range(2):
+        assert any(f"Case {case + 1} of 2" in m.value for m in at.markdown)
+        radio = next(r for r in at.radio if r.key.startswith("teach_guess"))
+        radio.set_value("malignant").run()
+        at.button(key="teach_reveal").click().run()
+        assert any("Truth: **malignant**" in m.value for m in list(at.success) + list(at.error))
+        at.selectbox(key="teach_opt_method").set_value("occlusion").run()
+        no_exception(at)
+        assert any("Occlusion" in (c.value or "") for c in at.caption) or len(at.get("image")) >= 2
+        at.button(key="teach_next").click().run()
+    no_exception(at)
+    assert any(s.value == "Session summary" for s in at.subheader)
+    assert next(m.value for m in at.metric if m.label == "Class score") == "2 / 2"
+    # Another checkpoint: a fresh session, not the old reveal.
+    shutil.copytree(app_env, tmp_path / "other_ck")
+    at.session_state["teach"] = {**at.session_state["teach"], "checkpoint": str(tmp_path / "other_ck")}
+    at.run()
+    no_exception(at)
+    assert not any(s.value == "Session summary" for s in at.subheader)
+    assert any("Case 1 of" in m.value for m in at.markdown)
