@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-augment", dest="augment", action="store_false", help="no flip/rotate/zoom/brightness/contrast")
     g.add_argument("--colour-jitter", type=float, default=d.colour_jitter, metavar="F",
                    help="random hue (± F of the colour wheel) and saturation changes (H&E stain variation); 0: off")
+    g.add_argument("--stain-standardise", action="store_true",
+                   help="H&E: standardise each image's colour in-graph (per-image optical-density mean and spread "
+                        "mapped to the training set's), so stain strength and colour cast matter less")
     g.add_argument("--flip", default=d.flip, choices=FLIPS,
                    help="random flips; 'horizontal' keeps an ultrasound's skin-at-the-top geometry and shadowing")
     g.add_argument("--rotation", type=float, default=d.rotation, metavar="F",
@@ -130,7 +133,7 @@ def config_from_args(args: argparse.Namespace):
         augment_copies=args.augment_copies, cache=args.cache, limit=args.limit, feedback=args.feedback,
         patches=args.patches, patch_size=args.patch_size, patch_stride=args.patch_stride, cv_folds=args.cv_folds,
         cv_scope=args.cv_scope, patch_scale_jitter=args.patch_scale_jitter, colour_jitter=args.colour_jitter,
-        flip=args.flip, rotation=args.rotation, precision=args.precision,
+        flip=args.flip, rotation=args.rotation, precision=args.precision, stain_standardise=args.stain_standardise,
         external=tuple(args.external), verbose=0 if args.quiet else 1)
 
 

@@ -41,6 +41,7 @@ class ModelConfig:
     dropout: float = 0.5
     l2: float = 0.01
     weights: str = "none"  # "imagenet", "none" or a path to a Keras weights file of the trunk
+    stain_targets: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None  # (OD mean, OD std): StainStandardise
 
 
 @keras.saving.register_keras_serializable(package="breastxai")
@@ -78,6 +79,45 @@ class BackbonePreprocess(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="breastxai")
+class StainStandardise(layers.Layer):
+    """Per-image colour standardisation of 0-255 RGB, in-graph (a Reinhard-style normalisation in optical
+    density): each image's per-channel optical-density mean and spread are mapped to fixed targets, removing
+    differences in stain strength and colour cast between labs, scanners and patients. Output: 0-255 RGB.
+
+    target_mean, target_std: per-channel OD statistics (3,) the images are mapped to (from the training set).
+    """
+
+    def __init__(self, target_mean=(0.5, 0.6, 0.4), target_std=(0.3, 0.3, 0.25), **kwargs):
+        super().__init__(**kwargs)
+        self.target_mean = tuple(float(v) for v in target_mean)
+        self.target_std = tuple(float(v) for v in target_std)
+
+    def call(self, x):
+        ops = keras.ops
+        od = -ops.log((ops.clip(x, 0.0, 255.0) + 1.0) / 256.0)
+        mean = ops.mean(od, axis=(1, 2), keepdims=True)
+        std = ops.sqrt(ops.var(od, axis=(1, 2), keepdims=True) + 1e-4)
+        tm = ops.convert_to_tensor(self.target_mean, dtype=x.dtype)
+        ts = ops.convert_to_tensor(self.target_std, dtype=x.dtype)
+        od = ops.clip((od - mean) / std * ts + tm, 0.0, 5.545)  # 5.545 = log(256): black
+        return ops.clip(256.0 * ops.exp(-od) - 1.0, 0.0, 255.0)
+
+    def get_config(self):
+        return {**super().get_config(), "target_mean": self.target_mean, "target_std": self.target_std}
+
+
+def stain_targets(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Median per-channel optical-density mean and std over uint8 RGB images (N, H, W, 3): StainStandardise's
+    targets, taken from the training images."""
+    import numpy as np
+
+    od = -np.log((np.asarray(images, np.float32) + 1.0) / 256.0)
+    means = od.mean(axis=(1, 2))
+    stds = od.std(axis=(1, 2))
+    return tuple(map(float, np.median(means, 0))), tuple(map(float, np.median(stds, 0)))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -157,12 +197,13 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
             provenance = {"source": "file", "path": str(path), "sha256": sha256_file(path)}
 
     inp = keras.Input(size, name="image")
+    x0 = inp if cfg.stain_targets is None else StainStandardise(*cfg.stain_targets, name="stain_standardise")(inp)
     if cfg.backbone == "simple_cnn":
-        x = BackbonePreprocess("unit", name="preprocess")(inp)
+        x = BackbonePreprocess("unit", name="preprocess")(x0)
         features = _simple_cnn(x)
     else:
         app_name, mode = _APPS[cfg.backbone]
-        x = BackbonePreprocess(mode, name="preprocess")(inp)
+        x = BackbonePreprocess(mode, name="preprocess")(x0)
         base = getattr(keras.applications, app_name)(include_top=False, weights=None, input_tensor=x)
         features = base.output
         if ref is not None:

@@ -73,6 +73,7 @@ class TrainConfig:
     patch_stride: Optional[int] = None  # prediction grid step in original pixels (default: patch_size)
     patch_scale_jitter: float = 0.0  # training crop side = patch_size * 2**U(-j, j), in octaves
     colour_jitter: float = 0.0  # >0: random hue (this factor) and saturation (2x) changes: stain variation
+    stain_standardise: bool = False  # in-graph per-image optical-density standardisation (StainStandardise)
     flip: str = "horizontal_and_vertical"  # random flips: "horizontal" keeps ultrasound's skin-up geometry
     rotation: float = 0.1  # random rotation, ± this fraction of a full turn (0.1 = ±36°)
     precision: str = "float32"  # "bfloat16": oneDNN mixed precision in the fits (float32 weights) where the CPU has it
@@ -490,12 +491,19 @@ def train_model(cfg: TrainConfig, num_classes: int, train_data: tuple, val_data:
     per image (fresh draws per cached copy / per epoch) and validates on every grid tile of the
     validation images (the tile-level loss drives early stopping).
     """
-    from core.models import ModelConfig, build_model
+    from core.models import ModelConfig, build_model, stain_targets
     from core.patches import random_patches
 
+    targets = None
+    if cfg.stain_standardise:
+        x = train_data[0]
+        sample = x[:256] if isinstance(x, np.ndarray) else np.stack([model_input(im, cfg.input_size) for im in x[:256]])
+        targets = stain_targets(sample)
+        log.info("Stain standardisation targets (optical density mean, std per channel): %s", targets)
     model, provenance = build_model(ModelConfig(
         backbone=cfg.backbone, num_classes=num_classes, input_size=cfg.input_size, pooling=cfg.pooling,
-        head_units=tuple(cfg.head_units), dropout=cfg.dropout, l2=cfg.l2, weights=cfg.weights))
+        head_units=tuple(cfg.head_units), dropout=cfg.dropout, l2=cfg.l2, weights=cfg.weights,
+        stain_targets=targets))
     log.info("Model %s: %d layers, %d parameters; weights: %s", model.name, len(model.layers),
              model.count_params(), provenance["source"])
     if not cfg.patches:
@@ -836,6 +844,8 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
         "weights": provenance,
         "preprocessing": {"decoder": "core.preprocessing.load_image", "resize": "cv2 INTER_AREA/LINEAR to square",
                           "clahe": cfg.clahe, "normalisation": "in-graph BackbonePreprocess layer",
+                          "stain_standardise": ("in-graph StainStandardise layer (per-image optical density "
+                                                "mapped to training-set targets)") if cfg.stain_standardise else None,
                           "input_range": "RGB 0-255"},
         "head": {"pooling": cfg.pooling, "units": list(cfg.head_units), "dropout": cfg.dropout, "l2": cfg.l2},
         "gradcam_layer": last_conv_layer(model),

@@ -21,14 +21,17 @@ def _patients_by_split(bundle):
 @needs_shared
 def test_breakhis_200x_tiny_train_keeps_patients_apart(tmp_path):
     rc = train.main(["--dataset", "breakhis", "--data-dir", str(BREAKHIS_200X), "--magnification", "200",
-                     "--limit", "80", "--input-size", "32", "--name", "bh", "--out-dir", str(tmp_path), *TINY])
+                     "--limit", "80", "--input-size", "32", "--stain-standardise", "--name", "bh",
+                     "--out-dir", str(tmp_path), *TINY])
     assert rc == 0
     rows, by = _patients_by_split(tmp_path / "bh")
     assert all(by.values()) and not (by["train"] & by["val"] or by["train"] & by["test"] or by["val"] & by["test"])
     assert all(g.startswith("14-") and g[3:].isdigit() for g in set().union(*by.values()))  # slide letters dropped
     meta = json.loads((tmp_path / "bh" / "metadata.json").read_text())
     assert meta["dataset"]["magnification"] == 200 and meta["class_names"] == ["benign", "malignant"]
+    assert meta["preprocessing"]["stain_standardise"]
     clf = load_classifier(tmp_path / "bh")
+    assert clf.model.get_layer("stain_standardise").target_mean  # in the graph, so every explainer sees it
     assert clf.predict_proba(np.zeros((224, 224, 3), np.uint8)).shape == (1, 2)
 
 

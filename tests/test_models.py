@@ -101,3 +101,26 @@ def test_densenet_weights_file_loads_with_provenance():
     ref = keras.applications.DenseNet121(include_top=False, weights=None, input_shape=(32, 32, 3))
     ref.load_weights(str(DENSENET_WEIGHTS))
     np.testing.assert_array_equal(model.get_layer("conv1_conv").get_weights()[0], ref.get_layer("conv1_conv").get_weights()[0])
+
+
+def test_stain_standardise_maps_colour_casts_to_the_same_image():
+    """Two stainings of one field (one paler and bluer) come out of StainStandardise alike; it round-trips
+    through a saved model."""
+    import keras
+
+    from core.models import StainStandardise, stain_targets
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 1.5, (1, 16, 16, 3)).astype(np.float32)  # optical density of a field
+    a = 256 * np.exp(-base) - 1
+    b = 256 * np.exp(-(0.6 * base * np.array([1.0, 0.8, 1.3], np.float32))) - 1  # paler, colour-cast copy
+    targets = stain_targets(np.concatenate([a, b]).astype(np.uint8))
+    layer = StainStandardise(*targets)
+    ya, yb = np.asarray(layer(a)), np.asarray(layer(b))
+    assert np.abs(a - b).mean() > 20 and np.abs(ya - yb).mean() < 1.0
+    assert ya.min() >= 0 and ya.max() <= 255
+    inp = keras.Input((16, 16, 3))
+    model = keras.Model(inp, StainStandardise(*targets)(inp))
+    model.save(tmp := __import__("tempfile").mkdtemp() + "/m.keras")
+    again = keras.saving.load_model(tmp, safe_mode=True)
+    np.testing.assert_allclose(np.asarray(again(a)), ya, atol=1e-4)
