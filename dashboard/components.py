@@ -33,6 +33,9 @@ PARAM_UI = {
                   "baseline": ("choice", ["blur", "mean", "black"])},
     "integrated_gradients": {"steps": ("int", (4, 256, 4)), "baseline": ("choice", ["black", "blur", "mean"])},
 }
+#: Methods that re-classify many perturbed copies of the image, and the largest tile grid they run on.
+PERTURBATION_METHODS = ("lime", "shap", "occlusion")
+MAX_PERTURBATION_TILES = 16
 FAST_DEFAULTS = {"lime": {"num_samples": 300, "n_segments": 50, "num_features": 20},
                  "shap": {"max_evals": 300}, "integrated_gradients": {"steps": 16}}
 
@@ -316,8 +319,21 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def run_methods(ckpt: Path, inp: ImageInput, methods: list[str], params: dict[str, dict],
                 target: Optional[int] = None) -> dict:
-    """Run (or fetch cached) explanations with a progress bar; returns {method: Explanation}."""
+    """Run (or fetch cached) explanations with a progress bar; returns {method: Explanation}.
+
+    Perturbation methods on a field of many tiles of a patch model (an H&E region on the 50 px IDC model: every
+    perturbed sample re-classifies every tile) are skipped with a message instead of running for many minutes.
+    """
     results, todo = {}, []
+    n_tiles = svc.tile_count(ckpt, inp.image)
+    if n_tiles > MAX_PERTURBATION_TILES:
+        slow = [m for m in methods if m in PERTURBATION_METHODS]
+        if slow:
+            st.warning(f"{', '.join(METHOD_LABELS[m] for m in slow)} skipped: this image is {n_tiles} tiles of the "
+                       f"model's patch size, and each of their perturbed samples would re-classify every tile (many "
+                       "minutes on a CPU). Gradient methods map the whole field; for LIME, SHAP or occlusion upload one "
+                       "patch or a small region.", icon="⏱️")
+        methods = [m for m in methods if m not in PERTURBATION_METHODS]
     for m in methods:
         hit = svc.cached_explanation(ckpt, inp.sha, m, params.get(m, {}), target)
         if hit is not None:

@@ -302,3 +302,14 @@ def _mosaic(ckpt: str, mtime: float, patient: str, width: int):
 def mosaic(path: Path, patient: str, width: int = 900):
     """(core.tiles.Mosaic, calibrated probabilities (N, K)) for one test patient, at most `width` px wide."""
     return _mosaic(str(path), _mtime(Path(path)), patient, width)
+
+
+def tile_count(path: Path, image: np.ndarray) -> int:
+    """How many model inputs one prediction of `image` takes: 1 for whole-image models, the grid size for patch
+    models (a large field on the 50 px IDC model is hundreds)."""
+    clf = classifier(path)
+    if clf.patches is None:
+        return 1
+    from core.patches import grid_boxes
+
+    return len(grid_boxes(clf.work_image(image).shape[:2], clf.input_size, clf.tile_stride))

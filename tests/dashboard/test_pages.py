@@ -304,8 +304,8 @@ def test_idc_tile_map_and_slide_mosaic(tiny_idc_bundle, monkeypatch):
     st.cache_data.clear()
     st.cache_resource.clear()
     at = app("pages/1_Explain.py")
-    field = np.full((100, 150, 3), 230, np.uint8)
-    field[:, :75] = 40
+    field = np.full((250, 250, 3), 200, np.uint8)
+    field[:, :125] = 40
     at.file_uploader(key="ex_upload").upload("field.png", png(field), "image/png")
     at.run()
     no_exception(at)
@@ -314,6 +314,14 @@ def test_idc_tile_map_and_slide_mosaic(tiny_idc_bundle, monkeypatch):
     patients = at.selectbox(key="ex_mosaic_patient").options
     assert patients and all("patches" in p for p in patients)
     assert any("classified as annotated" in c.value for c in at.caption)
+    # 25 tiles: LIME would re-classify all of them per sample, so it is skipped with a message; Grad-CAM runs.
+    at.multiselect(key="ex_methods").set_value(["gradcam", "lime"])
+    at.button(key="FormSubmitter:ex_form-Explain").click()
+    at.run()
+    no_exception(at)
+    assert any("LIME skipped" in w.value and "25 tiles" in w.value for w in at.warning)
+    heads = [s.value for s in at.subheader]
+    assert any(h.startswith("Grad-CAM") for h in heads) and not any(h.startswith("LIME") for h in heads)
 
 
 def test_evaluation_per_patient_view(tmp_path, monkeypatch):
