@@ -177,9 +177,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     path = write_result(Path(args.checkpoint), result)
     for m, r in result["methods"].items():
-        print(f"{m:<22} del {r['deletion_auc']['mean']:.3f}  ins {r['insertion_auc']['mean']:.3f}  "
-              f"point {r['pointing_game']['mean']:.2f}  energy {r['energy_in_mask']['mean']:.2f}  "
-              f"iou {r['mask_iou_top15']['mean']:.2f}  {r['seconds']['mean']:.2f} s/img")
+        local = (f"point {r['pointing_game']['mean']:.2f}  energy {r['energy_in_mask']['mean']:.2f}  "
+                 f"iou {r['mask_iou_top15']['mean']:.2f}  ") if "pointing_game" in r else ""
+        print(f"{m:<22} del {r['deletion_auc']['mean']:.3f}  ins {r['insertion_auc']['mean']:.3f}  {local}"
+              f"{r['seconds']['mean']:.2f} s/img")
     print(f"written {path}")
     return 0
 
