@@ -231,24 +231,6 @@ def explain(path: Path, image: np.ndarray, image_sha: str, method: str, params: 
     return e
 
 
-@st.cache_resource(max_entries=4, show_spinner="Measuring model speed…")
-def _throughput(path: str, mtime: float) -> float:
-    clf = _classifier(path, mtime)
-    s = clf.input_size
-    # One work image of a typical size: (S, S) for whole-image models, a 2 x 2 tile grid for patch models.
-    shape = (s, s, 3) if clf.patches is None else (2 * s, 2 * s, 3)
-    x = np.random.default_rng(0).integers(0, 255, (max(2 * clf.batch_size // (1 if clf.patches is None else 4), 2),
-                                                   *shape), dtype=np.uint8)
-    clf.predict_work(x[:1])  # warm-up / tracing
-    t0 = time.perf_counter()
-    clf.predict_work(x)
-    return len(x) / max(time.perf_counter() - t0, 1e-6)
-
-
-def throughput(path: Path) -> float:
-    """Measured images per second through the classifier (for run-time estimates)."""
-    return _throughput(str(path), _mtime(Path(path)))
-
 
 USER_ERRORS = (BreastXAIError, InvalidImageError)
 
@@ -313,3 +295,28 @@ def tile_count(path: Path, image: np.ndarray) -> int:
     from core.patches import grid_boxes
 
     return len(grid_boxes(clf.work_image(image).shape[:2], clf.input_size, clf.tile_stride))
+
+
+@st.cache_data(max_entries=32, show_spinner="Timing two short LIME runs on this image…")
+def _lime_cost(ckpt: str, mtime: float, image_sha: str, params_json: str, _image: np.ndarray) -> tuple[float, float]:
+    from core.explain import explain as core_explain
+
+    clf = _classifier(ckpt, mtime)
+    params = json.loads(params_json)
+    core_explain(clf, _image, "lime", **{**params, "num_samples": 10})  # warm-up: tracing, compiled forward
+    times = {}
+    for n in (10, 40):
+        t0 = time.perf_counter()
+        core_explain(clf, _image, "lime", **{**params, "num_samples": n})
+        times[n] = time.perf_counter() - t0
+    per = max((times[40] - times[10]) / 30, 1e-4)
+    return max(times[10] - 10 * per, 0.0), per
+
+
+def lime_estimate(path: Path, image: np.ndarray, image_sha: str, params: dict) -> float:
+    """Seconds LIME with `params` will take on this image: fixed cost + samples x cost per sample, both measured
+    on this image with these settings (two short runs of 10 and 40 samples, cached), so segmentation, the
+    perturbed images and the backend's real speed are all counted."""
+    fixed, per = _lime_cost(str(path), _mtime(Path(path)), image_sha,
+                            json.dumps({k: v for k, v in params.items() if k != "num_samples"}, sort_keys=True), image)
+    return fixed + per * int(params.get("num_samples", 1000))

@@ -23,15 +23,20 @@ seed = c2.number_input("Random seed", 0, 10_000, 0, key="ll_seed")
 params = dict(segmentation=algo, n_segments=n_segments, kernel_size=kernel_size, scale=float(scale),
               num_samples=num_samples, kernel_width=kernel_width, hide_color=hide, random_seed=int(seed))
 
+if svc.tile_count(ckpt, inp.image) > ui.MAX_PERTURBATION_TILES:
+    st.warning(f"This image is {svc.tile_count(ckpt, inp.image)} tiles of the model's patch size: every LIME sample "
+               "would re-classify all of them. Upload one patch or a small region to use the LIME Lab.", icon="⏱️")
+    st.stop()
 work = clf.work_image(inp.image)
 segs = segment(work, LimeParams(**params))
-rate = svc.throughput(ckpt)
+estimate = svc.lime_estimate(ckpt, inp.image, inp.sha, params)
 left, right = st.columns(2)
 left.image(boundaries(work, segs), caption=f"{int(segs.max()) + 1} superpixels at model resolution "
            f"({work.shape[1]}×{work.shape[0]})", width="stretch")
-right.metric("Estimated run time", f"{num_samples / rate:.0f} s",
-             help=f"{num_samples} samples at the measured {rate:.1f} images/s of this checkpoint on this machine"
-                  + (" (each image is read as a grid of tiles)" if clf.patches else ""))
+right.metric("Estimated run time", f"{estimate:.1f} s" if estimate < 10 else f"{estimate:.0f} s",
+             help=f"{num_samples} samples, timed on this image with these settings (two short runs of 10 and 40 "
+                  "samples: fixed cost plus cost per sample)" + (" ; each sample is read as a grid of tiles"
+                                                                if clf.patches else ""))
 
 if st.button("Run LIME", type="primary", key="ll_run"):
     st.session_state["ll_request"] = (inp.sha, params)

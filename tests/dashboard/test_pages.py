@@ -177,6 +177,9 @@ def test_feedback_saved_from_explain(app_env, tmp_path, monkeypatch):
     rows = FeedbackStore(db).rows()
     assert len(rows) == 1 and rows[0]["verdict"] == "disagree" and rows[0]["correct_class"] == "malignant"
     assert rows[0]["image_png"] is None  # no consent, no image
+    assert rows[0]["image_name"] is None  # nor its file name
+    saved = next(x.value for x in at.success if x.value.startswith("Saved as feedback record"))
+    assert str(db) not in saved and "/" not in saved  # no server path in the message
 
 
 def test_annotate_scores_methods_against_the_lesion_mask(tiny_tree, tmp_path, monkeypatch):
@@ -498,3 +501,27 @@ def test_teach_session_setup_summary_and_reset_on_checkpoint_change(app_env, tmp
     no_exception(at)
     assert not any(s.value == "Session summary" for s in at.subheader)
     assert any("Case 1 of" in m.value for m in at.markdown)
+
+
+def test_lime_lab_estimate_is_measured_on_the_image(app_env):
+    """The estimate comes from timed short runs on this image and settings; a real run lands near it."""
+    import sys
+    import time
+
+    sys.path.insert(0, str(ROOT / "dashboard"))
+    import services as svc
+    from core.explain import explain
+    from tests.conftest import make_class_image
+
+    img = make_class_image(1, np.random.default_rng(4), 48)
+    params = {"num_samples": 600, "n_segments": 30, "random_seed": 0}
+    est = svc.lime_estimate(app_env, img, "sha-test", params)
+    clf = svc.classifier(app_env)
+    t0 = time.perf_counter()
+    explain(clf, img, "lime", **params)
+    took = time.perf_counter() - t0
+    assert est > 0 and 0.33 * took <= est <= 3 * took, (est, took)
+    at = app("pages/2_LIME_Lab.py")
+    at.radio(key="ll_src").set_value("Example").run()
+    no_exception(at)
+    assert any(m.label == "Estimated run time" for m in at.metric)
