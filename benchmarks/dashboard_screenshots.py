@@ -49,7 +49,7 @@ def main() -> int:
             wait_for(drv, idle)
             t0 = time.time()
             drv.find_element(By.XPATH, "//button[.//p[text()='Explain']]").click()
-            wait_for(drv, lambda d: sum(t.startswith(("Grad-CAM", "LIME")) for t in h3(d)) >= 2, 600)
+            wait_for(drv, lambda d: any(t.startswith("Grad-CAM") for t in h3(d)), 600)  # LIME may be skipped
             wait_for(drv, idle)
             time.sleep(1)
             pred = next(t for t in h3(drv) if t.startswith(("Prediction:", "Out of distribution")))
