@@ -47,8 +47,14 @@ clicked = None
 if event and event.selection and event.selection.points:
     pt = event.selection.points[0]
     clicked = f"true {pt['y']} → predicted {pt['x']}"
+if clicked in cells and clicked != st.session_state.get("ev_last_click"):
+    # A new click on the matrix drives the cell picker (the picker keeps its own state otherwise).
+    st.session_state["ev_cell"] = clicked
+st.session_state["ev_last_click"] = clicked
 default_cell = next((i for i, c in enumerate(cells) if c.startswith("true malignant → predicted benign")), 0)
-cell = st.selectbox("Cell", cells, index=cells.index(clicked) if clicked in cells else default_cell, key="ev_cell")
+if st.session_state.get("ev_cell") not in cells:
+    st.session_state.pop("ev_cell", None)
+cell = st.selectbox("Cell", cells, index=default_cell, key="ev_cell")
 t_name, p_name = cell[5:].split(" → predicted ")
 hits = [r for r in rows if r["true"] == t_name and r["predicted"] == p_name]
 root = resolve_root(externals[split]["root"], ckpt) if split in externals else resolve_data_root(meta, ckpt)

@@ -110,3 +110,29 @@ def test_page_has_no_exception_box(server, browser, page):
     assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
     titles = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "h1")]
     assert titles and titles[0]
+
+
+def test_clicking_a_confusion_matrix_cell_lists_its_cases(server, browser):
+    """Evaluation: a click on a cell of the matrix changes the cell picker and the case list (real browser)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{server}/Evaluation")
+    wait_rendered(browser)
+    picker = lambda: browser.find_element(By.CSS_SELECTOR, 'input[aria-label="Cell"]').get_attribute("value")  # noqa: E731
+    assert "true malignant → predicted benign" in picker()
+    matrix = lambda: browser.find_elements(By.CSS_SELECTOR, '[data-testid="stPlotlyChart"]')[0]  # noqa: E731
+    points = matrix().find_elements(By.CSS_SELECTOR, ".scatterlayer path.point")
+    assert len(points) == 4  # benign/benign, benign/malignant, malignant/benign, malignant/malignant
+    for index, expected in ((1, "true benign → predicted malignant"), (3, "true malignant → predicted malignant")):
+        ActionChains(browser).move_to_element(points[index]).click().perform()
+        deadline = time.time() + 60
+        while time.time() < deadline and expected not in picker():
+            time.sleep(0.5)
+        wait_rendered(browser)
+        assert expected in picker()
+        listed = [p.text for p in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stMarkdownContainer"] p')
+                  if "image(s) with true class" in p.text]
+        t, p = expected[5:].split(" → predicted ")
+        assert listed and f"true class {t} predicted {p}" in listed[0]
+        points = matrix().find_elements(By.CSS_SELECTOR, ".scatterlayer path.point")
