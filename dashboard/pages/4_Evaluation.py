@@ -164,7 +164,10 @@ elif ej is None:
 else:
     def cell_fmt(d):
         return "n/a" if d["mean"] is None else f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
-    table = [{"method": ui.METHOD_LABELS.get(mm, mm), **{k: cell_fmt(v) for k, v in r.items()}}
+    plain = {"deletion_auc": "deletion AUC (lower is better)", "insertion_auc": "insertion AUC (higher is better)",
+             "pointing_game": "pointing game", "energy_in_mask": "share of evidence in the lesion",
+             "mask_iou_top15": "top-15% region overlap with the lesion (IoU)", "seconds": "seconds per image"}
+    table = [{"method": ui.METHOD_LABELS.get(mm, mm), **{plain.get(k, k): cell_fmt(v) for k, v in r.items()}}
              for mm, r in ej["methods"].items()]
     st.dataframe(table, width="stretch")
     masks = ej["images"].get("with_masks", True)
