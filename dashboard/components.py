@@ -440,15 +440,16 @@ def small_data_evidence(meta: dict, ckpt: Optional[Path] = None) -> None:
                                "images": r["n_images"], "images correct": round(r["image_accuracy"], 3),
                                **{f"mean p({c})": round(v, 3) for c, v in r["probabilities"].items()}}
                               for r in pl["patients"]], hide_index=True)
-        st.caption(cv["method"])
         if cv.get("note"):
             st.caption(cv["note"])
         diff = cv.get("differs_from_checkpoint")
         if diff:
             st.caption("Settings that differ from this checkpoint's training: " + "; ".join(
                 f"{k} {v['checkpoint']} → {v['cross_validation']}" for k, v in diff.items()) + ".")
-        if cv.get("command"):
-            st.caption(f"Command: `{cv['command']}`")
+        with st.expander("Details: how the cross-validation was run"):
+            st.caption(cv["method"])
+            if cv.get("command"):
+                st.caption(f"Command: `{cv['command']}`")
         st.dataframe([{"fold": f["fold"], "held-out groups": describe_groups(f["test_groups"]),
                        "images": f["n_test"], "accuracy": round(f["accuracy"], 3)} for f in cv["folds"]],
                      hide_index=True)
@@ -457,7 +458,8 @@ def small_data_evidence(meta: dict, ckpt: Optional[Path] = None) -> None:
         st.subheader(f"{audit['split'].capitalize()} split: repeat-scan check")
         st.write(f"None of the {audit['n_split']} {audit['split']} images has a near-duplicate (a repeat scan of the "
                  f"same lesion) in another split, so its metrics above are not inflated by repeat scans.")
-        st.caption(audit["method"])
+        with st.expander("Details: how repeat scans were found"):
+            st.caption(audit["method"])
     elif audit:
         m = audit["metrics"]
         ci = m.get("accuracy_ci95")
