@@ -94,8 +94,9 @@ if ds.get("kind") == "busi":
     audit = meta.get("near_duplicate_audit") or {}
     grouped = audit.get("n_excluded") == 0
     st.info("BUSI has no published patient ids and contains repeat scans of the same lesion. "
-            + ("This split keeps near-duplicate images together, but other images of the same patient may still "
-               "sit in different splits, so test scores can be somewhat optimistic. " if grouped else
-               "Image-level test scores are optimistic. ")
+            + ("This split keeps repeat scans of a lesion together (see the check below); different images of one "
+               "patient may still sit in different splits, which no check can rule out without patient ids. The "
+               "cross-validation is the steadier estimate. " if grouped else
+               "Repeat scans may sit on both sides of this split, so its test scores are optimistic. ")
             + "Cite: " + (ds.get("citation") or ""))
 ui.small_data_evidence(meta, ckpt)
