@@ -124,11 +124,26 @@ class FeedbackStore:
         finally:
             con.close()
 
-    def rows(self) -> list[dict]:
+    def rows(self, ids: Optional[Sequence[int]] = None) -> list[dict]:
+        """Every record, or only those with the given ids (a user's own, in the dashboard), in id order."""
         con = self._connect()
         con.row_factory = sqlite3.Row
         try:
-            return [dict(r) for r in con.execute("SELECT * FROM feedback ORDER BY id")]
+            if ids is None:
+                return [dict(r) for r in con.execute("SELECT * FROM feedback ORDER BY id")]
+            ids = [int(i) for i in ids]
+            marks = ",".join("?" * len(ids))
+            return [dict(r) for r in con.execute(f"SELECT * FROM feedback WHERE id IN ({marks}) ORDER BY id", ids)] \
+                if ids else []
+        finally:
+            con.close()
+
+    def delete(self, record_id: int) -> bool:
+        """Remove one record (its image and region too); True if it existed."""
+        con = self._connect()
+        try:
+            with con:
+                return con.execute("DELETE FROM feedback WHERE id = ?", (int(record_id),)).rowcount > 0
         finally:
             con.close()
 

@@ -253,8 +253,30 @@ def feedback_form(ckpt: Path, inp: "ImageInput", probs: np.ndarray, class_names)
                 correct_class=correct if verdict == "disagree" else pred, comment=comment,
                 region=region if use_region else None, consent=consent, image=inp.image if consent else None,
                 image_name=inp.name if consent else None))
+            st.session_state.setdefault("my_feedback", []).append(rid)
             st.success(f"Saved as feedback record {rid}." + ("" if consent else
                        " Without consent only the image's fingerprint is kept, not the image or its file name."))
+    my_feedback()
+
+
+def my_feedback() -> None:
+    """The feedback this browser session gave, with a button to delete each record."""
+    ids = st.session_state.get("my_feedback") or []
+    if not ids:
+        return
+    store = svc.feedback_store()
+    rows = store.rows(ids)
+    with st.expander(f"Your feedback in this session ({len(rows)})"):
+        for r in rows:
+            c1, c2 = st.columns([5, 1])
+            c1.write(f"Record {r['id']} · {r['created']} · {r['checkpoint']}: model said {r['predicted']}, you "
+                     f"{r['verdict']}d" + (f" (correct: {r['correct_class']})" if r["verdict"] == "disagree" else "")
+                     + (f" · “{r['comment']}”" if r["comment"] else "")
+                     + (" · image kept with your consent" if r["image_png"] is not None else " · no image kept"))
+            if c2.button("Delete", key=f"fb_delete_{r['id']}"):
+                store.delete(r["id"])
+                st.session_state["my_feedback"] = [i for i in ids if i != r["id"]]
+                st.rerun()
 
 
 def colour_legend(colormap: str = "turbo") -> np.ndarray:

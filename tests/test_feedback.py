@@ -97,3 +97,11 @@ def test_train_adds_consented_feedback_images(tiny_tree, tmp_path):
                        "--feedback", str(db), "--out-dir", str(tmp_path), "--name", "fb", "--quiet"]) == 0
     meta = json.loads((tmp_path / "fb" / "metadata.json").read_text())
     assert meta["split"]["feedback_images_added_to_train"] == 2
+
+
+def test_rows_by_id_and_delete(tmp_path):
+    store = FeedbackStore(tmp_path / "fb.sqlite3")
+    a, b, c = (store.add(rec(i, image=np.zeros((4, 4, 3), np.uint8), consent=True)) for i in range(3))
+    assert [r["id"] for r in store.rows([c, a])] == [a, c] and store.rows([]) == []
+    assert store.delete(b) and not store.delete(b)
+    assert [r["id"] for r in store.rows()] == [a, c]

@@ -180,6 +180,11 @@ def test_feedback_saved_from_explain(app_env, tmp_path, monkeypatch):
     assert rows[0]["image_name"] is None  # nor its file name
     saved = next(x.value for x in at.success if x.value.startswith("Saved as feedback record"))
     assert str(db) not in saved and "/" not in saved  # no server path in the message
+    # The user sees their own feedback and can delete it.
+    assert any(e.label.startswith("Your feedback in this session (1)") for e in at.expander)
+    at.button(key=f"fb_delete_{rows[0]['id']}").click().run()
+    no_exception(at)
+    assert FeedbackStore(db).rows() == []
 
 
 def test_annotate_scores_methods_against_the_lesion_mask(tiny_tree, tmp_path, monkeypatch):
