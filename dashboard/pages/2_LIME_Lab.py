@@ -34,7 +34,7 @@ left, right = st.columns(2)
 left.image(boundaries(work, segs), caption=f"{int(segs.max()) + 1} superpixels at model resolution "
            f"({work.shape[1]}×{work.shape[0]})", width="stretch")
 right.metric("Estimated run time", f"{estimate:.1f} s" if estimate < 10 else f"{estimate:.0f} s",
-             help=f"{num_samples} samples, timed on this image with these settings (two short runs of 10 and 40 "
+             help=f"{num_samples} samples, timed on this image with these settings (short runs of 16 and 64 "
                   "samples: fixed cost plus cost per sample)" + (" ; each sample is read as a grid of tiles"
                                                                 if clf.patches else ""))
 

@@ -519,12 +519,15 @@ def test_lime_lab_estimate_is_measured_on_the_image(app_env):
     from tests.conftest import make_class_image
 
     img = make_class_image(1, np.random.default_rng(4), 48)
-    params = {"num_samples": 600, "n_segments": 30, "random_seed": 0}
+    params = {"num_samples": 3000, "n_segments": 30, "random_seed": 0}
     est = svc.lime_estimate(app_env, img, "sha-test", params)
     clf = svc.classifier(app_env)
-    t0 = time.perf_counter()
-    explain(clf, img, "lime", **params)
-    took = time.perf_counter() - t0
+    runs = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        explain(clf, img, "lime", **params)
+        runs.append(time.perf_counter() - t0)
+    took = min(runs)
     assert est > 0 and 0.33 * took <= est <= 3 * took, (est, took)
     at = app("pages/2_LIME_Lab.py")
     at.radio(key="ll_src").set_value("Example").run()
