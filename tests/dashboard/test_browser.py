@@ -136,3 +136,64 @@ def test_clicking_a_confusion_matrix_cell_lists_its_cases(server, browser):
         t, p = expected[5:].split(" → predicted ")
         assert listed and f"true class {t} predicted {p}" in listed[0]
         points = matrix().find_elements(By.CSS_SELECTOR, ".scatterlayer path.point")
+
+
+def _h3(drv) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [h.get_attribute("innerText") for h in drv.find_elements(By.CSS_SELECTOR, '[data-testid="stMain"] h3')]
+
+
+def _upload(drv, path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    for label in drv.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"] label'):
+        if label.get_attribute("innerText").strip() == "Upload":
+            label.click()
+            break
+    deadline = time.time() + 60
+    while time.time() < deadline and not drv.find_elements(By.CSS_SELECTOR, "input[type=file]"):
+        time.sleep(0.25)
+    drv.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(path))
+    wait_rendered(drv)
+
+
+def _nav(drv, page: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    link = next(a for a in drv.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a')
+                if a.get_attribute("innerText").strip() == page)
+    link.click()
+    deadline = time.time() + 60
+    while time.time() < deadline and page.replace(" ", "_") not in drv.current_url:
+        time.sleep(0.25)
+    time.sleep(1)
+    wait_rendered(drv)
+
+
+def test_upload_follows_the_user_and_ood_gets_no_verdict(server, browser, tmp_path):
+    """In a real browser: an upload on Explain is the current image on Compare (which says what it explains);
+    an out-of-distribution upload gets 'no verdict' as its headline."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from tests.conftest import make_class_image
+
+    good = tmp_path / "my_case.png"
+    Image.fromarray(make_class_image(1, __import__("numpy").random.default_rng(7), 48)).save(good)
+    browser.get(f"{server}/Explain")
+    wait_rendered(browser)
+    _upload(browser, good)
+    assert any(h.startswith("Prediction:") for h in _h3(browser))
+    _nav(browser, "Compare")  # the sidebar, as a user switches pages (a reload would start a new session)
+    text = browser.find_element(By.CSS_SELECTOR, '[data-testid="stMain"]').get_attribute("innerText")
+    assert "Current image: my_case.png" in text
+    assert any(h.startswith("Prediction:") for h in _h3(browser)) and "Explain class" in text
+    noise = tmp_path / "noise.png"
+    Image.fromarray(__import__("numpy").random.default_rng(0).integers(0, 255, (60, 80, 3)).astype("uint8")).save(noise)
+    _nav(browser, "Explain")
+    text = browser.find_element(By.CSS_SELECTOR, '[data-testid="stMain"]').get_attribute("innerText")
+    assert "Current image: my_case.png" in text  # back on Explain, the upload is still there
+    _upload(browser, noise)
+    assert _h3(browser)[0] == "Out of distribution: no verdict"
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
