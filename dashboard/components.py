@@ -405,6 +405,12 @@ def canvas_region(image: np.ndarray, key: str, mode: str = "freedraw", display_w
     return cv2.resize(filled, (w, h), interpolation=cv2.INTER_NEAREST) > 0
 
 
+def _plain(key: str) -> str:
+    """Recorded metric keys in plain words for tables ('val_roc_auc_macro' -> 'validation ROC AUC (macro)')."""
+    key = key.replace("val_", "validation ").replace("roc_auc_macro", "ROC AUC (macro)").replace("roc_auc", "ROC AUC")
+    return key.replace("_", " ")
+
+
 def model_selection(ms: dict | None) -> None:
     """How the checkpoint was chosen among its training candidates (validation split only)."""
     if not ms:
@@ -412,8 +418,8 @@ def model_selection(ms: dict | None) -> None:
     with st.expander(f"How this checkpoint was chosen ({len(ms.get('candidates', []))} candidates, validation only)"):
         st.write(f"Rule: {ms.get('rule') or ms.get('criterion')}.")
         rows = [{"candidate": c.get("candidate") or c.get("name"),  # metrics first, the long settings text last
-                 **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()
-                    if k not in ("candidate", "name", "settings")}, "settings": c.get("settings")}
+                 **{_plain(k): (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()
+                    if k not in ("candidate", "name", "settings", "command")}, "settings": c.get("settings")}
                 for c in ms.get("candidates", [])]
         st.dataframe(rows, hide_index=True)
         st.write(f"Chosen: **{ms.get('chosen')}**")

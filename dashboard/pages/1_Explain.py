@@ -48,6 +48,9 @@ results = ui.run_methods(ckpt, inp, methods, params, t)
 alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="ex_alpha")
 ui.show_legend()
 show_mask = inp.mask is not None and st.checkbox("Outline the lesion mask", value=True, key="ex_mask")
+if ood:
+    st.warning("The image is out of distribution: these maps show what the model responds to in an image it was not "
+               "made for. They are no evidence for a diagnosis.", icon="⚠️")
 for m, e in results.items():
     st.subheader(f"{ui.METHOD_LABELS[m]} · {e.class_name} ({e.probability:.1%}) · {e.seconds:.1f} s")
     e = ui.evidence_view(e, "ex")

@@ -419,6 +419,7 @@ def test_out_of_distribution_upload_gets_no_verdict_but_can_be_explained(app_env
     at.run()
     no_exception(at)
     assert any(s.value.startswith("Grad-CAM") for s in at.subheader)
+    assert any("out of distribution: these maps" in w.value for w in at.warning)  # the maps are labelled
 
 
 def test_current_image_follows_the_user_across_pages_with_settings(app_env):
