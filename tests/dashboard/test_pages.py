@@ -261,7 +261,7 @@ def test_model_card_shows_how_the_checkpoint_was_chosen(tiny_bundle, tmp_path, m
         "note": "test split not used"})
     assert any(e.label.startswith("How this checkpoint was chosen (2 candidates") for e in at.expander)
     table = next(d.value for d in at.dataframe if "candidate" in d.value.columns)
-    assert list(table["candidate"]) == ["candA", "candB"] and table["val_accuracy"].iloc[0] == 0.8123
+    assert list(table["candidate"]) == ["candA", "candB"] and table["validation accuracy"].iloc[0] == 0.8123
     assert any("candB" in m.value for m in at.markdown)
 
 
