@@ -32,10 +32,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle):
+def server(tiny_bundle, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "BREASTXAI_CHECKPOINTS": os.environ.get("BREASTXAI_BROWSER_CHECKPOINTS",
-                                                                 str(tiny_bundle.parent))}
+                                                                 str(tiny_bundle.parent)),
+           "BREASTXAI_FEEDBACK_DB": str(tmp_path_factory.mktemp("feedback") / "feedback.sqlite3")}
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "Home.py"),
                              "--server.port", str(port), "--server.address", "127.0.0.1",
                              "--server.headless", "true"], cwd=ROOT, env=env,
@@ -197,3 +198,39 @@ def test_upload_follows_the_user_and_ood_gets_no_verdict(server, browser, tmp_pa
     _upload(browser, noise)
     assert _h3(browser)[0] == "Out of distribution: no verdict"
     assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+
+
+def test_feedback_shows_no_server_path_and_can_be_deleted(server, browser, tmp_path):
+    """In a real browser: saved feedback names no server path, and the user can see and delete it."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from tests.conftest import make_class_image
+
+    img = tmp_path / "fb_case.png"
+    Image.fromarray(make_class_image(0, __import__("numpy").random.default_rng(9), 48)).save(img)
+    browser.get(f"{server}/Explain")
+    wait_rendered(browser)
+    _upload(browser, img)
+    exp = next(e for e in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stExpander"] summary')
+               if "Give feedback" in e.get_attribute("innerText"))
+    exp.click()
+    time.sleep(1)
+    save = next(b for b in browser.find_elements(By.CSS_SELECTOR, "button")
+                if b.get_attribute("innerText").strip() == "Save feedback")
+    save.click()
+    time.sleep(1)
+    wait_rendered(browser)
+    main = lambda: browser.find_element(By.CSS_SELECTOR, '[data-testid="stMain"]').get_attribute("innerText")  # noqa: E731
+    text = main()
+    saved = next(line for line in text.splitlines() if line.startswith("Saved as feedback record"))
+    assert "/" not in saved and "sqlite" not in saved
+    mine = next(e for e in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stExpander"] summary')
+                if "Your feedback in this session (1)" in e.get_attribute("innerText"))
+    mine.click()
+    time.sleep(1)
+    next(b for b in browser.find_elements(By.CSS_SELECTOR, "button")
+         if b.get_attribute("innerText").strip() == "Delete").click()
+    time.sleep(1)
+    wait_rendered(browser)
+    assert "Your feedback in this session" not in main()
