@@ -234,3 +234,38 @@ def test_feedback_shows_no_server_path_and_can_be_deleted(server, browser, tmp_p
     time.sleep(1)
     wait_rendered(browser)
     assert "Your feedback in this session" not in main()
+
+
+def _click_button(drv, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    next(b for b in drv.find_elements(By.CSS_SELECTOR, "button") if b.get_attribute("innerText").strip() == text).click()
+    time.sleep(0.5)
+    wait_rendered(drv)
+
+
+def test_teach_session_runs_to_a_summary(server, browser):
+    """In a real browser: a session (the default set-up) runs case by case, the class answers every case, and a
+    summary ends it."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{server}/Teach")
+    wait_rendered(browser)
+    for _ in range(12):
+        if "Session summary" in _h3(browser):
+            break
+        radios = [r for r in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"]')
+                  if r.get_attribute("innerText").startswith("Your answer")]
+        radios[0].find_elements(By.CSS_SELECTOR, "label")[1].click()  # the first class
+        time.sleep(0.5)
+        wait_rendered(browser)
+        _click_button(browser, "Reveal")
+        main = browser.find_element(By.CSS_SELECTOR, '[data-testid="stMain"]').get_attribute("innerText")
+        assert "Truth:" in main
+        nxt = next(b.get_attribute("innerText").strip() for b in browser.find_elements(By.CSS_SELECTOR, "button")
+                   if b.get_attribute("innerText").strip() in ("Next case", "Finish: summary"))
+        _click_button(browser, nxt)
+    assert "Session summary" in _h3(browser)
+    main = browser.find_element(By.CSS_SELECTOR, '[data-testid="stMain"]').get_attribute("innerText")
+    assert "Class score" in main and "Model score" in main and "The class missed cases" in main
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
