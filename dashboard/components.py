@@ -479,8 +479,16 @@ def small_data_evidence(meta: dict, ckpt: Optional[Path] = None) -> None:
             if cv.get("command"):
                 st.caption(f"Command: `{cv['command']}`")
         st.dataframe([{"fold": f["fold"], "held-out groups": describe_groups(f["test_groups"]),
-                       "images": f["n_test"], "accuracy": round(f["accuracy"], 3)} for f in cv["folds"]],
-                     hide_index=True)
+                       "images": f["n_test"], "accuracy": round(f["accuracy"], 3),
+                       **({"balanced accuracy": round(f["balanced_accuracy"], 3)} if f.get("balanced_accuracy") is not None
+                          else {}),
+                       **({"ROC AUC": round(f["roc_auc"], 3)} if f.get("roc_auc") is not None else {})}
+                      for f in cv["folds"]], hide_index=True)
+        aucs = [f["roc_auc"] for f in cv["folds"] if f.get("roc_auc") is not None]
+        if len(aucs) > 1 and cv.get("pooled_roc_auc") is not None:
+            st.caption(f"ROC AUC within each fold averages {np.mean(aucs):.3f}; pooled over folds it is "
+                       f"{cv['pooled_roc_auc']:.3f}, lower because each fold's model scores on its own scale "
+                       "(uncalibrated).")
     audit = meta.get("near_duplicate_audit")
     if audit and audit["n_excluded"] == 0:
         st.subheader(f"{audit['split'].capitalize()} split: repeat-scan check")
