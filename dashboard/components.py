@@ -415,7 +415,7 @@ def model_selection(ms: dict | None) -> None:
     """How the checkpoint was chosen among its training candidates (validation split only)."""
     if not ms:
         return
-    with st.expander(f"How this checkpoint was chosen ({len(ms.get('candidates', []))} candidates, validation only)"):
+    with st.expander(f"How this checkpoint was chosen ({len(ms.get('candidates', []))} candidates; the test split was not used)"):
         st.write(f"Rule: {ms.get('rule') or ms.get('criterion')}.")
         rows = [{"candidate": c.get("candidate") or c.get("name"),  # metrics first, the long settings text last
                  **{_plain(k): (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()
