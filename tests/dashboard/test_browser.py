@@ -33,10 +33,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
+    yield from _serve(os.environ.get("BREASTXAI_BROWSER_CHECKPOINTS", str(tiny_bundle.parent)),
+                      tmp_path_factory.mktemp("feedback") / "feedback.sqlite3")
+
+
+def _serve(checkpoints: str, feedback_db):
+    """`streamlit run dashboard/Home.py` on a free port over `checkpoints`; yields its URL, stops it after."""
     port = free_port()
-    env = {**os.environ, "BREASTXAI_CHECKPOINTS": os.environ.get("BREASTXAI_BROWSER_CHECKPOINTS",
-                                                                 str(tiny_bundle.parent)),
-           "BREASTXAI_FEEDBACK_DB": str(tmp_path_factory.mktemp("feedback") / "feedback.sqlite3")}
+    env = {**os.environ, "BREASTXAI_CHECKPOINTS": str(checkpoints), "BREASTXAI_FEEDBACK_DB": str(feedback_db)}
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "Home.py"),
                              "--server.port", str(port), "--server.address", "127.0.0.1",
                              "--server.headless", "true"], cwd=ROOT, env=env,
@@ -269,3 +273,32 @@ def test_teach_session_runs_to_a_summary(server, browser):
     main = browser.find_element(By.CSS_SELECTOR, '[data-testid="stMain"]').get_attribute("innerText")
     assert "Class score" in main and "Model score" in main and "The class missed cases" in main
     assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+
+
+def test_model_card_headline_is_the_cross_validation(tiny_bundle, browser, tmp_path):
+    """In a real browser: with a cross-validation over every image, the model card's large figures are the
+    cross-validated ones and the single test split is a caption beside them."""
+    from selenium.webdriver.common.by import By
+
+    from core.checkpoints import update_metadata
+
+    shutil.copytree(tiny_bundle, tmp_path / "ck" / "tiny")
+    update_metadata(tmp_path / "ck" / "tiny", {"cross_validation": {
+        "method": "m", "scope": "all", "folds": [], "accuracy_mean": 0.8, "accuracy_min": 0.7, "accuracy_max": 0.9,
+        "pooled_accuracy": 0.81, "pooled_roc_auc": 0.912, "pooled_balanced_accuracy": 0.777,
+        "pooled_recall": {"benign": 0.8, "malignant": 0.754}, "pooled_support": {"benign": 14, "malignant": 14}}})
+    gen = _serve(tmp_path / "ck", tmp_path / "fb.sqlite3")
+    url = next(gen)
+    try:
+        browser.get(url)
+        wait_rendered(browser)
+        labels = [m.get_attribute("innerText") for m in browser.find_elements(By.CSS_SELECTOR,
+                                                                              '[data-testid="stMetricLabel"]')]
+        values = [m.get_attribute("innerText") for m in browser.find_elements(By.CSS_SELECTOR,
+                                                                              '[data-testid="stMetricValue"]')]
+        assert labels[:2] == ["Balanced accuracy (cross-validated)", "ROC AUC (cross-validated)"]
+        assert values[:2] == ["0.777", "0.912"]
+        main = browser.find_element(By.CSS_SELECTOR, '[data-testid="stMain"]').get_attribute("innerText")
+        assert "Single held-out test split" in main
+    finally:
+        next(gen, None)
