@@ -48,6 +48,14 @@ def _require_dir(root: str | Path, what: str) -> Path:
     return root
 
 
+def _dataset_dir(root: str | Path, official: str, what: str) -> Path:
+    """The dataset folder: `root` itself, or its `official` sub-folder when `root` is the folder above it."""
+    root = Path(root)
+    if (root / official).is_dir():
+        root = root / official
+    return _require_dir(root, what)
+
+
 def load_folder(root: str | Path, class_names: Optional[list[str]] = None, name: str = "folder") -> Manifest:
     """Generic layout `root/<class>/**/*.png|jpg|tif|bmp`; classes are the sub-folders, sorted.
 
@@ -85,10 +93,7 @@ def load_busi(root: str | Path, near_duplicates: bool = True) -> Manifest:
     `core.data.duplicates.NEAR_DUPLICATE_BITS` share a group (named after its first file), so repeated
     scans of one lesion never straddle a split; otherwise each image is its own group.
     """
-    root = Path(root)
-    if (root / "Dataset_BUSI_with_GT").is_dir():
-        root = root / "Dataset_BUSI_with_GT"
-    root = _require_dir(root, "BUSI")
+    root = _dataset_dir(root, "Dataset_BUSI_with_GT", "BUSI")
     classes = ["benign", "malignant", "normal"]
     missing = [c for c in classes if not (root / c).is_dir()]
     if missing:
@@ -177,10 +182,7 @@ def load_idc(root: str | Path) -> Manifest:
     Accepts that folder or a parent holding it. Label from the `<0|1>` folder (0 = non-IDC, 1 = IDC),
     group = patient folder, `position` = the patch's (x, y) in its slide. Classes: ("non_idc", "idc").
     """
-    root = Path(root)
-    if (root / "IDC_regular_ps50_idx5").is_dir():
-        root = root / "IDC_regular_ps50_idx5"
-    root = _require_dir(root, "IDC")
+    root = _dataset_dir(root, "IDC_regular_ps50_idx5", "IDC")
     class_names = ("non_idc", "idc")
     samples = []
     for patient in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -196,10 +198,7 @@ def load_idc(root: str | Path) -> Manifest:
 
 def load_ucsb(root: str | Path) -> Manifest:
     """UCSB breast H&E: `ytma<NN>_<MMDDYY>_<benign|malignant><k>_ccd.png`; group = microarray/date."""
-    root = Path(root)
-    if (root / "BreastCancerCell_dataset").is_dir():
-        root = root / "BreastCancerCell_dataset"
-    root = _require_dir(root, "UCSB")
+    root = _dataset_dir(root, "BreastCancerCell_dataset", "UCSB")
     class_names = ("benign", "malignant")
     samples = []
     for f in _images(root):
