@@ -302,3 +302,36 @@ def test_model_card_headline_is_the_cross_validation(tiny_bundle, browser, tmp_p
         assert "Single held-out test split" in main
     finally:
         next(gen, None)
+
+
+def test_signed_view_shows_the_evidence_against_the_class(server, browser, tmp_path):
+    """In a real browser: each map offers the evidence against the explained class (signed view); switching it
+    redraws the overlay."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from tests.conftest import make_class_image
+
+    img = tmp_path / "signed.png"
+    Image.fromarray(make_class_image(1, __import__("numpy").random.default_rng(11), 48)).save(img)
+    browser.get(f"{server}/Explain")
+    wait_rendered(browser)
+    _upload(browser, img)
+    _click_button(browser, "Explain")
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(h.startswith("Grad-CAM") for h in _h3(browser)):
+        time.sleep(0.5)
+    wait_rendered(browser)
+    overlay = lambda: next(i.get_attribute("src") for i in browser.find_elements(  # noqa: E731
+        By.CSS_SELECTOR, '[data-testid="stMain"] [data-testid="stImage"] img')
+        if "Grad-CAM overlay" in i.find_element(By.XPATH, "./ancestor::*[@data-testid='stImage'][1]")
+        .get_attribute("innerText") or "")
+    toggles = [t for t in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stCheckbox"]')
+               if "Show evidence against the class" in t.get_attribute("innerText")]
+    assert len(toggles) >= 1
+    before = overlay()
+    toggles[0].find_element(By.CSS_SELECTOR, "label").click()
+    time.sleep(1)
+    wait_rendered(browser)
+    assert overlay() != before
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
