@@ -32,15 +32,12 @@ def best_of(fn, repeats: int) -> float:
 
 def pick_image(bundle: Path) -> np.ndarray:
     from core.checkpoints import read_metadata
-    from core.data import read_split
-    from core.data.roots import resolve_data_root
-    from core.preprocessing import load_image
+    from core.data.roots import bundle_splits
 
     meta = read_metadata(bundle)
     try:
-        root = resolve_data_root(meta, bundle)
-        test = read_split(bundle / "split.csv", root, meta["class_names"])["test"]
-        return load_image(test.samples[0].path)
+        test = bundle_splits(bundle, meta)["test"]
+        return test.read(test.samples[0])
     except Exception:
         return np.random.default_rng(0).integers(0, 255, (400, 500, 3), dtype=np.uint8)
 

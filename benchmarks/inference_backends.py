@@ -42,17 +42,14 @@ def main() -> int:
     import tensorflow as tf
 
     from core.checkpoints import load_classifier
-    from core.data import read_split
-    from core.data.roots import resolve_data_root
-    from core.preprocessing import load_image
+    from core.data.roots import bundle_splits
 
     clf = load_classifier(args.checkpoint)
     model, s, bs = clf.model, clf.input_size, args.batch_size
     x = np.random.default_rng(0).uniform(0, 255, (args.images, s, s, 3)).astype(np.float32)
-    root = resolve_data_root(clf.metadata, Path(args.checkpoint))
     try:
-        test = read_split(Path(args.checkpoint) / "split.csv", root, clf.class_names)["test"]
-        xt = clf.prepare_batch([load_image(p.path) for p in test.samples])
+        test = bundle_splits(Path(args.checkpoint), clf.metadata)["test"]
+        xt = clf.prepare_batch([test.read(p) for p in test.samples])
     except Exception:
         xt = None
         print("test images not available: agreement measured on random inputs only")

@@ -270,8 +270,7 @@ def compare_bundles(path: str | Path, other: str | Path) -> dict:
            "command": om.get("command"), "git_commit": om.get("git_commit"), "model_sha256": om.get("model_sha256"),
            "weights": (om.get("weights") or {}).get("source"),
            "epochs": om.get("training", {}).get("epochs"),
-           "wall_seconds": om.get("training", {}).get("wall_seconds"),
-           "n_parameters": om.get("n_parameters"), "metrics": {}}
+           "wall_seconds": om.get("training", {}).get("wall_seconds"), "metrics": {}}
     if list(om.get("class_names", [])) != list(meta.get("class_names", [])):
         raise DatasetError(f"{Path(other).name} predicts other classes than {Path(path).name}.")
     for split in ("val", "test"):

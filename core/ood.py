@@ -83,15 +83,12 @@ def feature_layer(model) -> str:
 def fit_bundle(bundle: str | Path, data_dir: Optional[str] = None, false_alarm_rate: float = 0.05) -> dict:
     """Fit the detector for an existing bundle from its split (needs the dataset); adds ood.npz atomically."""
     from core.checkpoints import load_classifier, update_metadata
-    from core.data import read_split
-    from core.data.roots import resolve_data_root
-    from core.preprocessing import load_image
+    from core.data.roots import bundle_splits
 
     bundle = Path(bundle)
     clf = load_classifier(bundle)
-    root = resolve_data_root(clf.metadata, bundle, data_dir)
-    splits = read_split(bundle / "split.csv", root, clf.class_names)
-    feats = {s: clf.features([load_image(p.path) for p in splits[s].samples]) for s in ("train", "val", "test")}
+    splits = bundle_splits(bundle, clf.metadata, data_dir)
+    feats = {s: clf.features([splits[s].read(p) for p in splits[s].samples]) for s in ("train", "val", "test")}
     det = fit(feats["train"], np.asarray(splits["train"].labels), feats["val"], false_alarm_rate)
     info = summary(det, feature_layer(clf.model), feats["test"])
     update_metadata(bundle, {"ood": info}, files={"ood.npz": det.save})

@@ -633,6 +633,11 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
     return out
 
 
+def cv_work_dir(cfg: TrainConfig) -> Path:
+    """Where cross-validation keeps its finished folds until they are recorded: `<out_dir>/.<name>.cv`."""
+    return Path(cfg.out_dir) / f".{cfg.bundle_name}.cv"
+
+
 def write_cv_predictions(cv: dict, path: Path, class_names: Sequence[str]) -> None:
     """`cv_predictions.csv`: one row per image of the cross-validation (fold, group, true, p_<class>)."""
     from core.checkpoints import write_csv
@@ -682,7 +687,7 @@ def add_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str]] = None)
     if list(manifest.class_names) != list(meta.get("class_names", [])):
         raise DatasetError(f"The data at {cfg.data_dir} has classes {list(manifest.class_names)}, the checkpoint "
                            f"{bundle.name} has {meta.get('class_names')}: not the same task.")
-    work = Path(cfg.out_dir) / f".{cfg.bundle_name}.cv"
+    work = cv_work_dir(cfg)
     if cfg.cv_scope == "train+val":
         from core.data.roots import bundle_splits
 
@@ -815,8 +820,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     clf.ood = detector
 
     cv_data = manifest if cfg.cv_scope == "all" else splits["train"].extend(splits["val"].samples)
-    cv = (cross_validate(cfg, cv_data, work_dir=Path(cfg.out_dir) / f".{cfg.bundle_name}.cv")
-          if cfg.cv_folds > 1 else None)
+    cv = cross_validate(cfg, cv_data, work_dir=cv_work_dir(cfg)) if cfg.cv_folds > 1 else None
     cv_preds = cv.pop("predictions") if cv is not None else None
     externals = [external_check(clf, spec, manifest) for spec in cfg.external]
 
@@ -888,6 +892,6 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
         write_json(tmp / "metadata.json", metadata)
 
     dest = write_bundle(Path(cfg.out_dir) / name, fill)
-    shutil.rmtree(Path(cfg.out_dir) / f".{cfg.bundle_name}.cv", ignore_errors=True)
+    shutil.rmtree(cv_work_dir(cfg), ignore_errors=True)  # recorded: the per-fold resume files are no longer needed
     log.info("Wrote %s in %.1f min", dest, (time.time() - t_start) / 60)
     return dest

@@ -14,11 +14,13 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from core.data.manifest import Manifest
 from core.data.roots import resolve_data_root
 
 DEFAULT_PARAMS = {
@@ -41,9 +43,10 @@ def mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
             "n": int(v.size)}
 
 
-def test_cases(bundle: Path, data_root: Path, limit: Optional[int], seed: int = 0) -> tuple[list, bool]:
-    """(test-split samples, with_masks): those with a non-empty lesion mask when the dataset has masks, else
-    every test image (histopathology sets have none); balanced across classes if `limit` is given."""
+def test_cases(bundle: Path, data_root: Path, limit: Optional[int], seed: int = 0) -> tuple[Manifest, bool]:
+    """(test-split manifest of the cases, with_masks): images with a non-empty lesion mask when the dataset has
+    masks, else every test image (histopathology sets have none); balanced across classes if `limit` is given.
+    Read the cases with `Manifest.read` (it pads IDC edge patches)."""
     from core.checkpoints import read_metadata
     from core.data.roots import bundle_splits
     from core.preprocessing import load_mask
@@ -67,7 +70,7 @@ def test_cases(bundle: Path, data_root: Path, limit: Optional[int], seed: int = 
                     picked.append(v[i])
             i += 1
         cases = sorted(picked, key=lambda s: s.path)
-    return cases, with_masks
+    return replace(split, samples=tuple(cases)), with_masks
 
 
 def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit: Optional[int] = 24,
@@ -76,7 +79,7 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
     from core.checkpoints import load_classifier
     from core.explain import EXPLAINERS, explain
     from core.explain import metrics as M
-    from core.preprocessing import load_image, load_mask, resize
+    from core.preprocessing import load_mask, resize
 
     bundle = Path(bundle)
     clf = load_classifier(bundle)
@@ -91,8 +94,8 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
                                                             "seconds")} for m in methods}
     agree: dict[tuple, list] = {}
     t_all = time.time()
-    for i, case in enumerate(cases):
-        image = load_image(case.path, min_side=1)
+    for i, case in enumerate(cases.samples):
+        image = cases.read(case)
         work = clf.work_image(image)
         if with_masks:
             mask = load_mask(case.mask_paths, image.shape[:2])
@@ -118,8 +121,8 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
     stability = {}
     if "lime" in methods and stability_images > 0:
         vals = []
-        for case in cases[:stability_images]:
-            image = load_image(case.path, min_side=1)
+        for case in cases.samples[:stability_images]:
+            image = cases.read(case)
             runs = [explain(clf, image, "lime", **{**DEFAULT_PARAMS["lime"], "random_seed": sd}).attribution
                     for sd in range(stability_seeds)]
             st = M.seed_stability(runs)["stability"]

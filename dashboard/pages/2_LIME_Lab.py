@@ -23,8 +23,9 @@ seed = c2.number_input("Random seed", 0, 10_000, 0, key="ll_seed")
 params = dict(segmentation=algo, n_segments=n_segments, kernel_size=kernel_size, scale=float(scale),
               num_samples=num_samples, kernel_width=kernel_width, hide_color=hide, random_seed=int(seed))
 
-if svc.tile_count(ckpt, inp.image) > ui.MAX_PERTURBATION_TILES:
-    st.warning(f"This image is {svc.tile_count(ckpt, inp.image)} tiles of the model's patch size: every LIME sample "
+n_tiles = svc.tile_count(ckpt, inp.image)
+if n_tiles > ui.MAX_PERTURBATION_TILES:
+    st.warning(f"This image is {n_tiles} tiles of the model's patch size: every LIME sample "
                "would re-classify all of them. Upload one patch or a small region to use the LIME Lab.", icon="⏱️")
     st.stop()
 work = clf.work_image(inp.image)
