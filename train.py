@@ -33,8 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default=d.dataset, choices=("busi", "breakhis", "ucsb", "idc", "folder"),
                    help="dataset layout: BUSI, BreakHis v1 official tree, UCSB H&E, or root/<class>/*.png")
     g.add_argument("--data-dir", default=d.data_dir, help="dataset root folder")
-    g.add_argument("--task", default=d.task, choices=("binary", "subtype"),
-                   help="BreakHis only: benign/malignant or the 8 tumour subtypes")
+    g.add_argument("--task", default=d.task, choices=("binary", "subtype", "segmentation"),
+                   help="binary / subtype: BreakHis benign/malignant or the 8 tumour subtypes; segmentation: a "
+                        "U-Net lesion segmenter on the DenseNet121 encoder from the masks beside the images "
+                        "(BUSI); --head-epochs then trains the decoder with the encoder frozen, --fine-tune-* "
+                        "the encoder")
     g.add_argument("--magnification", type=int, default=None, choices=(40, 100, 200, 400),
                    help="BreakHis only: keep one magnification")
     g.add_argument("--split", type=float, nargs=3, default=list(d.split), metavar=("TRAIN", "VAL", "TEST"),
@@ -173,10 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_file)
     from core.errors import BreastXAIError
-    from core.training import add_cross_validation, train
+    from core.training import add_cross_validation, add_segmenter_cross_validation, train, train_segmenter
 
+    if args.task == "segmentation":
+        run = add_segmenter_cross_validation if args.cv_only else train_segmenter
+    else:
+        run = add_cross_validation if args.cv_only else train
     try:
-        dest = (add_cross_validation if args.cv_only else train)(config_from_args(args), argv=argv)
+        dest = run(config_from_args(args), argv=argv)
     except BreastXAIError as exc:
         logging.getLogger("breastxai.train").error("%s", exc)
         return 2

@@ -151,13 +151,23 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> No
 
 
 # ----------------------------------------------------------------------------------------- reading
-def list_bundles(root: str | Path = CHECKPOINTS_DIR) -> list[Path]:
-    """Every folder under `root` that has a metadata.json (hidden temporary folders excluded)."""
+def bundle_kind(path: str | Path) -> str:
+    """"classifier" or "segmenter" (metadata.json's `kind`; bundles without one are classifiers)."""
+    try:
+        return str(json.loads((Path(path) / "metadata.json").read_text()).get("kind", "classifier"))
+    except (OSError, json.JSONDecodeError):
+        return "classifier"
+
+
+def list_bundles(root: str | Path = CHECKPOINTS_DIR, kind: Optional[str] = None) -> list[Path]:
+    """Every folder under `root` that has a metadata.json (hidden temporary folders excluded); with `kind`
+    ("classifier" or "segmenter") only bundles of that kind."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / "metadata.json").is_file())
+    found = sorted(p for p in root.iterdir()
+                   if p.is_dir() and not p.name.startswith(".") and (p / "metadata.json").is_file())
+    return found if kind is None else [p for p in found if bundle_kind(p) == kind]
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -424,3 +434,31 @@ def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifi
                       temperature=float(meta.get("calibration", {}).get("temperature", 1.0)),
                       clahe=bool(prep.get("clahe", False)), ood=ood, patches=patches,
                       backend=requested_backend(backend))
+
+
+def load_segmenter(path: str | Path):
+    """Load and verify a segmenter bundle (`train.py --task segmentation`) -> `core.segmentation.Segmenter`.
+
+    `predict_proba_map(uint8 image of any size)` -> float32 (H, W); `predict_mask(image)` -> bool (H, W).
+    """
+    import keras
+
+    import core.models  # noqa: F401  (registers BackbonePreprocess for deserialisation)
+    from core.segmentation import Segmenter
+
+    path = Path(path)
+    meta = verify_bundle(path)
+    if meta.get("kind") != "segmenter":
+        raise CheckpointError(f"{path.name} is a classifier, not a lesion segmenter: load it with load_classifier.")
+    try:
+        model = keras.saving.load_model(path / "model.keras", compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for damaged archives
+        raise CheckpointError(f"{path.name}: model.keras cannot be loaded ({type(exc).__name__}: {exc}).") from exc
+    size = int(meta["input_size"])
+    if tuple(model.input_shape[1:3]) != (size, size) or model.output_shape[-1] != 1:
+        raise CheckpointError(f"{path.name}: the model ({model.input_shape} -> {model.output_shape}) is not a "
+                              f"{size} px one-channel segmenter.")
+    post = meta.get("postprocessing", {})
+    return Segmenter(model=model, input_size=size, clahe=bool(meta.get("preprocessing", {}).get("clahe", False)),
+                     threshold=float(post.get("threshold", 0.5)),
+                     largest_region_only=bool(post.get("largest_region_only", False)), metadata=meta, path=path)

@@ -285,3 +285,76 @@ def cut_point(model: keras.Model, first_trainable: str) -> Optional[str]:
             continue
         return layer.name
     return None
+
+
+# --------------------------------------------------------------------------------------- segmentation
+SEG_PREFIX = "seg_"
+SEG_OUTPUT_NAME = "seg_mask"
+#: Encoder feature maps the U-Net decoder joins, deepest first (Keras DenseNet121 layer names):
+#: 7x7x1024, 14x14x1024, 28x28x512, 56x56x256 and 112x112x64 at a 224 px input.
+DENSENET121_SKIPS = ("relu", "pool4_relu", "pool3_relu", "pool2_relu", "conv1_relu")
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """A U-Net on an ImageNet DenseNet121 encoder: `decoder_filters` per upsampling step (deepest first)."""
+
+    input_size: int = 224
+    decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
+    weights: str = "none"  # "imagenet", "none" or a path to a DenseNet121 trunk weights file
+    dropout: float = 0.0  # spatial dropout on the bottleneck
+
+
+def build_segmenter(cfg: SegmenterConfig) -> tuple[keras.Model, dict]:
+    """U-Net-style lesion segmenter -> (model, weights provenance).
+
+    Input float32 RGB 0-255 (S, S, 3), S divisible by 32; output float32 lesion probability (S, S, 1).
+    Encoder layers keep their Keras names (so `set_trainable`-style freezing and the trunk weights file
+    apply); decoder layers are named `seg_*`. Each decoder step: 2x bilinear upsampling, concatenation
+    with the encoder map of that scale, two 3x3 conv + BatchNorm + ReLU.
+    """
+    if cfg.input_size % 32:
+        raise ValueError(f"The segmenter's input size must be a multiple of 32, not {cfg.input_size}.")
+    if len(cfg.decoder_filters) != len(DENSENET121_SKIPS):
+        raise ValueError(f"decoder_filters needs {len(DENSENET121_SKIPS)} entries, one per upsampling step.")
+    trunk, provenance = build_model(ModelConfig(backbone="densenet121", num_classes=2, input_size=cfg.input_size,
+                                                head_units=(), dropout=0.0, l2=0.0, weights=cfg.weights))
+    skips = [trunk.get_layer(n).output for n in DENSENET121_SKIPS]
+    x = skips[0]
+    if cfg.dropout > 0:
+        x = layers.SpatialDropout2D(cfg.dropout, name=SEG_PREFIX + "dropout")(x)
+    for i, filters in enumerate(cfg.decoder_filters):
+        x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{SEG_PREFIX}up{i + 1}")(x)
+        if i + 1 < len(skips):
+            x = layers.Concatenate(name=f"{SEG_PREFIX}concat{i + 1}")([x, skips[i + 1]])
+        for j in (1, 2):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{SEG_PREFIX}conv{i + 1}_{j}")(x)
+            x = layers.BatchNormalization(name=f"{SEG_PREFIX}bn{i + 1}_{j}")(x)
+            x = layers.ReLU(name=f"{SEG_PREFIX}relu{i + 1}_{j}")(x)
+    out = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name=SEG_OUTPUT_NAME)(x)
+    return keras.Model(trunk.input, out, name="breastxai_unet_densenet121"), provenance
+
+
+def encoder_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """A segmenter's encoder layers (between the input normalisation and the `seg_*` decoder), in graph order."""
+    return [l for l in model.layers if not isinstance(l, keras.layers.InputLayer) and l.name != "preprocess"
+            and not l.name.startswith(SEG_PREFIX)]
+
+
+def set_encoder_trainable(model: keras.Model, first: Optional[str]) -> int:
+    """Freeze a segmenter's encoder before layer `first` (None: the whole encoder; "all": nothing frozen).
+
+    Encoder BatchNormalization stays frozen (inference mode); the decoder is always trainable.
+    Returns how many encoder layers are trainable.
+    """
+    enc = encoder_layers(model)
+    names = [l.name for l in enc]
+    start = len(enc) if first is None else (0 if first == "all" else names.index(first))
+    n = 0
+    for layer in model.layers:
+        if layer.name.startswith(SEG_PREFIX):
+            layer.trainable = True
+    for i, layer in enumerate(enc):
+        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
+        n += layer.trainable
+    return n

@@ -322,15 +322,61 @@ def default_params(method: str) -> dict:
     return {k: base[k] for k in PARAM_UI.get(method, {})}
 
 
+#: Outline colours: the true (or drawn) lesion and the segmenter's predicted lesion, never the same.
+TRUE_OUTLINE = (0, 255, 255)  # cyan
+PREDICTED_OUTLINE = (255, 0, 255)  # magenta
+
+
 def render_overlay(image: np.ndarray, e, alpha: float, mask: Optional[np.ndarray] = None,
-                   show_segments: bool = True) -> np.ndarray:
-    out = overlay(image, e.heatmap(), alpha)
-    if show_segments and e.segments is not None:
+                   show_segments: bool = True, predicted: Optional[np.ndarray] = None) -> np.ndarray:
+    """Heatmap overlay; `mask` (true / drawn lesion) outlined in cyan, `predicted` (segmenter) in magenta."""
+    out = overlay(image, e.heatmap(), alpha) if e is not None else np.asarray(image).copy()
+    if e is not None and show_segments and e.segments is not None:
         out = boundaries(out, e.segments, weights=e.extras.get("segment_weights"),
                          top=int(e.params.get("num_features", 10)) if e.params.get("num_features", 0) < 1000 else 10)
+    if predicted is not None and predicted.any():
+        out = mask_outline(out, predicted, PREDICTED_OUTLINE)
     if mask is not None:
-        out = mask_outline(out, mask)
+        out = mask_outline(out, mask, TRUE_OUTLINE)
     return out
+
+
+def outline_legend(true_mask: bool, predicted: bool) -> str:
+    parts = (["cyan: true lesion mask"] if true_mask else []) + (["magenta: *predicted* lesion (segmenter)"]
+                                                                  if predicted else [])
+    return "Outlines · " + " · ".join(parts) if parts else ""
+
+
+def predicted_lesion_view(ckpt: Path, inp: "ImageInput", prefix: str, ood: bool = False):
+    """Toggle and describe the segmenter's predicted lesion (ultrasound checkpoints with a segmenter).
+
+    Returns the PredictedLesion when the user shows it (None otherwise, or when no segmenter suits the image).
+    """
+    from core.segmentation import describe_lesion
+
+    if svc.segmenter_for(ckpt) is None:
+        return None
+    if ood:
+        st.caption("No predicted lesion outline: the image is out of distribution for this model.")
+        return None
+    if not st.checkbox("Outline the predicted lesion", value=True, key=f"{prefix}_pred_lesion",
+                       help="A U-Net segmenter outlines the lesion it finds (magenta). It is a prediction, not a "
+                            "radiologist's or the dataset's mask (cyan)."):
+        return None
+    les = svc.predicted_lesion(ckpt, inp.image, inp.sha)
+    quality = f" (segmenter {les.segmenter}, test Dice {les.test_dice:.2f} on lesion images)" if les.test_dice else ""
+    st.caption(describe_lesion(les.measurements) + quality)
+    return les
+
+
+def localisation_region(inp: "ImageInput", lesion) -> tuple[Optional[np.ndarray], str]:
+    """The region localisation scores use: the true mask when the image has a lesion in it, else the
+    predicted lesion (labelled). Returns (bool mask or None, label)."""
+    if inp.mask is not None and inp.mask.any():
+        return inp.mask, "true lesion mask"
+    if lesion is not None and lesion.mask.any():
+        return lesion.mask, "predicted lesion (segmenter), not a true mask"
+    return None, ""
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -672,3 +718,53 @@ def operating_point_note(meta: dict, probs: np.ndarray, class_names) -> None:
         f"{op['threshold']:.3f} (set on validation for sensitivity ≥ {op['target_sensitivity']:.2f}): "
         + (f"at this operating point the case counts as **possibly {op['positive_class']}**." if crosses else
            f"at this operating point the case is not flagged as {op['positive_class']}."))
+
+
+def segmenter_card(ckpt: Path) -> None:
+    """The lesion segmenter's card (ultrasound checkpoints with a segmenter): Dice / IoU with intervals, by class,
+    false-positive area on scans without a lesion, cross-validation when recorded."""
+    seg = svc.segmenter_for(ckpt)
+    if seg is None:
+        return
+    meta = svc.metadata(seg)
+    test = meta.get("metrics", {}).get("test", {})
+    cv = (meta.get("cross_validation") or {}).get("pooled") or {}
+    st.header(f"Lesion segmenter · {seg.name}")
+    st.markdown("Outlines the lesion on Explain, Compare and Annotate (magenta, labelled *predicted*). "
+                "Dice and IoU measure the overlap of the predicted and the radiologists' outlines (1 = identical).")
+    c1, c2, c3 = st.columns(3)
+    d = test.get("dice") or {}
+    if cv.get("dice", {}).get("mean") is not None:
+        c1.metric("Dice (cross-validated)", f"{cv['dice']['mean']:.3f}")
+    c2.metric(f"Dice, test split (n = {test.get('n_lesion_images', '?')} lesions)", fmt_metric(d.get("mean")))
+    c3.metric("IoU, test split", fmt_metric((test.get("iou") or {}).get("mean")))
+    fp = test.get("no_lesion_images") or {}
+    st.caption(f"Test Dice {fmt_metric(d.get('mean'))}{_ci(d.get('ci95'))} over the images with a lesion"
+               + (f"; on the {fp['n']} scans without a lesion, {fp['false_positive_area_mean']:.1%} of the image is "
+                  f"called lesion on average and {fp['share_with_no_predicted_lesion']:.0%} get no outline at all"
+                  if fp else "") + ".")
+    rows = [{"class": c, "Dice (test)": fmt_metric(v["dice"]["mean"]), "95% CI": "–".join(f"{x:.3f}" for x in v["dice"].get("ci95") or []),
+             "IoU (test)": fmt_metric(v["iou"]["mean"]), "lesions": v["dice"]["n"],
+             **({"Dice (cross-validated)": fmt_metric(cv["by_class"][c]["dice"]["mean"])}
+                if c in cv.get("by_class", {}) else {})}
+            for c, v in test.get("by_class", {}).items()]
+    if rows:
+        st.dataframe(rows, width="stretch", hide_index=True)
+    with st.expander("Details: how the segmenter was made"):
+        cvm = meta.get("cross_validation") or {}
+        st.markdown(f"- **Architecture:** {meta.get('architecture', '?')}\n"
+                    f"- **Training:** {meta.get('loss', '?')} loss; {meta.get('training', {}).get('epochs', '?')} "
+                    f"epochs, {(meta.get('training', {}).get('wall_seconds') or 0) / 60:.0f} min on a CPU\n"
+                    f"- **Post-processing** (chosen on validation): threshold "
+                    f"{meta.get('postprocessing', {}).get('threshold')}, largest region only "
+                    f"{meta.get('postprocessing', {}).get('largest_region_only')}\n"
+                    f"- **Split:** the classifier's (repeat scans of a lesion kept together): "
+                    f"{meta.get('split', {}).get('counts')}\n"
+                    + (f"- **Cross-validation:** {cvm.get('method')}"
+                       + (f"; settings that differ from the checkpoint: {cvm['differs_from_checkpoint']}"
+                          if cvm.get("differs_from_checkpoint") else "") + "\n" if cvm else "")
+                    + f"- **Command:** `{meta.get('command')}`\n- **Git commit:** {meta.get('git_commit')}")
+
+
+def fmt_metric(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

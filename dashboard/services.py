@@ -20,7 +20,8 @@ import streamlit as st
 
 from core import gallery, tiles
 from core.data.roots import bundle_splits
-from core.checkpoints import CHECKPOINTS_DIR, list_bundles, load_classifier, read_metadata, verify_bundle
+from core.checkpoints import (CHECKPOINTS_DIR, list_bundles, load_classifier, load_segmenter, read_metadata,
+                              verify_bundle)
 from core.errors import BreastXAIError, CheckpointError, InvalidImageError
 from core.preprocessing import DecodedImage, decode_image, load_mask
 
@@ -45,7 +46,7 @@ class BundleStatus:
 def bundle_statuses() -> list[BundleStatus]:
     """Every bundle with whether it verifies (sha256, completeness); broken ones are listed, not served."""
     out = []
-    for p in list_bundles(checkpoints_dir()):
+    for p in list_bundles(checkpoints_dir(), kind="classifier"):
         try:
             _verify_cached(str(p), _mtime(p))
             out.append(BundleStatus(p, p.name, True))
@@ -174,6 +175,51 @@ def _ood(ckpt: str, mtime: float, image_sha: str, _image: np.ndarray) -> Optiona
 def ood_check(path: Path, image: np.ndarray, image_sha: str) -> Optional[dict]:
     """{'score', 'threshold', 'out_of_distribution'} or None when the checkpoint has no detector."""
     return _ood(str(path), _mtime(Path(path)), image_sha, image)
+
+
+# ------------------------------------------------------------------------------------- lesion segmentation
+@dataclass(frozen=True)
+class PredictedLesion:
+    mask: np.ndarray  # bool (H, W): the segmenter's predicted lesion (may be empty)
+    measurements: Optional[dict]  # core.segmentation.lesion_measurements (None: nothing predicted)
+    segmenter: str  # bundle name
+    test_dice: Optional[float]  # the segmenter's test Dice on lesion images
+
+
+def segmenter_for(ckpt: Path) -> Optional[Path]:
+    """A verified segmenter bundle of the same imaging modality as the checkpoint (ultrasound: BUSI), or None."""
+    want = gallery.MODALITY.get(read_metadata(ckpt).get("dataset", {}).get("kind", ""))
+    if want is None:
+        return None
+    for p in list_bundles(checkpoints_dir(), kind="segmenter"):
+        if gallery.MODALITY.get(read_metadata(p).get("dataset", {}).get("kind", "")) == want:
+            try:
+                _verify_cached(str(p), _mtime(p))
+            except CheckpointError:
+                continue
+            return p
+    return None
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the lesion segmenter…")
+def _segmenter(path: str, mtime: float):
+    return load_segmenter(path)
+
+
+@st.cache_data(max_entries=64, show_spinner="Outlining the lesion…")
+def _lesion(seg: str, mtime: float, image_sha: str, _image: np.ndarray) -> PredictedLesion:
+    from core.segmentation import lesion_measurements
+
+    model = _segmenter(seg, mtime)
+    mask = model.predict_mask(_image)
+    dice = (model.metadata.get("metrics", {}).get("test", {}).get("dice") or {}).get("mean")
+    return PredictedLesion(mask, lesion_measurements(mask), Path(seg).name, dice)
+
+
+def predicted_lesion(ckpt: Path, image: np.ndarray, image_sha: str) -> Optional[PredictedLesion]:
+    """The lesion the modality's segmenter predicts on this image (cached), or None when no segmenter suits it."""
+    seg = segmenter_for(ckpt)
+    return None if seg is None else _lesion(str(seg), _mtime(seg), image_sha, image)
 
 
 @st.cache_resource

@@ -127,3 +127,43 @@ def tiny_idc_bundle(tmp_path_factory) -> Path:
                      "--name", "idc_tiny", "--out-dir", str(out), "--quiet"])
     assert rc == 0
     return out / "idc_tiny"
+
+
+def write_busi_tree(root: Path, n_per_class: int = 10, size: int = 64, seed: int = 5) -> Path:
+    """BUSI layout with masks: benign/malignant scans hold a dark lesion (an ellipse, its mask beside the image);
+    normal scans have none (an all-black mask, as in BUSI)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    for cls in ("benign", "malignant", "normal"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            img = rng.integers(90, 160, (size, size)).astype(np.uint8)
+            mask = np.zeros((size, size), np.uint8)
+            if cls != "normal":
+                c = tuple(int(v) for v in rng.integers(size // 3, 2 * size // 3, 2))
+                axes = (int(rng.integers(size // 8, size // 4)), int(rng.integers(size // 10, size // 6)))
+                cv2.ellipse(mask, c, axes, 0 if cls == "benign" else 70, 0, 360, 255, -1)
+                img[mask > 0] = rng.integers(10, 40, int((mask > 0).sum()))
+            Image.fromarray(np.stack([img] * 3, -1)).save(root / cls / f"{cls} ({i + 1}).png")
+            Image.fromarray(mask).save(root / cls / f"{cls} ({i + 1})_mask.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_busi_tree(tmp_path_factory) -> Path:
+    return write_busi_tree(tmp_path_factory.mktemp("busi") / "Dataset_BUSI_with_GT")
+
+
+@pytest.fixture(scope="session")
+def tiny_segmenter(tmp_path_factory, tiny_busi_tree) -> Path:
+    """A segmenter bundle trained by `train.py --task segmentation` (DenseNet121 U-Net, random weights, 32 px)."""
+    import train
+
+    out = tmp_path_factory.mktemp("segckpt")
+    rc = train.main(["--task", "segmentation", "--dataset", "busi", "--data-dir", str(tiny_busi_tree),
+                     "--weights", "none", "--input-size", "32", "--head-epochs", "1", "--fine-tune-epochs", "1",
+                     "--fine-tune-layers", "-1", "--batch-size", "8", "--dropout", "0", "--lr", "1e-3",
+                     "--name", "seg_tiny", "--out-dir", str(out), "--quiet"])
+    assert rc == 0
+    return out / "seg_tiny"

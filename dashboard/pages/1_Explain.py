@@ -9,11 +9,15 @@ ckpt, clf, inp = ui.image_page("Explain a prediction", "ex", "🔬")
 probs = svc.predict(ckpt, inp.image, inp.sha)
 pred = int(probs.argmax())
 left, right = st.columns([1, 1])
-with left:
-    st.image(inp.image, caption=inp.name + (f" · true class: {inp.true_class}" if inp.true_class else ""),
-             width="stretch")
 with right:
     ood = ui.prediction_headline(ckpt, inp, probs, clf.class_names)
+with left:
+    lesion = ui.predicted_lesion_view(ckpt, inp, "ex", ood)
+    shown = ui.render_overlay(inp.image, None, 0.0, predicted=lesion.mask if lesion else None)
+    st.image(shown, caption=inp.name + (f" · true class: {inp.true_class}" if inp.true_class else "")
+             + (" · " + ui.outline_legend(False, True) if lesion is not None and lesion.mask.any() else ""),
+             width="stretch")
+with right:
     if not ood:
         st.plotly_chart(ui.prediction_chart(probs, clf.class_names), width="stretch", key="ex_pred_chart")
         ui.operating_point_note(svc.metadata(ckpt), probs, clf.class_names)
@@ -48,17 +52,22 @@ results = ui.run_methods(ckpt, inp, methods, params, t)
 alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="ex_alpha")
 ui.show_legend()
 show_mask = inp.mask is not None and st.checkbox("Outline the lesion mask", value=True, key="ex_mask")
+legend = ui.outline_legend(show_mask, lesion is not None and lesion.mask.any())
+if legend:
+    st.caption(legend)
 if ood:
     st.warning("The image is out of distribution: these maps show what the model responds to in an image it was not "
                "made for. They are no evidence for a diagnosis.", icon="⚠️")
 for m, e in results.items():
     st.subheader(f"{ui.METHOD_LABELS[m]} · {e.class_name} ({e.probability:.1%}) · {e.seconds:.1f} s")
     e = ui.evidence_view(e, "ex")
-    over = ui.render_overlay(inp.image, e, alpha, inp.mask if show_mask else None, show_segments=False)
+    pm = lesion.mask if lesion is not None else None
+    over = ui.render_overlay(inp.image, e, alpha, inp.mask if show_mask else None, show_segments=False, predicted=pm)
     c1, c2 = st.columns(2)
     if e.segments is not None:
         c1.image(over, caption="LIME heatmap (segment weights)", width="stretch")
-        bounds = ui.render_overlay(inp.image, e, 0.0, inp.mask if show_mask else None, show_segments=True)
+        bounds = ui.render_overlay(inp.image, e, 0.0, inp.mask if show_mask else None, show_segments=True,
+                                   predicted=pm)
         c2.image(bounds, caption="Top positive superpixels (boundaries)", width="stretch")
     else:
         c1.image(over, caption=f"{ui.METHOD_LABELS[m]} overlay", width="stretch")

@@ -11,7 +11,9 @@ from core.preprocessing import resize
 ckpt, clf, inp = ui.image_page("Compare explanations", "cmp", "⚖️")
 probs = svc.predict(ckpt, inp.image, inp.sha)
 pred = int(probs.argmax())
-ui.prediction_headline(ckpt, inp, probs, clf.class_names)
+ood = ui.prediction_headline(ckpt, inp, probs, clf.class_names)
+lesion = ui.predicted_lesion_view(ckpt, inp, "cmp", ood)
+pm = lesion.mask if lesion is not None else None
 with st.form("cmp_form"):
     target_name = st.selectbox("Explain class", list(clf.class_names), index=pred, key="cmp_target",
                                format_func=lambda c: f"{c} (predicted, {probs[pred]:.1%})" if c == clf.class_names[pred]
@@ -35,9 +37,12 @@ st.markdown(f"These maps explain **{clf.class_names[target]}**"
                f", not the predicted class {clf.class_names[pred]}: they show evidence for the alternative."))
 cols = st.columns(min(len(res), 3))
 for i, (m, e) in enumerate(res.items()):
-    cols[i % len(cols)].image(ui.render_overlay(inp.image, e, 0.5, inp.mask), width="stretch",
+    cols[i % len(cols)].image(ui.render_overlay(inp.image, e, 0.5, inp.mask, predicted=pm), width="stretch",
                               caption=f"{ui.METHOD_LABELS[m]} · {e.seconds:.1f} s")
 ui.show_legend()
+legend = ui.outline_legend(inp.mask is not None, pm is not None and pm.any())
+if legend:
+    st.caption(legend)
 
 names = list(res)
 if len(names) >= 2:
@@ -65,6 +70,7 @@ predict = lambda x: clf.predict_work(np.asarray(x))
 work = clf.work_image(inp.image)
 figs = {"deletion": go.Figure(), "insertion": go.Figure()}
 scores = []
+region, region_label = ui.localisation_region(inp, lesion)
 for m, e in res.items():
     a = resize(e.attribution, work.shape[:2])
     row = {"method": ui.METHOD_LABELS[m]}
@@ -72,10 +78,10 @@ for m, e in res.items():
         f, p = M.perturbation_curve(predict, work, a, e.target, mode, steps=16)
         figs[mode].add_trace(go.Scatter(x=f, y=p, mode="lines+markers", name=ui.METHOD_LABELS[m]))
         row[f"{mode} AUC"] = round(M.auc(f, p), 3)
-    if inp.mask is not None:
-        row["pointing game"] = M.pointing_game(e.attribution, inp.mask)
-        row["energy in lesion"] = round(M.energy_in_mask(e.attribution, inp.mask), 3)
-        row[f"IoU top-{k}%"] = round(M.mask_iou(e.attribution, inp.mask, k), 3)
+    if region is not None:
+        row["pointing game"] = M.pointing_game(e.attribution, region)
+        row["energy in lesion"] = round(M.energy_in_mask(e.attribution, region), 3)
+        row[f"IoU top-{k}%"] = round(M.mask_iou(e.attribution, region, k), 3)
     scores.append(row)
 c1, c2 = st.columns(2)
 for col, mode in ((c1, "deletion"), (c2, "insertion")):
@@ -83,5 +89,7 @@ for col, mode in ((c1, "deletion"), (c2, "insertion")):
                              yaxis=dict(title="target probability", range=[0, 1]), margin=dict(l=10, r=10, t=40, b=10))
     col.plotly_chart(figs[mode], width="stretch", key=f"cmp_curve_{mode}")
 st.dataframe(scores, width="stretch")
-if inp.mask is None:
+if region is None:
     st.caption("No lesion mask for this image: localisation scores need a BUSI example (or draw one on Annotate).")
+else:
+    st.caption(f"Localisation scores (pointing game, energy in lesion, IoU) are measured against the **{region_label}**.")

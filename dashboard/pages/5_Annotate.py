@@ -14,13 +14,20 @@ mode = st.radio("Drawing tool", ["freedraw", "rect", "circle", "polygon"], horiz
 drawn = ui.canvas_region(inp.image, key=f"an_canvas_{inp.sha[:12]}_{mode}", mode=mode)
 use_mask = inp.mask is not None and st.checkbox("Use the dataset's lesion mask instead of my drawing",
                                                 value=drawn is None, key="an_use_mask")
-region = inp.mask if use_mask else drawn
+ood_res = svc.ood_check(ckpt, inp.image, inp.sha)
+lesion = ui.predicted_lesion_view(ckpt, inp, "an", bool(ood_res and ood_res["out_of_distribution"]))
+region, region_label = (inp.mask, "the dataset's lesion mask") if use_mask else (drawn, "your drawing")
+if region is None and lesion is not None and lesion.mask.any():
+    region, region_label = lesion.mask, "the *predicted* lesion (segmenter), not a drawn or true mask"
 if region is None:
     st.info("Draw on the image above to define a region.")
     st.stop()
 if drawn is not None:
     st.session_state["an_region"], st.session_state["an_region_sha"] = drawn, inp.sha  # for Explain's feedback
-st.image(mask_outline(inp.image, region), caption=f"Region: {region.mean():.1%} of the image", width=480)
+colour = ui.PREDICTED_OUTLINE if region_label.startswith("the *predicted*") else ui.TRUE_OUTLINE
+st.image(mask_outline(inp.image, region, colour), width=480,
+         caption=f"Region: {region_label.replace('*', '')}, {region.mean():.1%} of the image")
+st.caption(f"Scores and erasing below use {region_label}.")
 
 methods = st.multiselect("Methods to score", list(ui.METHOD_LABELS), default=["gradcam", "gradcam++", "occlusion"],
                          format_func=ui.METHOD_LABELS.get, key="an_methods")
@@ -35,7 +42,10 @@ if req and req[0] == inp.sha:
     st.dataframe(rows, width="stretch")
     cols = st.columns(max(len(res), 1))
     for col, (m, e) in zip(cols, res.items()):
-        col.image(ui.render_overlay(inp.image, e, 0.5, region), caption=ui.METHOD_LABELS[m], width="stretch")
+        predicted = colour == ui.PREDICTED_OUTLINE
+        col.image(ui.render_overlay(inp.image, e, 0.5, None if predicted else region,
+                                    predicted=region if predicted else None),
+                  caption=ui.METHOD_LABELS[m], width="stretch")
 
 st.subheader("Erase this region and re-predict")
 fill = st.selectbox("Fill the region with", ["blur", "mean", "black"], key="an_fill")

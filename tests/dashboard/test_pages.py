@@ -534,3 +534,81 @@ def test_lime_lab_estimate_is_measured_on_the_image(app_env):
     at.radio(key="ll_src").set_value("Example").run()
     no_exception(at)
     assert any(m.label == "Estimated run time" for m in at.metric)
+
+
+@pytest.fixture
+def ultrasound_env(tiny_bundle, tiny_segmenter, tmp_path, monkeypatch):
+    """An ultrasound (BUSI) classifier and a BUSI segmenter whose threshold 0 marks the whole image as lesion,
+    so the predicted-lesion paths run whatever the tiny segmenter learned."""
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(tiny_bundle, ckpts / "us_tiny")
+    shutil.copytree(tiny_segmenter, ckpts / "seg_tiny")
+    meta = json.loads((ckpts / "us_tiny" / "metadata.json").read_text())
+    meta["dataset"]["kind"] = "busi"
+    (ckpts / "us_tiny" / "metadata.json").write_text(json.dumps(meta))
+    seg = json.loads((ckpts / "seg_tiny" / "metadata.json").read_text())
+    seg["postprocessing"] = {"threshold": 0.0, "largest_region_only": False}
+    (ckpts / "seg_tiny" / "metadata.json").write_text(json.dumps(seg))
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(ckpts))
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    monkeypatch.setenv("BREASTXAI_DATA", str(empty))
+    import streamlit as st
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    return ckpts
+
+
+def test_predicted_lesion_outlined_measured_and_used_for_localisation(ultrasound_env):
+    from tests.conftest import make_class_image
+
+    at = app("pages/1_Explain.py")
+    assert at.selectbox(key="sb_checkpoint").options == ["us_tiny"]  # the segmenter is not offered as a classifier
+    img = make_class_image(1, np.random.default_rng(0), 48)
+    at.radio(key="ex_src").set_value("Upload").run()
+    at.file_uploader(key="ex_upload").upload("scan.png", png(img), "image/png")
+    at.run()
+    no_exception(at)
+    assert at.checkbox(key="ex_pred_lesion").value is True
+    assert any(c.value.startswith("Predicted lesion: 100.0% of the image") and "segmenter seg_tiny" in c.value
+               for c in at.caption)
+    at.multiselect(key="ex_methods").set_value(["gradcam"])
+    at.button(key="FormSubmitter:ex_form-Explain").click()
+    at.run()
+    no_exception(at)
+    assert any("magenta: *predicted* lesion" in c.value for c in at.caption)
+    at.checkbox(key="ex_pred_lesion").uncheck().run()
+    assert not any(c.value.startswith("Predicted lesion") for c in at.caption)
+
+    at.switch_page("pages/3_Compare.py").run()
+    at.multiselect(key="cmp_methods").set_value(["gradcam", "occlusion"])
+    at.button(key="FormSubmitter:cmp_form-Compare").click()
+    at.run()
+    no_exception(at)
+    assert any("measured against the **predicted lesion (segmenter), not a true mask**" in c.value for c in at.caption)
+    scores = at.dataframe[-1].value
+    assert "energy in lesion" in scores.columns and scores["energy in lesion"].iloc[0] == pytest.approx(1.0)
+
+    at.switch_page("pages/5_Annotate.py").run()
+    no_exception(at)
+    assert any("use the *predicted* lesion (segmenter)" in c.value for c in at.caption)
+
+
+def test_no_predicted_lesion_on_an_out_of_distribution_upload(ultrasound_env):
+    at = app("pages/1_Explain.py")
+    noise = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    at.radio(key="ex_src").set_value("Upload").run()
+    at.file_uploader(key="ex_upload").upload("noise.png", png(noise), "image/png")
+    at.run()
+    no_exception(at)
+    assert any("No predicted lesion outline: the image is out of distribution" in c.value for c in at.caption)
+    assert not any(c.value.startswith("Predicted lesion") for c in at.caption)
+
+
+def test_model_card_shows_the_lesion_segmenter(ultrasound_env):
+    at = app()
+    no_exception(at)
+    assert any(h.value == "Lesion segmenter · seg_tiny" for h in at.header)
+    labels = [m.label for m in at.metric]
+    assert any(l.startswith("Dice, test split (n = ") for l in labels) and "IoU, test split" in labels
+    assert any("scans without a lesion" in c.value for c in at.caption)

@@ -1,4 +1,4 @@
-"""Training loop: data -> model -> two-phase fit (head, then fine-tune) -> evaluated, atomic bundle.
+"""Classifier training: data -> model -> two-phase fit (head, then fine-tune) -> evaluated, atomic bundle.
 
 The fast path caches the frozen trunk's activations (the original image plus `augment_copies`
 augmented copies of each training image) and trains only the part of the network after the cut,
@@ -11,23 +11,22 @@ import datetime as _dt
 import logging
 import os
 import platform
-import random
 import shutil
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from core.checkpoints import run_batched
 from core.data import Manifest, load_dataset, read_split, split_manifest, write_split
 from core.data.loaders import CITATIONS
 from core.errors import DatasetError
-from core.checkpoints import run_batched
-from core.preprocessing import apply_clahe, load_image, model_input
+from core.preprocessing import apply_clahe, model_input
+from core.training.common import (available_memory, epoch_timer, git_commit, mixed_precision, quote_arg,
+                                  resolve_precision, set_seeds)
 
 log = logging.getLogger("breastxai.train")
 
@@ -84,7 +83,9 @@ class TrainConfig:
 
     @property
     def bundle_name(self) -> str:
-        return self.name or f"{self.dataset}_{self.backbone}"
+        if self.name:
+            return self.name
+        return f"{self.dataset}_unet_{self.backbone}" if self.task == "segmentation" else f"{self.dataset}_{self.backbone}"
 
     @property
     def patch_config(self):
@@ -97,85 +98,8 @@ class TrainConfig:
                            scale_jitter=self.patch_scale_jitter)
 
 
-#: `TrainConfig.flip` values (Keras RandomFlip modes, plus "none").
-FLIPS = ("horizontal_and_vertical", "horizontal", "vertical", "none")
-#: `TrainConfig.precision` values.
-PRECISIONS = ("float32", "bfloat16")
-
 #: Largest share of the free memory the activation cache may take before training falls back to plain fit.
 CACHE_MEMORY_FRACTION = 0.6
-
-
-def available_memory() -> int:
-    """Bytes of memory available to new allocations (Linux /proc/meminfo MemAvailable; else free pages)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
-
-
-def cpu_has_bf16() -> bool:
-    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere it would be emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(requested: str) -> str:
-    """The precision training will really use: bfloat16 only where the CPU has it (else float32, with a warning)."""
-    if requested not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {requested!r}")
-    if requested == "bfloat16" and not cpu_has_bf16():
-        log.warning("This CPU has no native bfloat16 (AVX512-BF16/AMX): training in float32 instead.")
-        return "float32"
-    return requested
-
-
-@contextmanager
-def mixed_precision(precision: str):
-    """Inside: TensorFlow functions traced now run oneDNN's automatic bfloat16 rewrite (matmuls and
-    convolutions in bfloat16 on AMX, variables and losses stay float32). float32: no change."""
-    import tensorflow as tf
-
-    if precision != "bfloat16":
-        yield
-        return
-    key = "auto_mixed_precision_onednn_bfloat16"
-    before = tf.config.optimizer.get_experimental_options().get(key, False)
-    tf.config.optimizer.set_experimental_options({key: True})
-    try:
-        yield
-    finally:
-        tf.config.optimizer.set_experimental_options({key: before})
-
-
-def set_seeds(seed: int) -> None:
-    import keras
-
-    os.environ["PYTHONHASHSEED"] = str(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-    keras.utils.set_random_seed(seed)
-
-
-def git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent.parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, cwd=Path(__file__).resolve().parent.parent).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def load_arrays(manifest: Manifest, size: int, clahe: bool = False,
@@ -286,23 +210,6 @@ class _ResamplingSequence:
                 return np.asarray(x), self.y[idx], self.sw[idx]
 
         return Seq(*args, **kwargs)
-
-
-def _epoch_timer():
-    import keras
-
-    class EpochTimer(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.seconds: list[float] = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self._t = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds.append(time.perf_counter() - self._t)
-
-    return EpochTimer()
 
 
 def _callbacks(cfg: TrainConfig, monitor: str = "val_loss"):
@@ -430,7 +337,7 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         log.info("Phase %s: %d backbone layers trainable (of %d), lr %.1e, up to %d epochs", phase.name,
                  n_trainable, len(backbone_layers(model)), phase.lr, phase.epochs)
         _compile(target, phase.lr)
-        t0, timer = time.time(), _epoch_timer()
+        t0, timer = time.time(), epoch_timer()
         with mixed_precision(precision):
             h = target.fit(train_data, validation_data=val_data, epochs=epoch0 + phase.epochs,
                            initial_epoch=epoch0, callbacks=[*_callbacks(cfg), timer], verbose=verbose)
@@ -443,12 +350,6 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
                             **{k: float(v[j]) for k, v in h.history.items()}})
         epoch0 += n_ep
     return history, timing
-
-
-def _quote(a: str) -> str:
-    import shlex
-
-    return shlex.quote(a)
 
 
 def prediction_rows(split: str, manifest: Manifest, probs: np.ndarray, class_names: Sequence[str]) -> list[list]:
@@ -696,7 +597,7 @@ def add_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str]] = None)
         manifest = manifest.subset([i for i, s in enumerate(manifest.samples) if s.path in keep])
     cv = cross_validate(cfg, manifest, work_dir=work)
     preds = cv.pop("predictions")
-    cv["command"] = " ".join(["python", "train.py", *map(_quote, argv)]) if argv is not None else None
+    cv["command"] = " ".join(["python", "train.py", *map(quote_arg, argv)]) if argv is not None else None
     cv["git_commit"] = git_commit()
     cv["differs_from_checkpoint"] = config_differences(meta.get("config", {}), cfg)
     dest = update_metadata(bundle, {"cross_validation": cv}, files={
@@ -829,7 +730,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     metadata = {
         "name": name,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "train.py", *map(_quote, argv)]) if argv is not None else None,
+        "command": " ".join(["python", "train.py", *map(quote_arg, argv)]) if argv is not None else None,
         "argv": argv,
         "git_commit": git_commit(),
         "config": config_json(cfg),

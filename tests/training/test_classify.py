@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-import core.training as T
+import core.training.classify as T
+import core.training.common as C
 import train
 from core.checkpoints import load_classifier, read_csv
 from core.evaluation import main as evaluation_main
@@ -71,7 +72,7 @@ def test_two_phase_training_cached_and_plain(tiny_tree, tmp_path, cache, precisi
     assert (meta["training"]["cut_layer"] is not None) == cache
     assert meta["weights"]["source"] == "file" and len(meta["weights"]["sha256"]) == 64
     assert meta["config"]["flip"] == "horizontal" and meta["config"]["precision"] == precision
-    assert meta["training"]["precision"] == (precision if T.cpu_has_bf16() else "float32")
+    assert meta["training"]["precision"] == (precision if C.cpu_has_bf16() else "float32")
     clf = load_classifier(tmp_path / "d", backend="keras")
     assert all(w.dtype == "float32" for w in clf.model.weights)  # bfloat16 only inside the training graph
     p = clf.predict_proba(np.zeros((2, 40, 40, 3), np.uint8))
@@ -83,23 +84,23 @@ def test_mixed_precision_sets_and_restores_the_onednn_rewrite():
 
     key = "auto_mixed_precision_onednn_bfloat16"
     assert not tf.config.optimizer.get_experimental_options().get(key, False)
-    with T.mixed_precision("bfloat16"):
+    with C.mixed_precision("bfloat16"):
         assert tf.config.optimizer.get_experimental_options()[key] is True
     assert not tf.config.optimizer.get_experimental_options().get(key, False)
-    with T.mixed_precision("float32"):
+    with C.mixed_precision("float32"):
         assert not tf.config.optimizer.get_experimental_options().get(key, False)
 
 
 def test_precision_falls_back_where_the_cpu_has_no_bfloat16(monkeypatch, caplog):
-    monkeypatch.setattr(T, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(C, "cpu_has_bf16", lambda: False)
     with caplog.at_level("WARNING", logger="breastxai.train"):
-        assert T.resolve_precision("bfloat16") == "float32"
+        assert C.resolve_precision("bfloat16") == "float32"
     assert "no native bfloat16" in caplog.text
-    assert T.resolve_precision("float32") == "float32"
-    monkeypatch.setattr(T, "cpu_has_bf16", lambda: True)
-    assert T.resolve_precision("bfloat16") == "bfloat16"
+    assert C.resolve_precision("float32") == "float32"
+    monkeypatch.setattr(C, "cpu_has_bf16", lambda: True)
+    assert C.resolve_precision("bfloat16") == "bfloat16"
     with pytest.raises(ValueError, match="precision"):
-        T.resolve_precision("float16")
+        C.resolve_precision("float16")
 
 
 @pytest.mark.parametrize("flip,may_turn_upside_down", [("horizontal", False), ("horizontal_and_vertical", True)])

@@ -1,0 +1,138 @@
+"""Lesion segmentation at inference: the `Segmenter` contract and the lesion's size and shape.
+
+`core.checkpoints.load_segmenter(path)` returns a `Segmenter`: `predict_proba_map(image)` gives the lesion
+probability of every pixel of a uint8 RGB image of any size (float32 (H, W) in [0, 1]) and
+`predict_mask(image)` the predicted lesion (bool (H, W)) after the bundle's validation-chosen threshold
+and post-processing. `lesion_measurements(mask)` describes a mask the way a breast-imaging report does.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from core.preprocessing import model_input
+
+
+def largest_region(mask: np.ndarray) -> np.ndarray:
+    """Only the largest 8-connected region of a bool mask (all False stays all False)."""
+    import cv2
+
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n <= 2:
+        return mask.astype(bool)
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return lab == k
+
+
+def postprocess(proba: np.ndarray, threshold: float = 0.5, largest_region_only: bool = False) -> np.ndarray:
+    """Lesion probability map (H, W) -> bool mask: pixels >= threshold, optionally only the largest region."""
+    mask = np.asarray(proba) >= threshold
+    return largest_region(mask) if largest_region_only and mask.any() else mask
+
+
+@dataclass
+class Segmenter:
+    """A trained lesion segmenter: uint8 RGB images of any size -> lesion probability maps and masks."""
+
+    model: object
+    input_size: int
+    clahe: bool = False
+    threshold: float = 0.5
+    largest_region_only: bool = False
+    metadata: dict = field(default_factory=dict)
+    path: Optional[Path] = None
+    batch_size: int = 8
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path else "in-memory segmenter"
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) float32 0-255 -> (N, S, S) lesion probabilities."""
+        out = []
+        with self._lock:
+            for i in range(0, len(x), self.batch_size):
+                out.append(np.asarray(self.model(x[i:i + self.batch_size], training=False))[..., 0])
+        return np.concatenate(out).astype(np.float32)
+
+    def proba_maps_from_inputs(self, x: np.ndarray, shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Maps for prepared inputs uint8 (N, S, S, 3), each resized (bilinear) to its image's (H, W)."""
+        import cv2
+
+        probs = self._forward(np.asarray(x, np.float32))
+        return [np.clip(cv2.resize(p, (int(w), int(h)), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+                for p, (h, w) in zip(probs, shapes)]
+
+    def predict_proba_map(self, image: np.ndarray) -> np.ndarray:
+        """Lesion probability per pixel, float32 (H, W) in [0, 1], for a uint8 RGB image (H, W, 3)."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"Expected an RGB image (H, W, 3), got shape {image.shape}")
+        x = model_input(image, self.input_size, self.clahe)[None]
+        return self.proba_maps_from_inputs(x, [image.shape[:2]])[0]
+
+    def postprocess(self, proba: np.ndarray) -> np.ndarray:
+        return postprocess(proba, self.threshold, self.largest_region_only)
+
+    def predict_mask(self, image: np.ndarray) -> np.ndarray:
+        """Predicted lesion, bool (H, W), with the bundle's threshold and post-processing."""
+        return self.postprocess(self.predict_proba_map(image))
+
+
+def outline(mask: np.ndarray) -> list[np.ndarray]:
+    """Outer contours of a bool mask as (K, 2) int arrays of (x, y) points, largest first."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    return [c[:, 0, :] for c in sorted(contours, key=cv2.contourArea, reverse=True)]
+
+
+def lesion_measurements(mask: np.ndarray, mm_per_pixel: Optional[float] = None) -> Optional[dict]:
+    """Size and shape of the largest region of a lesion mask (None when the mask is empty).
+
+    area_px and area_fraction (of the image); width_px (horizontal extent) and depth_px (vertical extent,
+    skin at the top of an ultrasound); orientation "wider than tall" (width / depth >= 1, parallel to the
+    skin: the usual benign pattern) or "taller than wide" (a BI-RADS suspicious feature); and margin
+    irregularity = 1 - solidity (area / convex-hull area): 0 for a smooth convex outline, larger for lobulated,
+    angular or spiculated margins. With `mm_per_pixel`, lengths and area also in mm and mm^2.
+    """
+    import cv2
+
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return None
+    region = largest_region(mask)
+    contour = outline(region)[0]
+    x, y, w, h = cv2.boundingRect(contour.reshape(-1, 1, 2))
+    area = int(region.sum())
+    hull = cv2.convexHull(contour.reshape(-1, 1, 2))
+    hull_area = max(float(cv2.contourArea(hull)), float(area))
+    perimeter = float(cv2.arcLength(contour.reshape(-1, 1, 2), True))
+    out = {"area_px": area, "area_fraction": area / mask.size, "width_px": int(w), "depth_px": int(h),
+           "width_to_depth": w / max(h, 1),
+           "orientation": "wider than tall" if w >= h else "taller than wide",
+           "margin_irregularity": float(1.0 - area / hull_area) if hull_area > 0 else 0.0,
+           "circularity": float(4 * np.pi * area / perimeter ** 2) if perimeter > 0 else 0.0,
+           "n_regions": int(cv2.connectedComponents(mask.astype(np.uint8))[0] - 1),
+           "bbox": [int(x), int(y), int(w), int(h)]}
+    if mm_per_pixel:
+        out.update({"area_mm2": area * mm_per_pixel ** 2, "width_mm": w * mm_per_pixel, "depth_mm": h * mm_per_pixel})
+    return out
+
+
+def describe_lesion(m: Optional[dict]) -> str:
+    """One plain sentence on a `lesion_measurements` result, for the dashboard and the case report."""
+    if m is None:
+        return "No lesion predicted in this image."
+    size = (f"{m['width_mm']:.1f} x {m['depth_mm']:.1f} mm" if "width_mm" in m
+            else f"{m['width_px']} x {m['depth_px']} px (width x depth)")
+    margin = ("smooth" if m["margin_irregularity"] < 0.05 else "slightly irregular" if m["margin_irregularity"] < 0.15
+              else "irregular")
+    extra = f"; {m['n_regions']} separate regions, the largest described" if m["n_regions"] > 1 else ""
+    return (f"Predicted lesion: {m['area_fraction']:.1%} of the image, {size}, {m['orientation']}, "
+            f"{margin} margin (irregularity {m['margin_irregularity']:.2f}){extra}.")

@@ -1,0 +1,117 @@
+"""Helpers every training task shares: seeds, precision, memory, provenance, epoch timing."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shlex
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+log = logging.getLogger("breastxai.train")
+
+#: `TrainConfig.flip` values (Keras RandomFlip modes, plus "none").
+FLIPS = ("horizontal_and_vertical", "horizontal", "vertical", "none")
+#: `TrainConfig.precision` values.
+PRECISIONS = ("float32", "bfloat16")
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux /proc/meminfo MemAvailable; else free pages)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere it would be emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str) -> str:
+    """The precision training will really use: bfloat16 only where the CPU has it (else float32, with a warning)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {requested!r}")
+    if requested == "bfloat16" and not cpu_has_bf16():
+        log.warning("This CPU has no native bfloat16 (AVX512-BF16/AMX): training in float32 instead.")
+        return "float32"
+    return requested
+
+
+@contextmanager
+def mixed_precision(precision: str):
+    """Inside: TensorFlow functions traced now run oneDNN's automatic bfloat16 rewrite (matmuls and
+    convolutions in bfloat16 on AMX, variables and losses stay float32). float32: no change."""
+    import tensorflow as tf
+
+    if precision != "bfloat16":
+        yield
+        return
+    key = "auto_mixed_precision_onednn_bfloat16"
+    before = tf.config.optimizer.get_experimental_options().get(key, False)
+    tf.config.optimizer.set_experimental_options({key: True})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options({key: before})
+
+
+def set_seeds(seed: int) -> None:
+    import keras
+
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    keras.utils.set_random_seed(seed)
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parents[2])
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def epoch_timer():
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds: list[float] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self._t)
+
+    return EpochTimer()
+
+
+def quote_arg(a: str) -> str:
+    """`a` quoted for a shell command line."""
+    return shlex.quote(a)
+
+

@@ -1,0 +1,471 @@
+"""Lesion segmentation training (`train.py --task segmentation`): a U-Net on the DenseNet121 encoder.
+
+Same data, split and bundle conventions as the classifiers: the dataset's near-duplicate-grouped split
+(so one lesion's repeated scans never straddle it), two phases (decoder with the encoder frozen, then
+the encoder fine-tuned), early stopping on validation loss, and an atomic bundle whose metadata holds
+per-image Dice / IoU with bootstrap intervals by class, false-positive area on normal images, and,
+with `--cv-folds`, a group-wise K-fold cross-validation of the recipe.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from core.data import Manifest, read_split, split_manifest, write_split
+from core.data.loaders import CITATIONS
+from core.errors import DatasetError
+from core.preprocessing import load_mask, model_input
+from core.training.classify import TrainConfig, config_differences, config_json, load_manifest
+from core.training.common import (epoch_timer, git_commit, mixed_precision, quote_arg, resolve_precision,
+                                  set_seeds)
+
+log = logging.getLogger("breastxai.train")
+
+#: Thresholds on the lesion probability tried on the validation split (the best mean Dice is kept).
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def load_seg_arrays(manifest: Manifest, size: int, clahe: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 (N, S, S, 3) and lesion masks float32 (N, S, S, 1) in {0, 1} (union of the mask files;
+    empty for images without one, e.g. BUSI's normal scans), both resized to S x S."""
+    import cv2
+
+    x = np.zeros((len(manifest), size, size, 3), np.uint8)
+    y = np.zeros((len(manifest), size, size, 1), np.float32)
+    for i, s in enumerate(manifest.samples):
+        img = manifest.read(s)
+        x[i] = model_input(img, size, clahe)
+        if s.mask_paths:
+            m = load_mask(s.mask_paths, img.shape[:2]).astype(np.float32)
+            y[i, ..., 0] = cv2.resize(m, (size, size), interpolation=cv2.INTER_AREA) >= 0.5
+    return x, y
+
+
+def true_masks(manifest: Manifest) -> list[np.ndarray]:
+    """Each image's lesion mask at its own resolution, bool (H, W) (all False without mask files)."""
+    from PIL import Image
+
+    out = []
+    for s in manifest.samples:
+        with Image.open(s.path) as im:
+            shape = (im.height, im.width)
+        out.append(load_mask(s.mask_paths, shape))
+    return out
+
+
+def make_joint_augmenter(seed: int, flip: str = "horizontal", rotation: float = 0.05):
+    """Random geometry applied identically to image and mask (flip, rotation, zoom, shift; black fill),
+    then brightness and contrast on the image only. Input: image (B, S, S, 3) 0-255, mask (B, S, S, 1)."""
+    import keras
+    from keras import layers
+
+    geo = [layers.RandomFlip(flip, seed=seed)] if flip != "none" else []
+    if rotation > 0:
+        geo.append(layers.RandomRotation(rotation, fill_mode="constant", seed=seed + 1))
+    geo += [layers.RandomZoom((-0.15, 0.15), fill_mode="constant", seed=seed + 2),
+            layers.RandomTranslation(0.08, 0.08, fill_mode="constant", seed=seed + 3)]
+    geometry = keras.Sequential(geo, name="joint_geometry")
+    photometric = keras.Sequential([layers.RandomBrightness(0.15, value_range=(0, 255), seed=seed + 4),
+                                    layers.RandomContrast(0.2, seed=seed + 5)], name="photometric")
+
+    def augment(image, mask):
+        ops = keras.ops
+        both = geometry(ops.concatenate([image, mask * 255.0], axis=-1), training=True)
+        img = ops.clip(photometric(both[..., :3], training=True), 0.0, 255.0)
+        return img, ops.cast(both[..., 3:] >= 127.5, "float32")
+
+    return augment
+
+
+def dice_loss(y_true, y_pred, smooth: float = 1.0):
+    """1 - soft Dice over each image, averaged over the batch (an empty mask and empty prediction give 0)."""
+    import keras
+
+    ops = keras.ops
+    axes = (1, 2, 3)
+    inter = ops.sum(y_true * y_pred, axis=axes)
+    total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
+    return ops.mean(1.0 - (2.0 * inter + smooth) / (total + smooth))
+
+
+def bce_dice_loss(y_true, y_pred):
+    """Binary cross-entropy (pixel mean) + soft Dice loss: the usual U-Net objective for small lesions."""
+    import keras
+
+    bce = keras.ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
+    return bce + dice_loss(y_true, y_pred)
+
+
+def _compile(model, lr: float) -> None:
+    import keras
+
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=bce_dice_loss,
+                  metrics=[keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou")])
+
+
+def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+                  y_val: np.ndarray) -> tuple[list[dict], dict]:
+    """Phase "decoder" (encoder frozen, lr `cfg.lr`, `cfg.head_epochs`), then "fine_tune" (the encoder's last
+    `cfg.fine_tune_layers` layers or all with -1, lr `cfg.fine_tune_lr`, `cfg.fine_tune_epochs`); each with
+    early stopping on validation loss (best weights restored) and LR reduction. Returns (history, timing)."""
+    import keras
+    import tensorflow as tf
+
+    from core.models import encoder_layers, set_encoder_trainable
+
+    augment = make_joint_augmenter(cfg.seed, cfg.flip, cfg.rotation) if cfg.augment else None
+    ds = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
+        len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
+    ds = ds.map(lambda x, y: augment(tf.cast(x, tf.float32), y) if augment else (tf.cast(x, tf.float32), y),
+                num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    val = (x_val.astype(np.float32), y_val)
+    enc = [l.name for l in encoder_layers(model)]
+    phases = []
+    if cfg.head_epochs > 0:
+        phases.append(("decoder", None, cfg.head_epochs, cfg.lr))
+    if cfg.fine_tune_layers != 0 and cfg.fine_tune_epochs > 0:
+        first = "all" if cfg.fine_tune_layers < 0 or cfg.fine_tune_layers >= len(enc) else enc[-cfg.fine_tune_layers]
+        phases.append(("fine_tune", first, cfg.fine_tune_epochs, cfg.fine_tune_lr))
+    if not phases:
+        raise ValueError("Nothing to train: set --head-epochs or --fine-tune-epochs above 0.")
+    precision = resolve_precision(cfg.precision)
+    verbose = 0 if cfg.verbose == 0 else (1 if sys.stdout.isatty() else 2)
+    history, timing, epoch0 = [], {"phases": [], "precision": precision}, 0
+    for name, first, epochs, lr in phases:
+        n = set_encoder_trainable(model, first)
+        log.info("Phase %s: %d encoder layers trainable (of %d), lr %.1e, up to %d epochs", name, n, len(enc), lr,
+                 epochs)
+        _compile(model, lr)
+        callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
+                                                   restore_best_weights=True, verbose=1),
+                     keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor,
+                                                       patience=cfg.lr_patience, min_lr=1e-7, verbose=1)]
+        t0, timer = time.time(), epoch_timer()
+        with mixed_precision(precision):
+            h = model.fit(ds, validation_data=val, batch_size=cfg.batch_size, epochs=epoch0 + epochs,
+                          initial_epoch=epoch0, callbacks=[*callbacks, timer], verbose=verbose)
+        n_ep = len(h.history.get("loss", []))
+        secs = time.time() - t0
+        timing["phases"].append({"phase": name, "epochs": n_ep, "seconds": secs,
+                                 "seconds_per_epoch": secs / max(n_ep, 1), "epoch_seconds": timer.seconds})
+        history += [{"epoch": epoch0 + j + 1, "phase": name, **{k: float(v[j]) for k, v in h.history.items()}}
+                    for j in range(n_ep)]
+        epoch0 += n_ep
+    return history, timing
+
+
+def dice_iou(pred: np.ndarray, true: np.ndarray) -> tuple[Optional[float], Optional[float]]:
+    """Dice 2|P∩T|/(|P|+|T|) and IoU |P∩T|/|P∪T| of two bool masks of one shape; (None, None) when both
+    are empty (nothing to find and nothing found: the score is undefined, not perfect)."""
+    pred, true = np.asarray(pred, bool), np.asarray(true, bool)
+    if pred.shape != true.shape:
+        raise ValueError(f"Mask shapes differ: {pred.shape} vs {true.shape}")
+    inter = np.logical_and(pred, true).sum()
+    total = pred.sum() + true.sum()
+    if total == 0:
+        return None, None
+    union = np.logical_or(pred, true).sum()
+    return float(2 * inter / total), float(inter / union)
+
+
+def _mean_ci(values: Sequence[float], n_boot: int, seed: int) -> dict:
+    v = np.asarray([x for x in values if x is not None], float)
+    if len(v) == 0:
+        return {"n": 0, "mean": None, "ci95": None, "median": None}
+    out = {"n": int(len(v)), "mean": float(v.mean()), "median": float(np.median(v)), "ci95": None}
+    if n_boot > 0 and len(v) > 1:
+        rng = np.random.default_rng(seed)
+        means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(axis=1)
+        out["ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    return out
+
+
+def segmentation_metrics(rows: Sequence[dict], class_names: Sequence[str], n_boot: int = 1000,
+                         seed: int = 0) -> dict:
+    """Summary of per-image rows (`class`, `dice`, `iou`, `true_area`, `pred_area` as fractions of the image).
+
+    Dice / IoU: mean, median and percentile-bootstrap 95% interval over lesion images (true mask not empty),
+    overall and per class. Images without a lesion: mean false-positive area (fraction of the image called
+    lesion) and the share with no predicted lesion at all.
+    """
+    lesion = [r for r in rows if r["true_area"] > 0]
+    empty = [r for r in rows if r["true_area"] == 0]
+    out = {"n_images": len(rows), "n_lesion_images": len(lesion),
+           "dice": _mean_ci([r["dice"] for r in lesion], n_boot, seed),
+           "iou": _mean_ci([r["iou"] for r in lesion], n_boot, seed),
+           "by_class": {}}
+    for c in class_names:
+        rc = [r for r in lesion if r["class"] == c]
+        if rc:
+            out["by_class"][c] = {"dice": _mean_ci([r["dice"] for r in rc], n_boot, seed),
+                                  "iou": _mean_ci([r["iou"] for r in rc], n_boot, seed)}
+    if empty:
+        fp = np.array([r["pred_area"] for r in empty])
+        out["no_lesion_images"] = {"n": len(empty), "false_positive_area_mean": float(fp.mean()),
+                                   "false_positive_area_max": float(fp.max()),
+                                   "share_with_no_predicted_lesion": float(np.mean(fp == 0))}
+    return out
+
+
+def score_masks(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], manifest: Manifest) -> list[dict]:
+    """Per-image rows for `segmentation_metrics`: path, class, dice, iou, true/predicted area fractions."""
+    rows = []
+    for s, p, t in zip(manifest.samples, preds, truths):
+        d, j = dice_iou(p, t)
+        rows.append({"path": os.path.relpath(s.path, manifest.root), "class": s.class_name, "group": s.group,
+                     "dice": d, "iou": j, "true_area": float(t.mean()), "pred_area": float(p.mean())})
+    return rows
+
+
+def choose_postprocessing(maps: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> dict:
+    """Threshold (from THRESHOLDS) and largest-region-only (yes / no) with the best mean validation score:
+    Dice on lesion images, and 1 - false-positive area on images without a lesion."""
+    from core.segmentation import postprocess
+
+    best = None
+    for keep in (False, True):
+        for t in THRESHOLDS:
+            scores = []
+            for m, tr in zip(maps, truths):
+                p = postprocess(m, t, keep)
+                d, _ = dice_iou(p, tr)
+                scores.append(d if tr.any() else 1.0 - float(p.mean()))
+            s = float(np.mean(scores))
+            if best is None or s > best["validation_score"] + 1e-9:
+                best = {"threshold": t, "largest_region_only": keep, "validation_score": s}
+    return best
+
+
+def _segment_split(seg, manifest: Manifest, x: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Probability maps at each image's own resolution, and the true masks."""
+    truths = true_masks(manifest)
+    maps = seg.proba_maps_from_inputs(x, [t.shape for t in truths])
+    return maps, truths
+
+
+def train_fold_model(cfg: TrainConfig, train_xy: tuple, val_xy: tuple):
+    """Build the U-Net from `cfg` and fit it -> (model, weights provenance, history, timing)."""
+    from core.models import SegmenterConfig, build_segmenter
+
+    model, provenance = build_segmenter(SegmenterConfig(input_size=cfg.input_size, weights=cfg.weights,
+                                                        dropout=cfg.dropout))
+    log.info("Segmenter %s: %d layers, %d parameters; weights: %s", model.name, len(model.layers),
+             model.count_params(), provenance["source"])
+    history, timing = fit_segmenter(model, cfg, *train_xy, *val_xy)
+    return model, provenance, history, timing
+
+
+def cross_validate_segmenter(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path] = None) -> dict:
+    """Group-wise K-fold CV of the recipe (StratifiedGroupKFold by class; a group-aware validation part per
+    fold for early stopping and post-processing). Finished folds are kept in `work_dir` and resumed."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from core.data.split import _holdout
+    from core.segmentation import Segmenter
+
+    labels, groups = np.asarray(manifest.labels), np.asarray(manifest.groups)
+    quiet = TrainConfig(**{**config_json(cfg), "verbose": 0, "cv_folds": 0, "external": (),
+                           "head_units": tuple(cfg.head_units), "split": tuple(cfg.split)})
+    key = json.dumps({"config": config_json(quiet), "paths": [s.path for s in manifest.samples]}, sort_keys=True)
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        if (work_dir / "key.json").is_file() and (work_dir / "key.json").read_text() != key:
+            log.warning("CV work folder %s holds folds of other settings or data: starting afresh", work_dir)
+            for f in work_dir.glob("fold_*.json"):
+                f.unlink()
+        (work_dir / "key.json").write_text(key)
+    cv = StratifiedGroupKFold(n_splits=cfg.cv_folds, shuffle=True, random_state=cfg.seed)
+    folds, rows = [], []
+    for f, (rest, held) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
+        saved = work_dir / f"fold_{f + 1}.json" if work_dir is not None else None
+        if saved is not None and saved.is_file():
+            done = json.loads(saved.read_text())
+            log.info("CV fold %d/%d: resumed from %s", f + 1, cfg.cv_folds, saved)
+        else:
+            val_rel = _holdout(labels[rest], groups[rest], cfg.split[1] / (cfg.split[0] + cfg.split[1]),
+                               cfg.seed + 1)
+            parts = {"train": manifest.subset(rest[~val_rel]), "val": manifest.subset(rest[val_rel]),
+                     "test": manifest.subset(held)}
+            set_seeds(cfg.seed)
+            t0 = time.time()
+            data = {k: load_seg_arrays(v, cfg.input_size, cfg.clahe) for k, v in parts.items()}
+            model, _, hist, _ = train_fold_model(quiet, data["train"], data["val"])
+            seg = Segmenter(model=model, input_size=cfg.input_size, clahe=cfg.clahe)
+            vmaps, vtruth = _segment_split(seg, parts["val"], data["val"][0])
+            post = choose_postprocessing(vmaps, vtruth)
+            seg.threshold, seg.largest_region_only = post["threshold"], post["largest_region_only"]
+            tmaps, ttruth = _segment_split(seg, parts["test"], data["test"][0])
+            fold_rows = score_masks([seg.postprocess(m) for m in tmaps], ttruth, parts["test"])
+            m = segmentation_metrics(fold_rows, manifest.class_names, n_boot=0)
+            done = {"row": {"fold": f + 1, "n_train": len(parts["train"]), "n_val": len(parts["val"]),
+                            "n_test": len(held), "epochs": len(hist), **post, "dice_mean": m["dice"]["mean"],
+                            "iou_mean": m["iou"]["mean"], "seconds": round(time.time() - t0, 1)},
+                    "rows": fold_rows}
+            if saved is not None:
+                tmp = saved.with_suffix(".tmp")
+                tmp.write_text(json.dumps(done))
+                os.replace(tmp, saved)
+            import keras
+
+            keras.backend.clear_session()
+        log.info("CV fold %d/%d: Dice %.3f on %d held-out images", f + 1, cfg.cv_folds, done["row"]["dice_mean"],
+                 done["row"]["n_test"])
+        folds.append(done["row"])
+        rows += [{**r, "fold": f + 1} for r in done["rows"]]
+    pooled = segmentation_metrics(rows, manifest.class_names, seed=cfg.seed)
+    return {"method": f"group-wise {cfg.cv_folds}-fold cross-validation over all {len(manifest)} images "
+                      f"({len(set(groups.tolist()))} near-duplicate groups; stratified by class, shuffled with seed "
+                      f"{cfg.seed}); per fold a group-aware validation part for early stopping and the threshold",
+            "folds": folds, "pooled": pooled,
+            "dice_fold_mean": float(np.mean([r["dice_mean"] for r in folds])),
+            "seconds": round(sum(r["seconds"] for r in folds), 1), "rows": rows}
+
+
+def _write_rows(path: Path, rows: Sequence[dict], split_of: Optional[str] = None) -> None:
+    from core.checkpoints import write_csv
+
+    header = ["split", "fold", "path", "class", "group", "dice", "iou", "true_area", "pred_area"]
+    write_csv(path, header, [[r.get("split", split_of), r.get("fold", ""), r["path"], r["class"], r["group"],
+                              "" if r["dice"] is None else f"{r['dice']:.4f}",
+                              "" if r["iou"] is None else f"{r['iou']:.4f}",
+                              f"{r['true_area']:.5f}", f"{r['pred_area']:.5f}"] for r in rows])
+
+
+def check_masks(manifest: Manifest) -> None:
+    if not any(s.mask_paths for s in manifest.samples):
+        raise DatasetError(f"No lesion masks found under {manifest.root}: segmentation needs `<image>_mask.png` "
+                           "files beside the images (the BUSI layout).")
+
+
+def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
+    """Train a lesion segmenter from `cfg` and write its bundle to `cfg.out_dir/cfg.bundle_name`."""
+    import keras
+    import tensorflow as tf
+
+    from core.checkpoints import write_bundle, write_json
+    from core.models import sha256_file
+    from core.segmentation import Segmenter
+
+    t_start = time.time()
+    set_seeds(cfg.seed)
+    manifest = load_manifest(cfg)
+    check_masks(manifest)
+    if cfg.split_file:
+        splits = read_split(cfg.split_file, manifest.root, manifest.class_names, manifest.name)
+    else:
+        splits = split_manifest(manifest, cfg.split, cfg.seed)
+    log.info("Segmentation data %s: %d images (%d with a lesion mask); split train %d, val %d, test %d",
+             manifest.name, len(manifest), sum(bool(s.mask_paths) for s in manifest.samples),
+             *(len(splits[s]) for s in ("train", "val", "test")))
+    cv = None
+    if cfg.cv_folds > 1:
+        from core.training.classify import cv_work_dir
+
+        cv = cross_validate_segmenter(cfg, manifest, cv_work_dir(cfg))
+        set_seeds(cfg.seed)
+    data = {s: load_seg_arrays(splits[s], cfg.input_size, cfg.clahe) for s in ("train", "val", "test")}
+    model, provenance, history, timing = train_fold_model(cfg, data["train"], data["val"])
+    seg = Segmenter(model=model, input_size=cfg.input_size, clahe=cfg.clahe)
+    vmaps, vtruth = _segment_split(seg, splits["val"], data["val"][0])
+    post = choose_postprocessing(vmaps, vtruth)
+    seg.threshold, seg.largest_region_only = post["threshold"], post["largest_region_only"]
+    rows, metrics = [], {}
+    for s, (maps, truths) in (("val", (vmaps, vtruth)), ("test", _segment_split(seg, splits["test"], data["test"][0]))):
+        r = score_masks([seg.postprocess(m) for m in maps], truths, splits[s])
+        metrics[s] = segmentation_metrics(r, manifest.class_names, seed=cfg.seed)
+        rows += [{**x, "split": s} for x in r]
+    log.info("Post-processing chosen on validation: threshold %.2f, largest region only %s; test Dice %.3f "
+             "(lesion images), IoU %.3f", post["threshold"], post["largest_region_only"],
+             metrics["test"]["dice"]["mean"] or float("nan"), metrics["test"]["iou"]["mean"] or float("nan"))
+    metadata = {
+        "kind": "segmenter",
+        "name": cfg.bundle_name,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "train.py", *map(quote_arg, argv)]) if argv is not None else None,
+        "argv": list(argv) if argv is not None else None,
+        "git_commit": git_commit(),
+        "config": config_json(cfg),
+        "dataset": {"kind": cfg.dataset, "root": str(manifest.root), "n_images": len(manifest),
+                    "n_with_mask": sum(bool(s.mask_paths) for s in manifest.samples),
+                    "class_counts": manifest.class_counts(), "citation": CITATIONS.get(cfg.dataset),
+                    "masks": "union of every `_mask*` file of an image; images without one (normal) have an "
+                             "empty mask"},
+        "split": {"seed": cfg.seed, "fractions": list(cfg.split), "group_aware": True, "file": "split.csv",
+                  "reused_from": cfg.split_file, "counts": {s: len(splits[s]) for s in ("train", "val", "test")}},
+        "class_names": list(manifest.class_names),
+        "input_size": cfg.input_size,
+        "backbone": "densenet121",
+        "architecture": "U-Net: DenseNet121 encoder (skips conv1_relu, pool2_relu, pool3_relu, pool4_relu, relu), "
+                        "5 decoder steps of bilinear 2x upsampling + concatenation + 2 x (3x3 conv, BatchNorm, "
+                        "ReLU) with 256/128/64/32/16 filters, sigmoid output",
+        "loss": "binary cross-entropy + soft Dice",
+        "weights": provenance,
+        "preprocessing": {"decoder": "core.preprocessing.load_image", "resize": "to the square input; the "
+                          "probability map is resized back to the image (bilinear)", "clahe": cfg.clahe,
+                          "input_range": "RGB 0-255"},
+        "postprocessing": post,
+        "training": {"epochs": len(history), "phases": timing["phases"], "precision": timing["precision"],
+                     "wall_seconds": None, "platform": platform.platform(), "tensorflow": tf.__version__,
+                     "keras": keras.__version__},
+        "metrics": metrics,
+    }
+    if cv is not None:
+        cv_rows = cv.pop("rows")
+        metadata["cross_validation"] = cv
+    hist_keys = sorted({k for row in history for k in row} - {"epoch", "phase"})
+
+    def fill(tmp: Path) -> None:
+        from core.checkpoints import write_csv
+
+        model.save(tmp / "model.keras")
+        metadata["model_sha256"] = sha256_file(tmp / "model.keras")
+        metadata["training"]["wall_seconds"] = round(time.time() - t_start, 1)
+        write_csv(tmp / "history.csv", ["epoch", "phase", *hist_keys],
+                  [[r["epoch"], r["phase"], *[r.get(k, "") for k in hist_keys]] for r in history])
+        _write_rows(tmp / "predictions.csv", rows)
+        if cv is not None:
+            _write_rows(tmp / "cv_predictions.csv", cv_rows, "cv")
+        write_split(splits, tmp / "split.csv")
+        write_json(tmp / "metadata.json", metadata)
+
+    dest = write_bundle(Path(cfg.out_dir) / cfg.bundle_name, fill)
+    from core.training.classify import cv_work_dir
+
+    shutil.rmtree(cv_work_dir(cfg), ignore_errors=True)
+    log.info("Wrote %s in %.1f min", dest, (time.time() - t_start) / 60)
+    return dest
+
+
+def add_segmenter_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
+    """Cross-validate `cfg` and record it in the existing segmenter bundle (model and test metrics unchanged)."""
+    from core.checkpoints import read_metadata, update_metadata
+
+    bundle = Path(cfg.out_dir) / cfg.bundle_name
+    if not (bundle / "metadata.json").is_file():
+        raise DatasetError(f"No segmenter at {bundle} to add cross-validation to.")
+    meta = read_metadata(bundle)
+    set_seeds(cfg.seed)
+    manifest = load_manifest(cfg)
+    check_masks(manifest)
+    from core.training.classify import cv_work_dir
+
+    cv = cross_validate_segmenter(cfg, manifest, cv_work_dir(cfg))
+    rows = cv.pop("rows")
+    cv["command"] = " ".join(["python", "train.py", *map(quote_arg, argv)]) if argv is not None else None
+    cv["git_commit"] = git_commit()
+    cv["differs_from_checkpoint"] = config_differences(meta.get("config", {}), cfg)
+    dest = update_metadata(bundle, {"cross_validation": cv},
+                           files={"cv_predictions.csv": lambda p: _write_rows(p, rows, "cv")})
+    shutil.rmtree(cv_work_dir(cfg), ignore_errors=True)
+    log.info("Segmenter cross-validation added to %s: pooled Dice %.3f", dest, cv["pooled"]["dice"]["mean"])
+    return dest

@@ -1,0 +1,60 @@
+"""Lesion segmentation at inference: post-processing, the lesion's size and shape, and the Segmenter contract."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from core.checkpoints import CheckpointError, list_bundles, load_classifier, load_segmenter
+from core.segmentation import describe_lesion, largest_region, lesion_measurements, postprocess
+
+
+def test_postprocess_threshold_and_largest_region():
+    p = np.zeros((20, 20), np.float32)
+    p[2:5, 2:5] = 0.9  # 9 px
+    p[10:16, 10:16] = 0.6  # 36 px
+    assert postprocess(p, 0.5).sum() == 45
+    assert postprocess(p, 0.7).sum() == 9
+    only = postprocess(p, 0.5, largest_region_only=True)
+    assert only.sum() == 36 and only[12, 12] and not only[3, 3]
+    assert not largest_region(np.zeros((4, 4), bool)).any()
+
+
+def test_lesion_measurements_orientation_and_margin():
+    wide = np.zeros((100, 200), np.uint8)
+    cv2.ellipse(wide, (100, 50), (60, 20), 0, 0, 360, 1, -1)
+    m = lesion_measurements(wide.astype(bool), mm_per_pixel=0.1)
+    assert m["orientation"] == "wider than tall" and m["width_px"] == 121 and m["depth_px"] == 41
+    assert m["area_px"] == int(wide.sum()) and m["area_fraction"] == pytest.approx(wide.mean())
+    assert m["width_mm"] == pytest.approx(12.1) and m["margin_irregularity"] < 0.05
+    tall = np.ascontiguousarray(wide.T)
+    assert lesion_measurements(tall.astype(bool))["orientation"] == "taller than wide"
+    star = np.zeros((200, 200), np.uint8)  # spiculated: a star has a much larger convex hull than area
+    pts = [(100 + (80 if k % 2 == 0 else 25) * np.cos(k * np.pi / 8), 100 + (80 if k % 2 == 0 else 25)
+            * np.sin(k * np.pi / 8)) for k in range(16)]
+    cv2.fillPoly(star, [np.array(pts, np.int32)], 1)
+    assert lesion_measurements(star.astype(bool))["margin_irregularity"] > 0.3
+    assert lesion_measurements(np.zeros((5, 5), bool)) is None
+    assert describe_lesion(None) == "No lesion predicted in this image."
+    assert "wider than tall" in describe_lesion(m) and "12.1 x 4.1 mm" in describe_lesion(m)
+
+
+def test_segmenter_bundle_predicts_a_mask_of_the_input_shape(tiny_segmenter):
+    seg = load_segmenter(tiny_segmenter)
+    img = np.random.default_rng(0).integers(0, 255, (45, 70, 3)).astype(np.uint8)
+    p = seg.predict_proba_map(img)
+    assert p.shape == (45, 70) and p.dtype == np.float32 and 0.0 <= p.min() and p.max() <= 1.0
+    mask = seg.predict_mask(img)
+    assert mask.shape == (45, 70) and mask.dtype == bool
+    assert np.array_equal(mask, postprocess(p, seg.threshold, seg.largest_region_only))
+    with pytest.raises(ValueError, match="RGB"):
+        seg.predict_proba_map(img[..., 0])
+
+
+def test_segmenter_and_classifier_bundles_are_kept_apart(tiny_segmenter, tiny_bundle):
+    assert list_bundles(tiny_segmenter.parent, kind="segmenter") == [tiny_segmenter]
+    assert list_bundles(tiny_segmenter.parent, kind="classifier") == []
+    with pytest.raises(CheckpointError, match="classifier, not a lesion segmenter"):
+        load_segmenter(tiny_bundle)
+    with pytest.raises(CheckpointError):
+        load_classifier(tiny_segmenter)  # two-class metadata vs a one-channel map: refused, not misused

@@ -1,0 +1,98 @@
+"""Segmentation training (`train.py --task segmentation`): Dice / IoU, metrics, bundle, CV, errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import train
+from core.checkpoints import read_csv
+from core.training.segment import choose_postprocessing, dice_iou, load_seg_arrays, segmentation_metrics
+from tests.conftest import BUSI, needs_shared, write_class_tree
+
+
+def test_dice_and_iou_against_hand_computed_values():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[0, :4] = True  # 4 px
+    b[0, 2:4] = b[1, 2:4] = True  # 4 px, 2 shared
+    d, j = dice_iou(a, b)
+    assert d == pytest.approx(2 * 2 / 8) and j == pytest.approx(2 / 6)
+    assert dice_iou(a, a) == (1.0, 1.0)
+    assert dice_iou(a, np.zeros_like(a)) == (0.0, 0.0)
+    assert dice_iou(np.zeros_like(a), np.zeros_like(a)) == (None, None)  # undefined, not perfect
+    with pytest.raises(ValueError, match="shapes"):
+        dice_iou(a, np.zeros((3, 3), bool))
+
+
+def test_segmentation_metrics_by_class_and_false_positive_area():
+    rows = [{"class": "benign", "dice": 0.8, "iou": 0.7, "true_area": 0.1, "pred_area": 0.1},
+            {"class": "malignant", "dice": 0.4, "iou": 0.25, "true_area": 0.2, "pred_area": 0.1},
+            {"class": "normal", "dice": None, "iou": None, "true_area": 0.0, "pred_area": 0.05},
+            {"class": "normal", "dice": None, "iou": None, "true_area": 0.0, "pred_area": 0.0}]
+    m = segmentation_metrics(rows, ("benign", "malignant", "normal"), n_boot=200)
+    assert m["n_lesion_images"] == 2 and m["dice"]["mean"] == pytest.approx(0.6)
+    assert m["dice"]["ci95"][0] <= 0.6 <= m["dice"]["ci95"][1]
+    assert m["by_class"]["malignant"]["iou"]["mean"] == pytest.approx(0.25) and "normal" not in m["by_class"]
+    fp = m["no_lesion_images"]
+    assert fp["n"] == 2 and fp["false_positive_area_mean"] == pytest.approx(0.025)
+    assert fp["share_with_no_predicted_lesion"] == pytest.approx(0.5)
+
+
+def test_post_processing_is_chosen_on_validation_maps():
+    truth = np.zeros((20, 20), bool)
+    truth[5:15, 5:15] = True
+    m = np.zeros((20, 20), np.float32)
+    m[5:15, 5:15] = 0.45  # the lesion sits just below 0.5
+    m[0:2, 0:2] = 0.9  # a small bright false positive away from it
+    best = choose_postprocessing([m], [truth])
+    assert best["threshold"] < 0.45 and best["largest_region_only"] is True
+    assert best["validation_score"] == pytest.approx(1.0)
+
+
+def test_segmentation_bundle_end_to_end(tiny_segmenter, tiny_busi_tree):
+    meta = json.loads((tiny_segmenter / "metadata.json").read_text())
+    assert meta["kind"] == "segmenter" and meta["argv"][:2] == ["--task", "segmentation"]
+    test = meta["metrics"]["test"]
+    assert test["n_lesion_images"] > 0 and 0.0 <= test["dice"]["mean"] <= 1.0
+    assert "no_lesion_images" in test and set(test["by_class"]) <= {"benign", "malignant"}
+    assert meta["postprocessing"]["threshold"] in (0.3, 0.4, 0.5, 0.6, 0.7)
+    rows = read_csv(tiny_segmenter / "predictions.csv")
+    assert {r["split"] for r in rows} == {"val", "test"}
+    assert all(r["dice"] == "" for r in rows if r["class"] == "normal")  # empty truth: no Dice
+
+
+def test_segmenter_cross_validation_is_recorded(tiny_segmenter, tiny_busi_tree, tmp_path):
+    import shutil
+
+    bundle = tmp_path / "seg_tiny"
+    shutil.copytree(tiny_segmenter, bundle)
+    args = ["--task", "segmentation", "--dataset", "busi", "--data-dir", str(tiny_busi_tree), "--weights", "none",
+            "--input-size", "32", "--head-epochs", "1", "--fine-tune-epochs", "0", "--batch-size", "8",
+            "--dropout", "0", "--cv-folds", "2", "--cv-only", "--name", "seg_tiny", "--out-dir", str(tmp_path),
+            "--quiet"]
+    assert train.main(args) == 0
+    cv = json.loads((bundle / "metadata.json").read_text())["cross_validation"]
+    assert len(cv["folds"]) == 2 and sum(f["n_test"] for f in cv["folds"]) == 30
+    assert cv["differs_from_checkpoint"]["fine_tune_epochs"] == {"checkpoint": 1, "cross_validation": 0}
+    assert len(read_csv(bundle / "cv_predictions.csv")) == 30
+    assert not (tmp_path / ".seg_tiny.cv").exists()
+
+
+def test_segmentation_without_masks_is_a_clear_error(tmp_path, capsys):
+    data = write_class_tree(tmp_path / "d", n_per_class=4, classes=("benign", "malignant", "normal"))
+    rc = train.main(["--task", "segmentation", "--dataset", "busi", "--data-dir", str(data), "--weights", "none",
+                     "--input-size", "32", "--out-dir", str(tmp_path / "out"), "--quiet"])
+    assert rc == 2 and "No lesion masks" in capsys.readouterr().out
+
+
+@needs_shared
+def test_busi_masks_are_read_as_the_union_and_normals_are_empty():
+    from core.data import load_busi
+
+    m = load_busi(BUSI)
+    pick = [next(i for i, s in enumerate(m.samples) if s.class_name == c) for c in ("benign", "malignant", "normal")]
+    double = next(i for i, s in enumerate(m.samples) if len(s.mask_paths) > 1)
+    _, y = load_seg_arrays(m.subset(pick + [double]), 64)
+    assert y[0].any() and y[1].any() and not y[2].any() and y[3].any()
