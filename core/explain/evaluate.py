@@ -1,5 +1,8 @@
 """python -m core.explain.evaluate CHECKPOINT: score every method on the checkpoint's test images.
 
+Also runs the randomisation sanity checks (core.explain.sanity) on a few test images (`--sanity-images`,
+`--sanity-only` to add them to an existing file).
+
 Writes `explanations.json` into the bundle: per method the mean and 95% bootstrap interval of
 deletion AUC (lower is better), insertion AUC (higher), pointing game, energy in the lesion mask and
 IoU of the top-15% region with the mask, mean seconds per image, pairwise agreement between methods
@@ -31,6 +34,10 @@ DEFAULT_PARAMS = {
     "occlusion": {"window": 32, "stride": 32},
     "integrated_gradients": {"steps": 16},
 }
+
+
+#: Lighter LIME / SHAP settings for the sanity checks (13 runs of every method per image on a DenseNet121).
+SANITY_PARAMS = {"lime": {"num_samples": 300}, "shap": {"max_evals": 200}}
 
 
 def mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
@@ -154,6 +161,35 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
     return result
 
 
+def sanity(bundle: str | Path, methods: Optional[Sequence[str]] = None, n_images: int = 2,
+           data_dir: Optional[str] = None, seed: int = 0, log=print) -> dict:
+    """Model-parameter randomisation and random-logit checks (core.explain.sanity) on `n_images` test images,
+    balanced across classes, with the evaluation's method settings (LIME and SHAP lighter: SANITY_PARAMS)."""
+    from core.checkpoints import load_classifier
+    from core.explain import EXPLAINERS
+    from core.explain.sanity import SanityConfig, sanity_checks
+
+    bundle = Path(bundle)
+    clf = load_classifier(bundle)
+    methods = tuple(methods or EXPLAINERS)
+    cases, _ = test_cases(bundle, resolve_data_root(clf.metadata, bundle, data_dir), n_images, seed)
+    images = [cases.read(s) for s in cases.samples]
+    t0, last = time.time(), [0.0]
+
+    def progress(f: float) -> None:
+        if f - last[0] >= 0.1 or f >= 1.0:
+            last[0] = f
+            log(f"sanity checks {f:.0%} ({time.time() - t0:.0f} s)")
+
+    params = {m: {**DEFAULT_PARAMS.get(m, {}), **SANITY_PARAMS.get(m, {})} for m in methods}
+    cfg = SanityConfig(methods=methods, params=params, seed=seed)
+    res = sanity_checks(clf, images, cfg, progress)
+    res["images"] = [os.path.relpath(s.path, cases.root) for s in cases.samples]
+    res["model_sha256"] = clf.metadata.get("model_sha256")
+    res["wall_seconds"] = round(time.time() - t0, 1)
+    return res
+
+
 def write_result(bundle: Path, result: dict) -> Path:
     out = Path(bundle) / "explanations.json"
     tmp = out.with_suffix(".json.tmp")
@@ -172,13 +208,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--limit", type=int, default=24, help="number of test images (0: all with masks)")
     ap.add_argument("--data-dir", default=None, help="dataset root if not where metadata.json says")
     ap.add_argument("--steps", type=int, default=20, help="deletion/insertion curve steps")
+    ap.add_argument("--sanity-images", type=int, default=2,
+                    help="test images for the randomisation sanity checks (0: skip them)")
+    ap.add_argument("--sanity-only", action="store_true",
+                    help="only (re)run the sanity checks and add them to the existing explanations.json")
     args = ap.parse_args(argv)
+    bundle = Path(args.checkpoint)
     try:
-        result = evaluate(args.checkpoint, args.methods, args.limit or None, args.data_dir, args.steps)
+        if args.sanity_only:
+            old = bundle / "explanations.json"
+            if not old.is_file():
+                raise ValueError(f"{bundle.name} has no explanations.json yet: run without --sanity-only first.")
+            result = json.loads(old.read_text())
+        else:
+            result = evaluate(bundle, args.methods, args.limit or None, args.data_dir, args.steps)
+        if args.sanity_images > 0:
+            result["sanity"] = sanity(bundle, args.methods, args.sanity_images, args.data_dir)
     except (BreastXAIError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    path = write_result(Path(args.checkpoint), result)
+    path = write_result(bundle, result)
+    for m, r in result.get("sanity", {}).get("methods", {}).items():
+        verdict = {True: "pass", False: "FAIL", None: "undefined"}[r["passed"]]
+        print(f"sanity {m:<22} {verdict:<9} {r['note']}")
+    if args.sanity_only:
+        print(f"written {path}")
+        return 0
     for m, r in result["methods"].items():
         local = (f"point {r['pointing_game']['mean']:.2f}  energy {r['energy_in_mask']['mean']:.2f}  "
                  f"iou {r['mask_iou_top15']['mean']:.2f}  ") if "pointing_game" in r else ""

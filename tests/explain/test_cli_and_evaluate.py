@@ -75,3 +75,23 @@ def test_evaluate_without_masks_reports_faithfulness_agreement_and_stability(tin
         assert set(res["methods"][m]) == {"deletion_auc", "insertion_auc", "seconds"}
         assert 0.0 <= res["methods"][m]["deletion_auc"]["mean"] <= 1.0
     assert len(res["agreement"]) == 1 and res["seed_stability"]["lime"]["n"] == 1
+
+
+def test_sanity_only_adds_the_checks_to_explanations_json(tiny_idc_bundle, tmp_path, capsys):
+    import json
+    import shutil
+
+    from core.explain.evaluate import main
+
+    bundle = tmp_path / "idc_tiny"
+    shutil.copytree(tiny_idc_bundle, bundle)
+    assert main([str(bundle), "--sanity-only"]) == 2  # nothing to add to yet: a message, not a traceback
+    assert "no explanations.json" in capsys.readouterr().err
+    (bundle / "explanations.json").write_text(json.dumps({"checkpoint": "idc_tiny", "methods": {}}))
+    assert main([str(bundle), "--sanity-only", "--sanity-images", "2", "--methods", "gradcam", "occlusion"]) == 0
+    saved = json.loads((bundle / "explanations.json").read_text())
+    s = saved["sanity"]
+    assert saved["checkpoint"] == "idc_tiny" and s["n_images"] == 2 and len(s["images"]) == 2
+    assert set(s["methods"]) == {"gradcam", "occlusion"} and s["blocks"][0]["name"] == "head"
+    out = capsys.readouterr().out
+    assert "sanity gradcam" in out and s["methods"]["gradcam"]["passed"] in (True, False, None)
