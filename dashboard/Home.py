@@ -100,4 +100,5 @@ if ds.get("kind") == "busi":
                "Repeat scans may sit on both sides of this split, so its test scores are optimistic. ")
             + "Cite: " + (ds.get("citation") or ""))
 ui.small_data_evidence(meta, ckpt)
+ui.sanity_view(ckpt)
 ui.segmenter_card(ckpt)

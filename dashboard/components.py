@@ -13,7 +13,7 @@ from PIL import Image
 
 import services as svc
 from core.data.split import describe_groups
-from core.explain import EXPLAINERS
+from core.explain import EXPLAINERS, FAST_PARAMS
 from core.explain.visualise import boundaries, colorize, mask_outline, overlay
 
 METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "lime": "LIME", "shap": "SHAP (partition)",
@@ -36,15 +36,14 @@ PARAM_UI = {
 #: Methods that re-classify many perturbed copies of the image, and the largest tile grid they run on.
 PERTURBATION_METHODS = ("lime", "shap", "occlusion")
 MAX_PERTURBATION_TILES = 16
-FAST_DEFAULTS = {"lime": {"num_samples": 300, "n_segments": 50, "num_features": 20},
-                 "shap": {"max_evals": 300}, "integrated_gradients": {"steps": 16}}
+FAST_DEFAULTS = FAST_PARAMS
 
 
 #: Widget keys whose values persist for the session when the user leaves a page and comes back
 #: (Streamlit forgets a page's widget state once another page runs). Prefixes of settings widgets:
 PERSIST_PREFIXES = ("ex_", "ll_", "cmp_", "ev_", "an_", "teach_opt_")
 _NOT_SETTINGS = ("_upload", "_src", "_example", "_run", "_stab", "_next", "_reveal", "_chart", "_cm", "_roc", "_pr",
-                 "_cal", "_hist", "_curve", "_dl_", "_open_", "_mosaic_patient", "FormSubmitter")
+                 "_cal", "_hist", "_curve", "_dl_", "_open_", "_mosaic_patient", "_report", "FormSubmitter")
 _PERSIST = "_persisted_settings"
 
 
@@ -768,3 +767,56 @@ def segmenter_card(ckpt: Path) -> None:
 
 def fmt_metric(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
+
+
+def report_download(ckpt: Path, inp: "ImageInput", results: dict, prefix: str, lesion=None) -> None:
+    """"Download report": the case report (PDF, or its pages as PNG) of the prediction and these maps.
+    The file name goes in only when the user ticks the box; the report is built when the button is pressed."""
+    c1, c2, c3 = st.columns([2, 2, 1.2])
+    fmt = c1.radio("Report format", ["PDF", "PNG pages (zip)"], horizontal=True, key=f"{prefix}_rep_fmt")
+    named = c2.checkbox("Print the file name in the report", value=False, key=f"{prefix}_rep_name",
+                        help="Off: the report identifies the image only by its sha256 fingerprint.")
+    png = fmt != "PDF"
+    c3.download_button(
+        "Download report", type="primary", key=f"{prefix}_report",
+        data=lambda: svc.case_report(ckpt, inp.image, inp.sha, results, lesion, inp.mask, inp.true_class,
+                                     inp.name if named else None, png),
+        file_name=f"breastxai_report_{inp.sha[:10]}.{'zip' if png else 'pdf'}",
+        mime="application/zip" if png else "application/pdf",
+        help="The image, prediction, out-of-distribution check, each map with its settings, seeds and run time, "
+             "the model's measured quality and sanity checks, hashes and the disclaimer.")
+
+
+SANITY_TEACHING = ("If a method draws nearly the same map for a network whose weights are random, the map shows the "
+                   "image (edges, bright or dark areas), not what the model learned, and it should not be used to teach "
+                   "what the model sees. A map that changes completely passes this check: necessary for a faithful "
+                   "explanation, though not proof of one.")
+
+
+def sanity_view(ckpt: Path) -> None:
+    """The model card's per-method sanity-check table (explanations.json["sanity"]), when recorded."""
+    ej = svc.explanations_json(ckpt) or {}
+    san = ej.get("sanity")
+    st.subheader("Sanity checks of the explanation methods")
+    if not san:
+        st.caption(f"Not run for this checkpoint yet: `python -m core.explain.evaluate {ckpt} --sanity-only`.")
+        return
+    rows = []
+    for m, r in san["methods"].items():
+        last = r["cascading"][-1] if r["cascading"] else {}
+        top = r["cascading"][0] if r["cascading"] else {}
+        logit = r.get("random_logit") or {}
+        rows.append({"method": METHOD_LABELS.get(m, m),
+                     "result": {True: "✅ pass", False: "❌ fail", None: "undefined"}[r["passed"]],
+                     "rank correlation, all weights random": _r(last.get("spearman")),
+                     "SSIM, all weights random": _r(last.get("ssim")),
+                     f"rank correlation, {top.get('randomised', ['?'])[0]} random": _r(top.get("spearman")),
+                     "rank correlation with another class's map": _r(logit.get("spearman"))
+                     + (f" ({logit['n_other_map_empty']} empty)" if logit.get("n_other_map_empty") else "")})
+    st.dataframe(rows, width="stretch", hide_index=True)
+    st.caption(f"A method {san['pass_rule']}. Measured on {san['n_images']} test image(s); 1 = the same map, "
+               "0 = unrelated. " + SANITY_TEACHING)
+
+
+def _r(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -222,6 +223,34 @@ def predicted_lesion(ckpt: Path, image: np.ndarray, image_sha: str) -> Optional[
     return None if seg is None else _lesion(str(seg), _mtime(seg), image_sha, image)
 
 
+# ------------------------------------------------------------------------------------- case report
+def case_report(ckpt: Path, image: np.ndarray, image_sha: str, results: dict, lesion: Optional[PredictedLesion] = None,
+                mask: Optional[np.ndarray] = None, true_class: Optional[str] = None, name: Optional[str] = None,
+                png_pages: bool = False) -> bytes:
+    """The case report of what the page shows (core.report): PDF bytes, or a zip of its pages as PNG.
+    `name` (the file name) is printed only when the user has ticked the box that allows it."""
+    import zipfile
+
+    from core.report import Case, ReportOptions, make_report, pdf_pages_png
+    from core.segmentation import describe_lesion
+    from core.training.common import git_commit
+
+    case = Case(image=image, probabilities=predict(ckpt, image, image_sha), explanations=list(results.values()),
+                name=name, true_class=true_class, mask=mask, ood=ood_check(ckpt, image, image_sha),
+                predicted_lesion=lesion.mask if lesion is not None else None,
+                lesion_text=describe_lesion(lesion.measurements) if lesion is not None else None)
+    seg = segmenter_for(ckpt)
+    pdf = make_report(classifier(ckpt), [case], ReportOptions(include_names=name is not None), explanations_json(ckpt),
+                      git_commit(), read_metadata(seg) if seg is not None and lesion is not None else None)
+    if not png_pages:
+        return pdf
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for k, png in enumerate(pdf_pages_png(pdf), start=1):
+            z.writestr(f"breastxai_report_page{k}.png", png)
+    return buf.getvalue()
+
+
 @st.cache_resource
 def feedback_store():
     from core.feedback import FeedbackStore
@@ -276,6 +305,27 @@ def explain(path: Path, image: np.ndarray, image_sha: str, method: str, params: 
     _results().put(key, e)
     return e
 
+
+
+@st.cache_resource(max_entries=1, show_spinner="Randomising every weight of a copy of the network…")
+def _randomised(path: str, mtime: float):
+    from core.explain.sanity import fully_randomised
+
+    return fully_randomised(_classifier(path, mtime), seed=0)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _randomised_explanation(path: str, mtime: float, image_sha: str, method: str, params_json: str,
+                            target: int, _image: np.ndarray):
+    from core.explain import explain as core_explain
+
+    return core_explain(_randomised(path, mtime), _image, method, target=target, **json.loads(params_json))
+
+
+def randomised_explanation(path: Path, image: np.ndarray, image_sha: str, method: str, params: dict, target: int):
+    """The method's map for `target` on a copy of the checkpoint whose weights are all random (sanity check)."""
+    return _randomised_explanation(str(path), _mtime(Path(path)), image_sha, method,
+                                   json.dumps(params, sort_keys=True), int(target), image)
 
 
 USER_ERRORS = (BreastXAIError, InvalidImageError)

@@ -18,6 +18,11 @@ EXPLAINERS: dict[str, type[Explainer]] = {
 }
 
 
+#: Settings that keep every method within seconds on a laptop CPU (the dashboard's defaults, the report's).
+FAST_PARAMS: dict[str, dict] = {"lime": {"num_samples": 300, "n_segments": 50, "num_features": 20},
+                                "shap": {"max_evals": 300}, "integrated_gradients": {"steps": 16}}
+
+
 def explain(classifier, image: np.ndarray, method: str, target: Optional[int] = None,
             progress: Progress = None, **params) -> Explanation:
     """Explain `classifier`'s prediction on a uint8 RGB image with one method by name."""
@@ -26,4 +31,4 @@ def explain(classifier, image: np.ndarray, method: str, target: Optional[int] = 
     return EXPLAINERS[method](classifier, progress=progress, **params).explain(image, target)
 
 
-__all__ = ["EXPLAINERS", "Explainer", "Explanation", "explain", "normalise_positive", "baseline_image"]
+__all__ = ["EXPLAINERS", "FAST_PARAMS", "Explainer", "Explanation", "explain", "normalise_positive", "baseline_image"]

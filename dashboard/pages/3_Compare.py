@@ -40,6 +40,7 @@ for i, (m, e) in enumerate(res.items()):
     cols[i % len(cols)].image(ui.render_overlay(inp.image, e, 0.5, inp.mask, predicted=pm), width="stretch",
                               caption=f"{ui.METHOD_LABELS[m]} · {e.seconds:.1f} s")
 ui.show_legend()
+ui.report_download(ckpt, inp, res, "cmp", lesion)
 legend = ui.outline_legend(inp.mask is not None, pm is not None and pm.any())
 if legend:
     st.caption(legend)
@@ -93,3 +94,26 @@ if region is None:
     st.caption("No lesion mask for this image: localisation scores need a BUSI example (or draw one on Annotate).")
 else:
     st.caption(f"Localisation scores (pointing game, energy in lesion, IoU) are measured against the **{region_label}**.")
+
+st.subheader("Sanity check: does each map depend on what the model learned?")
+st.caption(ui.SANITY_TEACHING)
+if st.button("Show the maps of a randomised copy of the model", key="cmp_sanity_run"):
+    st.session_state["cmp_sanity"] = (inp.sha, tuple(res))
+if st.session_state.get("cmp_sanity") == (inp.sha, tuple(res)):
+    from core.explain.sanity import similarity
+
+    for m, e in res.items():
+        r = svc.randomised_explanation(ckpt, inp.image, inp.sha, m, params[m], e.target)
+        sim = similarity(e.heatmap(), r.heatmap())
+        c1, c2, c3 = st.columns([2, 2, 1.4])
+        c1.image(ui.render_overlay(inp.image, e, 0.5), caption=f"{ui.METHOD_LABELS[m]} · trained model", width="stretch")
+        c2.image(ui.render_overlay(inp.image, r, 0.5), caption=f"{ui.METHOD_LABELS[m]} · every weight random",
+                 width="stretch")
+        if sim["spearman"] is None:
+            c3.write("Similarity undefined: one of the maps is blank.")
+        else:
+            c3.metric("Rank correlation", f"{sim['spearman']:.2f}")
+            c3.metric("SSIM", f"{sim['ssim']:.2f}")
+            c3.caption("Still alike: the map shows the image more than the model." if sim["spearman"] >= 0.5 else
+                       "Changed: the map depends on the learned weights.")
+ui.sanity_view(ckpt)

@@ -185,6 +185,8 @@ else:
         st.caption(f"{ui.METHOD_LABELS.get(mm, mm)} seed stability over {r['seeds']} seeds on {r['images']} images: "
                    f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}].")
 
+ui.sanity_view(ckpt)
+
 bundles = [s for s in svc.bundle_statuses() if s.ok]
 if len(bundles) > 1:
     st.subheader("All checkpoints")

@@ -577,6 +577,8 @@ def test_predicted_lesion_outlined_measured_and_used_for_localisation(ultrasound
     at.run()
     no_exception(at)
     assert any("magenta: *predicted* lesion" in c.value for c in at.caption)
+    assert at.checkbox(key="ex_rep_name").value is False  # no file name in the report unless ticked
+    assert at.get("download_button")[0].proto.label == "Download report"
     at.checkbox(key="ex_pred_lesion").uncheck().run()
     assert not any(c.value.startswith("Predicted lesion") for c in at.caption)
 
@@ -586,6 +588,7 @@ def test_predicted_lesion_outlined_measured_and_used_for_localisation(ultrasound
     at.run()
     no_exception(at)
     assert any("measured against the **predicted lesion (segmenter), not a true mask**" in c.value for c in at.caption)
+    assert any(b.proto.label == "Download report" for b in at.get("download_button"))
     scores = at.dataframe[-1].value
     assert "energy in lesion" in scores.columns and scores["energy in lesion"].iloc[0] == pytest.approx(1.0)
 
@@ -612,3 +615,40 @@ def test_model_card_shows_the_lesion_segmenter(ultrasound_env):
     labels = [m.label for m in at.metric]
     assert any(l.startswith("Dice, test split (n = ") for l in labels) and "IoU, test split" in labels
     assert any("scans without a lesion" in c.value for c in at.caption)
+
+
+def test_compare_shows_the_randomised_model_maps_and_the_model_card_sanity_table(tiny_bundle, tiny_tree, tmp_path,
+                                                                                  monkeypatch):
+    from core.explain.evaluate import main as evaluate_main
+    from tests.conftest import make_class_image
+
+    bundle = tmp_path / "ckpts" / "tiny"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / "explanations.json").write_text(json.dumps({"checkpoint": "tiny", "methods": {}}))
+    assert evaluate_main([str(bundle), "--sanity-only", "--sanity-images", "2", "--methods", "gradcam"]) == 0
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(bundle.parent))
+    monkeypatch.setenv("BREASTXAI_DATA", str(tmp_path / "nodata"))
+    import streamlit as st
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+    at = app()
+    no_exception(at)
+    assert any(h.value == "Sanity checks of the explanation methods" for h in at.subheader)
+    table = [d.value for d in at.dataframe if "result" in d.value.columns][0]
+    assert list(table["method"]) == ["Grad-CAM"] and table["result"].iloc[0] in ("✅ pass", "❌ fail", "undefined")
+
+    at.switch_page("pages/3_Compare.py").run()
+    at.radio(key="cmp_src").set_value("Upload").run()
+    at.file_uploader(key="cmp_upload").upload("x.png", png(make_class_image(1, np.random.default_rng(2), 48)),
+                                              "image/png")
+    at.run()
+    at.multiselect(key="cmp_methods").set_value(["gradcam"])
+    at.button(key="FormSubmitter:cmp_form-Compare").click()
+    at.run()
+    at.button(key="cmp_sanity_run").click()
+    at.run()
+    no_exception(at)
+    assert [m.label for m in at.metric][-2:] == ["Rank correlation", "SSIM"] or any(
+        "Similarity undefined" in m.value for m in at.markdown)
+    assert any("should not be used to teach" in c.value for c in at.caption)

@@ -1,0 +1,79 @@
+"""Case report: the PDF holds what a clinician needs (and nothing identifying unless asked), every page renders."""
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from core.checkpoints import load_classifier
+from core.report import DISCLAIMER, ReportOptions, build_case, latin1, make_report, pdf_pages_png
+from tests.conftest import make_class_image
+
+
+def pdf_text(pdf: bytes) -> str:
+    from pypdf import PdfReader
+
+    return "\n".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf)).pages)
+
+
+@pytest.fixture(scope="module")
+def report(tiny_bundle):
+    clf = load_classifier(tiny_bundle)
+    rng = np.random.default_rng(0)
+    cases = [build_case(clf, make_class_image(k, rng, 48), ["gradcam", "lime"],
+                        {"lime": {"num_samples": 40, "n_segments": 8}}, name=f"patient_{k}.png") for k in (0, 1)]
+    expl = {"methods": {"gradcam": {"deletion_auc": {"mean": 0.3}, "insertion_auc": {"mean": 0.7}}},
+            "sanity": {"pass_rule": "passes when ...", "n_images": 2,
+                       "methods": {"gradcam": {"passed": True, "note": "fully randomised: Spearman 0.10"}}}}
+    pdf = make_report(clf, cases, ReportOptions(), expl, app_commit="abc123")
+    return clf, cases, pdf
+
+
+def test_report_text_holds_hashes_prediction_settings_and_disclaimer(report):
+    clf, cases, pdf = report
+    text = " ".join(pdf_text(pdf).split())
+    assert clf.metadata["model_sha256"][:16] in text and cases[0].sha256[:16] in text
+    pred = clf.class_names[int(np.argmax(cases[0].probabilities))]
+    assert f"Prediction: {pred}" in text or "Out of distribution: no verdict" in text
+    assert " ".join(latin1(DISCLAIMER).split()) in text
+    assert "random_seed=0" in text and "gradcam: explains" in text and "lime: explains" in text
+    assert "pass" in text and "app at commit abc123" in text
+    assert "patient_0.png" not in text  # no file name without the user's consent
+
+
+def test_file_name_and_note_only_on_request(report):
+    clf, cases, _ = report
+    text = pdf_text(make_report(clf, cases[:1], ReportOptions(include_names=True, note="teaching set 3")))
+    assert "patient_0.png" in text and "teaching set 3" in text
+
+
+def test_every_page_renders(report, tmp_path):
+    _, cases, pdf = report
+    pngs = pdf_pages_png(pdf, dpi=40)
+    assert len(pngs) == len(cases) + 1 and all(p.startswith(b"\x89PNG") for p in pngs)
+    if shutil.which("pdftoppm") is None:
+        pytest.skip("pdftoppm (poppler-utils) is not installed")
+    (tmp_path / "r.pdf").write_bytes(pdf)
+    subprocess.run(["pdftoppm", "-png", "-r", "40", str(tmp_path / "r.pdf"), str(tmp_path / "p")], check=True)
+    assert len(list(tmp_path.glob("p*.png"))) == len(cases) + 1
+
+
+def test_cli_makes_a_handout_for_several_images(tiny_bundle, tmp_path, capsys):
+    from PIL import Image
+
+    from core.report import main
+
+    paths = []
+    for k in (0, 1):
+        p = tmp_path / f"img{k}.png"
+        Image.fromarray(make_class_image(k, np.random.default_rng(k), 48)).save(p)
+        paths.append(str(p))
+    out = tmp_path / "handout.pdf"
+    assert main([str(tiny_bundle), *paths, "--methods", "gradcam,occlusion", "--out", str(out),
+                 "--png-dir", str(tmp_path / "png")]) == 0
+    assert "Case 2 of 2" in pdf_text(out.read_bytes()) and len(list((tmp_path / "png").glob("*.png"))) == 3
+    assert main([str(tiny_bundle), *paths, "--methods", "nonsense"]) == 2
+    assert "unknown method" in capsys.readouterr().err
