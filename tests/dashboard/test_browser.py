@@ -335,3 +335,46 @@ def test_signed_view_shows_the_evidence_against_the_class(server, browser, tmp_p
     wait_rendered(browser)
     assert overlay() != before
     assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+
+
+@pytest.mark.timing
+def test_lime_lab_estimate_is_within_35_percent_of_the_run(server, browser, tmp_path):
+    """In a real browser: LIME Lab's run-time estimate for 3000 samples lands within ±35% of the run's own time.
+
+    A timing check, so it is not part of the default suite (`python -m pytest -m timing` runs it); point
+    BREASTXAI_BROWSER_CHECKPOINTS at checkpoints/ to check the committed models."""
+    import re
+
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from tests.conftest import make_class_image
+
+    img = tmp_path / "lime_case.png"
+    Image.fromarray(make_class_image(1, __import__("numpy").random.default_rng(5), 48)).save(img)
+    sample = os.environ.get("BREASTXAI_BROWSER_IMAGE")
+    browser.get(f"{server}/LIME_Lab")
+    wait_rendered(browser)
+    _upload(browser, Path(sample) if sample else img)
+    slider = next(s for s in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSlider"]')
+                  if "Samples" in s.get_attribute("innerText"))
+    slider.find_element(By.CSS_SELECTOR, 'input[type="range"]').send_keys(Keys.END)  # 3000 samples
+    time.sleep(1)
+    wait_rendered(browser, 300)
+    metric = next(m for m in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]')
+                  if "Estimated run time" in m.get_attribute("innerText"))
+    estimate = float(re.search(r"([\d.]+) s", metric.get_attribute("innerText")).group(1))
+    _click_button(browser, "Run LIME")
+    deadline = time.time() + 600
+    caption = ""
+    while time.time() < deadline:
+        caption = " ".join(c.get_attribute("innerText") for c in browser.find_elements(
+            By.CSS_SELECTOR, '[data-testid="stMain"] [data-testid="stImage"]'))
+        if "LIME heatmap for" in caption:
+            break
+        time.sleep(0.5)
+    took = float(re.search(r"LIME heatmap for .*? · ([\d.]+) s", caption).group(1))
+    print(f"LIME Lab 3000 samples: estimate {estimate:.1f} s, run {took:.1f} s, ratio {estimate / took:.2f}")
+    assert 0.65 * took <= estimate <= 1.35 * took, (estimate, took)
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
