@@ -277,6 +277,15 @@ class Classifier:
             t = np.stack([apply_clahe(im.astype(np.uint8)) for im in t])
         return t.astype(np.float32, copy=False)
 
+    def n_tiles(self, image: np.ndarray) -> int:
+        """Model inputs one prediction of `image` takes: 1 for whole-image models, the grid size for patch models
+        (a large field on the 50 px IDC model is hundreds)."""
+        if self.patches is None:
+            return 1
+        from core.patches import grid_boxes
+
+        return len(grid_boxes(self.work_image(image).shape[:2], self.input_size, self.tile_stride))
+
     def _tile_batches(self, images, work: bool) -> tuple[np.ndarray, list[int]]:
         if self.patches is None:
             x = self.prepare_batch(images)

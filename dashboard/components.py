@@ -13,7 +13,7 @@ from PIL import Image
 
 import services as svc
 from core.data.split import describe_groups
-from core.explain import EXPLAINERS, FAST_PARAMS
+from core.explain import EXPLAINERS, FAST_PARAMS, MAX_PERTURBATION_TILES, PERTURBATION_METHODS
 from core.explain.visualise import boundaries, colorize, mask_outline, overlay
 
 METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "lime": "LIME", "shap": "SHAP (partition)",
@@ -34,8 +34,6 @@ PARAM_UI = {
     "integrated_gradients": {"steps": ("int", (4, 256, 4)), "baseline": ("choice", ["black", "blur", "mean"])},
 }
 #: Methods that re-classify many perturbed copies of the image, and the largest tile grid they run on.
-PERTURBATION_METHODS = ("lime", "shap", "occlusion")
-MAX_PERTURBATION_TILES = 16
 FAST_DEFAULTS = FAST_PARAMS
 
 

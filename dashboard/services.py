@@ -383,14 +383,8 @@ def mosaic(path: Path, patient: str, width: int = 900):
 
 
 def tile_count(path: Path, image: np.ndarray) -> int:
-    """How many model inputs one prediction of `image` takes: 1 for whole-image models, the grid size for patch
-    models (a large field on the 50 px IDC model is hundreds)."""
-    clf = classifier(path)
-    if clf.patches is None:
-        return 1
-    from core.patches import grid_boxes
-
-    return len(grid_boxes(clf.work_image(image).shape[:2], clf.input_size, clf.tile_stride))
+    """How many model inputs one prediction of `image` takes (Classifier.n_tiles)."""
+    return classifier(path).n_tiles(image)
 
 
 @st.cache_data(max_entries=32, show_spinner="Timing two short LIME runs on this image…")

@@ -23,6 +23,11 @@ FAST_PARAMS: dict[str, dict] = {"lime": {"num_samples": 300, "n_segments": 50, "
                                 "shap": {"max_evals": 300}, "integrated_gradients": {"steps": 16}}
 
 
+#: Methods that re-classify the image hundreds of times; refused above MAX_PERTURBATION_TILES model inputs per image.
+PERTURBATION_METHODS = ("lime", "shap", "occlusion")
+MAX_PERTURBATION_TILES = 16
+
+
 def explain(classifier, image: np.ndarray, method: str, target: Optional[int] = None,
             progress: Progress = None, **params) -> Explanation:
     """Explain `classifier`'s prediction on a uint8 RGB image with one method by name."""
@@ -31,4 +36,4 @@ def explain(classifier, image: np.ndarray, method: str, target: Optional[int] = 
     return EXPLAINERS[method](classifier, progress=progress, **params).explain(image, target)
 
 
-__all__ = ["EXPLAINERS", "FAST_PARAMS", "Explainer", "Explanation", "explain", "normalise_positive", "baseline_image"]
+__all__ = ["EXPLAINERS", "FAST_PARAMS", "MAX_PERTURBATION_TILES", "PERTURBATION_METHODS", "Explainer", "Explanation", "explain", "normalise_positive", "baseline_image"]

@@ -1,0 +1,252 @@
+"""REST service (FastAPI): predictions and explanations for hospital viewers, teaching platforms and scripts.
+
+    python -m core.serve [--host 127.0.0.1] [--port 8000] [--checkpoints DIR]    # or: uvicorn core.serve:app
+
+GET /healthz, GET /checkpoints (model cards), POST /predict (multipart `file` -> calibrated probabilities,
+out-of-distribution check, operating point), POST /explain (`file`, `method`, `params` JSON -> heatmap PNG and
+float16 attribution `.npy`, both base64, with parameters, seeds and timings). OpenAPI docs at /docs.
+Uploads pass the dashboard's checks (`core.preprocessing.decode_image`: formats, 50 MB and 40 MP caps); bad
+input gets a 4xx JSON error. With $BREASTXAI_API_KEY set, every endpoint but /healthz needs the header
+`X-API-Key`. The service listens on localhost unless told otherwise.
+"""
+import argparse
+import base64
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse
+
+from core.checkpoints import CHECKPOINTS_DIR, list_bundles, load_classifier, read_metadata
+from core.errors import BreastXAIError, CheckpointError, InvalidImageError
+
+API_KEY_ENV = "BREASTXAI_API_KEY"
+
+
+class Models:
+    """Classifier bundles of one folder, loaded on first use and kept (thread-safe)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._loaded: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return [p.name for p in list_bundles(self.root, kind="classifier")]
+
+    def get(self, name: Optional[str]):
+        names = self.names()
+        if not names:
+            raise LookupError(f"No checkpoint in {self.root.name}/: train one with `python train.py`.")
+        name = name or names[0]
+        if name not in names:
+            raise LookupError(f"Unknown checkpoint {name!r}; available: {', '.join(names)}.")
+        with self._lock:
+            if name not in self._loaded:
+                self._loaded[name] = load_classifier(self.root / name)
+            return self._loaded[name]
+
+
+def model_card(path: Path) -> dict:
+    """The parts of a bundle's metadata a client needs to judge a prediction."""
+    from core.gallery import MODALITY
+
+    meta = read_metadata(path)
+    test = meta.get("metrics", {}).get("test", {})
+    cv = meta.get("cross_validation") or {}
+    card = {"name": path.name, "class_names": meta.get("class_names"), "input_size": meta.get("input_size"),
+            "backbone": meta.get("backbone"), "model_sha256": meta.get("model_sha256"),
+            "dataset": (meta.get("dataset") or {}).get("kind"),
+            "modality": MODALITY.get((meta.get("dataset") or {}).get("kind", "")),
+            "citation": (meta.get("dataset") or {}).get("citation"), "created": meta.get("created"),
+            "git_commit": meta.get("git_commit"),
+            "test": {k: test.get(k) for k in ("n", "accuracy", "accuracy_ci95", "balanced_accuracy", "roc_auc_macro",
+                                              "roc_auc_ci95", "ece")},
+            "cross_validation": ({k: cv.get(k) for k in ("pooled_accuracy", "pooled_balanced_accuracy",
+                                                         "pooled_roc_auc", "pooled_recall")} | {"folds": len(cv.get(
+                                                             "folds", []))}) if cv else None,
+            "operating_point": meta.get("operating_point"),
+            "temperature": (meta.get("calibration") or {}).get("temperature")}
+    return card
+
+
+def operating_point(meta: dict, probs: np.ndarray, class_names: Sequence[str]) -> Optional[dict]:
+    op = meta.get("operating_point")
+    if not op or op.get("positive_class") not in class_names:
+        return None
+    p = float(probs[list(class_names).index(op["positive_class"])])
+    return {"positive_class": op["positive_class"], "threshold": op["threshold"], "probability": p,
+            "flagged": p >= op["threshold"], "test_sensitivity": op["test"]["sensitivity"],
+            "test_specificity": op["test"]["specificity"], "rule": op["rule"]}
+
+
+def _read(upload) -> bytes:
+    """The upload's bytes, at most one byte over the decoder's size cap (so a huge upload is refused, not read)."""
+    import core.preprocessing as P
+
+    return upload.file.read(P.MAX_BYTES + 1)
+
+
+def _decode(data: bytes) -> np.ndarray:
+    import core.preprocessing as P
+
+    if not data:
+        raise InvalidImageError("The upload is empty (0 bytes).")
+    return P.decode_image(data, max_bytes=P.MAX_BYTES).array
+
+
+def _png_b64(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _npy_b64(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array, np.float16), allow_pickle=False)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def create_app(checkpoints: Optional[str | Path] = None, api_key: Optional[str] = None):
+    """The FastAPI app over the classifier bundles in `checkpoints` (default: $BREASTXAI_CHECKPOINTS or
+    checkpoints/); `api_key` (default: $BREASTXAI_API_KEY) makes every endpoint but /healthz need it."""
+    from core.explain import EXPLAINERS, MAX_PERTURBATION_TILES, PERTURBATION_METHODS, explain
+    from core.explain.visualise import overlay
+
+    root = Path(checkpoints or os.environ.get("BREASTXAI_CHECKPOINTS") or CHECKPOINTS_DIR)
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    models = Models(root)
+    app = FastAPI(title="BreastXAI", version="1", description=(
+        "Predictions with calibrated probabilities and explanations (Grad-CAM, Grad-CAM++, LIME, SHAP, occlusion, "
+        "integrated gradients) for breast histopathology and ultrasound images. Research and teaching aid, not a "
+        "diagnostic device."))
+
+    def check_key(x_api_key: Optional[str] = Header(default=None)) -> None:
+        if key and x_api_key != key:
+            raise HTTPException(401, "Missing or wrong X-API-Key header.")
+
+    @app.exception_handler(InvalidImageError)
+    async def _bad_image(request: Request, exc: InvalidImageError):
+        status = 413 if "limit" in str(exc) else 400  # size caps: 413 Content Too Large
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    @app.exception_handler(LookupError)
+    async def _not_found(request: Request, exc: LookupError):
+        return JSONResponse({"detail": str(exc.args[0] if exc.args else exc)}, status_code=404)
+
+    @app.exception_handler(CheckpointError)
+    async def _broken(request: Request, exc: CheckpointError):
+        return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    @app.exception_handler(BreastXAIError)
+    async def _other(request: Request, exc: BreastXAIError):
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        """Liveness: the service runs and how many checkpoints it can serve."""
+        return {"status": "ok", "checkpoints": len(models.names())}
+
+    @app.get("/checkpoints", dependencies=[Depends(check_key)])
+    def checkpoints_() -> list[dict]:
+        """Every classifier's model card: classes, measured quality, operating point, hashes."""
+        return [model_card(root / n) for n in models.names()]
+
+    def predict_one(data: bytes, checkpoint: Optional[str]) -> tuple[object, np.ndarray, dict]:
+        clf = models.get(checkpoint)
+        image = _decode(data)
+        t0 = time.perf_counter()
+        probs = clf.predict_proba(image)[0]
+        ood = (clf.ood_check([image]) or [None])[0]
+        names = list(clf.class_names)
+        verdict_ok = not (ood or {}).get("out_of_distribution", False)
+        out = {"checkpoint": clf.name, "model_sha256": clf.metadata.get("model_sha256"),
+               "image_sha256": hashlib.sha256(data).hexdigest(), "class_names": names,
+               "probabilities": {c: float(p) for c, p in zip(names, probs)},
+               "predicted": names[int(np.argmax(probs))] if verdict_ok else None,
+               "out_of_distribution": ood, "operating_point": operating_point(clf.metadata, probs, names)
+               if verdict_ok else None,
+               "note": None if verdict_ok else "The image does not resemble the training data: no verdict.",
+               "seconds": round(time.perf_counter() - t0, 4)}
+        return clf, image, out
+
+    @app.post("/predict", dependencies=[Depends(check_key)])
+    def predict(file: UploadFile = File(..., description="breast histopathology or ultrasound image"),
+                checkpoint: Optional[str] = Form(default=None)) -> dict:
+        """Calibrated probabilities, the out-of-distribution check (no verdict when it fires), the operating point."""
+        return predict_one(_read(file), checkpoint)[2]
+
+    @app.post("/explain", dependencies=[Depends(check_key)])
+    def explain_(file: UploadFile = File(...), method: str = Form("gradcam"),
+                 params: str = Form("{}", description='JSON object of method parameters, e.g. {"num_samples": 300}'),
+                 target: Optional[int] = Form(default=None, description="class index (default: the predicted class)"),
+                 checkpoint: Optional[str] = Form(default=None)) -> dict:
+        """One explanation: heatmap overlay PNG and float16 attribution (.npy), both base64; parameters, seeds, time."""
+        if method not in EXPLAINERS:
+            raise HTTPException(400, f"Unknown method {method!r}; choose one of {', '.join(EXPLAINERS)}.")
+        try:
+            kwargs = json.loads(params or "{}")
+        except json.JSONDecodeError as exc:
+            raise HTTPException(400, f"params must be a JSON object: {exc}") from exc
+        if not isinstance(kwargs, dict):
+            raise HTTPException(400, "params must be a JSON object.")
+        clf, image, pred = predict_one(_read(file), checkpoint)
+        if target is not None and not 0 <= target < len(clf.class_names):
+            raise HTTPException(400, f"target must be a class index in [0, {len(clf.class_names) - 1}].")
+        if method in PERTURBATION_METHODS and clf.n_tiles(image) > MAX_PERTURBATION_TILES:
+            raise HTTPException(413, f"The image is {clf.n_tiles(image)} tiles of the model's patch size; {method} "
+                                "would re-classify all of them for every sample. Send one patch or a smaller region.")
+        try:
+            e = explain(clf, image, method, target, **kwargs)
+        except TypeError as exc:  # unknown parameter names
+            raise HTTPException(400, str(exc)) from exc
+        except ValueError as exc:  # out-of-range parameter values
+            raise HTTPException(400, f"Bad parameter value: {exc}") from exc
+        plain = {k: v for k, v in e.params.items() if isinstance(v, (int, float, str, bool, type(None)))}
+        return {**{k: pred[k] for k in ("checkpoint", "model_sha256", "image_sha256", "probabilities",
+                                        "out_of_distribution")},
+                "method": e.method, "target": e.target, "class_name": e.class_name, "probability": e.probability,
+                "has_positive_evidence": e.has_positive_evidence, "params": plain,
+                "seeds": {k: v for k, v in plain.items() if "seed" in k}, "seconds": round(e.seconds, 4),
+                "heatmap_png": _png_b64(overlay(image, e.heatmap(), 0.5)),
+                "attribution_npy": _npy_b64(e.attribution), "attribution_shape": list(e.attribution.shape)}
+
+    return app
+
+
+def __getattr__(name: str):
+    """`uvicorn core.serve:app`: the app over $BREASTXAI_CHECKPOINTS (or checkpoints/), made on first access."""
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import uvicorn
+
+    ap = argparse.ArgumentParser(prog="python -m core.serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--host", default="127.0.0.1", help="listen address (default: this machine only)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--checkpoints", default=None, help="folder of checkpoint bundles (default: checkpoints/)")
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads its own models)")
+    args = ap.parse_args(argv)
+    if args.checkpoints:
+        os.environ["BREASTXAI_CHECKPOINTS"] = args.checkpoints
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(API_KEY_ENV):
+        print(f"warning: listening on {args.host} without an API key; set ${API_KEY_ENV} to require one.")
+    uvicorn.run("core.serve:app", host=args.host, port=args.port, workers=args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

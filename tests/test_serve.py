@@ -1,0 +1,115 @@
+"""REST service: every endpoint with FastAPI's TestClient on the tiny bundle; bad input is a 4xx, never a 500."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import make_class_image
+
+pytest.importorskip("fastapi")
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle):
+    from fastapi.testclient import TestClient
+
+    from core.serve import create_app
+
+    return TestClient(create_app(tiny_bundle.parent, api_key=""), raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def image() -> bytes:
+    return png(make_class_image(1, np.random.default_rng(0), 48))
+
+
+def test_health_checkpoints_and_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok", "checkpoints": 1}
+    cards = client.get("/checkpoints").json()
+    assert cards[0]["name"] == "tiny" and cards[0]["class_names"] == ["benign", "malignant"]
+    assert len(cards[0]["model_sha256"]) == 64 and "accuracy" in cards[0]["test"]
+    assert client.get("/docs").status_code == 200
+    assert "/explain" in client.get("/openapi.json").json()["paths"]
+
+
+def test_predict_matches_the_classifier(client, image, tiny_bundle):
+    from core.checkpoints import load_classifier
+    from core.preprocessing import load_image
+
+    r = client.post("/predict", files={"file": ("case.png", image, "image/png")})
+    assert r.status_code == 200
+    body = r.json()
+    expected = load_classifier(tiny_bundle).predict_proba(load_image(io.BytesIO(image)))[0]
+    assert np.allclose([body["probabilities"][c] for c in body["class_names"]], expected, atol=1e-5)
+    assert body["out_of_distribution"]["out_of_distribution"] in (True, False)
+    assert (body["predicted"] is None) == body["out_of_distribution"]["out_of_distribution"]
+    assert len(body["image_sha256"]) == 64 and "case.png" not in json.dumps(body)
+
+
+def test_explain_returns_png_and_float16_attribution(client, image):
+    r = client.post("/explain", files={"file": ("x.png", image, "image/png")},
+                    data={"method": "lime", "params": json.dumps({"num_samples": 40, "n_segments": 10,
+                                                                  "random_seed": 3})})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    heat = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
+    assert heat.size == (48, 48)
+    attr = np.load(io.BytesIO(base64.b64decode(body["attribution_npy"])))
+    assert attr.dtype == np.float16 and attr.shape == (48, 48) == tuple(body["attribution_shape"])
+    assert body["seeds"] == {"random_seed": 3} and body["params"]["num_samples"] == 40 and body["seconds"] > 0
+    g = client.post("/explain", files={"file": ("x.png", image, "image/png")}, data={"method": "gradcam",
+                                                                                       "target": "0"}).json()
+    assert g["method"] == "gradcam" and g["target"] == 0 and g["class_name"] == "benign"
+
+
+@pytest.mark.parametrize("files,data,status,words", [
+    ({"file": ("a.png", b"", "image/png")}, {}, 400, "empty"),
+    ({"file": ("a.png", b"not an image at all", "image/png")}, {}, 400, "not an image"),
+    ({"file": ("a.pdf", b"%PDF-1.4 ...", "application/pdf")}, {}, 400, "PDF"),
+    (None, {}, 422, ""),
+    ({"file": ("a.png", "IMAGE", "image/png")}, {"checkpoint": "nope"}, 404, "Unknown checkpoint"),
+    ({"file": ("a.png", "IMAGE", "image/png")}, {"method": "magic"}, 400, "Unknown method"),
+    ({"file": ("a.png", "IMAGE", "image/png")}, {"method": "lime", "params": "{oops"}, 400, "JSON"),
+    ({"file": ("a.png", "IMAGE", "image/png")}, {"method": "lime", "params": '{"bogus": 1}'}, 400, "bogus"),
+    ({"file": ("a.png", "IMAGE", "image/png")}, {"method": "gradcam", "target": "7"}, 400, "target"),
+])
+def test_bad_input_is_a_4xx_json_error(client, image, files, data, status, words):
+    if files and files["file"][1] == "IMAGE":
+        files = {"file": (files["file"][0], image, "image/png")}
+    endpoint = "/explain" if "method" in data or "target" in data else "/predict"
+    r = client.post(endpoint, files=files, data=data)
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"] if words else r.json()["detail"]
+
+
+def test_oversized_upload_is_413(client, monkeypatch):
+    import core.preprocessing as P
+
+    monkeypatch.setattr(P, "MAX_BYTES", 1000)
+    big = png(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    r = client.post("/predict", files={"file": ("big.png", big, "image/png")})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+
+def test_api_key_required_when_set(tiny_bundle, image):
+    from fastapi.testclient import TestClient
+
+    from core.serve import create_app
+
+    c = TestClient(create_app(tiny_bundle.parent, api_key="s3cret"))
+    assert c.get("/healthz").status_code == 200
+    assert c.get("/checkpoints").status_code == 401
+    assert c.post("/predict", files={"file": ("a.png", image, "image/png")}).status_code == 401
+    ok = c.post("/predict", files={"file": ("a.png", image, "image/png")}, headers={"X-API-Key": "s3cret"})
+    assert ok.status_code == 200
