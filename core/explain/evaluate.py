@@ -80,13 +80,74 @@ def test_cases(bundle: Path, data_root: Path, limit: Optional[int], seed: int = 
     return replace(split, samples=tuple(cases)), with_masks
 
 
+def case_scores(clf, image: np.ndarray, mask: Optional[np.ndarray], methods: Sequence[str], steps: int
+                ) -> tuple[dict, dict]:
+    """One test image: per method its run time, deletion / insertion AUC and (with a lesion mask) localisation
+    scores, all at the model's work resolution -> ({method: {metric: value}}, {method: work-resolution map})."""
+    from core.explain import explain
+    from core.explain import metrics as M
+    from core.preprocessing import resize
+
+    predict = lambda x: clf.predict_work(np.asarray(x))  # noqa: E731
+    work = clf.work_image(image)
+    work_mask = resize(mask.astype(np.uint8), work.shape[:2]) > 0 if mask is not None else None
+    scores, maps = {}, {}
+    for m in methods:
+        e = explain(clf, image, m, **DEFAULT_PARAMS.get(m, {}))
+        a = resize(e.attribution, work.shape[:2])
+        maps[m] = a
+        r = {"seconds": e.seconds, "deletion_auc": M.deletion_auc(predict, work, a, e.target, steps),
+             "insertion_auc": M.insertion_auc(predict, work, a, e.target, steps)}
+        if work_mask is not None:
+            r.update(pointing_game=M.pointing_game(a, work_mask), energy_in_mask=M.energy_in_mask(a, work_mask),
+                     mask_iou_top15=M.mask_iou(a, work_mask, 15))
+        scores[m] = r
+    return scores, maps
+
+
+def _ray_case_scores(bundle: Path, cases: Manifest, with_masks: bool, methods, steps: int, address: str,
+                     workers: int):
+    """`case_scores` of every case on Ray actors (each loads the checkpoint once), in case order."""
+    import ray
+    from ray.util import ActorPool
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(**({"num_cpus": workers, "include_dashboard": False} if address == "local" else {"address": address}),
+                 log_to_driver=False)
+
+    @ray.remote(num_cpus=1)
+    class Scorer:
+        def __init__(self, path: str):
+            from core.checkpoints import load_classifier
+
+            self.clf = load_classifier(path)
+
+        def run(self, i: int):
+            from core.preprocessing import load_mask
+
+            s = cases.samples[i]
+            image = cases.read(s)
+            mask = load_mask(s.mask_paths, image.shape[:2]) if with_masks else None
+            return case_scores(self.clf, image, mask, methods, steps)
+
+    try:
+        pool = ActorPool([Scorer.remote(str(bundle)) for _ in range(max(workers, 1))])
+        yield from pool.map(lambda a, i: a.run.remote(i), range(len(cases)))
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit: Optional[int] = 24,
              data_dir: Optional[str] = None, steps: int = 20, stability_images: int = 3, stability_seeds: int = 3,
-             log=print) -> dict:
+             log=print, address: Optional[str] = None, workers: int = 2) -> dict:
+    """Score every method on the checkpoint's test cases; `address` ("local", "auto" or ray://HOST:10001) spreads
+    the cases over Ray actors (`workers` of them when Ray starts here) with the same numbers as the serial run."""
     from core.checkpoints import load_classifier
     from core.explain import EXPLAINERS, explain
     from core.explain import metrics as M
-    from core.preprocessing import load_mask, resize
+    from core.preprocessing import load_mask
 
     bundle = Path(bundle)
     clf = load_classifier(bundle)
@@ -96,30 +157,23 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
     if not cases:
         raise ValueError(f"No test images under {root}; is the dataset available?")
     mask_keys = ("pointing_game", "energy_in_mask", "mask_iou_top15") if with_masks else ()
-    predict = lambda x: clf.predict_work(np.asarray(x))  # scores are computed at the model's work resolution
     per: dict[str, dict[str, list]] = {m: {k: [] for k in ("deletion_auc", "insertion_auc", *mask_keys,
                                                             "seconds")} for m in methods}
     agree: dict[tuple, list] = {}
     t_all = time.time()
-    for i, case in enumerate(cases.samples):
-        image = cases.read(case)
-        work = clf.work_image(image)
-        if with_masks:
-            mask = load_mask(case.mask_paths, image.shape[:2])
-            work_mask = resize(mask.astype(np.uint8), work.shape[:2]) > 0
-        maps = {}
+
+    def serial():
+        for c in cases.samples:
+            image = cases.read(c)
+            yield case_scores(clf, image, load_mask(c.mask_paths, image.shape[:2]) if with_masks else None,
+                              methods, steps)
+
+    results = serial() if address is None else _ray_case_scores(bundle, cases, with_masks, methods, steps, address,
+                                                                workers)
+    for i, (case, (scores, maps)) in enumerate(zip(cases.samples, results)):
         for m in methods:
-            e = explain(clf, image, m, **DEFAULT_PARAMS.get(m, {}))
-            a = resize(e.attribution, work.shape[:2])
-            maps[m] = a
-            r = per[m]
-            r["seconds"].append(e.seconds)
-            r["deletion_auc"].append(M.deletion_auc(predict, work, a, e.target, steps))
-            r["insertion_auc"].append(M.insertion_auc(predict, work, a, e.target, steps))
-            if with_masks:
-                r["pointing_game"].append(M.pointing_game(a, work_mask))
-                r["energy_in_mask"].append(M.energy_in_mask(a, work_mask))
-                r["mask_iou_top15"].append(M.mask_iou(a, work_mask, 15))
+            for k, v in scores[m].items():
+                per[m][k].append(v)
         for a_i, ma in enumerate(methods):
             for mb in methods[a_i + 1:]:
                 agree.setdefault((ma, mb), []).append(M.agreement(maps[ma], maps[mb]))
@@ -208,6 +262,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--limit", type=int, default=24, help="number of test images (0: all with masks)")
     ap.add_argument("--data-dir", default=None, help="dataset root if not where metadata.json says")
     ap.add_argument("--steps", type=int, default=20, help="deletion/insertion curve steps")
+    ap.add_argument("--address", default=None, help="spread the test images over Ray: 'local' (start Ray here), "
+                    "'auto' or ray://HOST:10001 (join a cluster)")
+    ap.add_argument("--workers", type=int, default=2, help="Ray actors when --address local")
     ap.add_argument("--sanity-images", type=int, default=2,
                     help="test images for the randomisation sanity checks (0: skip them)")
     ap.add_argument("--sanity-only", action="store_true",
@@ -221,7 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ValueError(f"{bundle.name} has no explanations.json yet: run without --sanity-only first.")
             result = json.loads(old.read_text())
         else:
-            result = evaluate(bundle, args.methods, args.limit or None, args.data_dir, args.steps)
+            result = evaluate(bundle, args.methods, args.limit or None, args.data_dir, args.steps,
+                              address=args.address, workers=args.workers)
         if args.sanity_images > 0:
             result["sanity"] = sanity(bundle, args.methods, args.sanity_images, args.data_dir)
     except (BreastXAIError, ValueError) as exc:

@@ -95,3 +95,16 @@ def test_sanity_only_adds_the_checks_to_explanations_json(tiny_idc_bundle, tmp_p
     assert set(s["methods"]) == {"gradcam", "occlusion"} and s["blocks"][0]["name"] == "head"
     out = capsys.readouterr().out
     assert "sanity gradcam" in out and s["methods"]["gradcam"]["passed"] in (True, False, None)
+
+
+def test_evaluate_on_local_ray_equals_the_serial_run(tiny_idc_bundle):
+    pytest.importorskip("ray")
+    from core.explain.evaluate import evaluate
+
+    kw = dict(methods=["gradcam", "occlusion"], limit=4, steps=4, stability_images=0, log=lambda *_: None)
+    serial = evaluate(tiny_idc_bundle, **kw)
+    on_ray = evaluate(tiny_idc_bundle, address="local", workers=2, **kw)
+    for m in ("gradcam", "occlusion"):
+        for k in ("deletion_auc", "insertion_auc"):
+            assert on_ray["methods"][m][k]["mean"] == pytest.approx(serial["methods"][m][k]["mean"], abs=1e-6)
+    assert on_ray["agreement"][0]["spearman"]["mean"] == pytest.approx(serial["agreement"][0]["spearman"]["mean"])

@@ -1,0 +1,217 @@
+"""Batch work: explain and score a whole folder, serially or on a Ray cluster.
+
+    python -m core.batch CHECKPOINT FOLDER --methods gradcam,lime --out DIR [--address auto|ray://HOST:10001]
+                                           [--workers N] [--serial]
+
+Per image and method: an overlay PNG and the attribution as float16 `.npy`; one `results.csv` of predictions,
+out-of-distribution checks, run times and explanation metrics (deletion / insertion AUC). Without `--address`
+Ray starts on this machine (`--workers` actors, each loading the model once); with one it joins a running
+cluster. `--serial` runs in this process. Every path computes the same numbers (`process_image` is the one unit
+of work; explainers are seeded), so a cluster run equals a serial one.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+@dataclass
+class ImageResult:
+    """What one image gives: a CSV row, and per method the overlay (uint8 RGB) and attribution (float32)."""
+
+    row: dict
+    overlays: dict = field(default_factory=dict)
+    attributions: dict = field(default_factory=dict)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Every image file under `folder` (recursively), in a stable order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No folder {folder}.")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and "_mask" not in p.stem)
+
+
+def process_image(clf, path: str | Path, methods: Sequence[str], params: dict, root: str | Path,
+                  curve_steps: int = 10) -> ImageResult:
+    """Predict, check and explain one image file; deletion / insertion AUC of each map at the work resolution."""
+    from core.errors import InvalidImageError
+    from core.explain import MAX_PERTURBATION_TILES, PERTURBATION_METHODS, explain
+    from core.explain import metrics as M
+    from core.explain.visualise import overlay
+    from core.preprocessing import load_image, resize
+
+    rel = os.path.relpath(path, root)
+    try:
+        image = load_image(path)
+    except InvalidImageError as exc:
+        return ImageResult({"path": rel, "error": str(exc)})
+    probs = clf.predict_proba(image)[0]
+    ood = (clf.ood_check([image]) or [{}])[0]
+    names = list(clf.class_names)
+    row = {"path": rel, "error": "", "predicted": names[int(np.argmax(probs))],
+           **{f"p_{c}": round(float(p), 6) for c, p in zip(names, probs)},
+           "out_of_distribution": ood.get("out_of_distribution"), "ood_score": ood.get("score")}
+    res = ImageResult(row)
+    work = clf.work_image(image)
+    predict = lambda x: clf.predict_work(np.asarray(x))  # noqa: E731
+    for m in methods:
+        if m in PERTURBATION_METHODS and clf.n_tiles(image) > MAX_PERTURBATION_TILES:
+            row[f"{m}_error"] = f"{clf.n_tiles(image)} tiles: too large for {m}"
+            continue
+        e = explain(clf, image, m, **params.get(m, {}))
+        a = resize(e.attribution, work.shape[:2])
+        row[f"{m}_seconds"] = round(e.seconds, 4)
+        row[f"{m}_deletion_auc"] = round(M.deletion_auc(predict, work, a, e.target, curve_steps), 6)
+        row[f"{m}_insertion_auc"] = round(M.insertion_auc(predict, work, a, e.target, curve_steps), 6)
+        row[f"{m}_has_positive_evidence"] = e.has_positive_evidence
+        res.overlays[m] = overlay(image, e.heatmap(), 0.5)
+        res.attributions[m] = e.attribution
+    return res
+
+
+def write_result(res: ImageResult, out_dir: Path) -> None:
+    """The overlay PNG and float16 attribution of every method, beside the image's relative path."""
+    from PIL import Image
+
+    stem = Path(res.row["path"]).with_suffix("")
+    for m, ov in res.overlays.items():
+        dest = out_dir / "overlays" / f"{stem}.{m}.png"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ov).save(dest)
+    for m, a in res.attributions.items():
+        dest = out_dir / "attributions" / f"{stem}.{m}.npy"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        np.save(dest, np.asarray(a, np.float16), allow_pickle=False)
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def run_serial(checkpoint: str | Path, paths: Sequence[Path], methods, params, root,
+               progress: Optional[Callable[[int, int], None]] = None) -> Iterable[ImageResult]:
+    from core.checkpoints import load_classifier
+
+    clf = load_classifier(checkpoint)
+    for i, p in enumerate(paths):
+        yield process_image(clf, p, methods, params, root)
+        if progress:
+            progress(i + 1, len(paths))
+
+
+def run_ray(checkpoint: str | Path, paths: Sequence[Path], methods, params, root, address: Optional[str] = None,
+            workers: int = 2, progress: Optional[Callable[[int, int], None]] = None) -> Iterable[ImageResult]:
+    """The same work on Ray: `workers` actors each load the model once and take images as they free up.
+    Results come back in the input order. `address`: None starts Ray here; "auto" or "ray://HOST:10001" joins."""
+    import ray
+    from ray.util import ActorPool
+
+    started = not ray.is_initialized()
+    if started:
+        kwargs = {"address": address} if address else {"num_cpus": workers, "include_dashboard": False}
+        ray.init(**kwargs, log_to_driver=False, runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
+
+    @ray.remote(num_cpus=1)
+    class Worker:
+        def __init__(self, ckpt: str):
+            import os as _os
+            import sys as _sys
+
+            root_dir = str(Path(__file__).resolve().parent.parent)
+            if root_dir not in _sys.path:
+                _sys.path.insert(0, root_dir)
+            _os.environ.setdefault("OMP_NUM_THREADS", "1")
+            from core.checkpoints import load_classifier
+
+            self.clf = load_classifier(ckpt)
+
+        def run(self, path: str) -> ImageResult:
+            return process_image(self.clf, path, methods, params, root)
+
+    try:
+        pool = ActorPool([Worker.remote(str(checkpoint)) for _ in range(max(workers, 1))])
+        for i, res in enumerate(pool.map(lambda a, p: a.run.remote(str(p)), list(paths))):
+            yield res
+            if progress:
+                progress(i + 1, len(paths))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def explain_folder(checkpoint: str | Path, folder: str | Path, methods: Sequence[str], out_dir: str | Path,
+                   params: Optional[dict] = None, address: Optional[str] = None, workers: int = 2,
+                   serial: bool = False, log=print) -> dict:
+    """Explain every image under `folder`; writes overlays, attributions and results.csv into `out_dir`."""
+    from core.explain import EXPLAINERS, FAST_PARAMS
+
+    unknown = [m for m in methods if m not in EXPLAINERS]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown}; choose from {', '.join(EXPLAINERS)}.")
+    params = FAST_PARAMS if params is None else params
+    paths = list_images(folder)
+    if not paths:
+        raise FileNotFoundError(f"No images under {folder}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    report = lambda i, n: log(f"[{i}/{n}] {time.perf_counter() - t0:.1f} s")  # noqa: E731
+    it = (run_serial(checkpoint, paths, methods, params, folder, report) if serial else
+          run_ray(checkpoint, paths, methods, params, folder, address, workers, report))
+    rows = []
+    for res in it:
+        write_result(res, out)
+        rows.append(res.row)
+    write_csv(rows, out / "results.csv")
+    summary = {"checkpoint": str(checkpoint), "folder": str(folder), "images": len(rows),
+               "errors": sum(bool(r.get("error")) for r in rows), "methods": list(methods),
+               "params": {m: params.get(m, {}) for m in methods}, "mode": "serial" if serial else
+               f"ray ({address or 'local'}, {workers} workers)", "wall_seconds": round(time.perf_counter() - t0, 2)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core.batch", description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("folder")
+    ap.add_argument("--methods", default="gradcam,lime", help="comma-separated method names")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://HOST:10001 (default: start Ray here)")
+    ap.add_argument("--workers", type=int, default=2, help="Ray actors (each loads the model once)")
+    ap.add_argument("--serial", action="store_true", help="no Ray: one process, one image after another")
+    args = ap.parse_args(argv)
+    from core.errors import BreastXAIError
+
+    try:
+        s = explain_folder(args.checkpoint, args.folder, [m.strip() for m in args.methods.split(",") if m.strip()],
+                           args.out, address=args.address, workers=args.workers, serial=args.serial)
+    except (BreastXAIError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{s['images']} images ({s['errors']} unreadable) in {s['wall_seconds']} s, {s['mode']}; "
+          f"results in {args.out}/results.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
