@@ -19,9 +19,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 PASS_RULE = ("passes when, with every block of the network randomised (cascading from the head to the input), the "
-             "mean Spearman rank correlation between its map and the trained model's map is below {t}: the map then "
-             "depends on what the model learned (SSIM is shown beside it; it rewards two mostly blank maps, so it is "
-             "not part of the rule)")
+             "mean Spearman rank correlation between its map and the trained model's map is below {t} (a map that goes "
+             "blank counts as 0): the map then depends on what the model learned. SSIM is shown beside it but is not "
+             "part of the rule, as two mostly blank maps score a high SSIM")
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,13 @@ def clone_model(model):
     return copy
 
 
+def step_similarity(ref: np.ndarray, other: np.ndarray) -> dict:
+    """`similarity` of a trained-model map and another map, noting blank maps: a map that goes blank when the
+    weights are randomised has nothing left of the original (counted as rank correlation 0 in the summary)."""
+    return {**similarity(ref, other), "reference_empty": bool(np.ptp(ref) == 0),
+            "other_empty": bool(np.ptp(other) == 0)}
+
+
 def similarity(a: np.ndarray, b: np.ndarray) -> dict:
     """Spearman rank correlation and SSIM of two (H, W) heatmaps in [0, 1]; None where a map is constant
     (e.g. a constant-output model gives an empty map: no rank order, the similarity is undefined)."""
@@ -135,8 +142,8 @@ def sanity_checks(clf, images: Sequence[np.ndarray], cfg: SanityConfig = SanityC
     {"pass_rule", "blocks", "methods": {method: {"cascading": [{"randomised": [blocks], "spearman", "ssim"}],
     "independent": [...], "random_logit": {...}, "passed": bool | None, "note": str}}, "n_images"}.
     Each step's similarity is the mean over images (images whose maps are constant are left out and counted).
-    Random logit: the map for a random other class against the predicted class's map (`n_other_map_empty`:
-    images where nothing supports the other class, so its map is empty).
+    Random logit: the map for a random other class against the predicted class's map. `n_other_map_empty`: images
+    where the other map is blank (nothing of the original left: counted as rank correlation 0).
     """
     from core.explain import explain
 
@@ -167,8 +174,8 @@ def sanity_checks(clf, images: Sequence[np.ndarray], cfg: SanityConfig = SanityC
             randomise_layers(cascade, names, cfg.seed + 1000 * k)
             rc = randomised_classifier(clf, cascade)
             for m in cfg.methods:
-                per[m]["cascading"][k].append(similarity(ref[m], explain(rc, img, m, target,
-                                                                         **cfg.params.get(m, {})).heatmap()))
+                per[m]["cascading"][k].append(step_similarity(ref[m], explain(rc, img, m, target,
+                                                                              **cfg.params.get(m, {})).heatmap()))
                 tick()
         if cfg.independent:
             for k, (block, names) in enumerate(order):
@@ -176,19 +183,25 @@ def sanity_checks(clf, images: Sequence[np.ndarray], cfg: SanityConfig = SanityC
                 randomise_layers(alone, names, cfg.seed + 1000 * k)
                 rc = randomised_classifier(clf, alone)
                 for m in cfg.methods:
-                    per[m]["independent"][k].append(similarity(ref[m], explain(rc, img, m, target,
-                                                                               **cfg.params.get(m, {})).heatmap()))
+                    per[m]["independent"][k].append(step_similarity(ref[m], explain(rc, img, m, target,
+                                                                                    **cfg.params.get(m, {})).heatmap()))
                     tick()
         if cfg.random_logit and clf.num_classes > 1:
             other = int(rng.choice([c for c in range(clf.num_classes) if c != target]))
             for m in cfg.methods:
                 alt = explain(clf, img, m, other, **cfg.params.get(m, {})).heatmap()
-                per[m]["logit"].append({**similarity(ref[m], alt), "other_empty": bool(np.ptp(alt) == 0)})
+                per[m]["logit"].append(step_similarity(ref[m], alt))
                 tick()
 
     def summary(sims: list[dict]) -> dict:
-        return {"spearman": _mean(s["spearman"] for s in sims), "ssim": _mean(s["ssim"] for s in sims),
-                "n_defined": sum(s["spearman"] is not None for s in sims)}
+        # Images whose trained-model map is blank have nothing to compare and are left out; a map that is blank
+        # only on the other side counts as rank correlation 0 (nothing of the original is left).
+        rho = [s["spearman"] if s["spearman"] is not None else 0.0 for s in sims
+               if not s["reference_empty"] and (s["spearman"] is not None or s["other_empty"])]
+        return {"spearman": _mean(rho), "ssim": _mean(s["ssim"] for s in sims),
+                "n_defined": sum(s["spearman"] is not None for s in sims),
+                "n_other_map_empty": sum(s["other_empty"] and not s["reference_empty"] for s in sims),
+                "n_reference_empty": sum(s["reference_empty"] for s in sims)}
 
     out = {"pass_rule": PASS_RULE.format(t=cfg.pass_below), "pass_below": cfg.pass_below,
            "blocks": [{"name": b, "n_layers": len(names)} for b, names in order], "n_images": len(images),
@@ -197,19 +210,20 @@ def sanity_checks(clf, images: Sequence[np.ndarray], cfg: SanityConfig = SanityC
         casc = [{"randomised": [b for b, _ in order[:k + 1]], **summary(s)} for k, s in enumerate(per[m]["cascading"])]
         res = {"cascading": casc, "random_logit": None}
         if per[m]["logit"]:
-            # An empty map for the other class (nothing supports it) is as different as a map can be.
-            res["random_logit"] = {**summary(per[m]["logit"]),
-                                   "n_other_map_empty": sum(s["other_empty"] for s in per[m]["logit"])}
+            res["random_logit"] = summary(per[m]["logit"])
         if cfg.independent:
             res["independent"] = [{"randomised": [order[k][0]], **summary(s)}
                                   for k, s in enumerate(per[m]["independent"])]
         last = casc[-1] if casc else {}
-        if last.get("spearman") is None or last.get("ssim") is None:
+        if last.get("spearman") is None:
             res["passed"] = None
-            res["note"] = (f"undefined: the map is constant on {per[m]['empty']} of {len(images)} image(s) or on the "
-                           "randomised model (e.g. a constant-output model), so no similarity can be measured")
+            res["note"] = (f"undefined: the trained model's map is blank on {per[m]['empty']} of {len(images)} "
+                           "image(s) (e.g. a constant-output model), so there is nothing to compare")
         else:
             res["passed"] = bool(last["spearman"] < cfg.pass_below)
-            res["note"] = (f"fully randomised: Spearman {last['spearman']:.2f}, SSIM {last['ssim']:.2f}")
+            blank = last["n_other_map_empty"]
+            res["note"] = (f"fully randomised: Spearman {last['spearman']:.2f}"
+                           + (f", SSIM {last['ssim']:.2f}" if last["ssim"] is not None else "")
+                           + (f"; the map goes blank on {blank} image(s)" if blank else ""))
         out["methods"][m] = res
     return out

@@ -53,7 +53,7 @@ def test_gradcam_similarity_falls_as_the_network_is_randomised(clf, images):
     assert last["spearman"] < 0.5 and last["ssim"] < 0.9 and g["passed"] is True
     assert len(g["independent"]) == 4 and [s["randomised"] for s in g["independent"]][0] == ["head"]
     logit = g["random_logit"]
-    assert logit["n_defined"] + logit["n_other_map_empty"] >= 3  # every image: compared, or the other map is empty
+    assert logit["n_defined"] + logit["n_other_map_empty"] + logit["n_reference_empty"] == 3
     assert "0.5" in res["pass_rule"]
 
 
@@ -76,3 +76,11 @@ def test_fully_randomised_classifier_keeps_the_contract(clf, images):
     r = fully_randomised(clf, seed=3)
     assert r.model is not clf.model and r.class_names == clf.class_names
     assert not np.allclose(r.predict_proba(images[0]), clf.predict_proba(images[0]))
+
+
+def test_a_map_that_goes_blank_counts_as_no_similarity():
+    from core.explain.sanity import step_similarity
+
+    ref = np.random.default_rng(0).random((16, 16))
+    s = step_similarity(ref, np.zeros((16, 16)))
+    assert s["spearman"] is None and s["other_empty"] and not s["reference_empty"]
