@@ -274,9 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.sanity_only:
             old = bundle / "explanations.json"
-            if not old.is_file():
-                raise ValueError(f"{bundle.name} has no explanations.json yet: run without --sanity-only first.")
-            result = json.loads(old.read_text())
+            result = json.loads(old.read_text()) if old.is_file() else {"checkpoint": bundle.name, "methods": {}}
         else:
             result = evaluate(bundle, args.methods, args.limit or None, args.data_dir, args.steps,
                               address=args.address, workers=args.workers)

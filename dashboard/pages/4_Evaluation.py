@@ -159,8 +159,8 @@ ej = svc.explanations_json(ckpt)
 if ej is None and meta.get("dataset", {}).get("kind") not in ("busi",):
     st.info("This checkpoint's dataset has no lesion masks, so mask-based explanation scores are not available; "
             "compare methods on single images (deletion / insertion curves) on the Compare page.")
-elif ej is None:
-    st.info(f"No explanations.json yet: run `python -m core.explain.evaluate {ckpt}`.")
+elif ej is None or not ej.get("methods"):
+    st.info(f"Explanation quality not measured yet: run `python -m core.explain.evaluate {ckpt}`.")
 else:
     def cell_fmt(d):
         return "n/a" if d["mean"] is None else f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
