@@ -22,6 +22,7 @@ DEFAULT_INPUT_SIZE = {"breakhis": 150, "busi": 224, "ucsb": 224, "idc": 50, "fol
 def build_parser() -> argparse.ArgumentParser:
     from core.models import BACKBONES
     from core.training import FLIPS, PRECISIONS, TrainConfig
+    from core.training.common import DISTRIBUTE
 
     d = TrainConfig()
     ap = argparse.ArgumentParser(
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16: oneDNN mixed precision for training (1.4x per cached DenseNet121 fine-tuning "
                         "epoch on a 2-core AMX CPU; weights stay float32; float32 on CPUs without native bfloat16)")
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--distribute", default=d.distribute, choices=DISTRIBUTE,
+                   help="multiworker: train across machines with tf.distribute.MultiWorkerMirroredStrategy; run the "
+                        "same command on every worker with its own TF_CONFIG (the chief writes the bundle)")
     g = ap.add_argument_group("output")
     g.add_argument("--name", default=None, help="bundle name (default: <dataset>_<backbone>)")
     g.add_argument("--out-dir", default=d.out_dir, help="folder that holds checkpoint bundles")
@@ -137,7 +141,7 @@ def config_from_args(args: argparse.Namespace):
         patches=args.patches, patch_size=args.patch_size, patch_stride=args.patch_stride, cv_folds=args.cv_folds,
         cv_scope=args.cv_scope, patch_scale_jitter=args.patch_scale_jitter, colour_jitter=args.colour_jitter,
         flip=args.flip, rotation=args.rotation, precision=args.precision, stain_standardise=args.stain_standardise,
-        external=tuple(args.external), verbose=0 if args.quiet else 1)
+        external=tuple(args.external), distribute=args.distribute, verbose=0 if args.quiet else 1)
 
 
 def setup_logging(log_file: str | None) -> None:
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except BreastXAIError as exc:
         logging.getLogger("breastxai.train").error("%s", exc)
         return 2
-    print(f"Checkpoint written: {dest}")
+    print("Worker finished; the chief wrote the checkpoint." if dest is None else f"Checkpoint written: {dest}")
     return 0
 
 

@@ -7,6 +7,7 @@ images, which is what the benchmark compares against.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
@@ -25,8 +26,8 @@ from core.data import Manifest, load_dataset, read_split, split_manifest, write_
 from core.data.loaders import CITATIONS
 from core.errors import DatasetError
 from core.preprocessing import apply_clahe, model_input
-from core.training.common import (available_memory, epoch_timer, git_commit, mixed_precision, quote_arg,
-                                  resolve_precision, set_seeds)
+from core.training.common import (available_memory, epoch_timer, git_commit, mixed_precision, multiworker_strategy,
+                                  quote_arg, resolve_precision, set_seeds, weights_digest)
 
 log = logging.getLogger("breastxai.train")
 
@@ -78,6 +79,7 @@ class TrainConfig:
     precision: str = "float32"  # "bfloat16": oneDNN mixed precision in the fits (float32 weights) where the CPU has it
     cv_folds: int = 0  # >1: also report group-wise K-fold cross-validation over the whole dataset
     cv_scope: str = "all"  # "train+val": cross-validate over the split's training and validation patients only
+    distribute: str = "none"  # "multiworker": tf.distribute.MultiWorkerMirroredStrategy across the TF_CONFIG cluster
     external: tuple[str, ...] = ()  # KIND=DIR datasets predicted after training as an external check
     verbose: int = 1
 
@@ -329,6 +331,10 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         val_data = (x_val.astype(np.float32), y_val)
         target = model
 
+    if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        # Keras 3's fit does not run under MultiWorkerMirroredStrategy (keras-team/keras#20585): a plain loop.
+        history, timing = _fit_distributed(model, cfg, phases, x_train, y_train, sw_train, x_val, y_val, augmenter)
+        return history, timing
     precision = resolve_precision(cfg.precision)
     timing["precision"] = precision
     epoch0 = 0
@@ -348,6 +354,80 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         for j in range(n_ep):
             history.append({"epoch": epoch0 + j + 1, "phase": phase.name,
                             **{k: float(v[j]) for k, v in h.history.items()}})
+        epoch0 += n_ep
+    return history, timing
+
+
+def _fit_distributed(model, cfg: TrainConfig, phases: list[Phase], x_train, y_train, sw_train, x_val, y_val,
+                     augmenter) -> tuple[list[dict], dict]:
+    """Synchronous data-parallel training under the current tf.distribute strategy (every worker runs this).
+
+    Each replica takes its share of every global batch of `cfg.batch_size`; gradients are summed across workers
+    before each Adam step, so all workers hold the same weights. Validation loss is computed on the whole
+    validation split by every worker (same weights, same number), which drives the same early stopping (best
+    weights restored) and learning-rate reduction as the single-machine path.
+    """
+    import keras
+    import tensorflow as tf
+
+    from core.models import set_trainable
+
+    strategy = tf.distribute.get_strategy()
+    n_rep = strategy.num_replicas_in_sync
+    ds = tf.data.Dataset.from_tensor_slices((x_train, y_train, sw_train)).shuffle(
+        len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
+    ds = ds.map((lambda x, y, w: (augmenter(tf.cast(x, tf.float32), training=True), y, w)) if augmenter else
+                (lambda x, y, w: (tf.cast(x, tf.float32), y, w)))
+    opts = tf.data.Options()
+    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dist = strategy.experimental_distribute_dataset(ds.with_options(opts))
+    xv = x_val.astype(np.float32)
+    history, timing, epoch0 = [], {"phases": [], "precision": "float32"}, 0
+    for phase in phases:
+        set_trainable(model, phase.fine_tune_layers)
+        optimizer = keras.optimizers.Adam(phase.lr)
+        variables = model.trainable_variables
+
+        def step(x, y, w):
+            with tf.GradientTape() as tape:
+                p = model(x, training=True)
+                per = keras.losses.sparse_categorical_crossentropy(y, p) * tf.cast(w, p.dtype)
+                loss = tf.reduce_sum(per) / cfg.batch_size
+                if model.losses:
+                    loss += tf.add_n(model.losses) / n_rep
+            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            return loss
+
+        @tf.function
+        def train_step(batch):
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step, args=batch), axis=None)
+
+        best, best_w, wait, lr_wait, t0 = np.inf, model.get_weights(), 0, 0, time.time()
+        n_ep = 0
+        for epoch in range(phase.epochs):
+            losses = [float(train_step(b)) for b in dist]
+            pv = np.asarray(model.predict(xv, batch_size=cfg.batch_size, verbose=0))
+            val_loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(y_val, pv)))
+            val_acc = float(np.mean(pv.argmax(1) == y_val))
+            n_ep += 1
+            history.append({"epoch": epoch0 + n_ep, "phase": phase.name, "loss": float(np.mean(losses)),
+                            "val_loss": val_loss, "val_accuracy": val_acc,
+                            "learning_rate": float(optimizer.learning_rate.numpy())})
+            log.info("Epoch %d: loss %.4f, val_loss %.4f, val_accuracy %.3f", epoch0 + n_ep, history[-1]["loss"],
+                     val_loss, val_acc)
+            if val_loss < best:
+                best, best_w, wait, lr_wait = val_loss, model.get_weights(), 0, 0
+            else:
+                wait, lr_wait = wait + 1, lr_wait + 1
+                if lr_wait >= cfg.lr_patience:
+                    optimizer.learning_rate.assign(max(float(optimizer.learning_rate.numpy()) * cfg.lr_factor, 1e-7))
+                    lr_wait = 0
+                if wait >= cfg.patience:
+                    break
+        model.set_weights(best_w)
+        secs = time.time() - t0
+        timing["phases"].append({"phase": phase.name, "epochs": n_ep, "seconds": secs,
+                                 "seconds_per_epoch": secs / max(n_ep, 1), "replicas": n_rep})
         epoch0 += n_ep
     return history, timing
 
@@ -560,7 +640,7 @@ def config_differences(recorded: dict, cfg: TrainConfig) -> dict:
     Options newer than the checkpoint count at their default (the behaviour before they existed);
     output-only options (folds, verbosity, paths, external checks) are ignored.
     """
-    ignore = {"cv_folds", "cv_scope", "verbose", "out_dir", "name", "external"}
+    ignore = {"cv_folds", "cv_scope", "verbose", "out_dir", "name", "external", "distribute"}
     was = {**config_json(TrainConfig()), **recorded}
     return {k: {"checkpoint": was[k], "cross_validation": v} for k, v in config_json(cfg).items()
             if k not in ignore and was[k] != v}
@@ -658,8 +738,11 @@ def load_manifest(cfg: TrainConfig) -> Manifest:
     return manifest
 
 
-def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
-    """Train one checkpoint from `cfg` and write its bundle to `cfg.out_dir/cfg.bundle_name`."""
+def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Path]:
+    """Train one checkpoint from `cfg` and write its bundle to `cfg.out_dir/cfg.bundle_name`.
+
+    With `cfg.distribute == "multiworker"` every worker of the TF_CONFIG cluster runs this; they train in lockstep
+    and only the chief evaluates and writes the bundle (other workers return None)."""
     import keras
     import tensorflow as tf
 
@@ -669,6 +752,16 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
     from core.models import last_conv_layer, sha256_file
 
     t_start = time.time()
+    strategy, chief, n_workers = None, True, 1
+    if cfg.distribute == "multiworker":
+        from dataclasses import replace
+
+        strategy, chief, n_workers = multiworker_strategy()  # first: collective ops are set up at start-up
+        if cfg.cv_folds > 1:
+            raise DatasetError("--cv-folds runs on one machine: drop it with --distribute multiworker.")
+        if cfg.cache:
+            log.info("Multi-worker training runs a plain model.fit on images (no activation cache).")
+            cfg = replace(cfg, cache=False)
     set_seeds(cfg.seed)
     manifest = load_manifest(cfg)
     if cfg.split_file:
@@ -699,7 +792,18 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
         n_feedback = len(extra)
         log.info("Added %d consented feedback image(s) from %s to the training split", n_feedback, cfg.feedback)
 
-    model, provenance, history, timing = train_model(cfg, k, data["train"], data["val"])
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model, provenance, history, timing = train_model(cfg, k, data["train"], data["val"])
+    if strategy is not None:
+        timing["distribute"] = {"strategy": "MultiWorkerMirroredStrategy", "workers": n_workers,
+                                "trainable_weights_sha256": weights_digest(model),
+                                "note": "trainable weights are identical on every worker; BatchNorm running "
+                                        "statistics are the chief's own"}
+        log.info("Multi-worker training done (%d workers); final trainable weights sha256 %s", n_workers,
+                 timing["distribute"]["trainable_weights_sha256"])
+        if not chief:
+            log.info("This worker is not the chief: the chief evaluates and writes the bundle.")
+            return None
     clf = in_memory_classifier(model, cfg, manifest.class_names)
     raw = {s: clf.raw_proba(data[s][0]) for s in ("val", "test")}
     temperature = fit_temperature(data["val"][1], raw["val"])
@@ -756,6 +860,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:
         "gradcam_layer": last_conv_layer(model),
         "training": {"epochs": len(history), "phases": timing["phases"], "cache_seconds": timing.get("cache_seconds"),
                      "cut_layer": timing.get("cut_layer"), "cache_skipped": timing.get("cache_skipped"),
+                     "distribute": timing.get("distribute"),
                      "precision": timing.get("precision", "float32"), "wall_seconds": None, "platform": platform.platform(),
                      "tensorflow": tf.__version__, "keras": keras.__version__},
         "calibration": {"method": "temperature scaling on the validation split", "temperature": temperature,

@@ -115,3 +115,41 @@ def quote_arg(a: str) -> str:
     return shlex.quote(a)
 
 
+
+
+#: `TrainConfig.distribute` values.
+DISTRIBUTE = ("none", "multiworker")
+
+
+def multiworker_strategy():
+    """tf.distribute.MultiWorkerMirroredStrategy from $TF_CONFIG -> (strategy, is_chief, number of workers).
+
+    Create it before any other TensorFlow work (collective ops are configured at start-up). The chief is the
+    "chief" task, or worker 0 when the cluster names no chief; only it writes the bundle.
+    """
+    import json
+
+    import tensorflow as tf
+
+    conf = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    cluster, task = conf.get("cluster") or {}, conf.get("task") or {}
+    if not cluster or not task:
+        from core.errors import BreastXAIError
+
+        raise BreastXAIError('--distribute multiworker needs TF_CONFIG, e.g. {"cluster": {"worker": ["host1:12345", '
+                         '"host2:12345"]}, "task": {"type": "worker", "index": 0}} on each worker.')
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    chief = task.get("type") == "chief" or (task.get("type") == "worker" and int(task.get("index", 0)) == 0
+                                            and "chief" not in cluster)
+    return strategy, chief, sum(len(v) for v in cluster.values())
+
+
+def weights_digest(model, trainable_only: bool = True) -> str:
+    """sha256 of a model's weights (float32 bytes, in order). The trainable weights are equal on every worker after
+    synchronous training; BatchNorm running statistics are each worker's own (unsynchronised, as in Keras)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for w in (model.trainable_weights if trainable_only else model.weights):
+        h.update(np.ascontiguousarray(np.asarray(w), np.float32).tobytes())
+    return h.hexdigest()

@@ -341,6 +341,15 @@ def _write_rows(path: Path, rows: Sequence[dict], split_of: Optional[str] = None
                               f"{r['true_area']:.5f}", f"{r['pred_area']:.5f}"] for r in rows])
 
 
+def export_model(model):
+    """A copy of `model` without optimizer state (Adam's two moments would triple the saved file)."""
+    import keras
+
+    out = keras.models.clone_model(model)
+    out.set_weights(model.get_weights())
+    return out
+
+
 def check_masks(manifest: Manifest) -> None:
     if not any(s.mask_paths for s in manifest.samples):
         raise DatasetError(f"No lesion masks found under {manifest.root}: segmentation needs `<image>_mask.png` "
@@ -427,7 +436,7 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
     def fill(tmp: Path) -> None:
         from core.checkpoints import write_csv
 
-        model.save(tmp / "model.keras")
+        export_model(model).save(tmp / "model.keras")
         metadata["model_sha256"] = sha256_file(tmp / "model.keras")
         metadata["training"]["wall_seconds"] = round(time.time() - t_start, 1)
         write_csv(tmp / "history.csv", ["epoch", "phase", *hist_keys],
