@@ -38,6 +38,12 @@ class Models:
         self._loaded: dict[str, object] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:  # Ray Serve ships the app to its replicas: models load there
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"])
+
     def names(self) -> list[str]:
         return [p.name for p in list_bundles(self.root, kind="classifier")]
 
@@ -231,6 +237,24 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+def ray_serve_app(checkpoints: Optional[str | Path] = None, replicas: int = 2, api_key: Optional[str] = None):
+    """The same FastAPI app as a Ray Serve deployment with `replicas` copies (each loads its own models).
+
+        import ray; from ray import serve
+        serve.run(ray_serve_app("checkpoints", replicas=4), route_prefix="/")    # or: python -m core.serve --ray 4
+    """
+    from ray import serve
+
+    api = create_app(checkpoints, api_key)
+
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 1})
+    @serve.ingress(api)
+    class BreastXAIService:
+        pass
+
+    return BreastXAIService.bind()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import uvicorn
 
@@ -239,11 +263,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--checkpoints", default=None, help="folder of checkpoint bundles (default: checkpoints/)")
     ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads its own models)")
+    ap.add_argument("--ray", type=int, default=0, metavar="N",
+                    help="serve with Ray Serve, N replicas (on a running cluster with RAY_ADDRESS, else on this machine)")
     args = ap.parse_args(argv)
     if args.checkpoints:
         os.environ["BREASTXAI_CHECKPOINTS"] = args.checkpoints
     if args.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(API_KEY_ENV):
         print(f"warning: listening on {args.host} without an API key; set ${API_KEY_ENV} to require one.")
+    if args.ray:
+        import ray
+        from ray import serve
+
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(ray_serve_app(args.checkpoints, args.ray), route_prefix="/", blocking=True)
+        return 0
     uvicorn.run("core.serve:app", host=args.host, port=args.port, workers=args.workers)
     return 0
 
