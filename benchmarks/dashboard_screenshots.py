@@ -2,6 +2,7 @@
 """Screenshots of one checkpoint explaining uploaded images in the real dashboard (headless Chromium).
 
     python benchmarks/dashboard_screenshots.py checkpoints/histo_densenet121 IMAGE [IMAGE ...] [--out DIR]
+        [--also checkpoints/busi_unet_densenet121]
 
 Serves only that checkpoint, saves the model card, then for each image: upload on Explain, run the
 default methods (Grad-CAM + LIME), print the time to the overlays and the number of exception boxes,
@@ -26,6 +27,8 @@ def main() -> int:
     ap.add_argument("checkpoint")
     ap.add_argument("images", nargs="+")
     ap.add_argument("--out", default=str(ROOT / "screenshots"))
+    ap.add_argument("--also", action="append", default=[], metavar="BUNDLE",
+                    help="serve this bundle too (e.g. the lesion segmenter that outlines ultrasound lesions)")
     args = ap.parse_args()
     from selenium.webdriver.common.by import By
 
@@ -34,6 +37,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     only = Path(tempfile.mkdtemp())
     (only / bundle.name).symlink_to(bundle)
+    for extra in args.also:
+        (only / Path(extra).resolve().name).symlink_to(Path(extra).resolve())
     h3 = lambda d: [h.text for h in d.find_elements(By.CSS_SELECTOR, "h3")]  # noqa: E731
     with dashboard({"BREASTXAI_CHECKPOINTS": str(only)}, window="1400,2400") as (drv, url):
         drv.get(url)

@@ -167,3 +167,13 @@ def tiny_segmenter(tmp_path_factory, tiny_busi_tree) -> Path:
                      "--name", "seg_tiny", "--out-dir", str(out), "--quiet"])
     assert rc == 0
     return out / "seg_tiny"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs) shared by the tests that use it; started once, stopped at the end."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -115,16 +115,14 @@ def test_api_key_required_when_set(tiny_bundle, image):
     assert ok.status_code == 200
 
 
-def test_ray_serve_deployment_with_two_replicas(tiny_bundle, image):
+def test_ray_serve_deployment_with_two_replicas(tiny_bundle, image, ray_local):
     """The same app as a Ray Serve deployment (2 replicas) answers /healthz and /predict on localhost."""
-    ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
     import httpx
 
     from core.serve import ray_serve_app
 
     port = __import__("tests.dashboard.test_browser", fromlist=["free_port"]).free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(ray_serve_app(tiny_bundle.parent, replicas=2), route_prefix="/")
@@ -135,4 +133,3 @@ def test_ray_serve_deployment_with_two_replicas(tiny_bundle, image):
         assert httpx.post(url + "/predict", files={"file": ("a.png", b"junk", "image/png")}, timeout=60).status_code == 400
     finally:
         serve.shutdown()
-        ray.shutdown()

@@ -96,8 +96,7 @@ def test_sanity_only_adds_the_checks_to_explanations_json(tiny_idc_bundle, tmp_p
     assert "sanity gradcam" in out and s["methods"]["gradcam"]["passed"] in (True, False, None)
 
 
-def test_evaluate_on_local_ray_equals_the_serial_run(tiny_idc_bundle):
-    pytest.importorskip("ray")
+def test_evaluate_on_local_ray_equals_the_serial_run(tiny_idc_bundle, ray_local):
     from core.explain.evaluate import evaluate
 
     kw = dict(methods=["gradcam", "occlusion"], limit=4, steps=4, stability_images=0, log=lambda *_: None)
