@@ -797,7 +797,8 @@ def sanity_view(ckpt: Path) -> None:
     san = ej.get("sanity")
     st.subheader("Sanity checks of the explanation methods")
     if not san:
-        st.caption(f"Not run for this checkpoint yet: `python -m core.explain.evaluate {ckpt} --sanity-only`.")
+        st.caption(f"Not run for this checkpoint yet: `python -m core.explain.evaluate checkpoints/{ckpt.name} "
+                   "--sanity-only`.")
         return
     rows = []
     for m, r in san["methods"].items():
