@@ -7,12 +7,19 @@ images (no predicted class changed): above the 0.01 agreement rule, so it is opt
 ('openvino-bf16'). The converted model is cached on disk by the model file's sha256 and used only
 after a self-check against Keras on probe images (`MAX_DP`). Gradients (Grad-CAM, integrated
 gradients) always use the Keras model.
+
+Perturbation explainers (LIME, SHAP, occlusion) may run their perturbed copies on OpenVINO bfloat16 where the
+explanations agree with float32 on a fixed set of validation images (`perturbation_agreement`: Spearman rank
+correlation of the attributions >= 0.95 for every method and image, and LIME's top-5 superpixels unchanged).
+`python -m core.backends CHECKPOINT --record` runs the check once per model and records it in the bundle as
+`fast_forward.json` (tied to the model's sha256); `load_classifier` then uses bfloat16 for perturbations only.
+The displayed prediction always comes from the float32 forward pass.
 """
 from __future__ import annotations
 
 import logging
 import os
-import threading
+import queue
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,6 +30,8 @@ log = logging.getLogger("breastxai.backends")
 #: Largest accepted |Δp| between a backend and float32 Keras on the self-check probes.
 MAX_DP = 0.01
 BACKENDS = ("auto", "keras", "openvino", "openvino-bf16")
+#: Infer requests per compiled model (concurrent batches from different sessions).
+REQUEST_POOL = 4
 
 
 def cache_dir() -> Path:
@@ -66,14 +75,21 @@ def openvino_forward(model, input_size: int, key: Optional[str], precision: str 
                 log.info("OpenVINO model not cached (%s)", exc)
     compiled = core.compile_model(om, "CPU", {"INFERENCE_PRECISION_HINT": precision,
                                               "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    lock = threading.Lock()  # one infer request; Streamlit sessions share the classifier across threads
+    # A pool of infer requests: concurrent sessions (Streamlit threads, REST workers) each take one per batch
+    # instead of queueing behind one lock; a request is held for one batch, never for a whole explanation.
+    pool: queue.Queue = queue.Queue()
+    for _ in range(REQUEST_POOL):
+        pool.put(compiled.create_infer_request())
 
     def forward(batch: np.ndarray) -> np.ndarray:
-        with lock:
+        request = pool.get()
+        try:
             out = request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
             return np.array(out[compiled.output(0)], dtype=np.float32)
+        finally:
+            pool.put(request)
 
+    forward.pool = pool  # type: ignore[attr-defined]  (tests and diagnostics)
     return forward
 
 
@@ -134,3 +150,92 @@ def choose_forward(model, input_size: int, keras_forward: Callable[[np.ndarray],
                                "reason": f"{label} differs by {dp:.4f} > {MAX_DP}"}
     return fwd, {"backend": label, "max_dp_probe": dp, "reason": "faster, agrees with float32 Keras"
                  if precision == "f32" else "requested (bfloat16: faster, probabilities may move by a few 0.01)"}
+
+
+#: The agreement rule for a faster perturbation forward pass.
+FAST_RULE = {"spearman_min": 0.95, "lime_top_k": 5, "methods": ("lime", "occlusion", "shap")}
+FAST_PARAMS = {"lime": {"num_samples": 1000, "random_seed": 0}, "occlusion": {}, "shap": {"max_evals": 300}}
+
+
+def perturbation_agreement(clf, images, fast: str = "openvino-bf16", methods=FAST_RULE["methods"],
+                           params: Optional[dict] = None, log=print) -> dict:
+    """Explain each image with the float32 forward and with `fast`, same seeds; per method the Spearman rank
+    correlation of the two attributions, and for LIME whether the top-5 superpixels are the same. Also the
+    speed-up of LIME on the first image. Returns the record for fast_forward.json ("passed" by FAST_RULE)."""
+    import time
+    from dataclasses import replace
+
+    from scipy.stats import spearmanr
+
+    from core.explain import explain
+
+    params = params or FAST_PARAMS
+    ref = replace(clf, perturbation="float32", _perturb_forward=None)
+    quick = replace(clf, perturbation=fast, _perturb_forward=None)
+    quick.perturbation_forward()
+    if quick.perturbation == "float32":
+        return {"backend": fast, "passed": False, "reason": f"{fast} is not available here"}
+    rows, times = [], {"float32": [], fast: []}
+    for i, img in enumerate(images):
+        for m in methods:
+            t0 = time.perf_counter()
+            a = explain(ref, img, m, **params.get(m, {}))
+            t1 = time.perf_counter()
+            b = explain(quick, img, m, **params.get(m, {}))
+            t2 = time.perf_counter()
+            if m == "lime":
+                times["float32"].append(t1 - t0)
+                times[fast].append(t2 - t1)
+            if np.ptp(a.attribution) == 0 and np.ptp(b.attribution) == 0:  # both blank: they agree
+                rho = 1.0 if np.allclose(a.attribution, b.attribution) else float("nan")
+            else:
+                rho = spearmanr(a.attribution.ravel(), b.attribution.ravel()).statistic
+            row = {"image": i, "method": m, "spearman": float(rho) if np.isfinite(rho) else None}
+            if m == "lime":
+                top = lambda e: sorted(sorted(e.extras["segment_weights"], key=lambda k: -e.extras["segment_weights"][k])  # noqa: E731
+                                       [:FAST_RULE["lime_top_k"]])
+                row["lime_top5_same"] = top(a) == top(b)
+            rows.append(row)
+            log(f"image {i + 1}/{len(images)} {m}: Spearman {row['spearman']}"
+                + (f", top-5 same {row['lime_top5_same']}" if m == "lime" else ""))
+    rhos = [r["spearman"] for r in rows]
+    passed = all(r is not None and r >= FAST_RULE["spearman_min"] for r in rhos) and all(
+        r.get("lime_top5_same", True) for r in rows)
+    return {"backend": fast, "passed": bool(passed), "rule": "Spearman rank correlation of the attributions >= "
+            f"{FAST_RULE['spearman_min']} for every method and image, and LIME's top-{FAST_RULE['lime_top_k']} "
+            "superpixels unchanged, same seeds", "methods": list(methods), "params": params,
+            "n_images": len(images), "spearman_min": float(min(r for r in rhos if r is not None)) if any(
+                r is not None for r in rhos) else None, "rows": rows,
+            "lime_seconds": {k: float(np.median(v)) for k, v in times.items() if v},
+            "model_sha256": clf.metadata.get("model_sha256")}
+
+
+def main(argv=None) -> int:
+    """python -m core.backends CHECKPOINT [--images 5] [--record]: the perturbation-forward agreement check."""
+    import argparse
+    import json
+
+    from core.checkpoints import load_classifier, read_metadata, write_json
+    from core.data.roots import bundle_splits
+
+    ap = argparse.ArgumentParser(prog="python -m core.backends", description=main.__doc__)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--images", type=int, default=5, help="validation images to compare on")
+    ap.add_argument("--record", action="store_true", help="write the result into the bundle (fast_forward.json)")
+    args = ap.parse_args(argv)
+    bundle = Path(args.checkpoint)
+    clf = load_classifier(bundle)
+    val = bundle_splits(bundle, read_metadata(bundle))["val"]
+    step = max(len(val) // max(args.images, 1), 1)
+    picks = val.samples[::step][:args.images]
+    res = perturbation_agreement(clf, [val.read(s) for s in picks])
+    res["images"] = [os.path.relpath(s.path, val.root) for s in picks]
+    print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1))
+    if args.record:
+        write_json(bundle / "fast_forward.json", res)
+        print(f"written {bundle / 'fast_forward.json'}")
+    return 0 if res["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

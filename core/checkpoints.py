@@ -228,7 +228,10 @@ class Classifier:
     patches: Optional[PatchConfig] = None  # patch checkpoints: grid-averaged tiles of the whole image
     backend: str = "keras"  # forward pass of predict_proba: keras | openvino | auto (see core.backends)
     backend_info: dict = field(default_factory=dict)
+    perturbation: str = "float32"  # forward of perturbation explainers: float32 (the same as predictions) |
+    # openvino-bf16 (only where the bundle's fast_forward.json records that explanations agree; see core.backends)
     _forward: Optional[Callable] = field(default=None, repr=False)
+    _perturb_forward: Optional[Callable] = field(default=None, repr=False)
     _features: Optional[Callable] = field(default=None, repr=False)
 
     @property
@@ -378,6 +381,37 @@ class Classifier:
         perturbation explainers use this on their perturbed copies of the work image."""
         return self.calibrate(self.raw_proba(images, work=True, progress=progress)).astype(np.float32)
 
+    def perturbation_forward(self) -> Callable[[np.ndarray], np.ndarray]:
+        """The forward pass for perturbed copies: `forward` (float32), or OpenVINO bfloat16 when
+        `perturbation == "openvino-bf16"` (falls back to float32 if it cannot be compiled)."""
+        if self.perturbation == "float32":
+            return self.forward
+        if self._perturb_forward is None:
+            try:
+                from core.backends import openvino_forward
+
+                fast = openvino_forward(self.model, self.input_size, self.metadata.get("model_sha256"), "bf16")
+                bs = max(self.batch_size, 1)
+                self._perturb_forward = lambda x: np.concatenate(  # noqa: E731
+                    [np.asarray(fast(x[i:i + bs]), np.float32) for i in range(0, len(x), bs)]) if len(x) else \
+                    np.zeros((0, self.num_classes), np.float32)
+            except Exception:  # OpenVINO unavailable here: keep float32
+                self.perturbation = "float32"
+                return self.forward
+        return self._perturb_forward
+
+    def predict_perturbed(self, images, progress: Optional[Callable[[float], None]] = None) -> np.ndarray:
+        """Like `predict_work` (work-resolution images -> calibrated [N, K]) on the perturbation forward pass;
+        LIME, SHAP and occlusion use it. Displayed predictions and metrics stay on `predict_proba` / `predict_work`."""
+        fwd = self.perturbation_forward()
+        if fwd is self.forward:
+            return self.predict_work(images, progress)
+        x, counts = self._tile_batches(images, True)
+        out = fwd(x) if len(x) else np.zeros((0, self.num_classes), np.float32)
+        if progress is not None:
+            progress(1.0)
+        return self.calibrate(self._mean_per_image(out, counts)).astype(np.float32)
+
     __call__ = predict_proba
 
 
@@ -439,10 +473,25 @@ def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifi
     side = PATCH_SIDES.get(meta.get("dataset", {}).get("kind"))
     if patches is None and side:  # a patch-set model (IDC): a larger field is read as a grid of its patches
         patches = PatchConfig(side, size, side, min_tissue=0.0)
+    backend = requested_backend(backend)
     return Classifier(model=model, class_names=class_names, input_size=size, metadata=meta, path=path,
                       temperature=float(meta.get("calibration", {}).get("temperature", 1.0)),
-                      clahe=bool(prep.get("clahe", False)), ood=ood, patches=patches,
-                      backend=requested_backend(backend))
+                      clahe=bool(prep.get("clahe", False)), ood=ood, patches=patches, backend=backend,
+                      perturbation=perturbation_backend(path, meta, backend))
+
+
+def perturbation_backend(path: Path, meta: dict, backend: str) -> str:
+    """"openvino-bf16" when the bundle's fast_forward.json says explanations on it agree with float32 for this very
+    model (sha256) and neither the backend nor $BREASTXAI_PERTURBATION asks for float32; else "float32"."""
+    if backend == "keras" or os.environ.get("BREASTXAI_PERTURBATION", "").lower() == "float32":
+        return "float32"
+    f = Path(path) / "fast_forward.json"
+    try:
+        rec = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return "float32"
+    ok = rec.get("passed") and rec.get("model_sha256") == meta.get("model_sha256")
+    return rec.get("backend", "openvino-bf16") if ok else "float32"
 
 
 def load_segmenter(path: str | Path):

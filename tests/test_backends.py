@@ -72,3 +72,49 @@ def test_concurrent_callers_share_one_compiled_model(tiny_bundle, isolated_cache
         got = list(pool.map(clf.predict_proba, xs))
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_the_request_pool_serves_batches_at_the_same_time(tiny_bundle, isolated_cache):
+    """While one caller holds an infer request (a long batch), another caller's batch still runs: a pool of
+    requests, not one lock held by one caller."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    clf = load_classifier(tiny_bundle, backend="keras")
+    fwd = B.openvino_forward(clf.model, clf.input_size, None, "f32")
+    held = fwd.pool.get()  # another session's batch in flight
+    s = clf.input_size
+    x = np.random.default_rng(0).integers(0, 255, (4, s, s, 3)).astype(np.float32)
+    with ThreadPoolExecutor(1) as pool:
+        out = pool.submit(fwd, x).result(timeout=30)  # would wait forever behind a single lock
+    fwd.pool.put(held)
+    assert out.shape == (4, 2) and B.REQUEST_POOL >= 2
+
+
+def test_perturbation_forward_is_bfloat16_only_where_explanations_agree(tiny_bundle, isolated_cache, tmp_path):
+    import json
+    import shutil
+
+    from core.explain import explain
+    from tests.conftest import make_class_image
+
+    bundle = tmp_path / "tiny"
+    shutil.copytree(tiny_bundle, bundle)
+    clf = load_classifier(bundle)
+    assert clf.perturbation == "float32"  # nothing recorded: perturbations stay float32
+    imgs = [make_class_image(k % 2, np.random.default_rng(k), 48) for k in range(2)]
+    res = B.perturbation_agreement(clf, imgs, params={"lime": {"num_samples": 200, "n_segments": 12,
+                                                               "random_seed": 0}, "occlusion": {}, "shap": {"max_evals": 60}},
+                                   log=lambda *_: None)
+    assert {r["method"] for r in res["rows"]} == {"lime", "occlusion", "shap"} and len(res["rows"]) == 6
+    assert res["passed"] == all(r["spearman"] is not None and r["spearman"] >= 0.95 and r.get("lime_top5_same", True)
+                                for r in res["rows"])
+    (bundle / "fast_forward.json").write_text(json.dumps({**res, "passed": True}))
+    fast = load_classifier(bundle)
+    assert fast.perturbation == "openvino-bf16"
+    np.testing.assert_allclose(fast.predict_proba(imgs[0]), clf.predict_proba(imgs[0]), atol=1e-6)  # display: float32
+    e = explain(fast, imgs[0], "occlusion")
+    assert e.probability == pytest.approx(float(clf.predict_proba(imgs[0])[0][e.target]), abs=1e-6)
+    (bundle / "fast_forward.json").write_text(json.dumps({**res, "passed": True, "model_sha256": "other"}))
+    assert load_classifier(bundle).perturbation == "float32"  # a record of another model does not count
+    (bundle / "fast_forward.json").write_text(json.dumps({**res, "passed": False}))
+    assert load_classifier(bundle).perturbation == "float32"

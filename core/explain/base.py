@@ -116,7 +116,10 @@ class Explainer:
         return resize(image, (s, s))
 
     def predict_fn(self) -> Callable[[np.ndarray], np.ndarray]:
-        """Batch of work images (N, H, W, 3) -> calibrated probabilities (N, K) through the compiled forward pass."""
+        """Batch of work images (N, H, W, 3) -> calibrated probabilities (N, K) through the perturbation forward pass
+        (float32, or bfloat16 where the bundle records that explanations agree; see core.backends)."""
+        if hasattr(self.classifier, "predict_perturbed"):
+            return lambda x: self.classifier.predict_perturbed(np.asarray(x))
         if hasattr(self.classifier, "predict_work"):
             return lambda x: self.classifier.predict_work(np.asarray(x))
         return lambda x: self.classifier.predict_proba(np.asarray(x))

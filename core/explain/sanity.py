@@ -125,7 +125,8 @@ def _mean(values) -> Optional[float]:
 
 def randomised_classifier(clf, model):
     """`clf` with another Keras model behind it (Keras forward; no OOD detector)."""
-    return replace(clf, model=model, backend="keras", backend_info={}, _forward=None, _features=None, ood=None)
+    return replace(clf, model=model, backend="keras", backend_info={}, _forward=None, _features=None, ood=None,
+                   perturbation="float32", _perturb_forward=None)
 
 
 def fully_randomised(clf, seed: int = 0):
