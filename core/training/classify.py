@@ -524,14 +524,11 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
     """
     import json
 
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    from core.data.split import _holdout, describe_groups
+    from core.data.split import describe_groups
     from core.evaluation import classification_metrics, patient_level_metrics
 
     labels, groups = np.asarray(manifest.labels), np.asarray(manifest.groups)
     k = len(manifest.class_names)
-    cv = StratifiedGroupKFold(n_splits=cfg.cv_folds, shuffle=True, random_state=cfg.seed)
     quiet = TrainConfig(**{**asdict(cfg), "verbose": 0, "cv_folds": 0, "external": ()})
     key = json.dumps({"config": config_json(quiet), "paths": [s.path for s in manifest.samples]}, sort_keys=True)
     if work_dir is not None:
@@ -544,17 +541,13 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
                 f.unlink()
         (work_dir / "key.json").write_text(key)
     folds, pooled_idx, pooled_p, pooled_fold, t0 = [], [], [], [], time.time()
-    for f, (rest, held) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
+    for f, parts, held in group_folds(cfg, manifest):
         saved = work_dir / f"fold_{f + 1}.npz" if work_dir is not None else None
         if saved is not None and saved.is_file():
             z = np.load(saved, allow_pickle=False)
             p, row = z["probs"], json.loads(str(z["row"]))
             log.info("CV fold %d/%d: resumed from %s", f + 1, cfg.cv_folds, saved)
         else:
-            val_rel = _holdout(labels[rest], groups[rest], cfg.split[1] / (cfg.split[0] + cfg.split[1]),
-                               cfg.seed + 1)
-            parts = {"train": manifest.subset(rest[~val_rel]), "val": manifest.subset(rest[val_rel]),
-                     "test": manifest.subset(held)}
             set_seeds(cfg.seed)
             data = {s: decode_split(parts[s], quiet) for s in parts}
             t_fold = time.time()
@@ -612,6 +605,22 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
             "support": {r["class"]: r["support"] for r in patients["per_class"]},
             "patient_recognition_rate": patients["patient_recognition_rate"], "patients": patients["patients"]}
     return out
+
+
+def group_folds(cfg: TrainConfig, manifest: Manifest):
+    """The group-wise K-fold split every cross-validation uses: yields (fold index, {"train", "val", "test"}
+    manifests, held-out indices). StratifiedGroupKFold (shuffled with cfg.seed) holds out whole groups; a
+    group-aware validation part for early stopping is carved out of the rest."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from core.data.split import _holdout
+
+    labels, groups = np.asarray(manifest.labels), np.asarray(manifest.groups)
+    cv = StratifiedGroupKFold(n_splits=cfg.cv_folds, shuffle=True, random_state=cfg.seed)
+    for f, (rest, held) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
+        val_rel = _holdout(labels[rest], groups[rest], cfg.split[1] / (cfg.split[0] + cfg.split[1]), cfg.seed + 1)
+        yield f, {"train": manifest.subset(rest[~val_rel]), "val": manifest.subset(rest[val_rel]),
+                  "test": manifest.subset(held)}, held
 
 
 def cv_work_dir(cfg: TrainConfig) -> Path:

@@ -25,7 +25,7 @@ from core.data import Manifest, read_split, split_manifest, write_split
 from core.data.loaders import CITATIONS
 from core.errors import DatasetError
 from core.preprocessing import load_mask, model_input
-from core.training.classify import TrainConfig, config_differences, config_json, load_manifest
+from core.training.classify import TrainConfig, config_differences, config_json, group_folds, load_manifest
 from core.training.common import (epoch_timer, git_commit, mixed_precision, quote_arg, resolve_precision,
                                   set_seeds)
 
@@ -268,12 +268,9 @@ def train_fold_model(cfg: TrainConfig, train_xy: tuple, val_xy: tuple):
 def cross_validate_segmenter(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path] = None) -> dict:
     """Group-wise K-fold CV of the recipe (StratifiedGroupKFold by class; a group-aware validation part per
     fold for early stopping and post-processing). Finished folds are kept in `work_dir` and resumed."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    from core.data.split import _holdout
     from core.segmentation import Segmenter
 
-    labels, groups = np.asarray(manifest.labels), np.asarray(manifest.groups)
+    groups = np.asarray(manifest.groups)
     quiet = TrainConfig(**{**config_json(cfg), "verbose": 0, "cv_folds": 0, "external": (),
                            "head_units": tuple(cfg.head_units), "split": tuple(cfg.split)})
     key = json.dumps({"config": config_json(quiet), "paths": [s.path for s in manifest.samples]}, sort_keys=True)
@@ -284,18 +281,13 @@ def cross_validate_segmenter(cfg: TrainConfig, manifest: Manifest, work_dir: Opt
             for f in work_dir.glob("fold_*.json"):
                 f.unlink()
         (work_dir / "key.json").write_text(key)
-    cv = StratifiedGroupKFold(n_splits=cfg.cv_folds, shuffle=True, random_state=cfg.seed)
     folds, rows = [], []
-    for f, (rest, held) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
+    for f, parts, held in group_folds(cfg, manifest):
         saved = work_dir / f"fold_{f + 1}.json" if work_dir is not None else None
         if saved is not None and saved.is_file():
             done = json.loads(saved.read_text())
             log.info("CV fold %d/%d: resumed from %s", f + 1, cfg.cv_folds, saved)
         else:
-            val_rel = _holdout(labels[rest], groups[rest], cfg.split[1] / (cfg.split[0] + cfg.split[1]),
-                               cfg.seed + 1)
-            parts = {"train": manifest.subset(rest[~val_rel]), "val": manifest.subset(rest[val_rel]),
-                     "test": manifest.subset(held)}
             set_seeds(cfg.seed)
             t0 = time.time()
             data = {k: load_seg_arrays(v, cfg.input_size, cfg.clahe) for k, v in parts.items()}
@@ -342,10 +334,10 @@ def _write_rows(path: Path, rows: Sequence[dict], split_of: Optional[str] = None
 
 
 def export_model(model):
-    """A copy of `model` without optimizer state (Adam's two moments would triple the saved file)."""
+    """A copy of `model` without optimizer or loss (Adam's two moments would triple the saved file)."""
     import keras
 
-    out = keras.models.clone_model(model)
+    out = keras.Model.from_config(model.get_config())  # the architecture alone: no compile state
     out.set_weights(model.get_weights())
     return out
 

@@ -29,6 +29,26 @@ def app_env(tiny_bundle, tmp_path, monkeypatch):
     return tiny_bundle
 
 
+def serve_from(monkeypatch, checkpoints, data=None) -> None:
+    """Point the app at a checkpoints folder (and a data folder) with fresh caches."""
+    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(checkpoints))
+    if data is not None:
+        monkeypatch.setenv("BREASTXAI_DATA", str(data))
+    import streamlit as st
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def upload_on_explain(arr: np.ndarray, name: str = "case.png"):
+    """The Explain page with `arr` uploaded (rendered, no exception)."""
+    at = app("pages/1_Explain.py")
+    at.radio(key="ex_src").set_value("Upload").run()
+    at.file_uploader(key="ex_upload").upload(name, png(arr), "image/png")
+    at.run()
+    no_exception(at)
+    return at
+
+
 def app(page: str | None = None):
     from streamlit.testing.v1 import AppTest
 
@@ -366,10 +386,7 @@ def test_model_card_shows_a_recorded_comparison(tiny_bundle, tiny_tree, tmp_path
                        "--batch-size", "8", "--name", "baseline", "--out-dir", str(tmp_path / "b"), "--quiet"]) == 0
     assert evaluation_main([str(tmp_path / "ck" / "tiny"), "--compare", str(tmp_path / "b" / "baseline"),
                             "--record"]) == 0
-    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tmp_path / "ck"))
-    import streamlit as st
-    st.cache_data.clear()
-    st.cache_resource.clear()
+    serve_from(monkeypatch, tmp_path / "ck")
     at = app()
     no_exception(at)
     assert any(s.value == "Compared with baseline on the same test images" for s in at.subheader)
@@ -391,10 +408,7 @@ def test_model_card_says_which_checkpoint_suits_which_images(tiny_bundle, tmp_pa
     update_metadata(tmp_path / "ck" / "histo", {"cross_validation": {
         "method": "m", "folds": [], "accuracy_mean": 0.9, "accuracy_min": 0.75, "accuracy_max": 1.0,
         "pooled_accuracy": 0.897, "pooled_roc_auc": 0.936}})
-    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tmp_path / "ck"))
-    import streamlit as st
-    st.cache_data.clear()
-    st.cache_resource.clear()
+    serve_from(monkeypatch, tmp_path / "ck")
     at = app()
     at.selectbox(key="sb_checkpoint").set_value("other")
     at.run()
@@ -405,12 +419,7 @@ def test_model_card_says_which_checkpoint_suits_which_images(tiny_bundle, tmp_pa
 
 
 def test_out_of_distribution_upload_gets_no_verdict_but_can_be_explained(app_env):
-    at = app("pages/1_Explain.py")
-    noise = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
-    at.radio(key="ex_src").set_value("Upload").run()
-    at.file_uploader(key="ex_upload").upload("noise.png", png(noise), "image/png")
-    at.run()
-    no_exception(at)
+    at = upload_on_explain(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8), "noise.png")
     heads = [s.value for s in at.subheader]
     assert heads[0] == "Out of distribution: no verdict" and not any(h.startswith("Prediction:") for h in heads)
     assert any("not a prediction" in e.value for e in at.error)
@@ -467,10 +476,7 @@ def test_model_card_headline_is_cross_validation_when_recorded(tiny_bundle, tmp_
         "method": "m", "scope": "all", "folds": [], "accuracy_mean": 0.8, "accuracy_min": 0.7, "accuracy_max": 0.9,
         "pooled_accuracy": 0.81, "pooled_roc_auc": 0.912, "pooled_balanced_accuracy": 0.777,
         "pooled_recall": {"benign": 0.8, "malignant": 0.754}, "pooled_support": {"benign": 14, "malignant": 14}}})
-    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(tmp_path / "ck"))
-    import streamlit as st
-    st.cache_data.clear()
-    st.cache_resource.clear()
+    serve_from(monkeypatch, tmp_path / "ck")
     at = app()
     no_exception(at)
     assert [(m.label, m.value) for m in at.metric][:3] == [("Balanced accuracy (cross-validated)", "0.777"),
@@ -549,13 +555,8 @@ def ultrasound_env(tiny_bundle, tiny_segmenter, tmp_path, monkeypatch):
     seg = json.loads((ckpts / "seg_tiny" / "metadata.json").read_text())
     seg["postprocessing"] = {"threshold": 0.0, "largest_region_only": False}
     (ckpts / "seg_tiny" / "metadata.json").write_text(json.dumps(seg))
-    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(ckpts))
-    empty = tmp_path / "nodata"
-    empty.mkdir()
-    monkeypatch.setenv("BREASTXAI_DATA", str(empty))
-    import streamlit as st
-    st.cache_data.clear()
-    st.cache_resource.clear()
+    (tmp_path / "nodata").mkdir()
+    serve_from(monkeypatch, ckpts, tmp_path / "nodata")
     return ckpts
 
 
@@ -598,12 +599,7 @@ def test_predicted_lesion_outlined_measured_and_used_for_localisation(ultrasound
 
 
 def test_no_predicted_lesion_on_an_out_of_distribution_upload(ultrasound_env):
-    at = app("pages/1_Explain.py")
-    noise = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
-    at.radio(key="ex_src").set_value("Upload").run()
-    at.file_uploader(key="ex_upload").upload("noise.png", png(noise), "image/png")
-    at.run()
-    no_exception(at)
+    at = upload_on_explain(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8), "noise.png")
     assert any("No predicted lesion outline: the image is out of distribution" in c.value for c in at.caption)
     assert not any(c.value.startswith("Predicted lesion") for c in at.caption)
 
@@ -626,12 +622,7 @@ def test_compare_shows_the_randomised_model_maps_and_the_model_card_sanity_table
     shutil.copytree(tiny_bundle, bundle)
     (bundle / "explanations.json").write_text(json.dumps({"checkpoint": "tiny", "methods": {}}))
     assert evaluate_main([str(bundle), "--sanity-only", "--sanity-images", "2", "--methods", "gradcam"]) == 0
-    monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(bundle.parent))
-    monkeypatch.setenv("BREASTXAI_DATA", str(tmp_path / "nodata"))
-    import streamlit as st
-    st.cache_data.clear()
-    st.cache_resource.clear()
-
+    serve_from(monkeypatch, bundle.parent, tmp_path / "nodata")
     at = app()
     no_exception(at)
     assert any(h.value == "Sanity checks of the explanation methods" for h in at.subheader)
