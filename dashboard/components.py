@@ -786,9 +786,9 @@ def report_download(ckpt: Path, inp: "ImageInput", results: dict, prefix: str, l
 
 
 SANITY_TEACHING = ("If a method draws nearly the same map for a network whose weights are random, the map shows the "
-                   "image (edges, bright or dark areas), not what the model learned, and it should not be used to teach "
-                   "what the model sees. A map that changes completely passes this check: necessary for a faithful "
-                   "explanation, though not proof of one.")
+                   "image (edges, bright or dark areas) rather than what the model learned, and should not be used to "
+                   "teach what the model sees. A map that changes completely has passed this check, which a faithful "
+                   "explanation needs but which does not prove one.")
 
 
 def sanity_view(ckpt: Path) -> None:
