@@ -732,7 +732,11 @@ def segmenter_card(ckpt: Path) -> None:
     c1, c2, c3 = st.columns(3)
     d = test.get("dice") or {}
     if cv.get("dice", {}).get("mean") is not None:
-        c1.metric("Dice (cross-validated)", f"{cv['dice']['mean']:.3f}")
+        shorter = bool((meta.get("cross_validation") or {}).get("differs_from_checkpoint"))
+        c1.metric("Dice (cross-validated" + (", shorter training)" if shorter else ")"), f"{cv['dice']['mean']:.3f}",
+                  help="Every image held out once, repeat scans kept together. " + (
+                      "Each fold trained for fewer epochs than the checkpoint (see Details), so this estimate is "
+                      "likely on the low side." if shorter else ""))
     c2.metric(f"Dice, test split (n = {test.get('n_lesion_images', '?')} lesions)", fmt_metric(d.get("mean")))
     c3.metric("IoU, test split", fmt_metric((test.get("iou") or {}).get("mean")))
     fp = test.get("no_lesion_images") or {}
