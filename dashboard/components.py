@@ -362,7 +362,9 @@ def predicted_lesion_view(ckpt: Path, inp: "ImageInput", prefix: str, ood: bool 
         return None
     les = svc.predicted_lesion(ckpt, inp.image, inp.sha)
     quality = f" (segmenter {les.segmenter}, test Dice {les.test_dice:.2f} on lesion images)" if les.test_dice else ""
-    st.caption(describe_lesion(les.measurements) + quality)
+    st.caption(describe_lesion(les.measurements) + quality
+               + (" A predicted outline is smoother than a real margin: judge the margin on the image itself."
+                  if les.measurements else ""))
     return les
 
 
