@@ -325,9 +325,12 @@ class Classifier:
 
                 self._forward, self.backend_info = choose_forward(
                     model, self.input_size, keras_forward, self.metadata.get("model_sha256"), self.backend)
+        return self._chunked(self._forward, batch)
+
+    def _chunked(self, fwd: Callable, batch: np.ndarray) -> np.ndarray:
+        """fwd over `batch` in chunks of `batch_size` -> float32 (N, K)."""
         if len(batch) == 0:
             return np.zeros((0, self.num_classes), np.float32)
-        fwd = self._forward
         return np.concatenate([np.asarray(fwd(batch[i:i + self.batch_size]), np.float32)
                                for i in range(0, len(batch), self.batch_size)])
 
@@ -391,10 +394,7 @@ class Classifier:
                 from core.backends import openvino_forward
 
                 fast = openvino_forward(self.model, self.input_size, self.metadata.get("model_sha256"), "bf16")
-                bs = max(self.batch_size, 1)
-                self._perturb_forward = lambda x: np.concatenate(  # noqa: E731
-                    [np.asarray(fast(x[i:i + bs]), np.float32) for i in range(0, len(x), bs)]) if len(x) else \
-                    np.zeros((0, self.num_classes), np.float32)
+                self._perturb_forward = lambda x: self._chunked(fast, x)  # noqa: E731
             except Exception:  # OpenVINO unavailable here: keep float32
                 self.perturbation = "float32"
                 return self.forward
@@ -407,7 +407,7 @@ class Classifier:
         if fwd is self.forward:
             return self.predict_work(images, progress)
         x, counts = self._tile_batches(images, True)
-        out = fwd(x) if len(x) else np.zeros((0, self.num_classes), np.float32)
+        out = fwd(x)
         if progress is not None:
             progress(1.0)
         return self.calibrate(self._mean_per_image(out, counts)).astype(np.float32)
@@ -492,6 +492,18 @@ def perturbation_backend(path: Path, meta: dict, backend: str) -> str:
         return "float32"
     ok = rec.get("passed") and rec.get("model_sha256") == meta.get("model_sha256")
     return rec.get("backend", "openvino-bf16") if ok else "float32"
+
+
+def segmenter_for(classifier_meta: dict, root: str | Path = CHECKPOINTS_DIR) -> Optional[Path]:
+    """The segmenter bundle under `root` whose training data has the same imaging modality as the classifier's
+    (ultrasound: BUSI), or None."""
+    from core.gallery import MODALITY
+
+    want = MODALITY.get((classifier_meta.get("dataset") or {}).get("kind", ""))
+    if want is None:
+        return None
+    return next((p for p in list_bundles(root, kind="segmenter")
+                 if MODALITY.get((read_metadata(p).get("dataset") or {}).get("kind", "")) == want), None)
 
 
 def load_segmenter(path: str | Path):

@@ -347,10 +347,9 @@ def pdf_pages_png(pdf: bytes, dpi: int = 110) -> list[bytes]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from core.checkpoints import list_bundles, load_classifier, load_segmenter, read_metadata
+    from core.checkpoints import load_classifier, load_segmenter, segmenter_for
     from core.errors import BreastXAIError
     from core.explain import EXPLAINERS, FAST_PARAMS
-    from core.gallery import MODALITY
     from core.preprocessing import load_image
     from core.training.common import git_commit
 
@@ -373,14 +372,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         ckpt = Path(args.checkpoint)
         clf = load_classifier(ckpt)
-        seg, seg_meta = None, None
-        want = MODALITY.get(clf.metadata.get("dataset", {}).get("kind", ""))
-        if not args.no_segmenter and want:
-            for p in list_bundles(ckpt.parent, kind="segmenter"):
-                if MODALITY.get(read_metadata(p).get("dataset", {}).get("kind", "")) == want:
-                    seg = load_segmenter(p)
-                    seg_meta = seg.metadata
-                    break
+        found = None if args.no_segmenter else segmenter_for(clf.metadata, ckpt.parent)
+        seg = load_segmenter(found) if found is not None else None
+        seg_meta = seg.metadata if seg is not None else None
         cases = []
         for i, path in enumerate(args.images, start=1):
             image = load_image(path)

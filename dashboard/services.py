@@ -23,6 +23,7 @@ from core import gallery, tiles
 from core.data.roots import bundle_splits
 from core.checkpoints import (CHECKPOINTS_DIR, list_bundles, load_classifier, load_segmenter, read_metadata,
                               verify_bundle)
+from core.checkpoints import segmenter_for as find_segmenter
 from core.errors import BreastXAIError, CheckpointError, InvalidImageError
 from core.preprocessing import DecodedImage, decode_image, load_mask
 
@@ -189,17 +190,14 @@ class PredictedLesion:
 
 def segmenter_for(ckpt: Path) -> Optional[Path]:
     """A verified segmenter bundle of the same imaging modality as the checkpoint (ultrasound: BUSI), or None."""
-    want = gallery.MODALITY.get(read_metadata(ckpt).get("dataset", {}).get("kind", ""))
-    if want is None:
+    seg = find_segmenter(read_metadata(ckpt), checkpoints_dir())
+    if seg is None:
         return None
-    for p in list_bundles(checkpoints_dir(), kind="segmenter"):
-        if gallery.MODALITY.get(read_metadata(p).get("dataset", {}).get("kind", "")) == want:
-            try:
-                _verify_cached(str(p), _mtime(p))
-            except CheckpointError:
-                continue
-            return p
-    return None
+    try:
+        _verify_cached(str(seg), _mtime(seg))
+    except CheckpointError:
+        return None
+    return seg
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the lesion segmenter…")

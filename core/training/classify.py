@@ -214,7 +214,8 @@ class _ResamplingSequence:
         return Seq(*args, **kwargs)
 
 
-def _callbacks(cfg: TrainConfig, monitor: str = "val_loss"):
+def fit_callbacks(cfg: TrainConfig, monitor: str = "val_loss"):
+    """EarlyStopping (best weights restored) and ReduceLROnPlateau with the configured patience and factor."""
     import keras
 
     return [keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True,
@@ -346,7 +347,7 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         t0, timer = time.time(), epoch_timer()
         with mixed_precision(precision):
             h = target.fit(train_data, validation_data=val_data, epochs=epoch0 + phase.epochs,
-                           initial_epoch=epoch0, callbacks=[*_callbacks(cfg), timer], verbose=verbose)
+                           initial_epoch=epoch0, callbacks=[*fit_callbacks(cfg), timer], verbose=verbose)
         secs = time.time() - t0
         n_ep = len(h.history.get("loss", []))
         timing["phases"].append({"phase": phase.name, "epochs": n_ep, "seconds": secs,

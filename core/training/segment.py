@@ -25,7 +25,8 @@ from core.data import Manifest, read_split, split_manifest, write_split
 from core.data.loaders import CITATIONS
 from core.errors import DatasetError
 from core.preprocessing import load_mask, model_input
-from core.training.classify import TrainConfig, config_differences, config_json, group_folds, load_manifest
+from core.training.classify import (TrainConfig, config_differences, config_json, cv_work_dir, fit_callbacks,
+                                    group_folds, load_manifest)
 from core.training.common import (epoch_timer, git_commit, mixed_precision, quote_arg, resolve_precision,
                                   set_seeds)
 
@@ -118,7 +119,6 @@ def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndar
     """Phase "decoder" (encoder frozen, lr `cfg.lr`, `cfg.head_epochs`), then "fine_tune" (the encoder's last
     `cfg.fine_tune_layers` layers or all with -1, lr `cfg.fine_tune_lr`, `cfg.fine_tune_epochs`); each with
     early stopping on validation loss (best weights restored) and LR reduction. Returns (history, timing)."""
-    import keras
     import tensorflow as tf
 
     from core.models import encoder_layers, set_encoder_trainable
@@ -146,14 +146,10 @@ def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndar
         log.info("Phase %s: %d encoder layers trainable (of %d), lr %.1e, up to %d epochs", name, n, len(enc), lr,
                  epochs)
         _compile(model, lr)
-        callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
-                                                   restore_best_weights=True, verbose=1),
-                     keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor,
-                                                       patience=cfg.lr_patience, min_lr=1e-7, verbose=1)]
         t0, timer = time.time(), epoch_timer()
         with mixed_precision(precision):
             h = model.fit(ds, validation_data=val, batch_size=cfg.batch_size, epochs=epoch0 + epochs,
-                          initial_epoch=epoch0, callbacks=[*callbacks, timer], verbose=verbose)
+                          initial_epoch=epoch0, callbacks=[*fit_callbacks(cfg), timer], verbose=verbose)
         n_ep = len(h.history.get("loss", []))
         secs = time.time() - t0
         timing["phases"].append({"phase": name, "epochs": n_ep, "seconds": secs,
@@ -370,8 +366,6 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
              *(len(splits[s]) for s in ("train", "val", "test")))
     cv = None
     if cfg.cv_folds > 1:
-        from core.training.classify import cv_work_dir
-
         cv = cross_validate_segmenter(cfg, manifest, cv_work_dir(cfg))
         set_seeds(cfg.seed)
     data = {s: load_seg_arrays(splits[s], cfg.input_size, cfg.clahe) for s in ("train", "val", "test")}
@@ -440,8 +434,6 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
         write_json(tmp / "metadata.json", metadata)
 
     dest = write_bundle(Path(cfg.out_dir) / cfg.bundle_name, fill)
-    from core.training.classify import cv_work_dir
-
     shutil.rmtree(cv_work_dir(cfg), ignore_errors=True)
     log.info("Wrote %s in %.1f min", dest, (time.time() - t_start) / 60)
     return dest
@@ -458,8 +450,6 @@ def add_segmenter_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str
     set_seeds(cfg.seed)
     manifest = load_manifest(cfg)
     check_masks(manifest)
-    from core.training.classify import cv_work_dir
-
     cv = cross_validate_segmenter(cfg, manifest, cv_work_dir(cfg))
     rows = cv.pop("rows")
     cv["command"] = " ".join(["python", "train.py", *map(quote_arg, argv)]) if argv is not None else None
