@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images the cross-validation covers: the whole dataset (the checkpoint's reported CV), or "
                         "only the training and validation patients of the split, keeping the test patients out "
                         "(for choosing settings when the validation split holds too few patients)")
+    g.add_argument("--calibration", default=d.calibration, choices=("val", "inner-cv", "none"),
+                   help="where the softmax temperature is fitted: the validation split (default), the out-of-fold "
+                        "predictions of a group-wise CV over training + validation groups (for validation splits "
+                        "of a few patients), or nowhere (T = 1)")
     g.add_argument("--cv-only", action="store_true",
                    help="only run the --cv-folds cross-validation of these settings and record it in the existing "
                         "bundle --out-dir/--name (its model, split and test metrics stay unchanged)")
@@ -79,7 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", default=d.weights,
                    help="'imagenet' (Keras download, needs network), 'none' (from scratch) or a trunk weights file")
     g.add_argument("--pooling", default=d.pooling, choices=("avg", "flatten"), help="GAP or Flatten before the head")
-    g.add_argument("--head-units", type=int, nargs="+", default=list(d.head_units), help="Dense layer sizes")
+    g.add_argument("--head-units", type=int, nargs="+", default=list(d.head_units),
+                   help="Dense layer sizes; 0: a linear head (pooled features -> softmax)")
+    g.add_argument("--trunk-layer", default=None, metavar="LAYER",
+                   help="cut the backbone at this layer (DenseNet121: pool2_relu, pool3_relu, pool4_relu): "
+                        "earlier, more textural features, a smaller and faster model")
+    g.add_argument("--logistic-c", type=float, default=None, metavar="C",
+                   help="fit a linear head on the frozen trunk's pooled features with scikit-learn's "
+                        "LogisticRegression (inverse L2 strength C, standardised features) instead of Adam; "
+                        "needs --head-units 0 and --fine-tune-epochs 0")
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout after each head Dense layer")
     g.add_argument("--l2", type=float, default=d.l2, help="L2 penalty on the head's Dense kernels")
     g.add_argument("--fine-tune-layers", type=int, default=d.fine_tune_layers,
@@ -131,7 +143,9 @@ def config_from_args(args: argparse.Namespace):
         dataset=args.dataset, data_dir=args.data_dir, name=args.name, out_dir=args.out_dir, task=args.task,
         magnification=args.magnification, backbone=args.backbone,
         input_size=args.input_size or DEFAULT_INPUT_SIZE.get(args.dataset, 224),
-        weights=args.weights, pooling=args.pooling, head_units=tuple(args.head_units), dropout=args.dropout,
+        weights=args.weights, pooling=args.pooling,
+        head_units=tuple(u for u in args.head_units if u > 0), trunk_layer=args.trunk_layer,
+        logistic_c=args.logistic_c, dropout=args.dropout,
         l2=args.l2, fine_tune_layers=args.fine_tune_layers, head_epochs=args.head_epochs,
         fine_tune_epochs=args.fine_tune_epochs, batch_size=args.batch_size, lr=args.lr,
         fine_tune_lr=args.fine_tune_lr, patience=args.patience, lr_factor=args.lr_factor,
@@ -139,7 +153,8 @@ def config_from_args(args: argparse.Namespace):
         clahe=args.clahe, class_weights=args.class_weights, augment=args.augment,
         augment_copies=args.augment_copies, cache=args.cache, limit=args.limit, feedback=args.feedback,
         patches=args.patches, patch_size=args.patch_size, patch_stride=args.patch_stride, cv_folds=args.cv_folds,
-        cv_scope=args.cv_scope, patch_scale_jitter=args.patch_scale_jitter, colour_jitter=args.colour_jitter,
+        cv_scope=args.cv_scope, calibration=args.calibration, patch_scale_jitter=args.patch_scale_jitter,
+        colour_jitter=args.colour_jitter,
         flip=args.flip, rotation=args.rotation, precision=args.precision, stain_standardise=args.stain_standardise,
         external=tuple(args.external), distribute=args.distribute, verbose=0 if args.quiet else 1)
 

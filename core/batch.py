@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -118,16 +118,18 @@ def run_serial(checkpoint: str | Path, paths: Sequence[Path], methods, params, r
             progress(i + 1, len(paths))
 
 
-def run_ray(checkpoint: str | Path, paths: Sequence[Path], methods, params, root, address: Optional[str] = None,
-            workers: int = 2, progress: Optional[Callable[[int, int], None]] = None) -> Iterable[ImageResult]:
-    """The same work on Ray: `workers` actors each load the model once and take images as they free up.
-    Results come back in the input order. `address`: None starts Ray here; "auto" or "ray://HOST:10001" joins."""
+def ray_map(checkpoint: str | Path, fn: Callable, items: Sequence, address: Optional[str] = None,
+            workers: int = 2) -> Iterator:
+    """`fn(classifier, item)` for every item on Ray actors that each load `checkpoint` once and take items as they
+    free up; results come back in the input order. `address`: None or "local" starts Ray here with `workers` CPUs
+    (and shuts it down after); "auto" or "ray://HOST:10001" joins a running cluster."""
     import ray
     from ray.util import ActorPool
 
     started = not ray.is_initialized()
     if started:
-        kwargs = {"address": address} if address else {"num_cpus": workers, "include_dashboard": False}
+        kwargs = ({"num_cpus": workers, "include_dashboard": False} if address in (None, "local")
+                  else {"address": address})
         ray.init(**kwargs, log_to_driver=False, runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
 
     @ray.remote(num_cpus=1)
@@ -144,18 +146,28 @@ def run_ray(checkpoint: str | Path, paths: Sequence[Path], methods, params, root
 
             self.clf = load_classifier(ckpt)
 
-        def run(self, path: str) -> ImageResult:
-            return process_image(self.clf, path, methods, params, root)
+        def run(self, item):
+            return fn(self.clf, item)
 
     try:
         pool = ActorPool([Worker.remote(str(checkpoint)) for _ in range(max(workers, 1))])
-        for i, res in enumerate(pool.map(lambda a, p: a.run.remote(str(p)), list(paths))):
-            yield res
-            if progress:
-                progress(i + 1, len(paths))
+        yield from pool.map(lambda a, item: a.run.remote(item), list(items))
     finally:
         if started:
             ray.shutdown()
+
+
+def run_ray(checkpoint: str | Path, paths: Sequence[Path], methods, params, root, address: Optional[str] = None,
+            workers: int = 2, progress: Optional[Callable[[int, int], None]] = None) -> Iterable[ImageResult]:
+    """The same work on Ray (`ray_map`): `workers` actors each load the model once and take images as they free up.
+    Results come back in the input order. `address`: None starts Ray here; "auto" or "ray://HOST:10001" joins."""
+    def one(clf, path: str) -> ImageResult:
+        return process_image(clf, path, methods, params, root)
+
+    for i, res in enumerate(ray_map(checkpoint, one, [str(p) for p in paths], address, workers)):
+        yield res
+        if progress:
+            progress(i + 1, len(paths))
 
 
 def explain_folder(checkpoint: str | Path, folder: str | Path, methods: Sequence[str], out_dir: str | Path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
 import shutil
@@ -151,12 +152,30 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> No
 
 
 # ----------------------------------------------------------------------------------------- reading
+@functools.lru_cache(maxsize=64)
+def _bundle_summary(meta_path: str, mtime_ns: int) -> tuple[str, str]:
+    """(kind, dataset kind) of one metadata.json version; keyed on its mtime, so a rewritten file is read again."""
+    try:
+        meta = json.loads(Path(meta_path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return "classifier", ""
+    return str(meta.get("kind", "classifier")), str((meta.get("dataset") or {}).get("kind", ""))
+
+
+def bundle_summary(path: str | Path) -> tuple[str, str]:
+    """(kind, dataset kind) of a bundle, cached until its metadata.json changes: listing bundles per request
+    (REST `/checkpoints`, every dashboard rerun) does not re-parse every metadata.json."""
+    meta_path = Path(path) / "metadata.json"
+    try:
+        mtime = meta_path.stat().st_mtime_ns
+    except OSError:
+        return "classifier", ""
+    return _bundle_summary(str(meta_path), mtime)
+
+
 def bundle_kind(path: str | Path) -> str:
     """"classifier" or "segmenter" (metadata.json's `kind`; bundles without one are classifiers)."""
-    try:
-        return str(json.loads((Path(path) / "metadata.json").read_text()).get("kind", "classifier"))
-    except (OSError, json.JSONDecodeError):
-        return "classifier"
+    return bundle_summary(path)[0]
 
 
 def list_bundles(root: str | Path = CHECKPOINTS_DIR, kind: Optional[str] = None) -> list[Path]:
@@ -502,8 +521,7 @@ def segmenter_for(classifier_meta: dict, root: str | Path = CHECKPOINTS_DIR) -> 
     want = MODALITY.get((classifier_meta.get("dataset") or {}).get("kind", ""))
     if want is None:
         return None
-    return next((p for p in list_bundles(root, kind="segmenter")
-                 if MODALITY.get((read_metadata(p).get("dataset") or {}).get("kind", "")) == want), None)
+    return next((p for p in list_bundles(root, kind="segmenter") if MODALITY.get(bundle_summary(p)[1]) == want), None)
 
 
 def load_segmenter(path: str | Path):

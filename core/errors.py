@@ -20,3 +20,7 @@ class DatasetError(BreastXAIError, ValueError):
 
 class WeightsUnavailableError(BreastXAIError, RuntimeError):
     """Backbone weights were requested but cannot be obtained (e.g. offline)."""
+
+
+class ConfigError(BreastXAIError, ValueError):
+    """Training options that cannot work together; the message names the options to change."""

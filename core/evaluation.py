@@ -212,12 +212,23 @@ def predictions_from_bundle(path: str | Path, split: str = "test") -> tuple[np.n
     """(y_true (N,), probs (N, K), rows) for one split of a bundle's predictions.csv."""
     from core.checkpoints import read_csv, read_metadata
 
+    from core.checkpoints import apply_temperature
+
     meta = read_metadata(path)
-    rows = [r for r in read_csv(Path(path) / "predictions.csv") if r["split"] == split]
     names = meta["class_names"]
+    if split == "calibration":  # out-of-fold predictions of --calibration inner-cv, stored uncalibrated
+        file = Path(path) / "calibration_predictions.csv"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing: only bundles trained with --calibration inner-cv keep "
+                                    "out-of-fold predictions.")
+        rows = read_csv(file)
+    else:
+        rows = [r for r in read_csv(Path(path) / "predictions.csv") if r["split"] == split]
     y = np.array([names.index(r["true"]) for r in rows], dtype=int)
-    p = np.array([[float(r[f"p_{c}"]) for c in names] for r in rows], dtype=np.float64)
-    return y, p.reshape(len(rows), len(names)), rows
+    p = np.array([[float(r[f"p_{c}"]) for c in names] for r in rows], dtype=np.float64).reshape(len(rows), len(names))
+    if split == "calibration":
+        p = apply_temperature(p, float(meta.get("calibration", {}).get("temperature", 1.0))).astype(np.float64)
+    return y, p, rows
 
 
 def near_duplicate_audit(path: str | Path, split: str = "test", data_dir: Optional[str] = None,
@@ -298,17 +309,36 @@ def sensitivity_specificity(y_true: Sequence[int], p_pos: np.ndarray, positive: 
             "specificity": tn / max(tn + fp, 1), "specificity_ci95": binomial_ci(tn, tn + fp)}
 
 
+def calibration_phrase(meta: dict) -> str:
+    """How a bundle's probabilities were calibrated, as a sentence for pages and reports."""
+    cal = meta.get("calibration") or {}
+    method, t = cal.get("method", ""), cal.get("temperature", 1.0)
+    if method.startswith("none") or not cal:
+        return "Probabilities are the model's softmax, not calibrated."
+    where = ("out-of-fold predictions of the training and validation patients" if "out-of-fold" in method
+             else "the validation split")
+    return f"Probabilities are temperature-calibrated on {where} (T = {t:.2f})."
+
+
+CHOSEN_ON = {"val": "validation",
+             "calibration": "out-of-fold predictions of the training and validation patients (calibration CV)"}
+
+
 def operating_point(y_val: Sequence[int], p_val: np.ndarray, y_test: Sequence[int], p_test: np.ndarray,
-                    positive: int, class_names: Sequence[str], target_sensitivity: float = 0.95) -> dict:
-    """A threshold on P(positive) chosen on validation for sensitivity >= target (the highest such threshold, so
-    specificity is as high as that allows), with validation and test sensitivity / specificity at it.
+                    positive: int, class_names: Sequence[str], target_sensitivity: float = 0.95,
+                    chosen_on: str = "val") -> dict:
+    """A threshold on P(positive) chosen on held-out predictions for sensitivity >= target (the highest such
+    threshold, so specificity is as high as that allows), with their and test sensitivity / specificity at it.
 
     p_val, p_test: calibrated probabilities (N, K). Positive vs the rest (e.g. malignant vs benign + normal).
+    chosen_on: "val" (the validation split) or "calibration" (the out-of-fold predictions a `--calibration
+    inner-cv` bundle keeps, for validation splits of a few patients); the result's "val" entry holds those figures.
     """
+    where = CHOSEN_ON[chosen_on]
     pv = np.asarray(p_val)[:, positive]
     yv = np.asarray(y_val) == positive
     if not yv.any():
-        raise ValueError(f"The validation split has no {class_names[positive]} images to set a threshold on.")
+        raise ValueError(f"The {where} hold no {class_names[positive]} images to set a threshold on.")
     candidates = np.unique(pv[yv])[::-1]  # thresholds at the positives' own probabilities, high to low
     threshold = float(candidates[-1])
     for t in candidates:
@@ -316,9 +346,9 @@ def operating_point(y_val: Sequence[int], p_val: np.ndarray, y_test: Sequence[in
             threshold = float(t)
             break
     return {"positive_class": class_names[positive], "target_sensitivity": target_sensitivity,
-            "rule": f"the highest threshold on P({class_names[positive]}) whose validation sensitivity is at least "
-                    f"{target_sensitivity:.2f} ({class_names[positive]} against every other class)",
-            "threshold": threshold,
+            "rule": f"the highest threshold on P({class_names[positive]}) whose sensitivity on the {where} is at "
+                    f"least {target_sensitivity:.2f} ({class_names[positive]} against every other class)",
+            "chosen_on": where, "threshold": threshold,
             "val": sensitivity_specificity(y_val, pv, positive, threshold),
             "test": sensitivity_specificity(y_test, np.asarray(p_test)[:, positive], positive, threshold)}
 
@@ -360,6 +390,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="choose a threshold on P(CLASS) on validation for --sensitivity (CLASS against the rest) and "
                          "report test sensitivity and specificity at it; with --record stored for the model card")
     ap.add_argument("--sensitivity", type=float, default=0.95, help="with --operating-point: target sensitivity")
+    ap.add_argument("--choose-on", default="val", choices=sorted(CHOSEN_ON),
+                    help="with --operating-point: choose the threshold on the validation split (default) or on the "
+                         "out-of-fold predictions a --calibration inner-cv bundle keeps (calibration_predictions.csv)")
     ap.add_argument("--record", action="store_true",
                     help="with --without-near-duplicates, --compare or --operating-point: also store the result in "
                          "metadata.json (atomically)")
@@ -383,11 +416,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.operating_point not in names:
             print(f"error: {args.operating_point!r} is not one of {names}", file=sys.stderr)
             return 2
-        yv, pv, _ = predictions_from_bundle(args.checkpoint, "val")
-        yt, pt, _ = predictions_from_bundle(args.checkpoint, "test")
         try:
-            op = operating_point(yv, pv, yt, pt, names.index(args.operating_point), names, args.sensitivity)
-        except ValueError as exc:
+            yv, pv, _ = predictions_from_bundle(args.checkpoint, args.choose_on)
+            yt, pt, _ = predictions_from_bundle(args.checkpoint, "test")
+            op = operating_point(yv, pv, yt, pt, names.index(args.operating_point), names, args.sensitivity,
+                                 chosen_on=args.choose_on)
+        except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if args.record:
@@ -396,7 +430,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             update_metadata(args.checkpoint, {"operating_point": op})
         print(json.dumps(op, indent=2) if args.json else "\n".join(
             [f"threshold P({op['positive_class']}) >= {op['threshold']:.4f} ({op['rule']})"] +
-            [f"{s}: sensitivity {op[s]['sensitivity']:.3f} ({op[s]['tp']}/{op[s]['tp'] + op[s]['fn']}), specificity "
+            [f"{'chosen on' if s == 'val' else s}: sensitivity {op[s]['sensitivity']:.3f} ({op[s]['tp']}/{op[s]['tp'] + op[s]['fn']}), specificity "
              f"{op[s]['specificity']:.3f} ({op[s]['tn']}/{op[s]['tn'] + op[s]['fp']})" for s in ("val", "test")]))
         return 0
     if args.compare:

@@ -42,6 +42,7 @@ class ModelConfig:
     l2: float = 0.01
     weights: str = "none"  # "imagenet", "none" or a path to a Keras weights file of the trunk
     stain_targets: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None  # (OD mean, OD std): StainStandardise
+    trunk_layer: Optional[str] = None  # cut the backbone at this layer (e.g. DenseNet121 "pool3_relu"); None: whole
 
 
 @keras.saving.register_keras_serializable(package="breastxai")
@@ -161,6 +162,8 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
         raise ValueError(f"Unknown backbone {cfg.backbone!r}; choose one of {', '.join(BACKBONES)}.")
     if cfg.pooling not in ("avg", "flatten"):
         raise ValueError("pooling must be 'avg' or 'flatten'")
+    if cfg.trunk_layer and cfg.backbone == "simple_cnn":
+        raise ValueError("--trunk-layer cuts an ImageNet backbone; the simple CNN has no trunk to cut.")
     size = (cfg.input_size, cfg.input_size, 3)
     provenance = {"source": "none", "path": None, "sha256": None}
     ref = None
@@ -205,9 +208,17 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
         app_name, mode = _APPS[cfg.backbone]
         x = BackbonePreprocess(mode, name="preprocess")(x0)
         base = getattr(keras.applications, app_name)(include_top=False, weights=None, input_tensor=x)
-        features = base.output
         if ref is not None:
             _copy_weights(ref, base)
+        features = base.output
+        if cfg.trunk_layer:
+            names = [l.name for l in base.layers]
+            if cfg.trunk_layer not in names:
+                raise ValueError(f"{cfg.backbone} has no layer {cfg.trunk_layer!r} to cut the trunk at; "
+                                 f"DenseNet121's block ends are pool2_relu, pool3_relu, pool4_relu and relu.")
+            features = base.get_layer(cfg.trunk_layer).output
+            if len(features.shape) != 4:
+                raise ValueError(f"--trunk-layer {cfg.trunk_layer!r} is not a feature map (shape {features.shape}).")
 
     reg = keras.regularizers.l2(cfg.l2) if cfg.l2 > 0 else None
     if cfg.pooling == "avg":

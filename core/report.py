@@ -23,6 +23,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from core.evaluation import calibration_phrase
+
 DISCLAIMER = ("Research and teaching aid, not a diagnostic device. Predictions and explanations can be wrong and "
               "must never replace a pathologist's or radiologist's judgement.")
 _LATIN1 = {"–": "-", "—": "-", "·": "|", "≥": ">=", "≤": "<=", "×": "x", "“": '"', "”": '"', "’": "'", "‘": "'",
@@ -123,7 +125,7 @@ def operating_point_text(meta: dict, probs: np.ndarray, class_names: Sequence[st
     t = op["test"]
     crosses = p >= op["threshold"]
     return (f"P({op['positive_class']}) = {p:.3f} is {'at or above' if crosses else 'below'} the model card's "
-            f"operating point {op['threshold']:.3f} (chosen on validation for sensitivity >= "
+            f"operating point {op['threshold']:.3f} (chosen on the {op.get('chosen_on', 'validation')} for sensitivity >= "
             f"{op['target_sensitivity']:.2f}; on the test split sensitivity {t['sensitivity']:.3f}, specificity "
             f"{t['specificity']:.3f}): " + (f"flagged as possibly {op['positive_class']}." if crosses else
                                             f"not flagged as {op['positive_class']}."))
@@ -241,8 +243,7 @@ def make_report(clf, cases: Sequence[Case], opts: ReportOptions = ReportOptions(
             pdf.cell(20, 4.6, f"{case.probabilities[i]:.3f}", new_x="LMARGIN", new_y="NEXT")
         pdf.set_x(col_x)
         pdf.set_font("Helvetica", "", 8)
-        lines = ["Probabilities are temperature-calibrated on the validation split "
-                 f"(T = {meta.get('calibration', {}).get('temperature', 1):.2f})."]
+        lines = [calibration_phrase(meta)]
         if case.ood is None:
             lines.append("Out-of-distribution check: the checkpoint has none.")
         else:

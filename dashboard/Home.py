@@ -3,6 +3,7 @@ import streamlit as st
 
 import components as ui
 import services as svc
+from core.evaluation import calibration_phrase
 
 ui.page_setup("Home", "🩺")
 ckpt = ui.sidebar()
@@ -83,7 +84,7 @@ rows = {
     "Backbone": f"{meta.get('backbone')} · input {meta.get('input_size')}×{meta.get('input_size')} px"
                 + (f" · patches of {meta['patches']['patch_size']} px, grid-averaged" if meta.get("patches") else ""),
     "Weights": f"{w.get('source')} · {w.get('path') or ''} · sha256 {str(w.get('sha256') or '')[:16]}…",
-    "Calibration": f"temperature {meta.get('calibration', {}).get('temperature', 1):.3f} (fitted on validation)",
+    "Calibration": calibration_phrase(meta),
     "Trained": f"{meta.get('created', '?')} · {meta.get('training', {}).get('epochs', '?')} epochs · "
                f"{(meta.get('training', {}).get('wall_seconds') or 0) / 60:.1f} min",
     "Command": f"`{meta.get('command')}`",

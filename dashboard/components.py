@@ -698,10 +698,10 @@ def operating_point_view(meta: dict) -> None:
     t = op["test"]
     st.subheader(f"Operating point · {op['positive_class']} against the rest")
     st.write(f"Call **{op['positive_class']}** when its probability is at least **{op['threshold']:.3f}** (chosen on "
-             f"validation for sensitivity ≥ {op['target_sensitivity']:.2f}). On the test split: sensitivity "
+             f"the {op.get('chosen_on', 'validation')} for sensitivity ≥ {op['target_sensitivity']:.2f}). On the test split: sensitivity "
              f"**{t['sensitivity']:.3f}**{_ci(t['sensitivity_ci95'])} ({t['tp']} of {t['tp'] + t['fn']}), specificity "
              f"**{t['specificity']:.3f}**{_ci(t['specificity_ci95'])} ({t['tn']} of {t['tn'] + t['fp']}).")
-    st.caption(f"Rule: {op['rule']}. Validation at this threshold: sensitivity {op['val']['sensitivity']:.3f}, "
+    st.caption(f"Rule: {op['rule']}. {op.get('chosen_on', 'validation').capitalize()} at this threshold: sensitivity {op['val']['sensitivity']:.3f}, "
                f"specificity {op['val']['specificity']:.3f}.")
 
 
@@ -714,7 +714,7 @@ def operating_point_note(meta: dict, probs: np.ndarray, class_names) -> None:
     crosses = p >= op["threshold"]
     (st.warning if crosses else st.info)(
         f"P({op['positive_class']}) {p:.3f} is {'at or above' if crosses else 'below'} the operating point "
-        f"{op['threshold']:.3f} (set on validation for sensitivity ≥ {op['target_sensitivity']:.2f}): "
+        f"{op['threshold']:.3f} (set on the {op.get('chosen_on', 'validation')} for sensitivity ≥ {op['target_sensitivity']:.2f}): "
         + (f"at this operating point the case counts as **possibly {op['positive_class']}**." if crosses else
            f"at this operating point the case is not flagged as {op['positive_class']}."))
 

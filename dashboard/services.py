@@ -78,6 +78,16 @@ def classifier(path: Path):
 
 
 def metadata(path: Path) -> dict:
+    """A bundle's metadata.json, parsed once per version of the file (pages read it several times a rerun)."""
+    try:
+        version = (Path(path) / "metadata.json").stat().st_mtime_ns
+    except OSError:
+        version = 0
+    return _metadata(str(path), version)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _metadata(path: str, version: int) -> dict:
     return read_metadata(path)
 
 
@@ -190,7 +200,7 @@ class PredictedLesion:
 
 def segmenter_for(ckpt: Path) -> Optional[Path]:
     """A verified segmenter bundle of the same imaging modality as the checkpoint (ultrasound: BUSI), or None."""
-    seg = find_segmenter(read_metadata(ckpt), checkpoints_dir())
+    seg = find_segmenter(metadata(ckpt), checkpoints_dir())
     if seg is None:
         return None
     try:

@@ -107,36 +107,18 @@ def case_scores(clf, image: np.ndarray, mask: Optional[np.ndarray], methods: Seq
 
 def _ray_case_scores(bundle: Path, cases: Manifest, with_masks: bool, methods, steps: int, address: str,
                      workers: int):
-    """`case_scores` of every case on Ray actors (each loads the checkpoint once), in case order."""
-    import ray
-    from ray.util import ActorPool
+    """`case_scores` of every case on Ray actors (`core.batch.ray_map`: each loads the checkpoint once), in case order."""
+    from core.batch import ray_map
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(**({"num_cpus": workers, "include_dashboard": False} if address == "local" else {"address": address}),
-                 log_to_driver=False)
+    def score(clf, i: int):
+        from core.preprocessing import load_mask
 
-    @ray.remote(num_cpus=1)
-    class Scorer:
-        def __init__(self, path: str):
-            from core.checkpoints import load_classifier
+        s = cases.samples[i]
+        image = cases.read(s)
+        mask = load_mask(s.mask_paths, image.shape[:2]) if with_masks else None
+        return case_scores(clf, image, mask, methods, steps)
 
-            self.clf = load_classifier(path)
-
-        def run(self, i: int):
-            from core.preprocessing import load_mask
-
-            s = cases.samples[i]
-            image = cases.read(s)
-            mask = load_mask(s.mask_paths, image.shape[:2]) if with_masks else None
-            return case_scores(self.clf, image, mask, methods, steps)
-
-    try:
-        pool = ActorPool([Scorer.remote(str(bundle)) for _ in range(max(workers, 1))])
-        yield from pool.map(lambda a, i: a.run.remote(i), range(len(cases)))
-    finally:
-        if started:
-            ray.shutdown()
+    return ray_map(bundle, score, range(len(cases)), address, workers)
 
 
 def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit: Optional[int] = 24,

@@ -24,10 +24,10 @@ import numpy as np
 from core.checkpoints import run_batched
 from core.data import Manifest, load_dataset, read_split, split_manifest, write_split
 from core.data.loaders import CITATIONS
-from core.errors import DatasetError
+from core.errors import ConfigError, DatasetError
 from core.preprocessing import apply_clahe, model_input
-from core.training.common import (available_memory, epoch_timer, git_commit, mixed_precision, multiworker_strategy,
-                                  quote_arg, resolve_precision, set_seeds, weights_digest)
+from core.training.common import (available_memory, git_commit, multiworker_strategy, quote_arg, resolve_precision,
+                                  run_phase, set_seeds, weights_digest)
 
 log = logging.getLogger("breastxai.train")
 
@@ -46,7 +46,9 @@ class TrainConfig:
     input_size: int = 224
     weights: str = "none"
     pooling: str = "avg"
-    head_units: tuple[int, ...] = (256, 128, 64)
+    head_units: tuple[int, ...] = (256, 128, 64)  # () : a linear head
+    trunk_layer: Optional[str] = None  # cut the backbone here (core.models.ModelConfig.trunk_layer)
+    logistic_c: Optional[float] = None  # fit the linear head by sklearn LogisticRegression(C) on cached features
     dropout: float = 0.5
     l2: float = 0.01
     fine_tune_layers: int = 10
@@ -79,6 +81,7 @@ class TrainConfig:
     precision: str = "float32"  # "bfloat16": oneDNN mixed precision in the fits (float32 weights) where the CPU has it
     cv_folds: int = 0  # >1: also report group-wise K-fold cross-validation over the whole dataset
     cv_scope: str = "all"  # "train+val": cross-validate over the split's training and validation patients only
+    calibration: str = "val"  # temperature from: "val" split, "inner-cv" (out-of-fold on train+val groups), "none"
     distribute: str = "none"  # "multiworker": tf.distribute.MultiWorkerMirroredStrategy across the TF_CONFIG cluster
     external: tuple[str, ...] = ()  # KIND=DIR datasets predicted after training as an external check
     verbose: int = 1
@@ -240,7 +243,21 @@ class Phase:
 
 
 def plan_phases(cfg: TrainConfig) -> list[Phase]:
-    """Pretrained trunk: head, then fine-tune the last N layers. From scratch: one phase, all layers."""
+    """Pretrained trunk: head, then fine-tune the last N layers. From scratch: one phase, all layers.
+
+    A logistic head (`logistic_c`) is one closed-form 'head' phase on a frozen trunk.
+    """
+    if cfg.logistic_c is not None:
+        problems = [msg for bad, msg in (
+            (cfg.logistic_c <= 0, "--logistic-c must be above 0"),
+            (bool(cfg.head_units), "--head-units 0 (a linear head)"),
+            (cfg.weights == "none" or cfg.backbone == "simple_cnn", "a pretrained trunk (--weights)"),
+            (cfg.fine_tune_epochs > 0 and cfg.fine_tune_layers != 0, "--fine-tune-epochs 0 (frozen trunk)"),
+            (not cfg.cache, "the activation cache (drop --no-cache)"),
+            (cfg.distribute != "none", "a single process (no --distribute)")) if bad]
+        if problems:
+            raise ConfigError("A logistic-regression head (--logistic-c) needs " + "; ".join(problems) + ".")
+        return [Phase("head", 0, 1, cfg.lr)]
     if cfg.weights == "none" or cfg.backbone == "simple_cnn":
         return [Phase("full", -1, cfg.head_epochs + cfg.fine_tune_epochs, cfg.lr)]
     phases = [Phase("head", 0, cfg.head_epochs, cfg.lr)] if cfg.head_epochs > 0 else []
@@ -313,9 +330,14 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         timing["cut_layer"] = cut
         log.info("Cached %s activations (%.0f MB) in %.1f s", cache.shape, cache.nbytes / 2**20,
                  timing["cache_seconds"])
+        if cfg.logistic_c is not None:
+            return fit_logistic_head(model, tail, cfg, cache, y_train, val_feats, y_val, num_classes, timing)
         train_data = _CachedSequence(cache, y_train, sw_train, cfg.batch_size, cfg.seed)
         val_data = (val_feats, y_val)
         target = tail
+    elif cfg.logistic_c is not None:
+        raise ConfigError("A logistic-regression head (--logistic-c) fits on cached trunk features, and the cache "
+                          "does not fit in memory here: use fewer --augment-copies.")
     elif sampler is not None:
         train_data = _ResamplingSequence(sampler, y_train, sw_train, cfg.batch_size, cfg.seed, augmenter)
         val_data = (x_val.astype(np.float32), y_val)
@@ -344,19 +366,63 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         log.info("Phase %s: %d backbone layers trainable (of %d), lr %.1e, up to %d epochs", phase.name,
                  n_trainable, len(backbone_layers(model)), phase.lr, phase.epochs)
         _compile(target, phase.lr)
-        t0, timer = time.time(), epoch_timer()
-        with mixed_precision(precision):
-            h = target.fit(train_data, validation_data=val_data, epochs=epoch0 + phase.epochs,
-                           initial_epoch=epoch0, callbacks=[*fit_callbacks(cfg), timer], verbose=verbose)
-        secs = time.time() - t0
-        n_ep = len(h.history.get("loss", []))
-        timing["phases"].append({"phase": phase.name, "epochs": n_ep, "seconds": secs,
-                                 "seconds_per_epoch": secs / max(n_ep, 1), "epoch_seconds": timer.seconds})
-        for j in range(n_ep):
-            history.append({"epoch": epoch0 + j + 1, "phase": phase.name,
-                            **{k: float(v[j]) for k, v in h.history.items()}})
-        epoch0 += n_ep
+        rows, row = run_phase(target, phase.name, train_data, val_data, epoch0, phase.epochs, fit_callbacks(cfg),
+                              precision, verbose)
+        history += rows
+        timing["phases"].append(row)
+        epoch0 += row["epochs"]
     return history, timing
+
+
+def fit_logistic_head(model, tail, cfg: TrainConfig, cache: np.ndarray, y_train: np.ndarray, val_feats: np.ndarray,
+                      y_val: np.ndarray, num_classes: int, timing: dict) -> tuple[list[dict], dict]:
+    """Fit the linear head in closed form: scikit-learn LogisticRegression(C, lbfgs) on standardised pooled features.
+
+    cache: (copies, N, F) pooled trunk features of the training images (every copy counts as a sample);
+    val_feats: (M, F). The standardisation becomes `head_bn` (moving mean/variance = the training features'
+    mean/variance, gamma 1, beta 0) and the coefficients the softmax layer, so the saved Keras model
+    computes exactly the fitted regression; this is checked on the validation features.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, log_loss
+
+    from core.models import HEAD_PREFIX, OUTPUT_NAME
+
+    t0 = time.time()
+    x = cache.reshape(-1, cache.shape[-1]).astype(np.float64)
+    y = np.tile(y_train, cache.shape[0])
+    bn = model.get_layer(HEAD_PREFIX + "bn")
+    mean, var = x.mean(0), x.var(0)
+    scale = np.sqrt(var + bn.epsilon)
+    reg = LogisticRegression(C=cfg.logistic_c, max_iter=5000, class_weight="balanced" if cfg.class_weights else None)
+    reg.fit((x - mean) / scale, y)
+    coef, bias = reg.coef_, reg.intercept_
+    if coef.shape[0] == 1:  # binary: softmax over (-z/2, z/2) is the sigmoid of z
+        coef, bias = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-bias / 2, bias / 2])
+    gamma, beta = np.ones_like(mean), np.zeros_like(mean)
+    bn.set_weights([w.astype(np.float32) for w in (gamma, beta, mean, var)])
+    model.get_layer(OUTPUT_NAME).set_weights([coef.T.astype(np.float32), bias.astype(np.float32)])
+    p_val = np.asarray(tail.predict(val_feats, batch_size=256, verbose=0), dtype=np.float64)
+    p_val /= np.clip(p_val.sum(1, keepdims=True), 1e-12, None)  # float32 softmax rounding
+    expected = reg.predict_proba((val_feats.astype(np.float64) - mean) / scale)
+    gap = float(np.abs(p_val - expected).max()) if len(p_val) else 0.0
+    if gap > 1e-3:
+        raise RuntimeError(f"The Keras head does not reproduce the fitted regression (max gap {gap:.2e}).")
+    p_train = reg.predict_proba((x - mean) / scale)
+    labels = list(range(num_classes))
+    row = {"epoch": 1, "phase": "head", "loss": float(log_loss(y, p_train, labels=labels)),
+           "accuracy": float(accuracy_score(y, p_train.argmax(1)))}
+    if len(y_val):
+        row.update(val_loss=float(log_loss(y_val, p_val, labels=labels)),
+                   val_accuracy=float(accuracy_score(y_val, p_val.argmax(1))))
+    secs = time.time() - t0
+    log.info("Logistic head: C %g, %d samples x %d features, %d lbfgs iterations, %.1f s; val accuracy %s",
+             cfg.logistic_c, *x.shape, int(np.max(reg.n_iter_)), secs, row.get("val_accuracy"))
+    timing["phases"].append({"phase": "head", "solver": "scikit-learn LogisticRegression (lbfgs)",
+                             "C": cfg.logistic_c, "iterations": int(np.max(reg.n_iter_)), "epochs": 1,
+                             "seconds": secs, "seconds_per_epoch": secs, "epoch_seconds": [secs]})
+    timing["precision"] = "float32"
+    return [row], timing
 
 
 def _fit_distributed(model, cfg: TrainConfig, phases: list[Phase], x_train, y_train, sw_train, x_val, y_val,
@@ -485,7 +551,7 @@ def train_model(cfg: TrainConfig, num_classes: int, train_data: tuple, val_data:
     model, provenance = build_model(ModelConfig(
         backbone=cfg.backbone, num_classes=num_classes, input_size=cfg.input_size, pooling=cfg.pooling,
         head_units=tuple(cfg.head_units), dropout=cfg.dropout, l2=cfg.l2, weights=cfg.weights,
-        stain_targets=targets))
+        stain_targets=targets, trunk_layer=cfg.trunk_layer))
     log.info("Model %s: %d layers, %d parameters; weights: %s", model.name, len(model.layers),
              model.count_params(), provenance["source"])
     if not cfg.patches:
@@ -748,6 +814,47 @@ def load_manifest(cfg: TrainConfig) -> Manifest:
     return manifest
 
 
+CALIBRATIONS = ("val", "inner-cv", "none")
+
+
+def calibrate(cfg: TrainConfig, y_val: np.ndarray, raw_val: np.ndarray, splits: dict
+              ) -> tuple[float, dict, Optional[list[dict]]]:
+    """The softmax temperature and how it was found -> (T, metadata entry, out-of-fold predictions or None).
+
+    "val": fitted on the validation split (the default). "inner-cv": fitted on the out-of-fold predictions
+    of a group-wise `cv_folds`-fold (5 if unset) cross-validation over the training and validation groups,
+    for splits whose validation part holds too few patients to calibrate on; test groups stay out.
+    "none": T = 1. The out-of-fold predictions (uncalibrated) go to `calibration_predictions.csv`, where an
+    operating point can be chosen too (`python -m core.evaluation CKPT --operating-point C --choose-on calibration`).
+    """
+    from dataclasses import replace
+
+    from core.evaluation import classification_metrics, fit_temperature
+
+    if cfg.calibration not in CALIBRATIONS:
+        raise ConfigError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, not {cfg.calibration!r}.")
+    if cfg.calibration == "none":
+        return 1.0, {"method": "none (temperature 1)"}, None
+    if cfg.calibration == "val":
+        return fit_temperature(y_val, raw_val), {"method": "temperature scaling on the validation split"}, None
+    inner_cfg = replace(cfg, cv_folds=cfg.cv_folds if cfg.cv_folds > 1 else 5, cv_scope="train+val")
+    inner = cross_validate(inner_cfg, splits["train"].extend(splits["val"].samples),
+                           work_dir=cv_work_dir(cfg).with_name(cv_work_dir(cfg).name + "-calibration"))
+    y = np.array([r["true"] for r in inner["predictions"]])
+    p = np.array([r["probabilities"] for r in inner["predictions"]])
+    t = fit_temperature(y, p)
+    from core.checkpoints import apply_temperature
+
+    names = [str(i) for i in range(p.shape[1])]
+    before = classification_metrics(y, p, names, n_boot=0)["ece"]
+    after = classification_metrics(y, apply_temperature(p, t), names, n_boot=0)["ece"]
+    log.info("Temperature %.3f from %d out-of-fold predictions (ECE %.3f -> %.3f)", t, len(y), before, after)
+    return t, {"method": f"temperature scaling on the out-of-fold predictions of a group-wise {inner_cfg.cv_folds}-"
+                         f"fold cross-validation over the {len(y)} training and validation images (test groups "
+                         "kept out)", "n": len(y), "out_of_fold_ece_before": before, "out_of_fold_ece_after": after,
+               "predictions": "calibration_predictions.csv"}, inner["predictions"]
+
+
 def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     """Train one checkpoint from `cfg` and write its bundle to `cfg.out_dir/cfg.bundle_name`.
 
@@ -757,7 +864,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
     import tensorflow as tf
 
     from core.checkpoints import write_bundle, write_csv, write_json
-    from core.evaluation import classification_metrics, fit_temperature
+    from core.evaluation import classification_metrics
     from core.checkpoints import apply_temperature
     from core.models import last_conv_layer, sha256_file
 
@@ -816,7 +923,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
             return None
     clf = in_memory_classifier(model, cfg, manifest.class_names)
     raw = {s: clf.raw_proba(data[s][0]) for s in ("val", "test")}
-    temperature = fit_temperature(data["val"][1], raw["val"])
+    temperature, calibration, calibration_preds = calibrate(cfg, data["val"][1], raw["val"], splits)
     clf.temperature = temperature
     probs = {s: apply_temperature(raw[s], temperature) for s in raw}
     metrics = {s: classification_metrics(data[s][1], probs[s], manifest.class_names, seed=cfg.seed)
@@ -866,14 +973,17 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
                           "stain_standardise": ("in-graph StainStandardise layer (per-image optical density "
                                                 "mapped to training-set targets)") if cfg.stain_standardise else None,
                           "input_range": "RGB 0-255"},
-        "head": {"pooling": cfg.pooling, "units": list(cfg.head_units), "dropout": cfg.dropout, "l2": cfg.l2},
+        "head": {"pooling": cfg.pooling, "units": list(cfg.head_units), "dropout": cfg.dropout, "l2": cfg.l2,
+                 **({"solver": "logistic regression (scikit-learn lbfgs)", "C": cfg.logistic_c}
+                    if cfg.logistic_c is not None else {}),
+                 **({"trunk_layer": cfg.trunk_layer} if cfg.trunk_layer else {})},
         "gradcam_layer": last_conv_layer(model),
         "training": {"epochs": len(history), "phases": timing["phases"], "cache_seconds": timing.get("cache_seconds"),
                      "cut_layer": timing.get("cut_layer"), "cache_skipped": timing.get("cache_skipped"),
                      "distribute": timing.get("distribute"),
                      "precision": timing.get("precision", "float32"), "wall_seconds": None, "platform": platform.platform(),
                      "tensorflow": tf.__version__, "keras": keras.__version__},
-        "calibration": {"method": "temperature scaling on the validation split", "temperature": temperature,
+        "calibration": {**calibration, "temperature": temperature,
                         "test_ece_before": uncal["ece"], "test_ece_after": metrics["test"]["ece"]},
         "metrics": metrics,
         "ood": ood_info,
@@ -905,9 +1015,13 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
         detector.save(tmp / "ood.npz")
         if cv_preds is not None:
             write_cv_predictions({"predictions": cv_preds}, tmp / "cv_predictions.csv", manifest.class_names)
+        if calibration_preds is not None:
+            write_cv_predictions({"predictions": calibration_preds}, tmp / "calibration_predictions.csv",
+                                 manifest.class_names)
         write_json(tmp / "metadata.json", metadata)
 
     dest = write_bundle(Path(cfg.out_dir) / name, fill)
-    shutil.rmtree(cv_work_dir(cfg), ignore_errors=True)  # recorded: the per-fold resume files are no longer needed
+    for work in (cv_work_dir(cfg), cv_work_dir(cfg).with_name(cv_work_dir(cfg).name + "-calibration")):
+        shutil.rmtree(work, ignore_errors=True)  # recorded: the per-fold resume files are no longer needed
     log.info("Wrote %s in %.1f min", dest, (time.time() - t_start) / 60)
     return dest

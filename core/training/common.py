@@ -153,3 +153,20 @@ def weights_digest(model, trainable_only: bool = True) -> str:
     for w in (model.trainable_weights if trainable_only else model.weights):
         h.update(np.ascontiguousarray(np.asarray(w), np.float32).tobytes())
     return h.hexdigest()
+
+
+def run_phase(target, name: str, train_data, val_data, epoch0: int, epochs: int, callbacks: list, precision: str,
+              verbose: int, batch_size: Optional[int] = None) -> tuple[list[dict], dict]:
+    """One training phase: `target.fit` (already compiled) for up to `epochs` epochs after `epoch0` under `precision`,
+    with `callbacks` and a per-epoch timer. Returns (history rows tagged with the phase name, timing row)."""
+    t0, timer = time.time(), epoch_timer()
+    with mixed_precision(precision):
+        h = target.fit(train_data, validation_data=val_data, epochs=epoch0 + epochs, initial_epoch=epoch0,
+                       callbacks=[*callbacks, timer], verbose=verbose,
+                       **({"batch_size": batch_size} if batch_size else {}))
+    secs = time.time() - t0
+    n_ep = len(h.history.get("loss", []))
+    rows = [{"epoch": epoch0 + j + 1, "phase": name, **{k: float(v[j]) for k, v in h.history.items()}}
+            for j in range(n_ep)]
+    return rows, {"phase": name, "epochs": n_ep, "seconds": secs, "seconds_per_epoch": secs / max(n_ep, 1),
+                  "epoch_seconds": timer.seconds}

@@ -27,8 +27,7 @@ from core.errors import DatasetError
 from core.preprocessing import load_mask, model_input
 from core.training.classify import (TrainConfig, config_differences, config_json, cv_work_dir, fit_callbacks,
                                     group_folds, load_manifest)
-from core.training.common import (epoch_timer, git_commit, mixed_precision, quote_arg, resolve_precision,
-                                  set_seeds)
+from core.training.common import git_commit, quote_arg, resolve_precision, run_phase, set_seeds
 
 log = logging.getLogger("breastxai.train")
 
@@ -146,17 +145,11 @@ def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndar
         log.info("Phase %s: %d encoder layers trainable (of %d), lr %.1e, up to %d epochs", name, n, len(enc), lr,
                  epochs)
         _compile(model, lr)
-        t0, timer = time.time(), epoch_timer()
-        with mixed_precision(precision):
-            h = model.fit(ds, validation_data=val, batch_size=cfg.batch_size, epochs=epoch0 + epochs,
-                          initial_epoch=epoch0, callbacks=[*fit_callbacks(cfg), timer], verbose=verbose)
-        n_ep = len(h.history.get("loss", []))
-        secs = time.time() - t0
-        timing["phases"].append({"phase": name, "epochs": n_ep, "seconds": secs,
-                                 "seconds_per_epoch": secs / max(n_ep, 1), "epoch_seconds": timer.seconds})
-        history += [{"epoch": epoch0 + j + 1, "phase": name, **{k: float(v[j]) for k, v in h.history.items()}}
-                    for j in range(n_ep)]
-        epoch0 += n_ep
+        rows, row = run_phase(model, name, ds, val, epoch0, epochs, fit_callbacks(cfg), precision, verbose,
+                              batch_size=cfg.batch_size)
+        history += rows
+        timing["phases"].append(row)
+        epoch0 += row["epochs"]
     return history, timing
 
 

@@ -3,6 +3,7 @@ import streamlit as st
 
 import components as ui
 import services as svc
+from core.evaluation import calibration_phrase
 
 ckpt, clf, inp = ui.image_page("Explain a prediction", "ex", "🔬")
 
@@ -22,7 +23,7 @@ with right:
         st.plotly_chart(ui.prediction_chart(probs, clf.class_names), width="stretch", key="ex_pred_chart")
         ui.operating_point_note(svc.metadata(ckpt), probs, clf.class_names)
     ui.ood_notice(ckpt, inp)
-    st.caption("Probabilities are temperature-calibrated on the validation split. " + svc.DISCLAIMER)
+    st.caption(calibration_phrase(svc.metadata(ckpt)) + " " + svc.DISCLAIMER)
 ui.feedback_form(ckpt, inp, probs, clf.class_names)
 ui.tile_map_view(ckpt, inp, clf, pred if clf.num_classes != 2 else 1)
 ui.mosaic_view(ckpt, clf, "ex")

@@ -221,3 +221,54 @@ def test_cv_scope_train_val_keeps_test_patients_out(tiny_bundle, tmp_path):
     cv_paths = {r["path"] for r in read_csv(tmp_path / "tiny" / "cv_predictions.csv")}
     assert cv["scope"] == "train+val" and len(cv_paths) == len(split) - len(test_paths)
     assert not cv_paths & test_paths and sum(f["n_test"] for f in cv["folds"]) == len(cv_paths)
+
+
+@pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
+def test_logistic_head_on_a_cut_trunk_reproduces_scikit_learn(tiny_tree, tmp_path):
+    """--trunk-layer cuts DenseNet121 early; --logistic-c fits the linear head with scikit-learn, and the saved
+    Keras model computes the same probabilities as the fitted regression; --calibration inner-cv keeps test out."""
+    from sklearn.linear_model import LogisticRegression
+
+    args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "densenet121",
+            "--weights", str(DENSENET_WEIGHTS), "--input-size", "32", "--trunk-layer", "pool2_relu",
+            "--head-units", "0", "--logistic-c", "0.05", "--fine-tune-epochs", "0", "--no-augment",
+            "--calibration", "inner-cv", "--cv-folds", "2", "--out-dir", str(tmp_path), "--name", "lr", "--quiet"]
+    assert train.main(args) == 0
+    meta = json.loads((tmp_path / "lr" / "metadata.json").read_text())
+    assert meta["head"]["C"] == 0.05 and meta["head"]["trunk_layer"] == "pool2_relu"
+    assert meta["gradcam_layer"] == "pool2_relu" and meta["training"]["cut_layer"] == "head_pool"
+    assert meta["training"]["phases"][0]["solver"].startswith("scikit-learn")
+    assert "out-of-fold" in meta["calibration"]["method"] and meta["calibration"]["n"] == (
+        meta["split"]["counts"]["train"] + meta["split"]["counts"]["val"])
+    clf = load_classifier(tmp_path / "lr", backend="keras")
+    assert not any(l.name.startswith(("pool3", "conv3_", "conv4_", "conv5_")) for l in clf.model.layers)
+    # Refit the regression on the recorded training images and compare with the saved model's raw output.
+    split = read_csv(tmp_path / "lr" / "split.csv")
+    from core.preprocessing import load_image, model_input
+
+    def xs(name):
+        rows = [r for r in split if r["split"] == name]
+        return (np.stack([model_input(load_image(str(tiny_tree / r["path"])), 32) for r in rows]).astype(np.float32),
+                np.array([int(r["label"]) for r in rows]))
+
+    (x_tr, y_tr), (x_te, _) = xs("train"), xs("test")
+    f_tr, f_te = clf.features(x_tr), clf.features(x_te)
+    mu, sd = f_tr.mean(0), np.sqrt(f_tr.var(0) + clf.model.get_layer("head_bn").epsilon)
+    ref = LogisticRegression(C=0.05, max_iter=5000, class_weight="balanced").fit((f_tr - mu) / sd, y_tr)
+    assert np.allclose(clf.raw_proba(x_te), ref.predict_proba((f_te - mu) / sd), atol=2e-3)
+    # The out-of-fold predictions are kept, and an operating point can be chosen on them instead of validation.
+    assert len(read_csv(tmp_path / "lr" / "calibration_predictions.csv")) == meta["calibration"]["n"]
+    assert evaluation_main([str(tmp_path / "lr"), "--operating-point", "malignant", "--choose-on", "calibration",
+                            "--record"]) == 0
+    op = json.loads((tmp_path / "lr" / "metadata.json").read_text())["operating_point"]
+    assert op["chosen_on"].startswith("out-of-fold") and op["val"]["sensitivity"] >= 0.95
+    assert op["val"]["tp"] + op["val"]["fn"] == sum(int(r["label"]) for r in split if r["split"] != "test")
+
+
+def test_logistic_head_refuses_options_it_cannot_honour(tiny_tree, tmp_path, capsys):
+    args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--weights", "none", "--logistic-c", "1",
+            "--out-dir", str(tmp_path), "--quiet"]
+    assert train.main(args) == 2
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert "--head-units 0" in text and "pretrained trunk" in text and "Traceback" not in text
