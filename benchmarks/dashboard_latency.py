@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time from `streamlit run` to the first prediction, and to re-show a cached explanation, in headless Chromium.
 
-    python benchmarks/dashboard_latency.py [--out screenshots]
+    python benchmarks/dashboard_latency.py [--out screenshots] [--skip-pages]
 
 Starts the real server on a free localhost port with the committed checkpoints and ../shared/data,
 opens Explain, picks the first example, waits for the prediction, runs Grad-CAM + LIME, then asks for
@@ -20,6 +20,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,15 +83,30 @@ def overlays_shown(drv) -> bool:
     return sum(h.text.startswith(("Grad-CAM", "LIME")) for h in drv.find_elements(By.CSS_SELECTOR, "h3")) >= 2
 
 
-def explain_now(drv) -> float:
-    """Click Explain (Grad-CAM + LIME 300 by default) and wait until both overlays are on screen -> seconds."""
+OBSERVE = """
+window.__lastMutation = performance.now();
+if (!window.__observer) {
+  window.__observer = new MutationObserver(() => { window.__lastMutation = performance.now(); });
+  window.__observer.observe(document.body, {subtree: true, childList: true, attributes: true, characterData: true});
+}
+window.__clicked = performance.now();
+"""
+
+
+def explain_now(drv, quiet: float = 1.0) -> float:
+    """Click Explain (Grad-CAM + LIME 300 by default) -> seconds until the page last changed: both overlays are on
+    screen, the run is over and nothing has changed for `quiet` seconds. The browser timestamps its own DOM
+    mutations, so the polling interval does not enter the figure (a cached re-show can finish within one poll)."""
     from selenium.webdriver.common.by import By
-    t0 = time.time()
-    drv.find_element(By.XPATH, "//button[.//p[text()='Explain']]").click()
-    time.sleep(0.2)
+    button = drv.find_element(By.XPATH, "//button[.//p[text()='Explain']]")
+    drv.execute_script(OBSERVE)
+    button.click()
+    with contextlib.suppress(TimeoutError):
+        wait_for(drv, lambda d: not idle(d), timeout=0.5, poll=0.05)
     wait_for(drv, overlays_shown)
     wait_for(drv, idle)
-    return time.time() - t0
+    wait_for(drv, lambda d: d.execute_script("return performance.now() - window.__lastMutation") > quiet * 1000)
+    return drv.execute_script("return (window.__lastMutation - window.__clicked) / 1000")
 
 
 def he_field_timing(image: Path, checkpoint: Path, out: Path) -> float:
@@ -141,8 +158,8 @@ def main() -> int:
         t_first = explain_now(drv)
         print(f"first Grad-CAM + LIME (300 samples) explanation: {t_first:.1f} s (target 6 s)")
         drv.save_screenshot(str(out / "explain_overlays.png"))
-        t_cached = explain_now(drv)
-        print(f"re-show the same explanation (cached): {t_cached:.2f} s (target 0.3 s; "
+        t_cached = float(np.median([explain_now(drv) for _ in range(3)]))
+        print(f"re-show the same explanation (cached, median of 3): {t_cached:.2f} s (target 0.3 s; "
               f"{t_first / max(t_cached, 1e-3):.0f}x faster than the first)")
         for page in () if args.skip_pages else ("Compare", "Evaluation", "LIME_Lab", "Annotate", "Teach"):
             drv.get(f"{url}/{page}")

@@ -1,6 +1,7 @@
 """Widgets shared by the pages: sidebar, image input, prediction chart, parameter forms, overlays."""
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -336,6 +337,23 @@ def render_overlay(image: np.ndarray, e, alpha: float, mask: Optional[np.ndarray
     if mask is not None:
         out = mask_outline(out, mask, TRUE_OUTLINE)
     return out
+
+
+def overlay_for(image_sha: str, image: np.ndarray, e, alpha: float, mask: Optional[np.ndarray] = None,
+                show_segments: bool = True, predicted: Optional[np.ndarray] = None) -> np.ndarray:
+    """`render_overlay`, remembered per image, map and drawing settings: re-showing an explanation (a repeated
+    Explain, another opacity and back) re-sends the picture instead of drawing it again."""
+    key = (image_sha, e.method, repr(sorted(e.params.items())),
+           hashlib.sha1(np.ascontiguousarray(e.attribution).tobytes()).hexdigest(),
+           e.segments is not None and show_segments, round(float(alpha), 3),
+           None if mask is None else hashlib.sha1(np.packbits(mask).tobytes()).hexdigest(),
+           None if predicted is None else hashlib.sha1(np.packbits(predicted).tobytes()).hexdigest())
+    return _overlay(key, image, e, alpha, mask, show_segments, predicted)
+
+
+@st.cache_data(max_entries=48, show_spinner=False)
+def _overlay(key: tuple, _image, _e, alpha: float, _mask, show_segments: bool, _predicted) -> np.ndarray:
+    return render_overlay(_image, _e, alpha, _mask, show_segments, _predicted)
 
 
 def outline_legend(true_mask: bool, predicted: bool) -> str:

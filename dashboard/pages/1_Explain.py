@@ -28,53 +28,62 @@ ui.feedback_form(ckpt, inp, probs, clf.class_names)
 ui.tile_map_view(ckpt, inp, clf, pred if clf.num_classes != 2 else 1)
 ui.mosaic_view(ckpt, clf, "ex")
 
-with st.form("ex_form"):
-    methods = st.multiselect("Methods", list(ui.METHOD_LABELS), default=["gradcam", "lime"],
-                             format_func=ui.METHOD_LABELS.get, key="ex_methods")
-    target = st.selectbox("Explain class", ["predicted"] + list(clf.class_names), key="ex_target")
-    params = {}
-    cols = st.columns(3)
-    for i, m in enumerate(ui.METHOD_LABELS):
-        if ui.PARAM_UI.get(m):
-            with cols[i % 3].expander(f"{ui.METHOD_LABELS[m]} settings"):
-                params[m] = ui.params_form_fields(m, "ex")
-    submitted = st.form_submit_button("Explain", type="primary")
 
-if submitted:
-    st.session_state["ex_request"] = (inp.sha, methods, params, target)
-req = st.session_state.get("ex_request")
-if not req or req[0] != inp.sha:
-    st.info("Choose methods and press **Explain**. LIME and SHAP take a few seconds to a minute on a CPU.")
-    st.stop()
+@st.fragment
+def explanations(ckpt, clf, inp, lesion, ood: bool) -> None:
+    """The methods form and its maps. A fragment: pressing Explain, moving the opacity or toggling outlines reruns
+    only this part, not the prediction above it, so a cached explanation comes back without recomputing the page."""
+    with st.form("ex_form"):
+        methods = st.multiselect("Methods", list(ui.METHOD_LABELS), default=["gradcam", "lime"],
+                                 format_func=ui.METHOD_LABELS.get, key="ex_methods")
+        target = st.selectbox("Explain class", ["predicted"] + list(clf.class_names), key="ex_target")
+        params = {}
+        cols = st.columns(3)
+        for i, m in enumerate(ui.METHOD_LABELS):
+            if ui.PARAM_UI.get(m):
+                with cols[i % 3].expander(f"{ui.METHOD_LABELS[m]} settings"):
+                    params[m] = ui.params_form_fields(m, "ex")
+        submitted = st.form_submit_button("Explain", type="primary")
 
-_, methods, params, target = req
-t = None if target == "predicted" else list(clf.class_names).index(target)
-results = ui.run_methods(ckpt, inp, methods, params, t)
-alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="ex_alpha")
-ui.show_legend()
-show_mask = inp.mask is not None and st.checkbox("Outline the lesion mask", value=True, key="ex_mask")
-legend = ui.outline_legend(show_mask, lesion is not None and lesion.mask.any())
-if legend:
-    st.caption(legend)
-if ood:
-    st.warning("The image is out of distribution: these maps show what the model responds to in an image it was not "
-               "made for. They are no evidence for a diagnosis.", icon="⚠️")
-ui.report_download(ckpt, inp, results, "ex", lesion)
-for m, e in results.items():
-    st.subheader(f"{ui.METHOD_LABELS[m]} · {e.class_name} ({e.probability:.1%}) · {e.seconds:.1f} s")
-    e = ui.evidence_view(e, "ex")
-    pm = lesion.mask if lesion is not None else None
-    over = ui.render_overlay(inp.image, e, alpha, inp.mask if show_mask else None, show_segments=False, predicted=pm)
-    c1, c2 = st.columns(2)
-    if e.segments is not None:
-        c1.image(over, caption="LIME heatmap (segment weights)", width="stretch")
-        bounds = ui.render_overlay(inp.image, e, 0.0, inp.mask if show_mask else None, show_segments=True,
-                                   predicted=pm)
-        c2.image(bounds, caption="Top positive superpixels (boundaries)", width="stretch")
-    else:
-        c1.image(over, caption=f"{ui.METHOD_LABELS[m]} overlay", width="stretch")
-        c2.image(inp.image, caption="Original", width="stretch")
-    c1.download_button("Download overlay PNG", ui.png_bytes(over), file_name=f"{inp.name}.{m}.png",
-                       mime="image/png", key=f"ex_dl_{m}")
-    with c2.expander("Parameters used"):
-        st.json(e.params)
+    if submitted:
+        st.session_state["ex_request"] = (inp.sha, methods, params, target)
+    req = st.session_state.get("ex_request")
+    if not req or req[0] != inp.sha:
+        st.info("Choose methods and press **Explain**. LIME and SHAP take a few seconds to a minute on a CPU.")
+        return
+
+    _, methods, params, target = req
+    t = None if target == "predicted" else list(clf.class_names).index(target)
+    results = ui.run_methods(ckpt, inp, methods, params, t)
+    alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="ex_alpha")
+    ui.show_legend()
+    show_mask = inp.mask is not None and st.checkbox("Outline the lesion mask", value=True, key="ex_mask")
+    legend = ui.outline_legend(show_mask, lesion is not None and lesion.mask.any())
+    if legend:
+        st.caption(legend)
+    if ood:
+        st.warning("The image is out of distribution: these maps show what the model responds to in an image it was not "
+                   "made for. They are no evidence for a diagnosis.", icon="⚠️")
+    ui.report_download(ckpt, inp, results, "ex", lesion)
+    for m, e in results.items():
+        st.subheader(f"{ui.METHOD_LABELS[m]} · {e.class_name} ({e.probability:.1%}) · {e.seconds:.1f} s")
+        e = ui.evidence_view(e, "ex")
+        pm = lesion.mask if lesion is not None else None
+        over = ui.overlay_for(inp.sha, inp.image, e, alpha, inp.mask if show_mask else None, show_segments=False,
+                              predicted=pm)
+        c1, c2 = st.columns(2)
+        if e.segments is not None:
+            c1.image(over, caption="LIME heatmap (segment weights)", width="stretch")
+            bounds = ui.overlay_for(inp.sha, inp.image, e, 0.0, inp.mask if show_mask else None, show_segments=True,
+                                    predicted=pm)
+            c2.image(bounds, caption="Top positive superpixels (boundaries)", width="stretch")
+        else:
+            c1.image(over, caption=f"{ui.METHOD_LABELS[m]} overlay", width="stretch")
+            c2.image(inp.image, caption="Original", width="stretch")
+        c1.download_button("Download overlay PNG", lambda over=over: ui.png_bytes(over), file_name=f"{inp.name}.{m}.png",
+                           mime="image/png", key=f"ex_dl_{m}")
+        with c2.expander("Parameters used"):
+            st.json(e.params)
+
+
+explanations(ckpt, clf, inp, lesion, ood)

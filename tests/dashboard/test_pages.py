@@ -643,3 +643,29 @@ def test_compare_shows_the_randomised_model_maps_and_the_model_card_sanity_table
     assert [m.label for m in at.metric][-2:] == ["Rank correlation", "SSIM"] or any(
         "Similarity undefined" in m.value for m in at.markdown)
     assert any("should not be used to teach" in c.value for c in at.caption)
+
+
+def test_overlays_are_remembered_per_map_and_setting(app_env):
+    """Re-showing an explanation re-sends the remembered overlay; another opacity, map or outline draws anew."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "dashboard"))
+    import components as ui
+    from core.explain import explain
+    from tests.conftest import make_class_image
+
+    import services as svc
+
+    img = make_class_image(1, np.random.default_rng(5), 48)
+    clf = svc.classifier(app_env)
+    e = explain(clf, img, "gradcam")
+    first = ui.overlay_for("sha-x", img, e, 0.5)
+    assert np.array_equal(first, ui.render_overlay(img, e, 0.5))
+    assert np.array_equal(ui.overlay_for("sha-x", img, e, 0.5), first)
+    assert not np.array_equal(ui.overlay_for("sha-x", img, e, 0.9), first)
+    mask = np.zeros(img.shape[:2], bool)
+    mask[10:30, 10:30] = True
+    assert np.array_equal(ui.overlay_for("sha-x", img, e, 0.5, predicted=mask),
+                          ui.render_overlay(img, e, 0.5, predicted=mask))
+    other = explain(clf, img, "occlusion")
+    assert np.array_equal(ui.overlay_for("sha-x", img, other, 0.5), ui.render_overlay(img, other, 0.5))
