@@ -34,6 +34,20 @@ BACKENDS = ("auto", "keras", "openvino", "openvino-bf16")
 REQUEST_POOL = 4
 
 
+def warm(key: Optional[str]) -> Optional[tuple[int, int]]:
+    """(input side, outputs) of model sha256 `key` when its converted model and Keras probe outputs are cached (then
+    OpenVINO can predict before TensorFlow is even imported), else None."""
+    import json
+
+    if not key or not (cache_dir() / f"{key}.xml").is_file():
+        return None
+    try:
+        rec = json.loads((cache_dir() / f"{key}.keras-probe.json").read_text())
+        return int(rec["input_size"]), int(np.asarray(rec["probs"]).shape[1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 def cache_dir() -> Path:
     base = os.environ.get("BREASTXAI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "breastxai")
     return Path(base) / "openvino"
@@ -51,6 +65,7 @@ def openvino_forward(model, input_size: int, key: Optional[str], precision: str 
                      ) -> Callable[[np.ndarray], np.ndarray]:
     """Compile `model` (float32 (N, S, S, 3) -> (N, K)) with OpenVINO; returns f(batch) -> np.ndarray.
 
+    `model` is a Keras model or a function returning one, called only when the converted model is not cached yet.
     `key` (the model file's sha256) names the cached IR; None converts without caching.
     """
     import openvino as ov
@@ -62,7 +77,8 @@ def openvino_forward(model, input_size: int, key: Optional[str], precision: str 
     else:
         import tensorflow as tf
 
-        fn = tf.function(lambda v: model(v, training=False), autograph=False)
+        keras_model = model if hasattr(model, "layers") else model()
+        fn = tf.function(lambda v: keras_model(v, training=False), autograph=False)
         om = ov.convert_model(fn.get_concrete_function(tf.TensorSpec([None, input_size, input_size, 3], tf.float32)))
         if xml is not None:
             try:
@@ -100,19 +116,23 @@ def keras_reference(keras_forward: Callable[[np.ndarray], np.ndarray], probe: np
     import json
 
     ref = cache_dir() / f"{key}.keras-probe.json" if key else None
+    out = None
     if ref is not None and ref.is_file():
         try:
-            out = np.asarray(json.loads(ref.read_text())["probs"], np.float32)
-            if out.shape[0] == len(probe):
+            rec = json.loads(ref.read_text())
+            out = np.asarray(rec["probs"], np.float32)
+            if out.shape[0] == len(probe) and "input_size" in rec:
                 return out
+            out = out if out.shape[0] == len(probe) else None  # an older record: rewritten with the input size
         except (OSError, ValueError, KeyError):
-            pass
-    out = np.asarray(keras_forward(probe), np.float32)
+            out = None
+    if out is None:
+        out = np.asarray(keras_forward(probe), np.float32)
     if ref is not None:
         try:
             ref.parent.mkdir(parents=True, exist_ok=True)
             tmp = ref.with_name(f".{ref.name}-{os.getpid()}")
-            tmp.write_text(json.dumps({"probs": out.tolist()}))
+            tmp.write_text(json.dumps({"probs": out.tolist(), "input_size": int(probe.shape[1])}))
             os.replace(tmp, ref)
         except OSError:
             pass
@@ -121,7 +141,9 @@ def keras_reference(keras_forward: Callable[[np.ndarray], np.ndarray], probe: np
 
 def choose_forward(model, input_size: int, keras_forward: Callable[[np.ndarray], np.ndarray],
                    key: Optional[str], backend: str = "auto") -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
-    """The forward pass to use and a report {'backend', 'max_dp_probe', 'reason'}.
+    """The forward pass to use and a report {'backend', 'max_dp_probe', 'reason'}. `model`: a Keras model or a
+    function returning one (see `openvino_forward`); with the IR and the Keras probe outputs cached, neither it nor
+    `keras_forward` is called.
 
     'keras' -> keras_forward. 'auto' / 'openvino' -> OpenVINO float32, 'openvino-bf16' -> OpenVINO
     bfloat16, each only if it converts and agrees with Keras within MAX_DP on 8 probe images (random

@@ -6,14 +6,17 @@ RGB images of any size and returns calibrated float32 probabilities [N, K].
 """
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,6 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from core.errors import CheckpointError
-from core.models import sha256_file
 from core.data.loaders import PATCH_SIDES
 from core.patches import PatchConfig, tiles
 from core.patches import work_image as patch_work_image
@@ -152,6 +154,15 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> No
 
 
 # ----------------------------------------------------------------------------------------- reading
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 @functools.lru_cache(maxsize=64)
 def _bundle_summary(meta_path: str, mtime_ns: int) -> tuple[str, str]:
     """(kind, dataset kind) of one metadata.json version; keyed on its mtime, so a rewritten file is read again."""
@@ -228,6 +239,22 @@ def verify_bundle(path: str | Path) -> dict:
     return meta
 
 
+def _lazy_keras_forward(build: Callable[[], object]) -> Callable[[np.ndarray], np.ndarray]:
+    """f(float32 batch) -> np.ndarray through a compiled Keras model that `build()` returns; TensorFlow is imported and
+    the graph traced on the first call only (a warm OpenVINO start may never need it)."""
+    state: dict = {}
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        if "fn" not in state:
+            model = build()
+            state["fn"] = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
+        return np.asarray(state["fn"](tf.convert_to_tensor(batch, tf.float32)))
+
+    return forward
+
+
 @dataclass
 class Classifier:
     """A trained model behind the LIME-style contract: uint8 RGB images of any size -> probabilities.
@@ -235,7 +262,7 @@ class Classifier:
     Attributes: class_names (K names), input_size (side S in pixels), metadata (the bundle's JSON).
     """
 
-    model: "object"  # keras.Model: float32 (N, S, S, 3) in 0-255 -> softmax (N, K)
+    model: "object"  # keras.Model: float32 (N, S, S, 3) in 0-255 -> softmax (N, K) (a BackgroundModel until first use)
     class_names: tuple[str, ...]
     input_size: int
     metadata: dict = field(default_factory=dict)
@@ -330,21 +357,24 @@ class Classifier:
         return np.stack([out[e - c:e].mean(axis=0) for c, e in zip(counts, ends)])
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        """Raw model softmax for prepared float32 inputs (N, S, S, 3), compiled, in chunks of `batch_size`."""
-        import tensorflow as tf
+        """Raw model softmax for prepared float32 inputs (N, S, S, 3), compiled, in chunks of `batch_size`.
 
+        OpenVINO reads its converted model from the on-disk cache when there is one, so a warm start predicts without
+        waiting for TensorFlow and the Keras model (`load_classifier` loads those in the background)."""
         if self._forward is None:
-            model = self.model
-            keras_fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
-            keras_forward = lambda b: np.asarray(keras_fn(tf.convert_to_tensor(b, tf.float32)))  # noqa: E731
+            keras_forward = _lazy_keras_forward(lambda: self.model)
             if self.backend == "keras":
                 self._forward, self.backend_info = keras_forward, {"backend": "keras float32", "reason": "requested"}
             else:
                 from core.backends import choose_forward
 
                 self._forward, self.backend_info = choose_forward(
-                    model, self.input_size, keras_forward, self.metadata.get("model_sha256"), self.backend)
-        return self._chunked(self._forward, batch)
+                    lambda: self.model, self.input_size, keras_forward, self.metadata.get("model_sha256"), self.backend)
+        out = self._chunked(self._forward, batch)
+        if out.ndim != 2 or (len(out) and out.shape[1] != self.num_classes):
+            raise CheckpointError(f"{self.name}: the model predicts {out.shape[-1]} classes but metadata.json names "
+                                  f"{self.num_classes} ({', '.join(self.class_names)}).")
+        return out
 
     def _chunked(self, fwd: Callable, batch: np.ndarray) -> np.ndarray:
         """fwd over `batch` in chunks of `batch_size` -> float32 (N, K)."""
@@ -354,17 +384,32 @@ class Classifier:
                                for i in range(0, len(batch), self.batch_size)])
 
     def features(self, images) -> np.ndarray:
-        """Pooled backbone features (N, D) of uint8 images of any size (for the OOD detector; tile mean)."""
-        import keras
-        import tensorflow as tf
-
-        from core.ood import feature_layer
-
+        """Pooled backbone features (N, D) of uint8 images of any size (for the OOD detector; tile mean), on OpenVINO
+        float32 where predictions use it and the converted feature model agrees with Keras (core.backends)."""
         if self._features is None:
-            fm = keras.Model(self.model.inputs, self.model.get_layer(feature_layer(self.model)).output)
-            self._features = tf.function(lambda x: fm(x, training=False), reduce_retracing=True, autograph=False)
+            def feature_model():
+                import keras
+
+                from core.ood import feature_layer
+
+                return keras.Model(self.model.inputs, self.model.get_layer(feature_layer(self.model)).output)
+
+            keras_features = _lazy_keras_forward(feature_model)
+            key = self.metadata.get("model_sha256")
+            self._features = keras_features
+            if self.backend != "keras" and key and (self._forward is None or self.backend_info.get(
+                    "backend", "").startswith("openvino")):
+                from core.backends import choose_forward
+
+                fwd, info = choose_forward(feature_model, self.input_size, keras_features, f"{key}-features", "auto")
+                if info["backend"].startswith("openvino"):
+                    self._features = fwd
         x, counts = self._tile_batches(images, work=False)
-        return self._mean_per_image(run_batched(self._features, x, self.batch_size), counts)
+        if len(x) == 0:
+            return np.zeros((0, 0), np.float32)
+        out = np.concatenate([np.asarray(self._features(x[i:i + self.batch_size]), np.float32)
+                              for i in range(0, len(x), self.batch_size)])
+        return self._mean_per_image(out, counts)
 
     def ood_check(self, images) -> Optional[list[dict]]:
         """Per image: {'score', 'threshold', 'out_of_distribution'}; None if the bundle has no detector."""
@@ -412,7 +457,7 @@ class Classifier:
             try:
                 from core.backends import openvino_forward
 
-                fast = openvino_forward(self.model, self.input_size, self.metadata.get("model_sha256"), "bf16")
+                fast = openvino_forward(lambda: self.model, self.input_size, self.metadata.get("model_sha256"), "bf16")
                 self._perturb_forward = lambda x: self._chunked(fast, x)  # noqa: E731
             except Exception:  # OpenVINO unavailable here: keep float32
                 self.perturbation = "float32"
@@ -432,6 +477,50 @@ class Classifier:
         return self.calibrate(self._mean_per_image(out, counts)).astype(np.float32)
 
     __call__ = predict_proba
+
+
+class BackgroundModel:
+    """The Keras model of a warm start, loaded on a background thread once `start`ed (or by the first caller that
+    needs it): predictions go ahead on OpenVINO meanwhile."""
+
+    def __init__(self, load: Callable[[], object], name: str = "load-model"):
+        self._load, self._name = load, name
+        self._future: concurrent.futures.Future = concurrent.futures.Future()
+        self._lock = threading.Lock()
+        self._started = False
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        threading.Thread(target=self._run, name=self._name, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._future.set_result(self._load())
+        except BaseException as exc:  # noqa: BLE001  (handed to whoever asks for the model)
+            self._future.set_exception(exc)
+
+    def result(self):
+        self.start()
+        return self._future.result()
+
+
+def _get_model(self: Classifier):
+    """The Keras model; a warm start's background load is waited for once (started if need be), its error raised."""
+    m = self.__dict__["_model"]
+    if isinstance(m, BackgroundModel):
+        m = m.result()
+        self.__dict__["_model"] = m
+    return m
+
+
+def _set_model(self: Classifier, value) -> None:
+    self.__dict__["_model"] = value
+
+
+Classifier.model = property(_get_model, _set_model, doc=Classifier.__doc__ and "The Keras model (loaded on first use).")
 
 
 def run_batched(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -458,27 +547,29 @@ def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifi
 
     backend: forward pass of predict_proba, 'auto' (default, or $BREASTXAI_BACKEND): OpenVINO float32
     where it agrees with Keras (see core.backends), else Keras; 'keras'; 'openvino'; 'openvino-bf16'.
+    A warm start ('auto' / 'openvino' with this model's converted copy cached) returns at once and predicts on
+    OpenVINO while TensorFlow and the Keras model load on a background thread.
+    `Classifier.model` waits for them (explainers, training), and a model.keras that fails to load raises
+    CheckpointError there.
     """
-    import keras
-
-    from core.backends import requested_backend
-
-    import core.models  # noqa: F401  (registers BackbonePreprocess for deserialisation)
+    from core.backends import requested_backend, warm
 
     path = Path(path)
     meta = verify_bundle(path)
-    try:
-        model = keras.saving.load_model(path / "model.keras", compile=False, safe_mode=True)
-    except Exception as exc:  # Keras raises many types for damaged archives
-        raise CheckpointError(f"{path.name}: model.keras cannot be loaded ({type(exc).__name__}: {exc}).") from exc
-    k = int(model.output_shape[-1])
     class_names = tuple(meta["class_names"])
-    if k != len(class_names):
-        raise CheckpointError(f"{path.name}: the model predicts {k} classes but metadata.json names "
-                              f"{len(class_names)} ({', '.join(class_names)}).")
     size = int(meta["input_size"])
-    if tuple(model.input_shape[1:3]) != (size, size):
-        raise CheckpointError(f"{path.name}: model input {model.input_shape[1:3]} differs from metadata {size}.")
+    backend = requested_backend(backend)
+    cached = warm(meta.get("model_sha256")) if backend in ("auto", "openvino") else None
+    if cached is not None:
+        if cached[1] != len(class_names):
+            raise CheckpointError(f"{path.name}: the model predicts {cached[1]} classes but metadata.json names "
+                                  f"{len(class_names)} ({', '.join(class_names)}).")
+        if cached[0] != size:
+            raise CheckpointError(f"{path.name}: model input {cached[0]} differs from metadata {size}.")
+        model: object = BackgroundModel(lambda: _load_keras(path, class_names, size), f"load-{path.name}")
+        model.start()
+    else:
+        model = _load_keras(path, class_names, size)
     prep = meta.get("preprocessing", {})
     ood = None
     if (path / "ood.npz").is_file():
@@ -492,11 +583,29 @@ def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifi
     side = PATCH_SIDES.get(meta.get("dataset", {}).get("kind"))
     if patches is None and side:  # a patch-set model (IDC): a larger field is read as a grid of its patches
         patches = PatchConfig(side, size, side, min_tissue=0.0)
-    backend = requested_backend(backend)
     return Classifier(model=model, class_names=class_names, input_size=size, metadata=meta, path=path,
                       temperature=float(meta.get("calibration", {}).get("temperature", 1.0)),
                       clahe=bool(prep.get("clahe", False)), ood=ood, patches=patches, backend=backend,
                       perturbation=perturbation_backend(path, meta, backend))
+
+
+def _load_keras(path: Path, class_names: tuple[str, ...], size: int):
+    """model.keras of a verified bundle (safe_mode), checked against its metadata's classes and input size."""
+    import keras
+
+    import core.models  # noqa: F401  (registers BackbonePreprocess for deserialisation)
+
+    try:
+        model = keras.saving.load_model(path / "model.keras", compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for damaged archives
+        raise CheckpointError(f"{path.name}: model.keras cannot be loaded ({type(exc).__name__}: {exc}).") from exc
+    k = int(model.output_shape[-1])
+    if k != len(class_names):
+        raise CheckpointError(f"{path.name}: the model predicts {k} classes but metadata.json names "
+                              f"{len(class_names)} ({', '.join(class_names)}).")
+    if tuple(model.input_shape[1:3]) != (size, size):
+        raise CheckpointError(f"{path.name}: model input {model.input_shape[1:3]} differs from metadata {size}.")
+    return model
 
 
 def perturbation_backend(path: Path, meta: dict, backend: str) -> str:

@@ -321,7 +321,7 @@ def calibration_phrase(meta: dict) -> str:
 
 
 CHOSEN_ON = {"val": "validation",
-             "calibration": "out-of-fold predictions of the training and validation patients (calibration CV)"}
+             "calibration": "out-of-fold predictions of the training and validation patients"}
 
 
 def operating_point(y_val: Sequence[int], p_val: np.ndarray, y_test: Sequence[int], p_test: np.ndarray,

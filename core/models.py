@@ -6,7 +6,6 @@ Layer naming convention: `preprocess` (normalisation), backbone layers (Keras na
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import keras
 from keras import layers
 
 from core.errors import WeightsUnavailableError
+from core.checkpoints import sha256_file  # noqa: F401  (re-exported: training records model hashes)
 
 BACKBONES = ("resnet50", "densenet121", "efficientnetb0", "mobilenetv2", "simple_cnn")
 _APPS = {
@@ -119,14 +119,6 @@ def stain_targets(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
     means = od.mean(axis=(1, 2))
     stds = od.std(axis=(1, 2))
     return tuple(map(float, np.median(means, 0))), tuple(map(float, np.median(stds, 0)))
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _online(host: str = "storage.googleapis.com", timeout: float = 3.0) -> bool:

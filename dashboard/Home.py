@@ -75,6 +75,7 @@ if m.get("n", 0) and m["n"] < 50:
 ds = meta.get("dataset", {})
 split = meta.get("split", {})
 w = meta.get("weights", {})
+head = meta.get("head") or {}
 rows = {
     "Classes": ", ".join(meta.get("class_names", [])),
     "Data": f"{ds.get('kind', '?')} · {ds.get('n_images', '?')} images · {ds.get('class_counts', {})}",
@@ -82,11 +83,17 @@ rows = {
     "Split": f"train {split.get('counts', {}).get('train')}, val {split.get('counts', {}).get('val')}, "
              f"test {split.get('counts', {}).get('test')} (seed {split.get('seed')}, stratified, group-aware)",
     "Backbone": f"{meta.get('backbone')} · input {meta.get('input_size')}×{meta.get('input_size')} px"
+                + (f" · cut at {head['trunk_layer']}" if head.get("trunk_layer") else "")
                 + (f" · patches of {meta['patches']['patch_size']} px, grid-averaged" if meta.get("patches") else ""),
+    "Head": (f"linear, fitted by {head['solver']} (C {head['C']:g}) on the frozen trunk's pooled features"
+             if head.get("solver") else
+             f"Dense {' / '.join(map(str, head.get('units', []))) or 'none'} · dropout {head.get('dropout')} · "
+             f"L2 {head.get('l2')}"),
     "Weights": f"{w.get('source')} · {w.get('path') or ''} · sha256 {str(w.get('sha256') or '')[:16]}…",
     "Calibration": calibration_phrase(meta),
-    "Trained": f"{meta.get('created', '?')} · {meta.get('training', {}).get('epochs', '?')} epochs · "
-               f"{(meta.get('training', {}).get('wall_seconds') or 0) / 60:.1f} min",
+    "Trained": f"{meta.get('created', '?')} · "
+               + ("one closed-form fit" if head.get("solver") else f"{meta.get('training', {}).get('epochs', '?')} epochs")
+               + f" · {(meta.get('training', {}).get('wall_seconds') or 0) / 60:.1f} min",
     "Command": f"`{meta.get('command')}`",
     "Git commit": str(meta.get("git_commit")),
 }

@@ -719,7 +719,8 @@ def operating_point_view(meta: dict) -> None:
              f"the {op.get('chosen_on', 'validation')} for sensitivity ≥ {op['target_sensitivity']:.2f}). On the test split: sensitivity "
              f"**{t['sensitivity']:.3f}**{_ci(t['sensitivity_ci95'])} ({t['tp']} of {t['tp'] + t['fn']}), specificity "
              f"**{t['specificity']:.3f}**{_ci(t['specificity_ci95'])} ({t['tn']} of {t['tn'] + t['fp']}).")
-    st.caption(f"Rule: {op['rule']}. {op.get('chosen_on', 'validation').capitalize()} at this threshold: sensitivity {op['val']['sensitivity']:.3f}, "
+    where = op.get("chosen_on", "validation")
+    st.caption(f"Rule: {op['rule']}. {where[0].upper() + where[1:]} at this threshold: sensitivity {op['val']['sensitivity']:.3f}, "
                f"specificity {op['val']['specificity']:.3f}.")
 
 

@@ -80,3 +80,34 @@ def test_missing_pieces(tmp_path, tiny_bundle):
     with pytest.raises(CheckpointError, match="missing"):
         verify_bundle(b)
     assert list_bundles(tmp_path) == [b]
+
+
+def test_warm_start_predicts_on_openvino_while_keras_loads_behind(tiny_bundle, tmp_path, monkeypatch):
+    """With the converted model cached, load_classifier returns before the Keras model is loaded (in the background),
+    predicts and scores out-of-distribution the same as Keras, and hands over the Keras model when asked."""
+    from core.checkpoints import BackgroundModel
+
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("BREASTXAI_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (3, 40, 52, 3), dtype=np.uint8)
+    cold = load_classifier(tiny_bundle)  # converts and caches
+    assert not isinstance(cold.__dict__["_model"], BackgroundModel)
+    p_cold = cold.predict_proba(images)
+    f_cold = cold.features(images)
+    warm = load_classifier(tiny_bundle)
+    assert isinstance(warm.__dict__["_model"], BackgroundModel)
+    assert np.allclose(warm.predict_proba(images), p_cold, atol=1e-4)
+    assert warm.backend_info["backend"] == "openvino float32"
+    assert np.allclose(warm.features(images), f_cold, atol=1e-3)
+    keras_clf = load_classifier(tiny_bundle, backend="keras")
+    assert np.allclose(warm.predict_proba(images), keras_clf.predict_proba(images), atol=1e-4)
+    assert warm.model.count_params() == keras_clf.model.count_params()  # the Future resolves to the Keras model
+    # A warm cache does not let a bundle whose metadata disagrees with the model through.
+    b = tmp_path / "t"
+    shutil.copytree(tiny_bundle, b)
+    meta = json.loads((b / "metadata.json").read_text())
+    meta["class_names"] = ["a", "b", "c"]
+    (b / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="3"):
+        load_classifier(b)
