@@ -61,14 +61,18 @@ def test_tampered_model_refused(tiny_bundle, tmp_path):
         load_classifier(b)
 
 
-def test_class_count_mismatch_refused(tiny_bundle, tmp_path):
-    b = tmp_path / "t"
-    shutil.copytree(tiny_bundle, b)
-    meta = json.loads((b / "metadata.json").read_text())
+def three_class_copy(bundle, dest):
+    """A copy of a two-class bundle whose metadata names three classes (the model file is untouched)."""
+    shutil.copytree(bundle, dest)
+    meta = json.loads((dest / "metadata.json").read_text())
     meta["class_names"] = ["a", "b", "c"]
-    (b / "metadata.json").write_text(json.dumps(meta))
+    (dest / "metadata.json").write_text(json.dumps(meta))
+    return dest
+
+
+def test_class_count_mismatch_refused(tiny_bundle, tmp_path):
     with pytest.raises(CheckpointError, match="3"):
-        load_classifier(b)
+        load_classifier(three_class_copy(tiny_bundle, tmp_path / "t"))
 
 
 def test_missing_pieces(tmp_path, tiny_bundle):
@@ -102,12 +106,7 @@ def test_warm_start_predicts_on_openvino_while_keras_loads_behind(tiny_bundle, t
     assert np.allclose(warm.features(images), f_cold, atol=1e-3)
     keras_clf = load_classifier(tiny_bundle, backend="keras")
     assert np.allclose(warm.predict_proba(images), keras_clf.predict_proba(images), atol=1e-4)
-    assert warm.model.count_params() == keras_clf.model.count_params()  # the Future resolves to the Keras model
+    assert warm.model.count_params() == keras_clf.model.count_params()  # the background load hands over the Keras model
     # A warm cache does not let a bundle whose metadata disagrees with the model through.
-    b = tmp_path / "t"
-    shutil.copytree(tiny_bundle, b)
-    meta = json.loads((b / "metadata.json").read_text())
-    meta["class_names"] = ["a", "b", "c"]
-    (b / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="3"):
-        load_classifier(b)
+        load_classifier(three_class_copy(tiny_bundle, tmp_path / "t"))
