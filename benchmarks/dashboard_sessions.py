@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Several browser sessions explaining different images at once, against one session alone, in one run.
+
+    python benchmarks/dashboard_sessions.py [--sessions 4] [--out screenshots]
+
+Starts the real server (`benchmarks/dashboard_latency.dashboard`) with one committed checkpoint and opens one
+headless Chromium per session. Each session uploads its own BUSI image on Explain and waits for the prediction.
+First one session explains a further image alone (Grad-CAM + LIME 300, the page's default), then every session
+presses Explain at the same moment. Each figure is the time from the click to the session's last page change
+with both overlays on screen. Ends with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dashboard_latency import ROOT, chromium, dashboard, explain_now, idle, only_checkpoints, wait_for  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+
+BUSI = ROOT.parent / "shared/data/busi/Dataset_BUSI_with_GT"
+
+
+def upload(drv, url: str, image: Path) -> None:
+    """Open Explain, upload `image` and wait until its prediction is on screen and the page is idle."""
+    from selenium.webdriver.common.by import By
+
+    drv.get(url + "/Explain")
+    wait_for(drv, lambda d: d.find_elements(By.XPATH, "//label[.//p[text()='Upload']]"))
+    drv.find_element(By.XPATH, "//label[.//p[text()='Upload']]").click()
+    wait_for(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=file]"))
+    drv.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(image.resolve()))
+    wait_for(drv, lambda d: any(image.name in c.text for c in d.find_elements(By.CSS_SELECTOR, "[data-testid='stImageCaption']")))
+    wait_for(drv, lambda d: any("Prediction:" in h.text or "no verdict" in h.text.lower()
+                                for h in d.find_elements(By.CSS_SELECTOR, "h3")))
+    wait_for(drv, idle)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sessions", type=int, default=4)
+    ap.add_argument("--checkpoint", default="busi_densenet121", help="the one checkpoint the app serves")
+    ap.add_argument("--out", default=str(ROOT / "screenshots"))
+    args = ap.parse_args()
+    per_class = [sorted((p for p in (BUSI / c).glob("*.png") if "_mask" not in p.name), key=lambda p: p.name)
+                 for c in ("benign", "malignant")] if BUSI.is_dir() else [[], []]
+    images = [p for pair in zip(*per_class) for p in pair][:args.sessions + 1]  # benign and malignant in turn
+    if len(images) < args.sessions + 1:
+        print(f"needs {args.sessions + 1} BUSI images under {BUSI}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with only_checkpoints(args.checkpoint) as env, dashboard(env) as (first, url):
+        drivers = [first] + [chromium() for _ in range(args.sessions - 1)]
+        try:
+            upload(first, url, images[-1])
+            single = explain_now(first)
+            print(f"one session alone: Grad-CAM + LIME 300 in {single:.1f} s")
+            for drv, image in zip(drivers, images):
+                upload(drv, url, image)
+            barrier = threading.Barrier(len(drivers))
+            took: list = [None] * len(drivers)
+
+            def run(i: int) -> None:
+                barrier.wait()
+                took[i] = explain_now(drivers[i])
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(drivers))]
+            t0 = time.time()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.time() - t0
+            for i, (drv, image) in enumerate(zip(drivers, images)):
+                drv.save_screenshot(str(out / f"sessions_{i + 1}.png"))
+                print(f"session {i + 1} ({image.name}): {took[i]:.1f} s")
+        finally:
+            for drv in drivers[1:]:
+                drv.quit()
+    worst = max(took)
+    print(f"{len(drivers)} sessions at once: slowest {worst:.1f} s (target 20 s), {worst / single:.1f}x one session "
+          f"alone; all done {wall:.1f} s after the clicks")
+    print(json.dumps({"checkpoint": args.checkpoint, "sessions": len(drivers), "each_s": [round(t, 2) for t in took], "max_s": round(worst, 2),
+                      "single_s": round(single, 2), "max_vs_single": round(worst / single, 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
