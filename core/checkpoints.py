@@ -6,7 +6,6 @@ RGB images of any size and returns calibrated float32 probabilities [N, K].
 """
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import ctypes
 import ctypes.util
@@ -262,7 +261,7 @@ class Classifier:
     Attributes: class_names (K names), input_size (side S in pixels), metadata (the bundle's JSON).
     """
 
-    model: "object"  # keras.Model: float32 (N, S, S, 3) in 0-255 -> softmax (N, K) (a BackgroundModel until first use)
+    model: "object"  # keras.Model: float32 (N, S, S, 3) in 0-255 -> softmax (N, K) (a DeferredModel until first use)
     class_names: tuple[str, ...]
     input_size: int
     metadata: dict = field(default_factory=dict)
@@ -360,7 +359,7 @@ class Classifier:
         """Raw model softmax for prepared float32 inputs (N, S, S, 3), compiled, in chunks of `batch_size`.
 
         OpenVINO reads its converted model from the on-disk cache when there is one, so a warm start predicts without
-        waiting for TensorFlow and the Keras model (`load_classifier` loads those in the background)."""
+        TensorFlow and the Keras model (loaded on first use of `model`)."""
         if self._forward is None:
             keras_forward = _lazy_keras_forward(lambda: self.model)
             if self.backend == "keras":
@@ -479,38 +478,26 @@ class Classifier:
     __call__ = predict_proba
 
 
-class BackgroundModel:
-    """The Keras model of a warm start, loaded on a background thread once `start`ed (or by the first caller that
-    needs it): predictions go ahead on OpenVINO meanwhile."""
+class DeferredModel:
+    """The Keras model of a warm start, loaded (TensorFlow imported) by the first caller that needs it; concurrent
+    callers wait for that one load. Predictions go ahead on OpenVINO without it."""
 
-    def __init__(self, load: Callable[[], object], name: str = "load-model"):
-        self._load, self._name = load, name
-        self._future: concurrent.futures.Future = concurrent.futures.Future()
+    def __init__(self, load: Callable[[], object]):
+        self._load = load
         self._lock = threading.Lock()
-        self._started = False
-
-    def start(self) -> None:
-        with self._lock:
-            if self._started:
-                return
-            self._started = True
-        threading.Thread(target=self._run, name=self._name, daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            self._future.set_result(self._load())
-        except BaseException as exc:  # noqa: BLE001  (handed to whoever asks for the model)
-            self._future.set_exception(exc)
+        self._model: Optional[object] = None
 
     def result(self):
-        self.start()
-        return self._future.result()
+        with self._lock:
+            if self._model is None:
+                self._model = self._load()
+            return self._model
 
 
 def _get_model(self: Classifier):
-    """The Keras model; a warm start's background load is waited for once (started if need be), its error raised."""
+    """The Keras model; a warm start's deferred model is loaded on first use (a load error is raised here)."""
     m = self.__dict__["_model"]
-    if isinstance(m, BackgroundModel):
+    if isinstance(m, DeferredModel):
         m = m.result()
         self.__dict__["_model"] = m
     return m
@@ -548,9 +535,9 @@ def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifi
     backend: forward pass of predict_proba, 'auto' (default, or $BREASTXAI_BACKEND): OpenVINO float32
     where it agrees with Keras (see core.backends), else Keras; 'keras'; 'openvino'; 'openvino-bf16'.
     A warm start ('auto' / 'openvino' with this model's converted copy cached) returns at once and predicts on
-    OpenVINO while TensorFlow and the Keras model load on a background thread.
-    `Classifier.model` waits for them (explainers, training), and a model.keras that fails to load raises
-    CheckpointError there.
+    OpenVINO; TensorFlow and the Keras model load on the first use of `Classifier.model` (explainers, training), in
+    the caller's thread (importing TensorFlow from two threads at once can deadlock), and a model.keras that fails
+    to load raises CheckpointError there.
     """
     from core.backends import requested_backend, warm
 
@@ -566,8 +553,7 @@ def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifi
                                   f"{len(class_names)} ({', '.join(class_names)}).")
         if cached[0] != size:
             raise CheckpointError(f"{path.name}: model input {cached[0]} differs from metadata {size}.")
-        model: object = BackgroundModel(lambda: _load_keras(path, class_names, size), f"load-{path.name}")
-        model.start()
+        model: object = DeferredModel(lambda: _load_keras(path, class_names, size))
     else:
         model = _load_keras(path, class_names, size)
     prep = meta.get("preprocessing", {})

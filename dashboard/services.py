@@ -400,7 +400,7 @@ def _lime_cost(ckpt: str, mtime: float, image_sha: str, params_json: str, _image
     from core.explain import explain as core_explain
 
     clf = _classifier(ckpt, mtime)
-    clf.model  # noqa: B018  (a warm start loads Keras in the background: let it finish before timing anything)
+    clf.model  # noqa: B018  (a warm start defers loading Keras: load it before timing anything)
     params = json.loads(params_json)
     core_explain(clf, _image, "lime", **{**params, "num_samples": 16})  # warm-up: tracing, compiled forward
     times = {}

@@ -87,26 +87,26 @@ def test_missing_pieces(tmp_path, tiny_bundle):
 
 
 def test_warm_start_predicts_on_openvino_while_keras_loads_behind(tiny_bundle, tmp_path, monkeypatch):
-    """With the converted model cached, load_classifier returns before the Keras model is loaded (in the background),
+    """With the converted model cached, load_classifier returns without loading the Keras model (deferred to first use),
     predicts and scores out-of-distribution the same as Keras, and hands over the Keras model when asked."""
-    from core.checkpoints import BackgroundModel
+    from core.checkpoints import DeferredModel
 
     pytest.importorskip("openvino")
     monkeypatch.setenv("BREASTXAI_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (3, 40, 52, 3), dtype=np.uint8)
     cold = load_classifier(tiny_bundle)  # converts and caches
-    assert not isinstance(cold.__dict__["_model"], BackgroundModel)
+    assert not isinstance(cold.__dict__["_model"], DeferredModel)
     p_cold = cold.predict_proba(images)
     f_cold = cold.features(images)
     warm = load_classifier(tiny_bundle)
-    assert isinstance(warm.__dict__["_model"], BackgroundModel)
+    assert isinstance(warm.__dict__["_model"], DeferredModel)
     assert np.allclose(warm.predict_proba(images), p_cold, atol=1e-4)
     assert warm.backend_info["backend"] == "openvino float32"
     assert np.allclose(warm.features(images), f_cold, atol=1e-3)
     keras_clf = load_classifier(tiny_bundle, backend="keras")
     assert np.allclose(warm.predict_proba(images), keras_clf.predict_proba(images), atol=1e-4)
-    assert warm.model.count_params() == keras_clf.model.count_params()  # the background load hands over the Keras model
+    assert warm.model.count_params() == keras_clf.model.count_params()  # first use loads the Keras model
     # A warm cache does not let a bundle whose metadata disagrees with the model through.
     with pytest.raises(CheckpointError, match="3"):
         load_classifier(three_class_copy(tiny_bundle, tmp_path / "t"))
