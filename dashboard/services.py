@@ -77,6 +77,21 @@ def classifier(path: Path):
     return _classifier(str(path), _mtime(Path(path)))
 
 
+def warm_up(path: Path) -> None:
+    """Once per checkpoint version: load the Keras model (a warm start predicted without it) and trace the gradient
+    graph with one Grad-CAM of a blank image, so the first real explanation does not pay for either."""
+    _warm_up(str(path), _mtime(Path(path)))
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _warm_up(path: str, mtime: float) -> bool:
+    from core.explain import explain as core_explain
+
+    clf = _classifier(path, mtime)
+    core_explain(clf, np.zeros((clf.input_size, clf.input_size, 3), np.uint8), "gradcam")
+    return True
+
+
 def metadata(path: Path) -> dict:
     """A bundle's metadata.json, parsed once per version of the file (pages read it several times a rerun)."""
     try:

@@ -87,4 +87,4 @@ def explanations(ckpt, clf, inp, lesion, ood: bool) -> None:
 
 
 explanations(ckpt, clf, inp, lesion, ood)
-clf.model  # noqa: B018  (a warm start predicted without Keras: load it now, while the prediction is read)
+svc.warm_up(ckpt)  # the Keras model and the gradient graph, while the prediction is read
