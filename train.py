@@ -22,6 +22,7 @@ DEFAULT_INPUT_SIZE = {"breakhis": 150, "busi": 224, "ucsb": 224, "idc": 50, "fol
 def build_parser() -> argparse.ArgumentParser:
     from core.models import BACKBONES
     from core.training import FLIPS, PRECISIONS, TrainConfig
+    from core.training.classify import CALIBRATIONS
     from core.training.common import DISTRIBUTE
 
     d = TrainConfig()
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images the cross-validation covers: the whole dataset (the checkpoint's reported CV), or "
                         "only the training and validation patients of the split, keeping the test patients out "
                         "(for choosing settings when the validation split holds too few patients)")
-    g.add_argument("--calibration", default=d.calibration, choices=("val", "inner-cv", "none"),
+    g.add_argument("--calibration", default=d.calibration, choices=CALIBRATIONS,
                    help="where the softmax temperature is fitted: the validation split (default), the out-of-fold "
                         "predictions of a group-wise CV over training + validation groups (for validation splits "
                         "of a few patients), or nowhere (T = 1)")

@@ -131,21 +131,29 @@ def only_checkpoints(*names: str):
         yield {"BREASTXAI_CHECKPOINTS": tmp}
 
 
+def upload(drv, url: str, image: Path) -> None:
+    """Open Explain, upload `image` and wait until its prediction (or no-verdict notice) is on screen and the page
+    is idle."""
+    from selenium.webdriver.common.by import By
+
+    drv.get(url + "/Explain")
+    wait_for(drv, lambda d: d.find_elements(By.XPATH, "//label[.//p[text()='Upload']]"))
+    drv.find_element(By.XPATH, "//label[.//p[text()='Upload']]").click()
+    wait_for(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=file]"))
+    drv.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(image.resolve()))
+    wait_for(drv, lambda d: any(image.name in c.text
+                                for c in d.find_elements(By.CSS_SELECTOR, "[data-testid='stImageCaption']")))
+    wait_for(drv, lambda d: any("Prediction:" in h.text or "no verdict" in h.text.lower()
+                                for h in d.find_elements(By.CSS_SELECTOR, "h3")))
+    wait_for(drv, idle)
+
+
 def he_field_timing(image: Path, checkpoint: Path, out: Path) -> float:
     """A fresh server with only `checkpoint`: upload the H&E field on Explain, wait for the prediction, then time
     Grad-CAM + LIME 300 -> seconds."""
-    from selenium.webdriver.common.by import By
-
     with only_checkpoints(checkpoint.name) as env:
         with dashboard(env) as (drv, url):
-            drv.get(url + "/Explain")
-            wait_for(drv, lambda d: d.find_elements(By.XPATH, "//label[.//p[text()='Upload']]"))
-            drv.find_element(By.XPATH, "//label[.//p[text()='Upload']]").click()
-            wait_for(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=file]"))
-            drv.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(image.resolve()))
-            wait_for(drv, lambda d: any("Prediction:" in h.text or "no verdict" in h.text.lower()
-                                        for h in d.find_elements(By.CSS_SELECTOR, "h3")))
-            wait_for(drv, idle)
+            upload(drv, url, image)
             seconds = explain_now(drv)
             drv.save_screenshot(str(out / "explain_he_field.png"))
     return seconds

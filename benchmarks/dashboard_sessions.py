@@ -20,26 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dashboard_latency import ROOT, chromium, dashboard, explain_now, idle, only_checkpoints, wait_for  # noqa: E402
+from dashboard_latency import ROOT, chromium, dashboard, explain_now, only_checkpoints, upload  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
 BUSI = ROOT.parent / "shared/data/busi/Dataset_BUSI_with_GT"
-
-
-def upload(drv, url: str, image: Path) -> None:
-    """Open Explain, upload `image` and wait until its prediction is on screen and the page is idle."""
-    from selenium.webdriver.common.by import By
-
-    drv.get(url + "/Explain")
-    wait_for(drv, lambda d: d.find_elements(By.XPATH, "//label[.//p[text()='Upload']]"))
-    drv.find_element(By.XPATH, "//label[.//p[text()='Upload']]").click()
-    wait_for(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=file]"))
-    drv.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(image.resolve()))
-    wait_for(drv, lambda d: any(image.name in c.text for c in d.find_elements(By.CSS_SELECTOR, "[data-testid='stImageCaption']")))
-    wait_for(drv, lambda d: any("Prediction:" in h.text or "no verdict" in h.text.lower()
-                                for h in d.find_elements(By.CSS_SELECTOR, "h3")))
-    wait_for(drv, idle)
 
 
 def main() -> int:

@@ -238,6 +238,15 @@ def verify_bundle(path: str | Path) -> dict:
     return meta
 
 
+def check_model_shape(name: str, outputs: int, side: int, class_names: Sequence[str], size: int) -> None:
+    """Raise CheckpointError unless a model with `outputs` classes and input `side` fits metadata (classes, size)."""
+    if outputs != len(class_names):
+        raise CheckpointError(f"{name}: the model predicts {outputs} classes but metadata.json names "
+                              f"{len(class_names)} ({', '.join(class_names)}).")
+    if side != size:
+        raise CheckpointError(f"{name}: model input {side} differs from metadata {size}.")
+
+
 def _lazy_keras_forward(build: Callable[[], object]) -> Callable[[np.ndarray], np.ndarray]:
     """f(float32 batch) -> np.ndarray through a compiled Keras model that `build()` returns; TensorFlow is imported and
     the graph traced on the first call only (a warm OpenVINO start may never need it)."""
@@ -370,15 +379,14 @@ class Classifier:
                 self._forward, self.backend_info = choose_forward(
                     lambda: self.model, self.input_size, keras_forward, self.metadata.get("model_sha256"), self.backend)
         out = self._chunked(self._forward, batch)
-        if out.ndim != 2 or (len(out) and out.shape[1] != self.num_classes):
-            raise CheckpointError(f"{self.name}: the model predicts {out.shape[-1]} classes but metadata.json names "
-                                  f"{self.num_classes} ({', '.join(self.class_names)}).")
+        if len(out):
+            check_model_shape(self.name, out.shape[-1], self.input_size, self.class_names, self.input_size)
         return out
 
-    def _chunked(self, fwd: Callable, batch: np.ndarray) -> np.ndarray:
-        """fwd over `batch` in chunks of `batch_size` -> float32 (N, K)."""
+    def _chunked(self, fwd: Callable, batch: np.ndarray, width: Optional[int] = None) -> np.ndarray:
+        """fwd over `batch` in chunks of `batch_size` -> float32 (N, width), width defaulting to the class count."""
         if len(batch) == 0:
-            return np.zeros((0, self.num_classes), np.float32)
+            return np.zeros((0, self.num_classes if width is None else width), np.float32)
         return np.concatenate([np.asarray(fwd(batch[i:i + self.batch_size]), np.float32)
                                for i in range(0, len(batch), self.batch_size)])
 
@@ -404,11 +412,7 @@ class Classifier:
                 if info["backend"].startswith("openvino"):
                     self._features = fwd
         x, counts = self._tile_batches(images, work=False)
-        if len(x) == 0:
-            return np.zeros((0, 0), np.float32)
-        out = np.concatenate([np.asarray(self._features(x[i:i + self.batch_size]), np.float32)
-                              for i in range(0, len(x), self.batch_size)])
-        return self._mean_per_image(out, counts)
+        return self._mean_per_image(self._chunked(self._features, x, width=0), counts)
 
     def ood_check(self, images) -> Optional[list[dict]]:
         """Per image: {'score', 'threshold', 'out_of_distribution'}; None if the bundle has no detector."""
@@ -507,7 +511,7 @@ def _set_model(self: Classifier, value) -> None:
     self.__dict__["_model"] = value
 
 
-Classifier.model = property(_get_model, _set_model, doc=Classifier.__doc__ and "The Keras model (loaded on first use).")
+Classifier.model = property(_get_model, _set_model, doc="The Keras model (a warm start loads it on first use).")
 
 
 def run_batched(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -548,11 +552,7 @@ def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifi
     backend = requested_backend(backend)
     cached = warm(meta.get("model_sha256")) if backend in ("auto", "openvino") else None
     if cached is not None:
-        if cached[1] != len(class_names):
-            raise CheckpointError(f"{path.name}: the model predicts {cached[1]} classes but metadata.json names "
-                                  f"{len(class_names)} ({', '.join(class_names)}).")
-        if cached[0] != size:
-            raise CheckpointError(f"{path.name}: model input {cached[0]} differs from metadata {size}.")
+        check_model_shape(path.name, cached[1], cached[0], class_names, size)
         model: object = DeferredModel(lambda: _load_keras(path, class_names, size))
     else:
         model = _load_keras(path, class_names, size)
@@ -585,12 +585,9 @@ def _load_keras(path: Path, class_names: tuple[str, ...], size: int):
         model = keras.saving.load_model(path / "model.keras", compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for damaged archives
         raise CheckpointError(f"{path.name}: model.keras cannot be loaded ({type(exc).__name__}: {exc}).") from exc
-    k = int(model.output_shape[-1])
-    if k != len(class_names):
-        raise CheckpointError(f"{path.name}: the model predicts {k} classes but metadata.json names "
-                              f"{len(class_names)} ({', '.join(class_names)}).")
-    if tuple(model.input_shape[1:3]) != (size, size):
-        raise CheckpointError(f"{path.name}: model input {model.input_shape[1:3]} differs from metadata {size}.")
+    check_model_shape(path.name, int(model.output_shape[-1]), model.input_shape[1], class_names, size)
+    if model.input_shape[1] != model.input_shape[2]:
+        raise CheckpointError(f"{path.name}: model input {model.input_shape[1:3]} is not square.")
     return model
 
 

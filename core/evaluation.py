@@ -210,9 +210,7 @@ def fit_temperature(y_true: Sequence[int], probs: np.ndarray) -> float:
 
 def predictions_from_bundle(path: str | Path, split: str = "test") -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """(y_true (N,), probs (N, K), rows) for one split of a bundle's predictions.csv."""
-    from core.checkpoints import read_csv, read_metadata
-
-    from core.checkpoints import apply_temperature
+    from core.checkpoints import apply_temperature, read_csv, read_metadata
 
     meta = read_metadata(path)
     names = meta["class_names"]
@@ -309,19 +307,18 @@ def sensitivity_specificity(y_true: Sequence[int], p_pos: np.ndarray, positive: 
             "specificity": tn / max(tn + fp, 1), "specificity_ci95": binomial_ci(tn, tn + fp)}
 
 
+CHOSEN_ON = {"val": "validation",
+             "calibration": "out-of-fold predictions of the training and validation patients"}
+
+
 def calibration_phrase(meta: dict) -> str:
     """How a bundle's probabilities were calibrated, as a sentence for pages and reports."""
     cal = meta.get("calibration") or {}
     method, t = cal.get("method", ""), cal.get("temperature", 1.0)
     if method.startswith("none") or not cal:
         return "Probabilities are the model's softmax, not calibrated."
-    where = ("out-of-fold predictions of the training and validation patients" if "out-of-fold" in method
-             else "the validation split")
+    where = CHOSEN_ON["calibration"] if "out-of-fold" in method else "the validation split"
     return f"Probabilities are temperature-calibrated on {where} (T = {t:.2f})."
-
-
-CHOSEN_ON = {"val": "validation",
-             "calibration": "out-of-fold predictions of the training and validation patients"}
 
 
 def operating_point(y_val: Sequence[int], p_val: np.ndarray, y_test: Sequence[int], p_test: np.ndarray,

@@ -394,8 +394,9 @@ def fit_logistic_head(model, tail, cfg: TrainConfig, cache: np.ndarray, y_train:
     bn = model.get_layer(HEAD_PREFIX + "bn")
     mean, var = x.mean(0), x.var(0)
     scale = np.sqrt(var + bn.epsilon)
+    xs = (x - mean) / scale
     reg = LogisticRegression(C=cfg.logistic_c, max_iter=5000, class_weight="balanced" if cfg.class_weights else None)
-    reg.fit((x - mean) / scale, y)
+    reg.fit(xs, y)
     coef, bias = reg.coef_, reg.intercept_
     if coef.shape[0] == 1:  # binary: softmax over (-z/2, z/2) is the sigmoid of z
         coef, bias = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-bias / 2, bias / 2])
@@ -408,7 +409,7 @@ def fit_logistic_head(model, tail, cfg: TrainConfig, cache: np.ndarray, y_train:
     gap = float(np.abs(p_val - expected).max()) if len(p_val) else 0.0
     if gap > 1e-3:
         raise RuntimeError(f"The Keras head does not reproduce the fitted regression (max gap {gap:.2e}).")
-    p_train = reg.predict_proba((x - mean) / scale)
+    p_train = reg.predict_proba(xs)
     labels = list(range(num_classes))
     row = {"epoch": 1, "phase": "head", "loss": float(log_loss(y, p_train, labels=labels)),
            "accuracy": float(accuracy_score(y, p_train.argmax(1)))}
@@ -695,6 +696,11 @@ def cv_work_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.out_dir) / f".{cfg.bundle_name}.cv"
 
 
+def calibration_work_dir(cfg: TrainConfig) -> Path:
+    """Where `--calibration inner-cv` keeps its finished folds until they are recorded (beside `cv_work_dir`)."""
+    return cv_work_dir(cfg).with_name(f".{cfg.bundle_name}.cv-calibration")
+
+
 def write_cv_predictions(cv: dict, path: Path, class_names: Sequence[str]) -> None:
     """`cv_predictions.csv`: one row per image of the cross-validation (fold, group, true, p_<class>)."""
     from core.checkpoints import write_csv
@@ -829,7 +835,8 @@ def calibrate(cfg: TrainConfig, y_val: np.ndarray, raw_val: np.ndarray, splits: 
     """
     from dataclasses import replace
 
-    from core.evaluation import classification_metrics, fit_temperature
+    from core.checkpoints import apply_temperature
+    from core.evaluation import expected_calibration_error, fit_temperature
 
     if cfg.calibration not in CALIBRATIONS:
         raise ConfigError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, not {cfg.calibration!r}.")
@@ -839,15 +846,12 @@ def calibrate(cfg: TrainConfig, y_val: np.ndarray, raw_val: np.ndarray, splits: 
         return fit_temperature(y_val, raw_val), {"method": "temperature scaling on the validation split"}, None
     inner_cfg = replace(cfg, cv_folds=cfg.cv_folds if cfg.cv_folds > 1 else 5, cv_scope="train+val")
     inner = cross_validate(inner_cfg, splits["train"].extend(splits["val"].samples),
-                           work_dir=cv_work_dir(cfg).with_name(cv_work_dir(cfg).name + "-calibration"))
+                           work_dir=calibration_work_dir(cfg))
     y = np.array([r["true"] for r in inner["predictions"]])
     p = np.array([r["probabilities"] for r in inner["predictions"]])
     t = fit_temperature(y, p)
-    from core.checkpoints import apply_temperature
-
-    names = [str(i) for i in range(p.shape[1])]
-    before = classification_metrics(y, p, names, n_boot=0)["ece"]
-    after = classification_metrics(y, apply_temperature(p, t), names, n_boot=0)["ece"]
+    before = expected_calibration_error(y, p)
+    after = expected_calibration_error(y, apply_temperature(p, t))
     log.info("Temperature %.3f from %d out-of-fold predictions (ECE %.3f -> %.3f)", t, len(y), before, after)
     return t, {"method": f"temperature scaling on the out-of-fold predictions of a group-wise {inner_cfg.cv_folds}-"
                          f"fold cross-validation over the {len(y)} training and validation images (test groups "
@@ -1021,7 +1025,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
         write_json(tmp / "metadata.json", metadata)
 
     dest = write_bundle(Path(cfg.out_dir) / name, fill)
-    for work in (cv_work_dir(cfg), cv_work_dir(cfg).with_name(cv_work_dir(cfg).name + "-calibration")):
+    for work in (cv_work_dir(cfg), calibration_work_dir(cfg)):
         shutil.rmtree(work, ignore_errors=True)  # recorded: the per-fold resume files are no longer needed
     log.info("Wrote %s in %.1f min", dest, (time.time() - t_start) / 60)
     return dest
