@@ -27,6 +27,27 @@ from core.checkpoints import segmenter_for as find_segmenter
 from core.errors import BreastXAIError, CheckpointError, InvalidImageError
 from core.preprocessing import DecodedImage, decode_image, load_mask
 
+def _keep_keras_session() -> None:
+    """Stop Streamlit from calling `keras.backend.clear_session()` after every script and fragment run
+    (streamlit.runtime.scriptrunner.script_runner._clean_problem_modules). It frees nothing here, since the
+    models live in `st.cache_resource`. With TensorFlow loaded, it and the full garbage collection of
+    `runner.postScriptGC` (off in .streamlit/config.toml) held the server after each rerun: re-showing a cached
+    explanation took 0.6-1.0 s with them and 0.1-0.3 s without."""
+    try:
+        from streamlit.runtime.scriptrunner import script_runner
+    except ImportError:  # a Streamlit without that module: nothing to undo
+        return
+    if hasattr(script_runner, "_clean_problem_modules"):
+        def _close_pyplot_only() -> None:
+            plt = sys.modules.get("matplotlib.pyplot")
+            if plt is not None:
+                plt.close("all")
+
+        script_runner._clean_problem_modules = _close_pyplot_only
+
+
+_keep_keras_session()
+
 DISCLAIMER = ("Research and teaching aid, **not a diagnostic device**. Predictions and explanations can be "
               "wrong and must never replace a pathologist's or radiologist's judgement.")
 

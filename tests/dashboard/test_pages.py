@@ -669,3 +669,25 @@ def test_overlays_are_remembered_per_map_and_setting(app_env):
                           ui.render_overlay(img, e, 0.5, predicted=mask))
     other = explain(clf, img, "occlusion")
     assert np.array_equal(ui.overlay_for("sha-x", img, other, 0.5), ui.render_overlay(img, other, 0.5))
+
+
+def test_reruns_keep_the_keras_session_and_skip_the_full_collection(monkeypatch):
+    """Streamlit's per-rerun clean-up (keras.backend.clear_session and gc.collect(2)) held the server ~0.5 s after
+    every rerun with TensorFlow loaded: the service layer swaps it for closing pyplot figures only, and the app's
+    config turns the post-script collection off."""
+    import sys
+    import tomllib
+
+    import keras
+    from streamlit.runtime.scriptrunner import script_runner
+
+    sys.path.insert(0, str(ROOT / "dashboard"))
+    import services  # noqa: F401  (installs the swap on import)
+
+    def forbidden():
+        raise AssertionError("keras.backend.clear_session() was called after a rerun")
+
+    monkeypatch.setattr(keras.backend, "clear_session", forbidden)
+    script_runner._clean_problem_modules()  # what Streamlit calls after each script and fragment run
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["runner"]["postScriptGC"] is False
