@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trunk-layer", default=None, metavar="LAYER",
                    help="cut the backbone at this layer (DenseNet121: pool2_relu, pool3_relu, pool4_relu): "
                         "earlier, more textural features, a smaller and faster model")
+    g.add_argument("--scales", type=int, nargs="+", default=[], metavar="SIDE",
+                   help="also run the trunk (same weights) on the input resized to these smaller sides and "
+                        "concatenate the pooled features of every scale (multi-scale; costs each scale's forward)")
     g.add_argument("--logistic-c", type=float, default=None, metavar="C",
                    help="fit a linear head on the frozen trunk's pooled features with scikit-learn's "
                         "LogisticRegression (inverse L2 strength C, standardised features) instead of Adam; "
@@ -146,7 +149,7 @@ def config_from_args(args: argparse.Namespace):
         input_size=args.input_size or DEFAULT_INPUT_SIZE.get(args.dataset, 224),
         weights=args.weights, pooling=args.pooling,
         head_units=tuple(u for u in args.head_units if u > 0), trunk_layer=args.trunk_layer,
-        logistic_c=args.logistic_c, dropout=args.dropout,
+        scales=tuple(args.scales), logistic_c=args.logistic_c, dropout=args.dropout,
         l2=args.l2, fine_tune_layers=args.fine_tune_layers, head_epochs=args.head_epochs,
         fine_tune_epochs=args.fine_tune_epochs, batch_size=args.batch_size, lr=args.lr,
         fine_tune_lr=args.fine_tune_lr, patience=args.patience, lr_factor=args.lr_factor,

@@ -43,6 +43,7 @@ class ModelConfig:
     weights: str = "none"  # "imagenet", "none" or a path to a Keras weights file of the trunk
     stain_targets: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None  # (OD mean, OD std): StainStandardise
     trunk_layer: Optional[str] = None  # cut the backbone at this layer (e.g. DenseNet121 "pool3_relu"); None: whole
+    scales: tuple[int, ...] = ()  # extra sides: the trunk (same weights) also sees the input resized to each
 
 
 @keras.saving.register_keras_serializable(package="breastxai")
@@ -217,6 +218,8 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
         h = layers.GlobalAveragePooling2D(name=HEAD_PREFIX + "pool")(features)
     else:
         h = layers.Flatten(name=HEAD_PREFIX + "flatten")(features)
+    if cfg.scales:
+        h = _multi_scale(cfg, inp, features, h)
     h = layers.BatchNormalization(name=HEAD_PREFIX + "bn")(h)
     for i, units in enumerate(cfg.head_units, start=1):
         h = layers.Dense(units, activation="relu", kernel_regularizer=reg, name=f"{HEAD_PREFIX}dense{i}")(h)
@@ -225,6 +228,26 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
     out = layers.Dense(cfg.num_classes, activation="softmax", dtype="float32", name=OUTPUT_NAME)(h)
     model = keras.Model(inp, out, name=f"breastxai_{cfg.backbone}")
     return model, provenance
+
+
+def _multi_scale(cfg: ModelConfig, inp, features, pooled):
+    """Run the same trunk layers again on the input resized to each side in `cfg.scales` (shared weights, one
+    flat graph: every trunk layer has one call per scale, the full-size call first) and concatenate the pooled
+    features of every scale: (N, F * (1 + len(scales)))."""
+    if cfg.pooling != "avg":
+        raise ValueError("Extra scales need global average pooling (feature maps differ in size).")
+    bad = [s for s in cfg.scales if not 32 <= s < cfg.input_size]
+    if bad or len(set(cfg.scales)) != len(cfg.scales):
+        raise ValueError(f"Extra scales must be distinct sides from 32 px up to below the input size "
+                         f"{cfg.input_size}; got {list(cfg.scales)}.")
+    trunk = keras.Model(inp, features)
+    out = [pooled]
+    for side in cfg.scales:
+        small = layers.Resizing(side, side, interpolation="bilinear", name=f"scale_{side}")(inp)
+        # Re-call every trunk layer on the resized tensor (Keras' own graph walk; no nested model, no copy).
+        f = trunk._run_through_graph([small], operation_fn=lambda op: op)
+        out.append(layers.GlobalAveragePooling2D(name=f"{HEAD_PREFIX}pool_{side}")(f))
+    return layers.Concatenate(name=HEAD_PREFIX + "concat")(out)
 
 
 def _copy_weights(src: keras.Model, dst: keras.Model) -> None:

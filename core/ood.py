@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-FEATURE_LAYERS = ("head_pool", "head_flatten")
+FEATURE_LAYERS = ("head_concat", "head_pool", "head_flatten")  # head_concat: every scale of a multi-scale model
 
 
 @dataclass(frozen=True)

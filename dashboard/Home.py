@@ -84,6 +84,8 @@ rows = {
              f"test {split.get('counts', {}).get('test')} (seed {split.get('seed')}, stratified, group-aware)",
     "Backbone": f"{meta.get('backbone')} · input {meta.get('input_size')}×{meta.get('input_size')} px"
                 + (f" · cut at {head['trunk_layer']}" if head.get("trunk_layer") else "")
+                + (f" · also run at {', '.join(f'{x}×{x}' for x in head['scales'][1:])} px (same weights; pooled "
+                   "features of every scale concatenated)" if len(head.get("scales") or []) > 1 else "")
                 + (f" · patches of {meta['patches']['patch_size']} px, grid-averaged" if meta.get("patches") else ""),
     "Head": (f"linear, fitted by {head['solver']} (C {head['C']:g}) on the frozen trunk's pooled features"
              if head.get("solver") else

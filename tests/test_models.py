@@ -124,3 +124,36 @@ def test_stain_standardise_maps_colour_casts_to_the_same_image():
     model.save(tmp := __import__("tempfile").mkdtemp() + "/m.keras")
     again = keras.saving.load_model(tmp, safe_mode=True)
     np.testing.assert_allclose(np.asarray(again(a)), ya, atol=1e-4)
+
+
+def test_extra_scales_share_the_trunk_in_one_flat_graph(tmp_path):
+    """--scales: the same trunk layers run on the input and on a resized copy (one weight set, one flat graph,
+    two calls per trunk layer, full size first); the pooled features of both are concatenated; save/load keeps it."""
+    from core.explain.gradcam import layer_outputs
+
+    one, _ = build_model(ModelConfig(backbone="simple_cnn", num_classes=2, input_size=48, head_units=()))
+    two, _ = build_model(ModelConfig(backbone="simple_cnn", num_classes=2, input_size=48, head_units=(),
+                                     scales=(32,)))
+    assert not any(isinstance(l, keras.Model) for l in two.layers)
+    conv_params = sum(l.count_params() for l in one.layers if isinstance(l, keras.layers.Conv2D))
+    assert sum(l.count_params() for l in two.layers if isinstance(l, keras.layers.Conv2D)) == conv_params
+    assert two.get_layer("head_concat").output.shape[-1] == 2 * one.get_layer("head_pool").output.shape[-1]
+    assert [t.shape[1] for t in layer_outputs(two, last_conv_layer(two))] == [6, 4]  # 48 -> 6, 32 -> 4 after 3 pools
+    # The small branch is the trunk applied to the resized image: its pooled features match a single-scale model
+    # with the same weights run at 32 px.
+    small, _ = build_model(ModelConfig(backbone="simple_cnn", num_classes=2, input_size=32, head_units=()))
+    for l in small.layers:
+        if isinstance(l, keras.layers.Conv2D):
+            l.set_weights(two.get_layer(l.name).get_weights())
+    x = np.random.default_rng(1).uniform(0, 255, (2, 48, 48, 3)).astype("float32")
+    feats = np.asarray(keras.Model(two.input, two.get_layer("head_concat").output)(x))
+    x32 = np.asarray(keras.layers.Resizing(32, 32)(x))
+    ref = np.asarray(keras.Model(small.input, small.get_layer("head_pool").output)(x32))
+    np.testing.assert_allclose(feats[:, feats.shape[1] // 2:], ref, rtol=1e-4, atol=1e-5)
+    two.save(tmp_path / "m.keras")
+    back = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(np.asarray(back(x)), np.asarray(two(x)), rtol=1e-5, atol=1e-6)
+    assert len(layer_outputs(back, last_conv_layer(back))) == 2
+    for bad in ((48,), (64,), (16,), (32, 32)):
+        with pytest.raises(ValueError, match="scales"):
+            build_model(ModelConfig(backbone="simple_cnn", num_classes=2, input_size=48, head_units=(), scales=bad))

@@ -13,11 +13,31 @@ from core.patches import blend_window, stitch
 _GRAD_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def gradcam_function(model, layer_name: str):
-    """Compiled f(x (1, S, S, 3), target (-1 = predicted)) -> (feature map, d logit_target / d map, logits).
+def layer_outputs(model, layer_name: str) -> list:
+    """Every output of a layer inside `model`'s graph: one per call. A multi-scale model calls each trunk layer
+    once per scale (full size first, `core.models._multi_scale`); other models call it once."""
+    import keras
 
-    Built on a new Model(inputs -> [feature map, penultimate features]) sharing the layers; the shared
-    model is never modified. One forward pass plus the backward pass through the head only.
+    layer = model.get_layer(layer_name)
+    outs = [node.output_tensors[0] for node in getattr(layer, "_inbound_nodes", [])]
+    if len(outs) <= 1:
+        return [layer.output]
+    connected = []
+    for t in outs:  # keep the calls that belong to this model's graph
+        try:
+            keras.Model(model.inputs, t)
+        except ValueError:
+            continue
+        connected.append(t)
+    return connected or [layer.output]
+
+
+def gradcam_function(model, layer_name: str):
+    """Compiled f(x (1, S, S, 3), target (-1 = predicted)) -> (feature maps, d logit_target / d maps, logits).
+
+    Feature maps and gradients are tuples with one (1, h, w, k) entry per call of the layer (one per scale of a
+    multi-scale model). Built on a new Model(inputs -> [feature maps..., penultimate features]) sharing the
+    layers; the shared model is never modified. One forward pass plus the backward pass through the head only.
     """
     import keras
     import tensorflow as tf
@@ -25,17 +45,18 @@ def gradcam_function(model, layer_name: str):
     per_model = _GRAD_FNS.setdefault(model, {})
     if layer_name not in per_model:
         final = model.layers[-1]
-        gm = keras.Model(model.inputs, [model.get_layer(layer_name).output, final.input])
+        maps = layer_outputs(model, layer_name)
+        gm = keras.Model(model.inputs, [*maps, final.input])
 
         @tf.function(reduce_retracing=True)
         def fn(x, target):
             with tf.GradientTape() as tape:
-                fmap, pen = gm(x, training=False)
-                tape.watch(fmap)
+                *fmaps, pen = gm(x, training=False)
+                tape.watch(fmaps)
                 logits = tf.linalg.matmul(pen, tf.convert_to_tensor(final.kernel)) + tf.convert_to_tensor(final.bias)
                 t = tf.where(target < 0, tf.argmax(logits[0], output_type=tf.int32), target)
                 score = logits[0, t]
-            return fmap, tape.gradient(score, fmap), logits
+            return tuple(fmaps), tuple(tape.gradient(score, fmaps)), logits
 
         per_model[layer_name] = fn
     return per_model[layer_name]
@@ -90,21 +111,30 @@ class GradCAM(Explainer):
             xs = self.classifier.tiles(work, stride)
             cams = []
             for i, x in enumerate(xs):
-                fmap, grads, _ = fn(tf.convert_to_tensor(x[None]), tf.constant(target, tf.int32))
-                cams.append(upsample(self._cam(fmap.numpy()[0], grads.numpy()[0]), (s, s)))
+                fmaps, grads, _ = fn(tf.convert_to_tensor(x[None]), tf.constant(target, tf.int32))
+                cams.append(upsample(self._cam_all(fmaps, grads), (s, s)))
                 self.report(0.95 * (i + 1) / len(xs))
             cam = stitch(np.stack(cams), work.shape[:2], s, stride, blend_window(s))
-            return probs, target, cam, {"resolved": {"layer": layer}, "feature_map_shape": list(fmap.shape[1:]),
+            return probs, target, cam, {"resolved": {"layer": layer}, "feature_map_shape": list(fmaps[0].shape[1:]),
                                         "n_tiles": len(xs), "tile_stride": stride}
         x = tf.convert_to_tensor(self.classifier.prepare(image)[None])
-        fmap, grads, logits = fn(x, tf.constant(-1 if target is None else int(target), tf.int32))
+        fmaps, grads, logits = fn(x, tf.constant(-1 if target is None else int(target), tf.int32))
         z = logits.numpy()[0].astype(np.float64)
         p = np.exp(z - z.max())
         probs = apply_temperature((p / p.sum())[None], getattr(self.classifier, "temperature", 1.0))[0]
         target = self._resolve_target(probs, target)
-        a = fmap.numpy()[0]
-        cam = self._cam(a, grads.numpy()[0])
-        return probs, target, cam, {"resolved": {"layer": layer}, "feature_map_shape": list(a.shape)}
+        cam = self._cam_all(fmaps, grads)
+        extra = {"scales": len(fmaps)} if len(fmaps) > 1 else {}
+        return probs, target, cam, {"resolved": {"layer": layer}, "feature_map_shape": list(fmaps[0].shape[1:]),
+                                    **extra}
+
+    def _cam_all(self, fmaps, grads) -> np.ndarray:
+        """One CAM per call of the layer (per scale), each resized to the first (full-size) map, averaged: a
+        multi-scale model's Grad-CAM is the mean of its scales' maps."""
+        cams = [self._cam(f.numpy()[0], g.numpy()[0]) for f, g in zip(fmaps, grads)]
+        if len(cams) == 1:
+            return cams[0]
+        return np.mean([cams[0]] + [upsample(c, cams[0].shape) for c in cams[1:]], axis=0).astype(np.float32)
 
     def _cam(self, fmap: np.ndarray, grads: np.ndarray) -> np.ndarray:
         """Feature map A (h, w, k) and dy/dA (h, w, k) -> CAM (h, w) float32."""

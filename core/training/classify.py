@@ -48,6 +48,7 @@ class TrainConfig:
     pooling: str = "avg"
     head_units: tuple[int, ...] = (256, 128, 64)  # () : a linear head
     trunk_layer: Optional[str] = None  # cut the backbone here (core.models.ModelConfig.trunk_layer)
+    scales: tuple[int, ...] = ()  # extra input sides for the trunk (core.models.ModelConfig.scales)
     logistic_c: Optional[float] = None  # fit the linear head by sklearn LogisticRegression(C) on cached features
     dropout: float = 0.5
     l2: float = 0.01
@@ -552,7 +553,7 @@ def train_model(cfg: TrainConfig, num_classes: int, train_data: tuple, val_data:
     model, provenance = build_model(ModelConfig(
         backbone=cfg.backbone, num_classes=num_classes, input_size=cfg.input_size, pooling=cfg.pooling,
         head_units=tuple(cfg.head_units), dropout=cfg.dropout, l2=cfg.l2, weights=cfg.weights,
-        stain_targets=targets, trunk_layer=cfg.trunk_layer))
+        stain_targets=targets, trunk_layer=cfg.trunk_layer, scales=tuple(cfg.scales)))
     log.info("Model %s: %d layers, %d parameters; weights: %s", model.name, len(model.layers),
              model.count_params(), provenance["source"])
     if not cfg.patches:
@@ -980,7 +981,11 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
         "head": {"pooling": cfg.pooling, "units": list(cfg.head_units), "dropout": cfg.dropout, "l2": cfg.l2,
                  **({"solver": "logistic regression (scikit-learn lbfgs)", "C": cfg.logistic_c}
                     if cfg.logistic_c is not None else {}),
-                 **({"trunk_layer": cfg.trunk_layer} if cfg.trunk_layer else {})},
+                 **({"trunk_layer": cfg.trunk_layer} if cfg.trunk_layer else {}),
+                 **({"scales": [cfg.input_size, *cfg.scales],
+                     "multi_scale": "the trunk runs on the input and on copies resized to each smaller side "
+                                    "(same weights); the pooled features of all scales are concatenated"}
+                    if cfg.scales else {})},
         "gradcam_layer": last_conv_layer(model),
         "training": {"epochs": len(history), "phases": timing["phases"], "cache_seconds": timing.get("cache_seconds"),
                      "cut_layer": timing.get("cut_layer"), "cache_skipped": timing.get("cache_skipped"),

@@ -65,3 +65,35 @@ def test_integrated_gradients_completeness(hand_model):
     e = explain(hand_model, image(), "integrated_gradients", target=0, steps=4, baseline="black")
     r = image()[..., 0].astype(np.float64)
     assert e.attribution.sum() == pytest.approx(r.mean() - 40.0, rel=1e-4)
+
+
+def test_multi_scale_gradcam_is_the_mean_of_its_scales_maps():
+    """A two-scale model (the same 1x1 conv on the 4x4 image and on its 2x2 resize, pooled features concatenated):
+    Grad-CAM is the mean of the two scales' maps, the 2x2 one resized to 4x4."""
+    import keras
+
+    from core.checkpoints import Classifier
+    from core.explain import explain
+    from core.explain.base import upsample
+    from core.models import BackbonePreprocess
+
+    inp = keras.Input((4, 4, 3), name="image")
+    pre = BackbonePreprocess("raw", name="preprocess")
+    conv = keras.layers.Conv2D(2, 1, use_bias=False, name="conv")
+    full = keras.layers.GlobalAveragePooling2D(name="head_pool")(conv(pre(inp)))
+    small = keras.layers.GlobalAveragePooling2D(name="head_pool_2")(
+        conv(pre(keras.layers.Resizing(2, 2, name="scale_2")(inp))))
+    h = keras.layers.Concatenate(name="head_concat")([full, small])
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax", name="head_predictions")(h))
+    conv.set_weights([np.array([[[[1, 0], [0, 1], [0, 0]]]], np.float32)])
+    model.get_layer("head_predictions").set_weights(
+        [np.array([[1, -1], [-1, 1], [1, -1], [-1, 1]], np.float32), np.zeros(2, np.float32)])
+    clf = Classifier(model=model, class_names=("a", "b"), input_size=4, metadata={})
+    e = explain(clf, image(), "gradcam", target=0)
+    r4 = image()[..., 0].astype(np.float64)
+    r2 = np.asarray(keras.layers.Resizing(2, 2)(image()[None].astype(np.float32)))[0, ..., 0].astype(np.float64)
+    cam4 = np.maximum((r4 - 40.0) / 16.0, 0)  # d logit / d A = ±1/16 at 4x4
+    cam2 = np.maximum((r2 - 40.0) / 4.0, 0)   # ±1/4 at 2x2
+    expected = (cam4 + upsample(cam2.astype(np.float32), (4, 4))) / 2
+    np.testing.assert_allclose(e.attribution, expected, rtol=1e-4, atol=1e-4)
+    assert e.extras["scales"] == 2

@@ -265,6 +265,28 @@ def test_logistic_head_on_a_cut_trunk_reproduces_scikit_learn(tiny_tree, tmp_pat
     assert op["val"]["tp"] + op["val"]["fn"] == sum(int(r["label"]) for r in split if r["split"] != "test")
 
 
+@pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
+def test_multi_scale_logistic_head_end_to_end(tiny_tree, tmp_path):
+    """--scales: the trunk also runs on a smaller copy; the cache holds both scales' pooled features, the linear
+    head fits on them, the bundle records the scales, and Grad-CAM averages both scales' maps."""
+    from core.explain import explain
+    from core.preprocessing import load_image
+
+    args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "densenet121",
+            "--weights", str(DENSENET_WEIGHTS), "--input-size", "48", "--scales", "32", "--trunk-layer", "pool2_relu",
+            "--head-units", "0", "--logistic-c", "0.05", "--fine-tune-epochs", "0", "--no-augment",
+            "--out-dir", str(tmp_path), "--name", "ms", "--quiet"]
+    assert train.main(args) == 0
+    meta = json.loads((tmp_path / "ms" / "metadata.json").read_text())
+    assert meta["head"]["scales"] == [48, 32] and meta["training"]["cut_layer"] == "head_concat"
+    clf = load_classifier(tmp_path / "ms", backend="keras")
+    assert clf.model.get_layer("head_bn").get_weights()[2].shape == (2 * 256,)  # pool2_relu: 256 channels x 2
+    img = load_image(str(next(p for p in sorted(tiny_tree.rglob("*")) if p.is_file())))
+    e = explain(clf, img, "gradcam")
+    assert e.extras["scales"] == 2 and e.attribution.shape == img.shape[:2]
+    assert clf.features(img[None]).shape == (1, 512)
+
+
 def test_logistic_head_refuses_options_it_cannot_honour(tiny_tree, tmp_path, capsys):
     args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--weights", "none", "--logistic-c", "1",
             "--out-dir", str(tmp_path), "--quiet"]
