@@ -118,3 +118,30 @@ def test_perturbation_forward_is_bfloat16_only_where_explanations_agree(tiny_bun
     assert load_classifier(bundle).perturbation == "float32"  # a record of another model does not count
     (bundle / "fast_forward.json").write_text(json.dumps({**res, "passed": False}))
     assert load_classifier(bundle).perturbation == "float32"
+
+
+def test_openvino_runs_a_batch_in_calls_of_ov_batch_images_with_the_same_result(tiny_bundle, isolated_cache,
+                                                                               monkeypatch):
+    """A batch longer than OV_BATCH goes through in several inference calls; the output is the one-image-at-a-time
+    result in order, and an empty batch still gives an empty (0, K) answer."""
+    clf = load_classifier(tiny_bundle, backend="keras")
+    fwd = B.openvino_forward(clf.model, clf.input_size, None, "f32")
+    s = clf.input_size
+    x = np.random.default_rng(3).integers(0, 255, (2 * B.OV_BATCH + 3, s, s, 3)).astype(np.float32)
+    calls = []
+    request = fwd.pool.get()
+    real_infer = request.infer
+
+    class Spy:
+        def infer(self, inputs):
+            calls.append(len(inputs[0]))
+            return real_infer(inputs)
+
+    fwd.pool.put(Spy())
+    for _ in range(B.REQUEST_POOL - 1):  # only the spy is free
+        fwd.pool.get()
+    out = fwd(x)
+    assert calls == [B.OV_BATCH, B.OV_BATCH, 3]
+    one = np.concatenate([B.openvino_forward(clf.model, s, None, "f32")(x[i:i + 1]) for i in range(len(x))])
+    np.testing.assert_allclose(out, one, rtol=1e-4, atol=1e-5)
+    assert fwd(x[:0]).shape == (0, 2)
