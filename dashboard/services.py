@@ -27,6 +27,7 @@ from core.checkpoints import segmenter_for as find_segmenter
 from core.errors import BreastXAIError, CheckpointError, InvalidImageError
 from core.preprocessing import DecodedImage, decode_image, load_mask
 
+
 def _keep_keras_session() -> None:
     """Stop Streamlit from calling `keras.backend.clear_session()` after every script and fragment run
     (streamlit.runtime.scriptrunner.script_runner._clean_problem_modules). It frees nothing here, since the

@@ -142,6 +142,7 @@ def test_openvino_runs_a_batch_in_calls_of_ov_batch_images_with_the_same_result(
         fwd.pool.get()
     out = fwd(x)
     assert calls == [B.OV_BATCH, B.OV_BATCH, 3]
-    one = np.concatenate([B.openvino_forward(clf.model, s, None, "f32")(x[i:i + 1]) for i in range(len(x))])
+    ref = B.openvino_forward(clf.model, s, None, "f32")
+    one = np.concatenate([ref(x[i:i + 1]) for i in range(len(x))])
     np.testing.assert_allclose(out, one, rtol=1e-4, atol=1e-5)
     assert fwd(x[:0]).shape == (0, 2)
