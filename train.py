@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feedback", default=None, metavar="DB",
                    help="clinician feedback database: add its consented, relabelled images to the training split")
     g = ap.add_argument_group("model")
+    g.add_argument("--ensemble", nargs="+", default=None, metavar="BUNDLE",
+                   help="join trained classifier bundles of the same task and split into one checkpoint whose "
+                        "logits are the mean of theirs (one model: every explainer works on it, its Grad-CAM is "
+                        "the mean of the members' maps; each prediction costs every member's forward pass); its "
+                        "cross-validation combines the members' cv_predictions.csv. Takes --name, --out-dir, "
+                        "--data-dir and --external; the members' own settings stay theirs")
     g.add_argument("--backbone", default=d.backbone, choices=BACKBONES)
     g.add_argument("--input-size", type=int, default=None,
                    help="square input side in pixels (default: 150 for BreakHis, as in the seeds; 224 otherwise)")
@@ -182,13 +188,36 @@ def refresh_all(out_dir: Path) -> int:
         return 1
     failures = 0
     for b in bundles:
-        argv = read_metadata(b).get("argv")
+        meta = read_metadata(b)
+        argv = meta.get("argv")
         if argv is None:
             print(f"skip {b.name}: its metadata records no command")
             continue
+        if meta.get("ensemble"):  # retrain every member from its own command first, then join them again
+            paths = []
+            for i, m in enumerate(meta["ensemble"]["members"], start=1):
+                paths.append(str(out_dir / ".members" / f"{b.name}_member{i}"))
+                print(f"== refreshing {b.name} member {i}: python train.py {' '.join(m['argv'])}", flush=True)
+                failures += main([*m["argv"], "--out-dir", str(out_dir / ".members"),
+                                  "--name", f"{b.name}_member{i}"]) != 0
+            argv = ["--ensemble", *paths, *ensemble_options(argv)]
         print(f"== refreshing {b.name}: python train.py {' '.join(argv)}", flush=True)
         failures += main([*argv, "--out-dir", str(out_dir), "--name", b.name]) != 0
     return 1 if failures else 0
+
+
+def ensemble_options(argv: list[str]) -> list[str]:
+    """An --ensemble command's arguments without its member bundles."""
+    out, skipping = [], False
+    for a in argv:
+        if a == "--ensemble":
+            skipping = True
+            continue
+        if skipping and not a.startswith("--"):
+            continue
+        skipping = False
+        out.append(a)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +230,19 @@ def main(argv: list[str] | None = None) -> int:
     from core.errors import BreastXAIError
     from core.training import add_cross_validation, add_segmenter_cross_validation, train, train_segmenter
 
+    if args.ensemble:
+        from core.training.ensemble import EnsembleConfig, train_ensemble
+
+        cfg = EnsembleConfig(members=tuple(args.ensemble), name=args.name, out_dir=args.out_dir,
+                             data_dir=args.data_dir if "--data-dir" in argv else None,
+                             external=tuple(args.external), seed=args.seed)
+        try:
+            dest = train_ensemble(cfg, argv=argv)
+        except BreastXAIError as exc:
+            logging.getLogger("breastxai.train").error("%s", exc)
+            return 2
+        print(f"Checkpoint written: {dest}")
+        return 0
     if args.task == "segmentation":
         run = add_segmenter_cross_validation if args.cv_only else train_segmenter
     else:

@@ -250,6 +250,98 @@ def _multi_scale(cfg: ModelConfig, inp, features, pooled):
     return layers.Concatenate(name=HEAD_PREFIX + "concat")(out)
 
 
+ENSEMBLE_NAME = "breastxai_ensemble"
+
+
+def member_prefix(i: int) -> str:
+    """Layer-name prefix of ensemble member i (1-based) inside `build_ensemble`'s flat graph."""
+    return f"m{i}_"
+
+
+def ensemble_layer(model: keras.Model, member: int, name: str) -> str:
+    """The layer of `build_ensemble`'s model that computes member `member`'s (1-based) layer `name`: its own copy,
+    or, where that call was shared, the earlier member's copy that computes it."""
+    names = {l.name for l in model.layers}
+    for i in range(member, 0, -1):
+        if member_prefix(i) + name in names:
+            return member_prefix(i) + name
+    raise ValueError(f"The ensemble has no layer computing member {member}'s {name!r}.")
+
+
+def build_ensemble(members: "list[keras.Model]", input_size: int) -> keras.Model:
+    """One flat classifier from trained classifiers of the same classes: their logits averaged.
+
+    Each member's layers are copied (renamed `m1_...`, `m2_...`, weights copied, shared layers stay shared) and
+    run on the input, resized in-graph to the member's own side where it differs. A layer call that repeats an
+    earlier member's exactly (same kind, settings and weights, same inputs: e.g. the frozen ImageNet blocks two
+    DenseNet121 members start with) is computed once and shared. The members' penultimate features are
+    concatenated (`head_concat`, also the out-of-distribution features) and one Dense layer holds every member's
+    output kernel and bias divided by the number of members, so its logits are the mean of the members' logits
+    and the ensemble stays a model with one linear output (Grad-CAM and integrated gradients see the ensemble's
+    score). members: Keras classifiers whose last layer is a softmax Dense; input_size: the ensemble's side S.
+    Returns float32 (N, S, S, 3) in 0-255 -> softmax (N, K).
+    """
+    import hashlib
+    import json
+
+    import numpy as np
+
+    if len(members) < 2:
+        raise ValueError("An ensemble needs at least two member models.")
+    k = {int(m.output_shape[-1]) for m in members}
+    if len(k) != 1:
+        raise ValueError(f"Ensemble members predict different numbers of classes: {sorted(k)}.")
+    inp = keras.Input((input_size, input_size, 3), name="image")
+    features, kernels, biases, used = [], [], [], []
+    original: dict = {}  # id(copy) -> the member's layer it copies
+    done: dict = {}  # (layer kind, settings, weights digest, inputs) -> output of the call computed first
+
+    def signature(layer) -> str:
+        config = {k2: v for k2, v in layer.get_config().items() if k2 != "name"}
+        digest = hashlib.sha256()
+        for w in layer.get_weights():
+            digest.update(np.ascontiguousarray(w).tobytes())
+        return json.dumps([type(layer).__name__, config, digest.hexdigest()], sort_keys=True, default=str)
+
+    def call(op, *args, **kwargs):
+        key = (signature(original[id(op)]),
+               repr([id(t) if isinstance(t, keras.KerasTensor) else repr(t) for t in keras.tree.flatten(args)]),
+               repr(sorted(kwargs.items())))
+        if key not in done:
+            done[key] = op(*args, **kwargs)
+            used.append(op)
+        return done[key]
+
+    for i, member in enumerate(members, start=1):
+        final = member.layers[-1]
+        if not isinstance(final, layers.Dense):
+            raise ValueError(f"Member {i} does not end in a Dense output layer.")
+        side = int(member.input_shape[1])
+        x = inp if side == input_size else layers.Resizing(side, side, interpolation="bilinear",
+                                                             name=f"{member_prefix(i)}resize")(inp)
+        made: dict = {}
+
+        def copy(layer, i=i, made=made):
+            if id(layer) not in made:
+                made[id(layer)] = layer.__class__.from_config({**layer.get_config(),
+                                                               "name": member_prefix(i) + layer.name})
+                original[id(made[id(layer)])] = layer
+            return made[id(layer)]
+
+        trunk = keras.Model(member.inputs, final.input)
+        # Keras' own graph walk, as _multi_scale: every layer copied once, every call memoised by `call`.
+        features.append(trunk._run_through_graph([x], operation_fn=copy, call_fn=call))
+        kernels.append(np.asarray(final.kernel) / len(members))
+        biases.append(np.asarray(final.bias) / len(members))
+    h = layers.Concatenate(name=HEAD_PREFIX + "concat")(features)
+    out = layers.Dense(k.pop(), activation="softmax", dtype="float32", name=OUTPUT_NAME)(h)
+    model = keras.Model(inp, out, name=ENSEMBLE_NAME)
+    for dst in dict.fromkeys(used):  # each copy that runs, once
+        dst.set_weights(original[id(dst)].get_weights())
+    model.get_layer(OUTPUT_NAME).set_weights([np.concatenate(kernels, axis=0), np.sum(biases, axis=0)])
+    return model
+
+
 def _copy_weights(src: keras.Model, dst: keras.Model) -> None:
     a = [l for l in src.layers if l.weights]
     b = [l for l in dst.layers if l.weights]

@@ -87,19 +87,22 @@ rows = {
                 + (f" · also run at {', '.join(f'{x}×{x}' for x in head['scales'][1:])} px (same weights; pooled "
                    "features of every scale concatenated)" if len(head.get("scales") or []) > 1 else "")
                 + (f" · patches of {meta['patches']['patch_size']} px, grid-averaged" if meta.get("patches") else ""),
-    "Head": (f"linear, fitted by {head['solver']} (C {head['C']:g}) on the frozen trunk's pooled features"
+    "Head": (f"ensemble: {head['ensemble']}" if head.get("ensemble") else
+             f"linear, fitted by {head['solver']} (C {head['C']:g}) on the frozen trunk's pooled features"
              if head.get("solver") else
              f"Dense {' / '.join(map(str, head.get('units', []))) or 'none'} · dropout {head.get('dropout')} · "
              f"L2 {head.get('l2')}"),
     "Weights": f"{w.get('source')} · {w.get('path') or ''} · sha256 {str(w.get('sha256') or '')[:16]}…",
     "Calibration": calibration_phrase(meta),
     "Trained": f"{meta.get('created', '?')} · "
-               + ("one closed-form fit" if head.get("solver") else f"{meta.get('training', {}).get('epochs', '?')} epochs")
+               + (f"joined from {head['members']} trained members (see below)" if head.get("ensemble") else
+                  "one closed-form fit" if head.get("solver") else f"{meta.get('training', {}).get('epochs', '?')} epochs")
                + f" · {(meta.get('training', {}).get('wall_seconds') or 0) / 60:.1f} min",
     "Command": f"`{meta.get('command')}`",
     "Git commit": str(meta.get("git_commit")),
 }
 st.table({"": list(rows.keys()), "value": list(rows.values())})
+ui.ensemble_members(meta)
 if ds.get("kind") == "busi":
     audit = meta.get("near_duplicate_audit") or {}
     grouped = audit.get("n_excluded") == 0

@@ -490,6 +490,33 @@ def model_selection(ms: dict | None) -> None:
             st.caption(ms["note"])
 
 
+def ensemble_members(meta: dict) -> None:
+    """An ensemble checkpoint's members: what each is, how it did alone, and the command that trained it."""
+    ens = meta.get("ensemble")
+    if not ens:
+        return
+    st.subheader("Ensemble members")
+    st.markdown(f"This checkpoint is one model made of {len(ens['members'])} trained models: {ens['rule']}. "
+                f"Every prediction, and every perturbation an explanation runs, costs {ens['forward_cost']}. "
+                "Grad-CAM shows the mean of the members' maps.")
+    rows = []
+    for i, m in enumerate(ens["members"], start=1):
+        head = m.get("head") or {}
+        what = (f"linear head ({head.get('solver')})" if head.get("solver") else
+                f"Dense {' / '.join(map(str, head.get('units', []))) or 'none'}")
+        scales = head.get("scales") or [m.get("input_size")]
+        shift = m.get("in_ensemble") or {}
+        rows.append({"member": f"{i}. {m.get('name')}", "backbone": m.get("backbone"),
+                     "input (px)": " + ".join(map(str, scales)), "head": what,
+                     "validation accuracy alone": fmt_metric(m.get("val_accuracy")),
+                     "validation ROC AUC alone": fmt_metric(m.get("val_roc_auc_macro")),
+                     "same prediction inside the ensemble (val)": fmt_metric(shift.get("val_same_prediction_share"))})
+    st.dataframe(rows, hide_index=True, use_container_width=True)
+    with st.expander("Members' training commands"):
+        for i, m in enumerate(ens["members"], start=1):
+            st.markdown(f"{i}. `{m.get('command')}` (model sha256 {str(m.get('model_sha256'))[:16]}…)")
+
+
 def small_data_evidence(meta: dict, ckpt: Optional[Path] = None) -> None:
     """Patch settings, model selection, a recorded comparison, group-wise cross-validation and external checks."""
     model_selection(meta.get("model_selection"))

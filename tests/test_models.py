@@ -157,3 +157,72 @@ def test_extra_scales_share_the_trunk_in_one_flat_graph(tmp_path):
     for bad in ((48,), (64,), (16,), (32, 32)):
         with pytest.raises(ValueError, match="scales"):
             build_model(ModelConfig(backbone="simple_cnn", num_classes=2, input_size=48, head_units=(), scales=bad))
+
+
+def _trained_like(model, seed: int):
+    """`model` with every weight redrawn (seeded), so two members of one architecture differ."""
+    rng = np.random.default_rng(seed)
+    for l in model.layers:
+        if l.weights:
+            l.set_weights([rng.normal(0, 0.3, w.shape).astype("float32") if "moving_variance" not in w.path
+                           else np.ones(w.shape, "float32") for w in l.weights])
+    return model
+
+
+def test_ensemble_is_one_flat_model_with_the_mean_of_its_members_logits(tmp_path):
+    """build_ensemble: members' layers copied under m1_/m2_ (shared layers stay shared), each member fed its own side,
+    probabilities = softmax(mean of the members' logits), one Dense output; save/load keeps it."""
+    from core.explain.gradcam import layer_outputs
+    from core.models import build_ensemble
+
+    a = _trained_like(build_model(ModelConfig(backbone="simple_cnn", num_classes=3, input_size=32,
+                                              head_units=(8,), dropout=0.0))[0], 1)
+    b = _trained_like(build_model(ModelConfig(backbone="simple_cnn", num_classes=3, input_size=48, head_units=(),
+                                              scales=(32,)))[0], 2)
+    ens = build_ensemble([a, b], 48)
+    assert not any(isinstance(l, keras.Model) for l in ens.layers)
+    names = [l.name for l in ens.layers]
+    assert len(names) == len(set(names)) and "m1_resize" in names and "m2_resize" not in names
+    assert isinstance(ens.layers[-1], keras.layers.Dense) and ens.get_layer("head_concat") is not None
+    assert ens.count_params() == a.count_params() + b.count_params() - 3  # both kernels, one bias of K = 3
+    assert len(layer_outputs(ens, "m2_" + last_conv_layer(b))) == 2  # member 2's scales are still shared calls
+    x = np.random.default_rng(3).uniform(0, 255, (4, 48, 48, 3)).astype("float32")
+    pa = np.asarray(a(np.asarray(keras.layers.Resizing(32, 32)(x)), training=False), np.float64)
+    pb = np.asarray(b(x, training=False), np.float64)
+    z = (np.log(pa) + np.log(pb)) / 2
+    expected = np.exp(z - z.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    got = np.asarray(ens(x, training=False))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert not np.allclose(got, pa, atol=1e-3) and not np.allclose(got, pb, atol=1e-3)
+    # The randomisation sanity checks randomise a stage in every member at once, and the head with the output.
+    from core.explain.sanity import layer_blocks
+
+    assert layer_blocks(ens) == [("stage 1", ["m1_conv1", "m2_conv1"]), ("stage 2", ["m1_conv2", "m2_conv2"]),
+                                 ("stage 3", ["m1_conv3", "m2_conv3"]),
+                                 ("head", ["m1_head_bn", "m1_head_dense1", "m2_head_bn", "head_predictions"])]
+    ens.save(tmp_path / "e.keras")
+    back = keras.saving.load_model(tmp_path / "e.keras", safe_mode=True)
+    np.testing.assert_allclose(np.asarray(back(x, training=False)), got, atol=1e-6)
+    # A member that starts with another's exact layers (as two DenseNet121s start with the same frozen ImageNet
+    # blocks) shares their computation: only its own layers are added, and the answer is unchanged.
+    twin = build_model(ModelConfig(backbone="simple_cnn", num_classes=3, input_size=32, head_units=(4,),
+                                   dropout=0.0))[0]
+    for l in twin.layers:
+        if isinstance(l, keras.layers.Conv2D):
+            l.set_weights(a.get_layer(l.name).get_weights())
+    _trained_like(keras.Model(twin.get_layer("head_bn").input, twin.output), 5)  # a head of its own
+    pair = build_ensemble([a, twin], 32)
+    assert not any(n.startswith("m2_conv") for n in (l.name for l in pair.layers))
+    head = sum(l.count_params() for l in twin.layers if l.name.startswith("head_"))
+    assert pair.count_params() == a.count_params() + head - 3
+    x32 = x[:, :32, :32]
+    z = (np.log(np.asarray(a(x32, training=False), np.float64)) +
+         np.log(np.asarray(twin(x32, training=False), np.float64))) / 2
+    np.testing.assert_allclose(np.asarray(pair(x32, training=False)), np.exp(z) / np.exp(z).sum(1, keepdims=True),
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="two"):
+        build_ensemble([a], 48)
+    other = build_model(ModelConfig(backbone="simple_cnn", num_classes=2, input_size=32, head_units=()))[0]
+    with pytest.raises(ValueError, match="classes"):
+        build_ensemble([a, other], 48)

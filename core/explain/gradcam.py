@@ -32,12 +32,22 @@ def layer_outputs(model, layer_name: str) -> list:
     return connected or [layer.output]
 
 
+def layer_names(spec: str) -> list[str]:
+    """The layers a Grad-CAM layer spec names: one name, or an ensemble's members' layers joined by '+'."""
+    names = [n.strip() for n in spec.split("+") if n.strip()]
+    if not names:
+        raise ValueError(f"No layer named in {spec!r}.")
+    return names
+
+
 def gradcam_function(model, layer_name: str):
     """Compiled f(x (1, S, S, 3), target (-1 = predicted)) -> (feature maps, d logit_target / d maps, logits).
 
     Feature maps and gradients are tuples with one (1, h, w, k) entry per call of the layer (one per scale of a
-    multi-scale model). Built on a new Model(inputs -> [feature maps..., penultimate features]) sharing the
-    layers; the shared model is never modified. One forward pass plus the backward pass through the head only.
+    multi-scale model); `layer_name` may join several layers with '+' (an ensemble's members' layers), their
+    calls in that order (`layer_groups` counts them). Built on a new Model(inputs -> [feature maps...,
+    penultimate features]) sharing the layers; the shared model is never modified. One forward pass plus the
+    backward pass through the head only.
     """
     import keras
     import tensorflow as tf
@@ -45,7 +55,8 @@ def gradcam_function(model, layer_name: str):
     per_model = _GRAD_FNS.setdefault(model, {})
     if layer_name not in per_model:
         final = model.layers[-1]
-        maps = layer_outputs(model, layer_name)
+        groups = [layer_outputs(model, n) for n in layer_names(layer_name)]
+        maps = [t for g in groups for t in g]
         gm = keras.Model(model.inputs, [*maps, final.input])
 
         @tf.function(reduce_retracing=True)
@@ -59,7 +70,14 @@ def gradcam_function(model, layer_name: str):
             return tuple(fmaps), tuple(tape.gradient(score, fmaps)), logits
 
         per_model[layer_name] = fn
+        per_model[("groups", layer_name)] = [len(g) for g in groups]
     return per_model[layer_name]
+
+
+def layer_groups(model, layer_name: str) -> list[int]:
+    """How many of `gradcam_function(model, layer_name)`'s maps belong to each named layer, in order."""
+    gradcam_function(model, layer_name)
+    return _GRAD_FNS[model][("groups", layer_name)]
 
 
 def target_logit(model, penultimate, target: int):
@@ -74,12 +92,15 @@ def target_logit(model, penultimate, target: int):
 def default_layer(classifier) -> str:
     from core.models import last_conv_layer
 
-    return classifier.metadata.get("gradcam_layer") or last_conv_layer(classifier.model)
+    layer = classifier.metadata.get("gradcam_layer")
+    if isinstance(layer, (list, tuple)):  # an ensemble: every member's layer
+        return "+".join(layer)
+    return layer or last_conv_layer(classifier.model)
 
 
 @dataclass(frozen=True)
 class GradCAMParams:
-    layer: Optional[str] = None  # default: the backbone's last conv activation
+    layer: Optional[str] = None  # default: the backbone's last conv activation (an ensemble: each member's, '+'-joined)
     relu: bool = True
 
 
@@ -99,6 +120,7 @@ class GradCAM(Explainer):
             self._resolve_target(np.zeros(len(self.classifier.class_names)), target)  # range check
         layer = self.params.layer or default_layer(self.classifier)
         fn = gradcam_function(self.classifier.model, layer)
+        groups = layer_groups(self.classifier.model, layer)
         if self.tiled():
             # Patch model: the prediction is the mean over the tile grid. Each tile of a half-step grid
             # gets its own CAM for the image's target class; the CAMs are blended with a smooth window
@@ -112,7 +134,7 @@ class GradCAM(Explainer):
             cams = []
             for i, x in enumerate(xs):
                 fmaps, grads, _ = fn(tf.convert_to_tensor(x[None]), tf.constant(target, tf.int32))
-                cams.append(upsample(self._cam_all(fmaps, grads), (s, s)))
+                cams.append(upsample(self._cam_all(fmaps, grads, groups), (s, s)))
                 self.report(0.95 * (i + 1) / len(xs))
             cam = stitch(np.stack(cams), work.shape[:2], s, stride, blend_window(s))
             return probs, target, cam, {"resolved": {"layer": layer}, "feature_map_shape": list(fmaps[0].shape[1:]),
@@ -123,18 +145,28 @@ class GradCAM(Explainer):
         p = np.exp(z - z.max())
         probs = apply_temperature((p / p.sum())[None], getattr(self.classifier, "temperature", 1.0))[0]
         target = self._resolve_target(probs, target)
-        cam = self._cam_all(fmaps, grads)
-        extra = {"scales": len(fmaps)} if len(fmaps) > 1 else {}
+        cam = self._cam_all(fmaps, grads, groups)
+        extra = {"members": len(groups)} if len(groups) > 1 else {"scales": len(fmaps)} if len(fmaps) > 1 else {}
         return probs, target, cam, {"resolved": {"layer": layer}, "feature_map_shape": list(fmaps[0].shape[1:]),
                                     **extra}
 
-    def _cam_all(self, fmaps, grads) -> np.ndarray:
-        """One CAM per call of the layer (per scale), each resized to the first (full-size) map, averaged: a
-        multi-scale model's Grad-CAM is the mean of its scales' maps."""
+    def _cam_all(self, fmaps, grads, groups: Optional[list[int]] = None) -> np.ndarray:
+        """One CAM per call of the layer (per scale), each resized to the largest map and averaged: a multi-scale
+        model's Grad-CAM is the mean of its scales' maps. With `groups` (maps per layer of an ensemble's
+        '+'-joined layers), each member's map is its scales' mean scaled to a maximum of 1, and the ensemble's
+        Grad-CAM is the mean of its members' maps."""
         cams = [self._cam(f.numpy()[0], g.numpy()[0]) for f, g in zip(fmaps, grads)]
-        if len(cams) == 1:
-            return cams[0]
-        return np.mean([cams[0]] + [upsample(c, cams[0].shape) for c in cams[1:]], axis=0).astype(np.float32)
+        groups = groups or [len(cams)]
+        shape = max((c.shape for c in cams), key=lambda s: s[0] * s[1])
+
+        def mean(cs):
+            return np.mean([c if c.shape == shape else upsample(c, shape) for c in cs], axis=0).astype(np.float32)
+
+        if len(groups) == 1:
+            return cams[0] if len(cams) == 1 else mean(cams)
+        edges = np.cumsum([0, *groups])
+        members = [mean(cams[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+        return mean([m / m.max() if m.max() > 0 else m for m in members])
 
     def _cam(self, fmap: np.ndarray, grads: np.ndarray) -> np.ndarray:
         """Feature map A (h, w, k) and dy/dA (h, w, k) -> CAM (h, w) float32."""

@@ -46,6 +46,7 @@ def layer_blocks(model) -> list[tuple[str, list[str]]]:
 
     Backbone layers group by their stage number (Keras names conv3_block2_1_conv, pool3_conv, block5a_...
     give stage 3, 3, 5; a layer without one joins the stage before it); `head_*` layers form the "head" block.
+    In an ensemble (`core.models.build_ensemble`) the members' layers (`m1_...`, `m2_...`) join the same blocks.
     Input normalisation layers (no weights) take no part.
     """
     from core.models import HEAD_PREFIX
@@ -55,10 +56,11 @@ def layer_blocks(model) -> list[tuple[str, list[str]]]:
     for layer in model.layers:
         if not layer.weights:
             continue
-        if layer.name.startswith(HEAD_PREFIX):
+        name = re.sub(r"^m\d+_", "", layer.name)  # an ensemble's members' layers: the same stage in every member
+        if name.startswith(HEAD_PREFIX):
             key = "head"
         else:
-            s = _stage(layer.name)
+            s = _stage(name)
             stage = s if s is not None else stage
             key = f"stage {stage}"
         blocks.setdefault(key, []).append(layer.name)

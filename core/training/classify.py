@@ -594,9 +594,9 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
     import json
 
     from core.data.split import describe_groups
-    from core.evaluation import classification_metrics, patient_level_metrics
+    from core.evaluation import classification_metrics
 
-    labels, groups = np.asarray(manifest.labels), np.asarray(manifest.groups)
+    groups = np.asarray(manifest.groups)
     k = len(manifest.class_names)
     quiet = TrainConfig(**{**asdict(cfg), "verbose": 0, "cv_folds": 0, "external": ()})
     key = json.dumps({"config": config_json(quiet), "paths": [s.path for s in manifest.samples]}, sort_keys=True)
@@ -642,24 +642,40 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
                  cfg.cv_folds, describe_groups(row["test_groups"]), row["accuracy"],
                  row.get("balanced_accuracy") or float("nan"))
     idx, probs, fold_of = np.concatenate(pooled_idx), np.concatenate(pooled_p), np.concatenate(pooled_fold)
-    y, g = labels[idx], groups[idx]
-    acc = np.array([r["accuracy"] for r in folds])
-    pooled = classification_metrics(y, probs, manifest.class_names, seed=cfg.seed)
-    patients = patient_level_metrics(y, probs, g, manifest.class_names, seed=cfg.seed)
     scope = (f"all {len(manifest)} images" if cfg.cv_scope == "all" else
              f"the {len(manifest)} training and validation images of the split (test patients kept out)")
-    out = {"method": f"group-wise {cfg.cv_folds}-fold cross-validation over {scope} "
-                     f"({len(set(groups.tolist()))} groups; stratified, shuffled with seed {cfg.seed}); per fold a "
-                     "group-aware validation part for early stopping; same configuration; uncalibrated",
-           "scope": cfg.cv_scope,
-           "folds": folds, "accuracy_mean": float(acc.mean()), "accuracy_min": float(acc.min()),
+    method = (f"group-wise {cfg.cv_folds}-fold cross-validation over {scope} ({len(set(groups.tolist()))} groups; "
+              f"stratified, shuffled with seed {cfg.seed}); per fold a group-aware validation part for early "
+              "stopping; same configuration; uncalibrated")
+    out = summarise_cv(manifest, folds, idx, probs, fold_of, method, cfg.seed)
+    out["scope"] = cfg.cv_scope
+    out["seconds"] = round(sum(r.get("seconds", 0) for r in folds) or time.time() - t0, 1)
+    return out
+
+
+def summarise_cv(manifest: Manifest, folds: list[dict], idx: np.ndarray, probs: np.ndarray, fold_of: np.ndarray,
+                 method: str, seed: int = 42) -> dict:
+    """The metadata entry of a cross-validation from its out-of-fold predictions.
+
+    folds: per-fold rows; idx (N,): manifest indices of the held-out images, probs (N, K) their probabilities,
+    fold_of (N,) their 1-based fold. Pooled accuracy, balanced accuracy, ROC AUC, per-class recall, the confusion
+    matrix, patient-level results where each patient has one class, and the per-image "predictions" list
+    (path, group, fold, true label, probabilities) that `write_cv_predictions` writes.
+    """
+    from core.evaluation import classification_metrics, patient_level_metrics
+
+    labels, groups = np.asarray(manifest.labels), np.asarray(manifest.groups)
+    y, g = labels[idx], groups[idx]
+    acc = np.array([r["accuracy"] for r in folds])
+    pooled = classification_metrics(y, probs, manifest.class_names, seed=seed)
+    patients = patient_level_metrics(y, probs, g, manifest.class_names, seed=seed)
+    out = {"method": method, "folds": folds, "accuracy_mean": float(acc.mean()), "accuracy_min": float(acc.min()),
            "accuracy_max": float(acc.max()), "pooled_accuracy": pooled["accuracy"],
            "pooled_accuracy_ci95": pooled.get("accuracy_ci95"), "pooled_roc_auc": pooled.get("roc_auc_macro"),
            "pooled_balanced_accuracy": pooled.get("balanced_accuracy"),
            "pooled_recall": {r["class"]: r["recall"] for r in pooled["per_class"]},
            "pooled_support": {r["class"]: r["support"] for r in pooled["per_class"]},
            "pooled_confusion_matrix": pooled["confusion_matrix"],
-           "seconds": round(sum(r.get("seconds", 0) for r in folds) or time.time() - t0, 1),
            "predictions": [{"path": os.path.relpath(manifest.samples[i].path, manifest.root),
                             "group": str(groups[i]), "fold": int(fo), "true": int(labels[i]),
                             "probabilities": [float(v) for v in pr]}

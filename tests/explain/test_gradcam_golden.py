@@ -97,3 +97,47 @@ def test_multi_scale_gradcam_is_the_mean_of_its_scales_maps():
     expected = (cam4 + upsample(cam2.astype(np.float32), (4, 4))) / 2
     np.testing.assert_allclose(e.attribution, expected, rtol=1e-4, atol=1e-4)
     assert e.extras["scales"] == 2
+
+
+def test_ensemble_gradcam_is_the_mean_of_its_members_maps():
+    """An ensemble of the hand model and a copy that looks at G - R (`core.models.build_ensemble`): its Grad-CAM
+    for a class is the mean of the two members' maps, each scaled to a maximum of 1; its probabilities are the
+    softmax of the mean logit, and integrated gradients still add up to the ensemble's logit difference."""
+    import keras
+
+    from core.checkpoints import Classifier
+    from core.explain import explain
+    from core.models import BackbonePreprocess, build_ensemble
+
+    def member(kernel, head):
+        inp = keras.Input((4, 4, 3), name="image")
+        x = keras.layers.Conv2D(2, 1, use_bias=False, name="conv")(BackbonePreprocess("raw", name="preprocess")(inp))
+        x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+        model = keras.Model(inp, keras.layers.Dense(2, activation="softmax", name="head_predictions")(x))
+        model.get_layer("conv").set_weights([np.array(kernel, np.float32)])
+        model.get_layer("head_predictions").set_weights([np.array(head, np.float32), np.zeros(2, np.float32)])
+        return model
+
+    a = member([[[[1, 0], [0, 1], [0, 0]]]], [[1, -1], [-1, 1]])  # class 0 score: mean(R) - mean(G)
+    b = member([[[[2, 0], [0, 2], [0, 0]]]], [[1, -1], [-1, 1]])  # twice the features: twice the logit
+    c = member([[[[0, 1], [1, 0], [0, 0]]]], [[1, -1], [-1, 1]])  # class 0 score: mean(G) - mean(R)
+    r = image()[..., 0].astype(np.float64)
+    # d(ensemble logit 0)/dA = ±1/(16 * 2): member a's map is ReLU(R - G) / 32, member c's ReLU(G - R) / 32.
+    cam_a = np.maximum(r - 40.0, 0) / 32
+    cam_c = np.maximum(40.0 - r, 0) / 32
+    for members, maps in (((a, b), (cam_a, cam_a)), ((a, c), (cam_a, cam_c))):
+        ens = build_ensemble(list(members), 4)
+        clf = Classifier(model=ens, class_names=("a", "b"), input_size=4,
+                         metadata={"gradcam_layer": ["m1_conv", "m2_conv"]})
+        e = explain(clf, image(), "gradcam", target=0)
+        expected = np.mean([m / m.max() for m in maps], axis=0)
+        np.testing.assert_allclose(e.attribution, expected, rtol=1e-4, atol=1e-4)
+        assert e.extras["members"] == 2
+    # a + c: logits (mean R - mean G) and (mean G - mean R) cancel: every probability is 1/2.
+    np.testing.assert_allclose(clf.predict_proba(image())[0], [0.5, 0.5], atol=1e-6)
+    ig = explain(Classifier(model=build_ensemble([a, b], 4), class_names=("a", "b"), input_size=4, metadata={}),
+                 image(), "integrated_gradients", target=0)
+    assert ig.attribution.sum() == pytest.approx(1.5 * (r.mean() - 40.0), rel=1e-3)  # mean of 1x and 2x
+    # Members that share their conv layer (identical weights on the same input) share its call: one map.
+    same = build_ensemble([a, member([[[[1, 0], [0, 1], [0, 0]]]], [[2, -2], [-2, 2]])], 4)
+    assert "m2_conv" not in [l.name for l in same.layers]

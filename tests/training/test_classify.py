@@ -294,3 +294,60 @@ def test_logistic_head_refuses_options_it_cannot_honour(tiny_tree, tmp_path, cap
     err = capsys.readouterr()
     text = err.out + err.err
     assert "--head-units 0" in text and "pretrained trunk" in text and "Traceback" not in text
+
+
+def test_ensemble_bundle_end_to_end(tiny_bundle, tiny_tree, tmp_path, capsys):
+    """--ensemble joins two bundles of one split into one checkpoint: its predictions are the softmax of the mean of
+    the members' logits (temperature fitted on validation), its CV combines the members' out-of-fold predictions
+    the same way, Grad-CAM averages the members' maps, and a refresh retrains the members first."""
+    from core.checkpoints import apply_temperature
+    from core.explain import explain
+    from core.preprocessing import load_image
+    from core.training.ensemble import mean_logit_probabilities
+
+    members = tmp_path / "members"
+    base = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "simple_cnn", "--input-size", "32",
+            "--fine-tune-epochs", "0", "--dropout", "0", "--batch-size", "8", "--cv-folds", "2",
+            "--out-dir", str(members), "--quiet"]
+    assert train.main([*base, "--head-epochs", "2", "--head-units", "16", "--lr", "3e-3", "--name", "a"]) == 0
+    assert train.main([*base, "--head-epochs", "3", "--head-units", "8", "--lr", "2e-3", "--seed", "42",
+                       "--split-file", str(members / "a" / "split.csv"), "--name", "b"]) == 0
+    argv = ["--ensemble", str(members / "a"), str(members / "b"), "--name", "ens", "--out-dir", str(tmp_path)]
+    assert train.main(argv) == 0
+    meta = json.loads((tmp_path / "ens" / "metadata.json").read_text())
+    assert [m["name"] for m in meta["ensemble"]["members"]] == ["a", "b"]
+    assert meta["gradcam_layer"] == [f"m{i}_" + json.loads((members / n / "metadata.json").read_text())["gradcam_layer"]
+                                     for i, n in ((1, "a"), (2, "b"))]
+    assert all(m["in_ensemble"]["val_max_abs_probability_difference"] < 1e-4 for m in meta["ensemble"]["members"])
+    ens = load_classifier(tmp_path / "ens", backend="keras")
+    a, b = (load_classifier(members / n, backend="keras") for n in "ab")
+    imgs = [load_image(str(p)) for p in sorted(tiny_tree.rglob("*.png"))[:6]]
+    expected = apply_temperature(mean_logit_probabilities([a.raw_proba(imgs), b.raw_proba(imgs)]), ens.temperature)
+    np.testing.assert_allclose(ens.predict_proba(imgs), expected, atol=1e-5)
+    # CV: the members' out-of-fold probabilities, combined image by image.
+    rows = {n: {r["path"]: r for r in read_csv(members / n / "cv_predictions.csv")} for n in "ab"}
+    mine = {r["path"]: r for r in read_csv(tmp_path / "ens" / "cv_predictions.csv")}
+    names = meta["class_names"]
+    assert set(mine) == set(rows["a"]) and len(meta["cross_validation"]["folds"]) == 2
+    k = sorted(mine)[0]
+    p = mean_logit_probabilities([np.array([[float(rows[n][k][f"p_{c}"]) for c in names]]) for n in "ab"])[0]
+    np.testing.assert_allclose([float(mine[k][f"p_{c}"]) for c in names], p, atol=2e-6)
+    e = explain(ens, imgs[0], "gradcam")
+    assert e.extras["members"] == 2 and e.attribution.shape == imgs[0].shape[:2]
+    assert ens.features(np.stack(imgs[:2])).shape == (2, 16 + 8)  # head_concat: both members' penultimate features
+    # Another split, or one member: a message, not a traceback.
+    assert train.main([*base, "--head-epochs", "1", "--head-units", "8", "--seed", "7", "--cv-folds", "0",
+                       "--name", "c"]) == 0
+    assert train.main(["--ensemble", str(members / "a"), str(members / "c"), "--name", "bad",
+                       "--out-dir", str(tmp_path)]) == 2
+    assert train.main(["--ensemble", str(members / "a"), "--name", "bad", "--out-dir", str(tmp_path)]) == 2
+    assert "another split" in capsys.readouterr().out and not (tmp_path / "bad").exists()
+    assert train.ensemble_options(argv) == ["--name", "ens", "--out-dir", str(tmp_path)]
+    # `python train.py` with no arguments: the members are retrained from their own commands, then joined again.
+    shutil.copytree(tmp_path / "ens", tmp_path / "again" / "ens")
+    assert train.refresh_all(tmp_path / "again") == 0
+    again = json.loads((tmp_path / "again" / "ens" / "metadata.json").read_text())
+    assert [m["bundle"] for m in again["ensemble"]["members"]] == [
+        str(tmp_path / "again" / ".members" / f"ens_member{i}") for i in (1, 2)]
+    assert again["argv"][:3] == ["--ensemble", *[m["bundle"] for m in again["ensemble"]["members"]]]
+    load_classifier(tmp_path / "again" / "ens", backend="keras")
