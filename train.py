@@ -193,13 +193,13 @@ def refresh_all(out_dir: Path) -> int:
         if argv is None:
             print(f"skip {b.name}: its metadata records no command")
             continue
-        if meta.get("ensemble"):  # retrain every member from its own command first, then join them again
+        if meta.get("ensemble"):  # retrain every member from its own command on this split, then join them again
             paths = []
             for i, m in enumerate(meta["ensemble"]["members"], start=1):
                 paths.append(str(out_dir / ".members" / f"{b.name}_member{i}"))
                 print(f"== refreshing {b.name} member {i}: python train.py {' '.join(m['argv'])}", flush=True)
-                failures += main([*m["argv"], "--out-dir", str(out_dir / ".members"),
-                                  "--name", f"{b.name}_member{i}"]) != 0
+                failures += main([*m["argv"], "--split-file", str(b / "split.csv"), "--out-dir",
+                                  str(out_dir / ".members"), "--name", f"{b.name}_member{i}"]) != 0
             argv = ["--ensemble", *paths, *ensemble_options(argv)]
         print(f"== refreshing {b.name}: python train.py {' '.join(argv)}", flush=True)
         failures += main([*argv, "--out-dir", str(out_dir), "--name", b.name]) != 0

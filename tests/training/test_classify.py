@@ -350,4 +350,7 @@ def test_ensemble_bundle_end_to_end(tiny_bundle, tiny_tree, tmp_path, capsys):
     assert [m["bundle"] for m in again["ensemble"]["members"]] == [
         str(tmp_path / "again" / ".members" / f"ens_member{i}") for i in (1, 2)]
     assert again["argv"][:3] == ["--ensemble", *[m["bundle"] for m in again["ensemble"]["members"]]]
+    for i in (1, 2):  # every member is retrained on the ensemble's own split
+        member = json.loads((tmp_path / "again" / ".members" / f"ens_member{i}" / "metadata.json").read_text())
+        assert member["split"]["reused_from"] == str(tmp_path / "again" / "ens" / "split.csv")
     load_classifier(tmp_path / "again" / "ens", backend="keras")
