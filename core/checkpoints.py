@@ -29,7 +29,7 @@ from core.patches import PatchConfig, tiles
 from core.patches import work_image as patch_work_image
 from core.preprocessing import apply_clahe, model_input, resize
 
-BUNDLE_FILES = ("model.keras", "metadata.json", "history.csv", "predictions.csv", "split.csv")
+BUNDLE_FILES = ("model.keras", "metadata.json", "history.csv", "predictions.csv", "split.csv")  # an ensemble: no history
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 
 

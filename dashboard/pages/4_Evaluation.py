@@ -133,7 +133,10 @@ cal.update_layout(xaxis_title="confidence of the predicted class", yaxis_title="
 st.plotly_chart(cal, width="stretch", key="ev_cal")
 
 st.subheader("Training curves")
-hist = read_csv(ckpt / "history.csv")
+hist = read_csv(ckpt / "history.csv") if (ckpt / "history.csv").is_file() else []
+if meta.get("ensemble"):
+    st.caption(f"This checkpoint joins {len(meta['ensemble']['members'])} trained models into one and was not trained "
+               "itself: each member's settings and training command are on the Home page's model card.")
 if hist:
     tc = go.Figure()
     for k in ("loss", "val_loss", "accuracy", "val_accuracy"):

@@ -691,3 +691,35 @@ def test_reruns_keep_the_keras_session_and_skip_the_full_collection(monkeypatch)
     script_runner._clean_problem_modules()  # what Streamlit calls after each script and fragment run
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert config["runner"]["postScriptGC"] is False
+
+
+def test_ensemble_checkpoint_card_evaluation_and_explanation(tiny_bundle, tiny_tree, tmp_path, monkeypatch):
+    """An ensemble bundle (train.py --ensemble): the model card lists its members, Evaluation says it has no
+    training curves of its own, and Explain draws Grad-CAM as the mean of the members' maps."""
+    import train
+    from tests.conftest import make_class_image
+
+    members = tmp_path / "members"
+    assert train.main(["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "simple_cnn",
+                       "--input-size", "32", "--head-epochs", "2", "--fine-tune-epochs", "0", "--head-units", "8",
+                       "--dropout", "0", "--lr", "3e-3", "--batch-size", "8", "--split-file",
+                       str(tiny_bundle / "split.csv"), "--name", "other", "--out-dir", str(members), "--quiet"]) == 0
+    assert train.main(["--ensemble", str(tiny_bundle), str(members / "other"), "--name", "ens",
+                       "--out-dir", str(tmp_path / "c")]) == 0
+    serve_from(monkeypatch, tmp_path / "c", tmp_path / "nodata")
+    at = app()
+    no_exception(at)
+    assert any(h.value == "Ensemble members" for h in at.subheader)
+    table = next(d.value for d in at.dataframe if "member" in d.value.columns)
+    assert list(table["member"]) == ["1. tiny", "2. other"]
+    assert list(table["same prediction inside the ensemble (val)"]) == ["1.000", "1.000"]
+    at.switch_page("pages/4_Evaluation.py")
+    at.run()
+    no_exception(at)
+    assert any("joins 2 trained models" in c.value for c in at.caption)
+    at = upload_on_explain(make_class_image(1, np.random.default_rng(0), 48))
+    at.multiselect(key="ex_methods").set_value(["gradcam"])
+    at.button(key="FormSubmitter:ex_form-Explain").click()
+    at.run()
+    no_exception(at)
+    assert any(s.value.startswith("Grad-CAM") for s in at.subheader)
