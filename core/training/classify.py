@@ -8,7 +8,6 @@ images, which is what the benchmark compares against.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import logging
 import os
 import platform
@@ -27,7 +26,7 @@ from core.data.loaders import CITATIONS
 from core.errors import ConfigError, DatasetError
 from core.preprocessing import apply_clahe, model_input
 from core.training.common import (available_memory, git_commit, multiworker_strategy, quote_arg, resolve_precision,
-                                  run_phase, set_seeds, weights_digest)
+                                  run_phase, run_record, set_seeds, weights_digest)
 
 log = logging.getLogger("breastxai.train")
 
@@ -509,6 +508,16 @@ def prediction_rows(split: str, manifest: Manifest, probs: np.ndarray, class_nam
     return rows
 
 
+def bundle_predictions(splits: dict, probs: dict, externals: list[dict], class_names: Sequence[str]
+                       ) -> tuple[list[str], list[list]]:
+    """(header, rows) of a bundle's predictions.csv: the validation and test images, then every external check's."""
+    header = ["split", "path", "true", "predicted", *[f"p_{c}" for c in class_names]]
+    rows = [r for s in ("val", "test") for r in prediction_rows(s, splits[s], probs[s], class_names)]
+    rows += [[f"external:{e['name']}", e_row["path"], e_row["true"], e_row["predicted"],
+              *[f"{e_row['probabilities'][c]:.6f}" for c in class_names]] for e in externals for e_row in e["images"]]
+    return header, rows
+
+
 def decode_split(manifest: Manifest, cfg: TrainConfig) -> tuple:
     """(images, labels): uint8 (N, S, S, 3) model inputs, or for patch training the full-size images (list)."""
     import keras
@@ -970,11 +979,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
     argv = list(argv) if argv is not None else None
     name = cfg.bundle_name
     metadata = {
-        "name": name,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "train.py", *map(quote_arg, argv)]) if argv is not None else None,
-        "argv": argv,
-        "git_commit": git_commit(),
+        **run_record(name, argv),
         "config": config_json(cfg),
         "dataset": {"kind": manifest.name, "root": str(manifest.root), "n_images": len(manifest),
                     "class_counts": manifest.class_counts(), "citation": CITATIONS.get(manifest.name),
@@ -1023,11 +1028,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
     if externals:
         metadata["external_checks"] = externals
     hist_keys = sorted({k2 for row in history for k2 in row} - {"epoch", "phase"})
-    pred_header = ["split", "path", "true", "predicted", *[f"p_{c}" for c in manifest.class_names]]
-    pred_rows = [r for s in ("val", "test") for r in prediction_rows(s, splits[s], probs[s], manifest.class_names)]
-    pred_rows += [[f"external:{e['name']}", e_row["path"], e_row["true"], e_row["predicted"],
-                   *[f"{e_row['probabilities'][c]:.6f}" for c in manifest.class_names]]
-                  for e in externals for e_row in e["images"]]
+    pred_header, pred_rows = bundle_predictions(splits, probs, externals, manifest.class_names)
 
     def fill(tmp: Path) -> None:
         model.save(tmp / "model.keras")

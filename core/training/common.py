@@ -170,3 +170,13 @@ def run_phase(target, name: str, train_data, val_data, epoch0: int, epochs: int,
             for j in range(n_ep)]
     return rows, {"phase": name, "epochs": n_ep, "seconds": secs, "seconds_per_epoch": secs / max(n_ep, 1),
                   "epoch_seconds": timer.seconds}
+
+
+def run_record(name: str, argv) -> dict:
+    """The head of a bundle's metadata.json: name, creation time (UTC), the exact command and the git commit."""
+    import datetime as _dt
+
+    argv = list(argv) if argv is not None else None
+    return {"name": name, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python", "train.py", *map(quote_arg, argv)]) if argv is not None else None,
+            "argv": argv, "git_commit": git_commit()}

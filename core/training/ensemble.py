@@ -9,7 +9,6 @@ CV, since each member's CV trained that member's recipe fold by fold.
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import logging
 import os
 import platform
@@ -135,9 +134,9 @@ def train_ensemble(cfg: EnsembleConfig, argv: Optional[Sequence[str]] = None) ->
     from core.data.roots import bundle_splits
     from core.evaluation import classification_metrics, fit_temperature
     from core.models import HEAD_PREFIX, build_ensemble, ensemble_layer, last_conv_layer, member_prefix
-    from core.training.classify import (TrainConfig, config_json, decode_split, external_check, in_memory_classifier,
-                                        load_manifest, prediction_rows, write_cv_predictions)
-    from core.training.common import git_commit, quote_arg, set_seeds
+    from core.training.classify import (TrainConfig, bundle_predictions, config_json, decode_split, external_check,
+                                        in_memory_classifier, load_manifest, write_cv_predictions)
+    from core.training.common import run_record, set_seeds
 
     t_start = time.time()
     set_seeds(cfg.seed)
@@ -195,7 +194,6 @@ def train_ensemble(cfg: EnsembleConfig, argv: Optional[Sequence[str]] = None) ->
     externals = [external_check(clf, spec, manifest) for spec in cfg.external]
 
     name = tcfg.name
-    argv = list(argv) if argv is not None else None
     member_info = [{"bundle": str(p), "name": m.get("name"), "command": m.get("command"), "argv": m.get("argv"),
                     "git_commit": m.get("git_commit"), "model_sha256": m.get("model_sha256"),
                     "input_size": m.get("input_size"), "backbone": m.get("backbone"), "weights": m.get("weights"),
@@ -205,11 +203,7 @@ def train_ensemble(cfg: EnsembleConfig, argv: Optional[Sequence[str]] = None) ->
                     "layer_prefix": member_prefix(i), "in_ensemble": shift}
                    for i, (p, m, shift) in enumerate(zip(paths, metas, member_shift), start=1)]
     metadata = {
-        "name": name,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "train.py", *map(quote_arg, argv)]) if argv is not None else None,
-        "argv": argv,
-        "git_commit": git_commit(),
+        **run_record(name, argv),
         "config": {**config_json(tcfg), "ensemble": [str(p) for p in paths]},
         "dataset": {**first.get("dataset", {}), "root": str(manifest.root)},
         "split": {**first.get("split", {}), "reused_from": str(paths[0] / "split.csv")},
@@ -241,11 +235,7 @@ def train_ensemble(cfg: EnsembleConfig, argv: Optional[Sequence[str]] = None) ->
         metadata["cross_validation"] = cv
     if externals:
         metadata["external_checks"] = externals
-    pred_header = ["split", "path", "true", "predicted", *[f"p_{c}" for c in manifest.class_names]]
-    pred_rows = [r for s in ("val", "test") for r in prediction_rows(s, splits[s], probs[s], manifest.class_names)]
-    pred_rows += [[f"external:{e['name']}", e_row["path"], e_row["true"], e_row["predicted"],
-                   *[f"{e_row['probabilities'][c]:.6f}" for c in manifest.class_names]]
-                  for e in externals for e_row in e["images"]]
+    pred_header, pred_rows = bundle_predictions(splits, probs, externals, manifest.class_names)
 
     def fill(tmp: Path) -> None:
         model.save(tmp / "model.keras")

@@ -8,7 +8,6 @@ with `--cv-folds`, a group-wise K-fold cross-validation of the recipe.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from core.errors import DatasetError
 from core.preprocessing import load_mask, model_input
 from core.training.classify import (TrainConfig, config_differences, config_json, cv_work_dir, fit_callbacks,
                                     group_folds, load_manifest)
-from core.training.common import git_commit, quote_arg, resolve_precision, run_phase, set_seeds
+from core.training.common import git_commit, quote_arg, resolve_precision, run_phase, run_record, set_seeds
 
 log = logging.getLogger("breastxai.train")
 
@@ -377,11 +376,7 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
              metrics["test"]["dice"]["mean"] or float("nan"), metrics["test"]["iou"]["mean"] or float("nan"))
     metadata = {
         "kind": "segmenter",
-        "name": cfg.bundle_name,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "train.py", *map(quote_arg, argv)]) if argv is not None else None,
-        "argv": list(argv) if argv is not None else None,
-        "git_commit": git_commit(),
+        **run_record(cfg.bundle_name, argv),
         "config": config_json(cfg),
         "dataset": {"kind": cfg.dataset, "root": str(manifest.root), "n_images": len(manifest),
                     "n_with_mask": sum(bool(s.mask_paths) for s in manifest.samples),
