@@ -92,7 +92,10 @@ rows = {
              if head.get("solver") else
              f"Dense {' / '.join(map(str, head.get('units', []))) or 'none'} · dropout {head.get('dropout')} · "
              f"L2 {head.get('l2')}"),
-    "Weights": f"{w.get('source')} · {w.get('path') or ''} · sha256 {str(w.get('sha256') or '')[:16]}…",
+    "Weights": ("each member's own, trained from " + "; ".join(sorted({f"{x.get('source')} {x.get('path') or ''}".strip()
+                                                                   for x in w.get("members") or []}))
+                if head.get("ensemble") else
+                f"{w.get('source')} · {w.get('path') or ''} · sha256 {str(w.get('sha256') or '')[:16]}…"),
     "Calibration": calibration_phrase(meta),
     "Trained": f"{meta.get('created', '?')} · "
                + (f"joined from {head['members']} trained members (see below)" if head.get("ensemble") else

@@ -506,7 +506,8 @@ def ensemble_members(meta: dict) -> None:
                 f"Dense {' / '.join(map(str, head.get('units', []))) or 'none'}")
         scales = head.get("scales") or [m.get("input_size")]
         shift = m.get("in_ensemble") or {}
-        rows.append({"member": f"{i}. {m.get('name')}", "backbone": m.get("backbone"),
+        rows.append({"member": f"{i}. {m.get('name')}", "bundle it was trained as": m.get("bundle"),
+                     "backbone": m.get("backbone"),
                      "input (px)": " + ".join(map(str, scales)), "head": what,
                      "validation accuracy alone": fmt_metric(m.get("val_accuracy")),
                      "validation ROC AUC alone": fmt_metric(m.get("val_roc_auc_macro")),

@@ -713,6 +713,7 @@ def test_ensemble_checkpoint_card_evaluation_and_explanation(tiny_bundle, tiny_t
     table = next(d.value for d in at.dataframe if "member" in d.value.columns)
     assert list(table["member"]) == ["1. tiny", "2. other"]
     assert list(table["same prediction inside the ensemble (val)"]) == ["1.000", "1.000"]
+    assert list(table["bundle it was trained as"]) == [str(tiny_bundle), str(members / "other")]
     at.switch_page("pages/4_Evaluation.py")
     at.run()
     no_exception(at)
