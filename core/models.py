@@ -258,6 +258,13 @@ def member_prefix(i: int) -> str:
     return f"m{i}_"
 
 
+def member_layer_name(name: str) -> str:
+    """A layer's name inside its member model: `name` without `member_prefix` (other names unchanged)."""
+    import re
+
+    return re.sub(r"^m\d+_", "", name)
+
+
 def ensemble_layer(model: keras.Model, member: int, name: str) -> str:
     """The layer of `build_ensemble`'s model that computes member `member`'s (1-based) layer `name`: its own copy,
     or, where that call was shared, the earlier member's copy that computes it."""

@@ -49,14 +49,14 @@ def layer_blocks(model) -> list[tuple[str, list[str]]]:
     In an ensemble (`core.models.build_ensemble`) the members' layers (`m1_...`, `m2_...`) join the same blocks.
     Input normalisation layers (no weights) take no part.
     """
-    from core.models import HEAD_PREFIX
+    from core.models import HEAD_PREFIX, member_layer_name
 
     blocks: dict[str, list[str]] = {}
     stage = 0
     for layer in model.layers:
         if not layer.weights:
             continue
-        name = re.sub(r"^m\d+_", "", layer.name)  # an ensemble's members' layers: the same stage in every member
+        name = member_layer_name(layer.name)  # an ensemble's members' layers: the same stage in every member
         if name.startswith(HEAD_PREFIX):
             key = "head"
         else:

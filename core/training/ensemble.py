@@ -178,7 +178,7 @@ def train_ensemble(cfg: EnsembleConfig, argv: Optional[Sequence[str]] = None) ->
     member_shift = []
     for c, pen in zip(members, pens):
         final = c.model.layers[-1]
-        inside = mean_logit_probabilities([keras.ops.convert_to_numpy(final(pen))])
+        inside = keras.ops.convert_to_numpy(final(pen))  # the member's own softmax output layer
         own = c.raw_proba(val_images)
         member_shift.append({"val_max_abs_probability_difference": round(float(np.abs(inside - own).max()), 4),
                              "val_same_prediction_share": round(float((inside.argmax(1) == own.argmax(1)).mean()), 4),
