@@ -800,6 +800,7 @@ def segmenter_card(ckpt: Path) -> None:
             for c, v in test.get("by_class", {}).items()]
     if rows:
         st.dataframe(rows, width="stretch", hide_index=True)
+    model_selection(meta.get("model_selection"))
     with st.expander("Details: how the segmenter was made"):
         cvm = meta.get("cross_validation") or {}
         st.markdown(f"- **Architecture:** {meta.get('architecture', '?')}\n"

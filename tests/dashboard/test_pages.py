@@ -554,6 +554,8 @@ def ultrasound_env(tiny_bundle, tiny_segmenter, tmp_path, monkeypatch):
     (ckpts / "us_tiny" / "metadata.json").write_text(json.dumps(meta))
     seg = json.loads((ckpts / "seg_tiny" / "metadata.json").read_text())
     seg["postprocessing"] = {"threshold": 0.0, "largest_region_only": False}
+    seg["model_selection"] = {"rule": "highest validation Dice", "chosen": "224 px",
+                              "candidates": [{"candidate": "224 px", "val_dice": 0.7}, {"candidate": "288 px", "val_dice": 0.68}]}
     (ckpts / "seg_tiny" / "metadata.json").write_text(json.dumps(seg))
     (tmp_path / "nodata").mkdir()
     serve_from(monkeypatch, ckpts, tmp_path / "nodata")
@@ -611,6 +613,8 @@ def test_model_card_shows_the_lesion_segmenter(ultrasound_env):
     labels = [m.label for m in at.metric]
     assert any(l.startswith("Dice, test split (n = ") for l in labels) and "IoU, test split" in labels
     assert any("scans without a lesion" in c.value for c in at.caption)
+    chosen = [e for e in at.expander if e.label.startswith("How this checkpoint was chosen (2 candidates")]
+    assert chosen and "288 px" in chosen[-1].dataframe[0].value["candidate"].tolist()
 
 
 def test_compare_shows_the_randomised_model_maps_and_the_model_card_sanity_table(tiny_bundle, tiny_tree, tmp_path,
