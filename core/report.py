@@ -59,6 +59,7 @@ class Case:
     mask: Optional[np.ndarray] = None  # bool (H, W): true lesion mask
     predicted_lesion: Optional[np.ndarray] = None  # bool (H, W): the segmenter's lesion
     lesion_text: Optional[str] = None
+    lesion_caveat: Optional[str] = None  # how often the segmenter misses a lesion (MissedLesions.sentence)
     ood: Optional[dict] = None
 
     @property
@@ -75,7 +76,7 @@ def build_case(clf, image: np.ndarray, methods: Sequence[str], params: Optional[
                mask: Optional[np.ndarray] = None, progress: Optional[Callable[[float], None]] = None) -> Case:
     """Predict, check and explain one image (the CLI's path; the dashboard passes what it already computed)."""
     from core.explain import explain
-    from core.segmentation import describe_lesion, lesion_measurements
+    from core.segmentation import describe_lesion, lesion_measurements, read_missed_lesions
 
     params = params or {}
     probs = clf.predict_proba(image)[0]
@@ -85,12 +86,14 @@ def build_case(clf, image: np.ndarray, methods: Sequence[str], params: Optional[
         exps.append(explain(clf, image, m, **params.get(m, {})))
         if progress:
             progress((i + 1) / max(len(methods), 1))
-    lesion, text = None, None
+    lesion, text, caveat = None, None, None
     if segmenter is not None and not (ood or {}).get("out_of_distribution"):
         lesion = segmenter.predict_mask(image)
         text = describe_lesion(lesion_measurements(lesion))
+        missed = read_missed_lesions(segmenter.path) if segmenter.path is not None else None
+        caveat = missed.sentence("The segmenter") if missed is not None else None
     return Case(image=image, probabilities=probs, explanations=exps, name=name, true_class=true_class, mask=mask,
-                predicted_lesion=lesion, lesion_text=text, ood=ood)
+                predicted_lesion=lesion, lesion_text=text, lesion_caveat=caveat, ood=ood)
 
 
 def _png(image: np.ndarray) -> io.BytesIO:
@@ -258,7 +261,7 @@ def make_report(clf, cases: Sequence[Case], opts: ReportOptions = ReportOptions(
             lines.append(case.lesion_text + " (magenta outline: predicted by the lesion segmenter"
                          + (f" {segmenter_meta.get('name')}, test Dice "
                             f"{(segmenter_meta.get('metrics', {}).get('test', {}).get('dice') or {}).get('mean', 0):.2f}"
-                            if segmenter_meta else "") + ")")
+                            if segmenter_meta else "") + ")" + (f". {case.lesion_caveat}" if case.lesion_caveat else ""))
         if case.mask is not None and case.mask.any():
             lines.append("Cyan outline: the dataset's lesion mask.")
         for s in lines:

@@ -136,3 +136,48 @@ def describe_lesion(m: Optional[dict]) -> str:
     extra = f"; {m['n_regions']} separate regions, the largest described" if m["n_regions"] > 1 else ""
     return (f"Predicted lesion: {m['area_fraction']:.1%} of the image, {size}, {m['orientation']}, "
             f"{margin} margin (irregularity {m['margin_irregularity']:.2f}){extra}.")
+
+
+#: A lesion whose predicted outline overlaps the true one this little counts as missed.
+MISSED_DICE = 0.1
+
+
+@dataclass(frozen=True)
+class MissedLesions:
+    """How often a segmenter misses a lesion almost entirely on one split of its bundle."""
+
+    split: str
+    lesions: int  # images of the split with a true lesion
+    missed: int  # of them, Dice < MISSED_DICE
+    outlined_elsewhere: int  # of the missed, those where the segmenter outlined something (not nothing)
+
+    def sentence(self, subject: str = "It") -> str:
+        """e.g. 'It missed 5 of 79 test lesions almost entirely (Dice < 0.1), 5 of them by outlining something else.'"""
+        where = {"val": "validation"}.get(self.split, self.split)
+        if self.missed == 0:
+            return f"{subject} found all {self.lesions} {where} lesions (Dice ≥ {MISSED_DICE} on each)."
+        return (f"{subject} missed {self.missed} of {self.lesions} {where} lesions almost entirely (Dice < {MISSED_DICE})"
+                + (f", {self.outlined_elsewhere} of them by outlining something else" if self.outlined_elsewhere else "")
+                + ".")
+
+
+def missed_lesions(rows: Sequence[dict], split: str = "test") -> Optional[MissedLesions]:
+    """Count near-total misses among a segmenter bundle's `predictions.csv` rows (dicts with split, dice,
+    true_area, pred_area) of `split`; None when the split has no lesion image with a Dice."""
+    scored = [r for r in rows if r.get("split") == split and float(r.get("true_area") or 0) > 0
+              and r.get("dice") not in (None, "")]
+    if not scored:
+        return None
+    missed = [r for r in scored if float(r["dice"]) < MISSED_DICE]
+    return MissedLesions(split, len(scored), len(missed), sum(float(r.get("pred_area") or 0) > 0 for r in missed))
+
+
+def read_missed_lesions(bundle: str | Path, split: str = "test") -> Optional[MissedLesions]:
+    """`missed_lesions` of a segmenter bundle's predictions.csv; None when it has none."""
+    import csv
+
+    path = Path(bundle) / "predictions.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as fh:
+        return missed_lesions(list(csv.DictReader(fh)), split)

@@ -380,9 +380,13 @@ def predicted_lesion_view(ckpt: Path, inp: "ImageInput", prefix: str, ood: bool 
         return None
     les = svc.predicted_lesion(ckpt, inp.image, inp.sha)
     quality = f" (segmenter {les.segmenter}, test Dice {les.test_dice:.2f} on lesion images)" if les.test_dice else ""
+    missed = les.test_missed
     st.caption(describe_lesion(les.measurements) + quality
                + (" A predicted outline is smoother than a real margin: judge the margin on the image itself."
-                  if les.measurements else ""))
+                  if les.measurements else "")
+               + (f" {missed.sentence('The segmenter')[:-1]}: check that the outline is on the lesion, and look for one "
+                  "it missed."
+                  if missed is not None and missed.missed else ""))
     return les
 
 
@@ -789,10 +793,11 @@ def segmenter_card(ckpt: Path) -> None:
     c2.metric(f"Dice, test split (n = {test.get('n_lesion_images', '?')} lesions)", fmt_metric(d.get("mean")))
     c3.metric("IoU, test split", fmt_metric((test.get("iou") or {}).get("mean")))
     fp = test.get("no_lesion_images") or {}
+    missed = svc.missed_lesions(seg)
     st.caption(f"Test Dice {fmt_metric(d.get('mean'))}{_ci(d.get('ci95'))} over the images with a lesion"
                + (f"; on the {fp['n']} scans without a lesion, {fp['false_positive_area_mean']:.1%} of the image is "
                   f"called lesion on average and {fp['share_with_no_predicted_lesion']:.0%} get no outline at all"
-                  if fp else "") + ".")
+                  if fp else "") + ". " + (missed.sentence() if missed is not None else ""))
     rows = [{"class": c, "Dice (test)": fmt_metric(v["dice"]["mean"]), "95% CI": "–".join(f"{x:.3f}" for x in v["dice"].get("ci95") or []),
              "IoU (test)": fmt_metric(v["iou"]["mean"]), "lesions": v["dice"]["n"],
              **({"Dice (cross-validated)": fmt_metric(cv["by_class"][c]["dice"]["mean"])}

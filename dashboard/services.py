@@ -26,6 +26,7 @@ from core.checkpoints import (CHECKPOINTS_DIR, list_bundles, load_classifier, lo
 from core.checkpoints import segmenter_for as find_segmenter
 from core.errors import BreastXAIError, CheckpointError, InvalidImageError
 from core.preprocessing import DecodedImage, decode_image, load_mask
+from core.segmentation import MissedLesions
 
 
 def _keep_keras_session() -> None:
@@ -233,6 +234,7 @@ class PredictedLesion:
     measurements: Optional[dict]  # core.segmentation.lesion_measurements (None: nothing predicted)
     segmenter: str  # bundle name
     test_dice: Optional[float]  # the segmenter's test Dice on lesion images
+    test_missed: Optional[MissedLesions] = None  # how often it missed a test lesion almost entirely
 
 
 def segmenter_for(ckpt: Path) -> Optional[Path]:
@@ -259,7 +261,19 @@ def _lesion(seg: str, mtime: float, image_sha: str, _image: np.ndarray) -> Predi
     model = _segmenter(seg, mtime)
     mask = model.predict_mask(_image)
     dice = (model.metadata.get("metrics", {}).get("test", {}).get("dice") or {}).get("mean")
-    return PredictedLesion(mask, lesion_measurements(mask), Path(seg).name, dice)
+    return PredictedLesion(mask, lesion_measurements(mask), Path(seg).name, dice, missed_lesions(Path(seg)))
+
+
+def missed_lesions(seg: Path, split: str = "test"):
+    """core.segmentation.MissedLesions of a segmenter bundle (cached on its metadata's mtime), or None."""
+    return _missed(str(seg), _mtime(seg), split)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _missed(seg: str, mtime: float, split: str):
+    from core.segmentation import read_missed_lesions
+
+    return read_missed_lesions(seg, split)
 
 
 def predicted_lesion(ckpt: Path, image: np.ndarray, image_sha: str) -> Optional[PredictedLesion]:
@@ -283,7 +297,9 @@ def case_report(ckpt: Path, image: np.ndarray, image_sha: str, results: dict, le
     case = Case(image=image, probabilities=predict(ckpt, image, image_sha), explanations=list(results.values()),
                 name=name, true_class=true_class, mask=mask, ood=ood_check(ckpt, image, image_sha),
                 predicted_lesion=lesion.mask if lesion is not None else None,
-                lesion_text=describe_lesion(lesion.measurements) if lesion is not None else None)
+                lesion_text=describe_lesion(lesion.measurements) if lesion is not None else None,
+                lesion_caveat=lesion.test_missed.sentence("The segmenter")
+                if lesion is not None and lesion.test_missed is not None else None)
     seg = segmenter_for(ckpt)
     pdf = make_report(classifier(ckpt), [case], ReportOptions(include_names=name is not None), explanations_json(ckpt),
                       git_commit(), read_metadata(seg) if seg is not None and lesion is not None else None)

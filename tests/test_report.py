@@ -77,3 +77,22 @@ def test_cli_makes_a_handout_for_several_images(tiny_bundle, tmp_path, capsys):
     assert "Case 2 of 2" in pdf_text(out.read_bytes()) and len(list((tmp_path / "png").glob("*.png"))) == 3
     assert main([str(tiny_bundle), *paths, "--methods", "nonsense"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_report_says_how_often_the_segmenter_misses_a_lesion(tiny_bundle, tiny_segmenter, tmp_path):
+    from core.checkpoints import load_segmenter
+
+    seg_dir = tmp_path / "seg"
+    shutil.copytree(tiny_segmenter, seg_dir)
+    (seg_dir / "predictions.csv").write_text("split,fold,path,class,group,dice,iou,true_area,pred_area\n"
+                                             "test,,a.png,benign,a.png,0.02,0.01,0.1,0.05\n"
+                                             "test,,b.png,benign,b.png,0.80,0.70,0.1,0.1\n")
+    clf = load_classifier(tiny_bundle)
+    clf.ood = None  # no out-of-distribution verdict: the segmenter always runs
+    case = build_case(clf, make_class_image(1, np.random.default_rng(3), 48), ["gradcam"],
+                      segmenter=load_segmenter(seg_dir))
+    assert case.lesion_text is not None
+    assert case.lesion_caveat == ("The segmenter missed 1 of 2 test lesions almost entirely (Dice < 0.1), 1 of them by "
+                                  "outlining something else.")
+    text = " ".join(pdf_text(make_report(clf, [case], ReportOptions(), None, app_commit="abc123")).split())
+    assert "The segmenter missed 1 of 2 test lesions almost entirely" in text

@@ -58,3 +58,29 @@ def test_segmenter_and_classifier_bundles_are_kept_apart(tiny_segmenter, tiny_bu
         load_segmenter(tiny_bundle)
     with pytest.raises(CheckpointError):
         load_classifier(tiny_segmenter)  # two-class metadata vs a one-channel map: refused, not misused
+
+
+def test_missed_lesions_counts_near_total_misses_of_one_split(tmp_path):
+    from core.segmentation import MISSED_DICE, missed_lesions, read_missed_lesions
+
+    rows = [{"split": "test", "dice": "0.05", "true_area": "0.1", "pred_area": "0.2"},  # missed: outlined elsewhere
+            {"split": "test", "dice": "0.0", "true_area": "0.1", "pred_area": "0.0"},  # missed: nothing outlined
+            {"split": "test", "dice": str(MISSED_DICE), "true_area": "0.1", "pred_area": "0.1"},  # found, barely
+            {"split": "test", "dice": "0.9", "true_area": "0.1", "pred_area": "0.1"},
+            {"split": "test", "dice": "", "true_area": "0.0", "pred_area": "0.0"},  # normal scan: no lesion to miss
+            {"split": "val", "dice": "0.0", "true_area": "0.1", "pred_area": "0.3"}]
+    m = missed_lesions(rows, "test")
+    assert (m.lesions, m.missed, m.outlined_elsewhere) == (4, 2, 1)
+    assert m.sentence() == ("It missed 2 of 4 test lesions almost entirely (Dice < 0.1), 1 of them by outlining "
+                            "something else.")
+    v = missed_lesions(rows, "val")
+    assert (v.lesions, v.missed, v.outlined_elsewhere) == (1, 1, 1) and "of 1 validation lesions" in v.sentence()
+    assert missed_lesions(rows[2:4], "test").sentence() == "It found all 2 test lesions (Dice ≥ 0.1 on each)."
+    assert missed_lesions(rows, "train") is None
+
+    (tmp_path / "predictions.csv").write_text("split,fold,path,class,group,dice,iou,true_area,pred_area\n"
+                                              "test,,a.png,benign,a.png,0.02,0.01,0.1,0.05\n"
+                                              "test,,b.png,benign,b.png,0.80,0.70,0.1,0.1\n")
+    r = read_missed_lesions(tmp_path)
+    assert (r.lesions, r.missed, r.outlined_elsewhere) == (2, 1, 1)
+    assert read_missed_lesions(tmp_path / "nowhere") is None

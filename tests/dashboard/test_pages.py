@@ -557,6 +557,9 @@ def ultrasound_env(tiny_bundle, tiny_segmenter, tmp_path, monkeypatch):
     seg["model_selection"] = {"rule": "highest validation Dice", "chosen": "224 px",
                               "candidates": [{"candidate": "224 px", "val_dice": 0.7}, {"candidate": "288 px", "val_dice": 0.68}]}
     (ckpts / "seg_tiny" / "metadata.json").write_text(json.dumps(seg))
+    (ckpts / "seg_tiny" / "predictions.csv").write_text(  # 1 of 2 test lesions missed, by an outline elsewhere
+        "split,fold,path,class,group,dice,iou,true_area,pred_area\n"
+        "test,,a.png,benign,a.png,0.02,0.01,0.1,0.05\ntest,,b.png,malignant,b.png,0.80,0.70,0.1,0.1\n")
     (tmp_path / "nodata").mkdir()
     serve_from(monkeypatch, ckpts, tmp_path / "nodata")
     return ckpts
@@ -574,7 +577,8 @@ def test_predicted_lesion_outlined_measured_and_used_for_localisation(ultrasound
     no_exception(at)
     assert at.checkbox(key="ex_pred_lesion").value is True
     assert any(c.value.startswith("Predicted lesion: 100.0% of the image") and "segmenter seg_tiny" in c.value
-               for c in at.caption)
+               and "The segmenter missed 1 of 2 test lesions almost entirely (Dice < 0.1), 1 of them by outlining "
+                   "something else: check that the outline is on the lesion" in c.value for c in at.caption)
     at.multiselect(key="ex_methods").set_value(["gradcam"])
     at.button(key="FormSubmitter:ex_form-Explain").click()
     at.run()
@@ -612,7 +616,9 @@ def test_model_card_shows_the_lesion_segmenter(ultrasound_env):
     assert any(h.value == "Lesion segmenter · seg_tiny" for h in at.header)
     labels = [m.label for m in at.metric]
     assert any(l.startswith("Dice, test split (n = ") for l in labels) and "IoU, test split" in labels
-    assert any("scans without a lesion" in c.value for c in at.caption)
+    assert any("scans without a lesion" in c.value and c.value.endswith(
+        "It missed 1 of 2 test lesions almost entirely (Dice < 0.1), 1 of them by outlining something else.")
+        for c in at.caption)
     chosen = [e for e in at.expander if e.label.startswith("How this checkpoint was chosen (2 candidates")]
     assert chosen and "288 px" in chosen[-1].dataframe[0].value["candidate"].tolist()
 
