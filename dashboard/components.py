@@ -379,7 +379,7 @@ def predicted_lesion_view(ckpt: Path, inp: "ImageInput", prefix: str, ood: bool 
                             "radiologist's or the dataset's mask (cyan)."):
         return None
     les = svc.predicted_lesion(ckpt, inp.image, inp.sha)
-    quality = f" (segmenter {les.segmenter}, test Dice {les.test_dice:.2f} on lesion images)" if les.test_dice else ""
+    quality = f" (segmenter {les.segmenter}, test Dice {les.test_dice:.2f} on lesion images)." if les.test_dice else ""
     missed = les.test_missed
     st.caption(describe_lesion(les.measurements) + quality
                + (" A predicted outline is smoother than a real margin: judge the margin on the image itself."
