@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "the mean of the members' maps; each prediction costs every member's forward pass); its "
                         "cross-validation combines the members' cv_predictions.csv. Takes --name, --out-dir, "
                         "--data-dir and --external; the members' own settings stay theirs")
+    g.add_argument("--distil-from", default=None, metavar="BUNDLE",
+                   help="train on this teacher bundle's softened probabilities (an ensemble distilled into one "
+                        "network); with --cv-folds the teacher's recipe is retrained in every fold")
+    g.add_argument("--distil-weight", type=float, default=d.distil_weight, metavar="W",
+                   help="share of the teacher's soft targets in the training targets, 0-1 (rest: the true labels)")
+    g.add_argument("--distil-temperature", type=float, default=d.distil_temperature, metavar="T",
+                   help="the teacher's logits are divided by T before the softmax (T > 1 softens)")
     g.add_argument("--backbone", default=d.backbone, choices=BACKBONES)
     g.add_argument("--input-size", type=int, default=None,
                    help="square input side in pixels (default: 150 for BreakHis, as in the seeds; 224 otherwise)")
@@ -166,7 +173,8 @@ def config_from_args(args: argparse.Namespace):
         cv_scope=args.cv_scope, calibration=args.calibration, patch_scale_jitter=args.patch_scale_jitter,
         colour_jitter=args.colour_jitter,
         flip=args.flip, rotation=args.rotation, precision=args.precision, stain_standardise=args.stain_standardise,
-        external=tuple(args.external), distribute=args.distribute, verbose=0 if args.quiet else 1)
+        external=tuple(args.external), distribute=args.distribute, distil_from=args.distil_from,
+        distil_weight=args.distil_weight, distil_temperature=args.distil_temperature, verbose=0 if args.quiet else 1)
 
 
 def setup_logging(log_file: str | None) -> None:

@@ -84,6 +84,9 @@ class TrainConfig:
     calibration: str = "val"  # temperature from: "val" split, "inner-cv" (out-of-fold on train+val groups), "none"
     distribute: str = "none"  # "multiworker": tf.distribute.MultiWorkerMirroredStrategy across the TF_CONFIG cluster
     external: tuple[str, ...] = ()  # KIND=DIR datasets predicted after training as an external check
+    distil_from: Optional[str] = None  # teacher bundle: train on its softened probabilities (core.training.distil)
+    distil_weight: float = 0.5  # share of the teacher's soft targets in the training targets (rest: true labels)
+    distil_temperature: float = 2.0  # the teacher's logits are divided by this before the softmax
     verbose: int = 1
 
     @property
@@ -227,11 +230,16 @@ def fit_callbacks(cfg: TrainConfig, monitor: str = "val_loss"):
                                               min_lr=1e-7, verbose=1)]
 
 
-def _compile(model, lr: float) -> None:
+def _compile(model, lr: float, soft: bool = False) -> None:
+    """Adam + cross-entropy on integer labels, or on (N, K) target distributions where `soft` (distillation)."""
     import keras
 
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    if soft:
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss="categorical_crossentropy",
+                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    else:
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
 
 
 @dataclass
@@ -270,11 +278,14 @@ def plan_phases(cfg: TrainConfig) -> list[Phase]:
 
 def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
               y_val: np.ndarray, num_classes: int,
-              sampler: Optional[Callable[[int], np.ndarray]] = None) -> tuple[list[dict], dict]:
+              sampler: Optional[Callable[[int], np.ndarray]] = None,
+              soft_targets: Optional[np.ndarray] = None) -> tuple[list[dict], dict]:
     """Run every phase; returns (history rows, timing info). Mutates `model`'s weights only.
 
     x_train: uint8 (N, S, S, 3) aligned with y_train. `sampler(draw)` (patch training) returns a fresh
     random draw of the same shape: the cache holds one draw per copy, the plain path draws every epoch.
+    soft_targets: float (N, K) rows summing to 1 (distillation): the training targets instead of y_train (every
+    augmented copy of an image gets its row); validation and early stopping stay on the true labels.
     """
     import keras
     import tensorflow as tf
@@ -282,8 +293,15 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     from core.models import backbone_layers, cut_point, set_trainable
 
     phases = plan_phases(cfg)
+    soft = soft_targets is not None
+    if soft and (cfg.logistic_c is not None or sampler is not None):
+        raise ConfigError("Distillation (--distil-from) trains a network head on whole images: drop --logistic-c "
+                          "and --patches.")
     cw = class_weight_vector(y_train, num_classes) if cfg.class_weights else np.ones(num_classes)
     sw_train = cw[y_train].astype(np.float32)
+    if soft:
+        y_train = np.asarray(soft_targets, np.float32)  # targets from here on; the class weights use the labels
+        y_val = np.eye(num_classes, dtype=np.float32)[y_val]
     verbose = 0 if cfg.verbose == 0 else (1 if sys.stdout.isatty() else 2)  # bar on a terminal, lines in a log
     history: list[dict] = []
     timing: dict = {"phases": []}
@@ -355,6 +373,8 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         target = model
 
     if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        if soft:
+            raise ConfigError("Distillation (--distil-from) runs on one machine: drop --distribute.")
         # Keras 3's fit does not run under MultiWorkerMirroredStrategy (keras-team/keras#20585): a plain loop.
         history, timing = _fit_distributed(model, cfg, phases, x_train, y_train, sw_train, x_val, y_val, augmenter)
         return history, timing
@@ -365,7 +385,7 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         n_trainable = set_trainable(model, phase.fine_tune_layers)
         log.info("Phase %s: %d backbone layers trainable (of %d), lr %.1e, up to %d epochs", phase.name,
                  n_trainable, len(backbone_layers(model)), phase.lr, phase.epochs)
-        _compile(target, phase.lr)
+        _compile(target, phase.lr, soft)
         rows, row = run_phase(target, phase.name, train_data, val_data, epoch0, phase.epochs, fit_callbacks(cfg),
                               precision, verbose)
         history += rows
@@ -543,8 +563,11 @@ def in_memory_classifier(model, cfg: TrainConfig, class_names: Sequence[str]):
                       clahe=cfg.clahe and cfg.patches > 0, patches=cfg.patch_config, batch_size=cfg.batch_size)
 
 
-def train_model(cfg: TrainConfig, num_classes: int, train_data: tuple, val_data: tuple):
+def train_model(cfg: TrainConfig, num_classes: int, train_data: tuple, val_data: tuple,
+                soft_targets: Optional[np.ndarray] = None):
     """Build the model and fit it -> (model, weights provenance, history rows, timing).
+
+    soft_targets: (N, K) distillation targets aligned with train_data (see `fit_model`).
 
     Whole-image training fits the resized arrays. Patch training fits `cfg.patches` random tissue crops
     per image (fresh draws per cached copy / per epoch) and validates on every grid tile of the
@@ -566,8 +589,11 @@ def train_model(cfg: TrainConfig, num_classes: int, train_data: tuple, val_data:
     log.info("Model %s: %d layers, %d parameters; weights: %s", model.name, len(model.layers),
              model.count_params(), provenance["source"])
     if not cfg.patches:
-        history, timing = fit_model(model, cfg, *train_data, *val_data, num_classes=num_classes)
+        history, timing = fit_model(model, cfg, *train_data, *val_data, num_classes=num_classes,
+                                    soft_targets=soft_targets)
         return model, provenance, history, timing
+    if soft_targets is not None:
+        raise ConfigError("Distillation (--distil-from) trains on whole images: drop --patches.")
 
     pc = cfg.patch_config
     images, labels = train_data
@@ -629,7 +655,13 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
             set_seeds(cfg.seed)
             data = {s: decode_split(parts[s], quiet) for s in parts}
             t_fold = time.time()
-            model, _, hist, _ = train_model(quiet, k, data["train"], data["val"])
+            soft = None
+            if cfg.distil_from:
+                from core.training.distil import fold_soft_targets
+
+                soft = fold_soft_targets(quiet, data["train"], data["val"], manifest.class_names)
+                set_seeds(cfg.seed)
+            model, _, hist, _ = train_model(quiet, k, data["train"], data["val"], soft_targets=soft)
             p = in_memory_classifier(model, quiet, manifest.class_names).raw_proba(data["test"][0])
             m = classification_metrics(data["test"][1], p, manifest.class_names, n_boot=0)
             row = {"fold": f + 1, "test_groups": sorted(set(parts["test"].groups)),
@@ -939,8 +971,14 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
         n_feedback = len(extra)
         log.info("Added %d consented feedback image(s) from %s to the training split", n_feedback, cfg.feedback)
 
+    soft, distillation = None, None
+    if cfg.distil_from:
+        from core.training.distil import bundle_soft_targets
+
+        soft, distillation = bundle_soft_targets(cfg, data["train"], manifest.class_names)
+        set_seeds(cfg.seed)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        model, provenance, history, timing = train_model(cfg, k, data["train"], data["val"])
+        model, provenance, history, timing = train_model(cfg, k, data["train"], data["val"], soft_targets=soft)
     if strategy is not None:
         timing["distribute"] = {"strategy": "MultiWorkerMirroredStrategy", "workers": n_workers,
                                 "trainable_weights_sha256": weights_digest(model),
@@ -1023,7 +1061,13 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
                                "sampling": "tissue-aware random crops (darkest channel <= 215 on >= 50% of "
                                            "pixels, else the most tissue-rich of 20 tries); with the cache, "
                                            "each epoch draws one of 1 + augment_copies precomputed draws"}
+    if distillation is not None:
+        metadata["distillation"] = distillation
     if cv is not None:
+        if cfg.distil_from:
+            cv["method"] += ("; distillation: in every fold the teacher's recipe is retrained on the fold's training "
+                             "part and its probabilities on those images are the soft targets (the held-out images "
+                             "are unseen by teacher and student)")
         metadata["cross_validation"] = cv
     if externals:
         metadata["external_checks"] = externals

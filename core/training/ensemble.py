@@ -200,7 +200,8 @@ def train_ensemble(cfg: EnsembleConfig, argv: Optional[Sequence[str]] = None) ->
                     "head": m.get("head"), "temperature": m.get("calibration", {}).get("temperature"),
                     "val_accuracy": m.get("metrics", {}).get("val", {}).get("accuracy"),
                     "val_roc_auc_macro": m.get("metrics", {}).get("val", {}).get("roc_auc_macro"),
-                    "layer_prefix": member_prefix(i), "in_ensemble": shift}
+                    "layer_prefix": member_prefix(i), "in_ensemble": shift,
+                    "config": m.get("config")}  # the member's recipe, retrained fold by fold by --distil-from CVs
                    for i, (p, m, shift) in enumerate(zip(paths, metas, member_shift), start=1)]
     metadata = {
         **run_record(name, argv),

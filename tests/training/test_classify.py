@@ -316,6 +316,7 @@ def test_ensemble_bundle_end_to_end(tiny_bundle, tiny_tree, tmp_path, capsys):
     assert train.main(argv) == 0
     meta = json.loads((tmp_path / "ens" / "metadata.json").read_text())
     assert [m["name"] for m in meta["ensemble"]["members"]] == ["a", "b"]
+    assert [m["config"]["head_units"] for m in meta["ensemble"]["members"]] == [[16], [8]]  # recipes, for --distil-from
     assert meta["gradcam_layer"] == [f"m{i}_" + json.loads((members / n / "metadata.json").read_text())["gradcam_layer"]
                                      for i, n in ((1, "a"), (2, "b"))]
     assert all(m["in_ensemble"]["val_max_abs_probability_difference"] < 1e-4 for m in meta["ensemble"]["members"])
