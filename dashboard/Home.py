@@ -104,6 +104,12 @@ rows = {
     "Command": f"`{meta.get('command')}`",
     "Git commit": str(meta.get("git_commit")),
 }
+dist = meta.get("distillation")
+if dist:
+    rows["Taught by"] = (f"{dist.get('teacher')} (sha256 {str(dist.get('teacher_model_sha256'))[:16]}…, "
+                         f"{dist.get('teacher_members')} model(s)): trained on {dist.get('weight'):g} × its probabilities "
+                         f"at temperature {dist.get('temperature'):g} + {1 - dist.get('weight'):g} × the true labels; "
+                         "one forward pass per prediction")
 st.table({"": list(rows.keys()), "value": list(rows.values())})
 ui.ensemble_members(meta)
 if ds.get("kind") == "busi":

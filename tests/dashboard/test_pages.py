@@ -734,3 +734,20 @@ def test_ensemble_checkpoint_card_evaluation_and_explanation(tiny_bundle, tiny_t
     at.run()
     no_exception(at)
     assert any(s.value.startswith("Grad-CAM") for s in at.subheader)
+
+
+def test_distilled_checkpoint_card_names_its_teacher(tiny_bundle, tiny_tree, tmp_path, monkeypatch):
+    """A student bundle (train.py --distil-from): the model card says which teacher taught it, and how."""
+    import train
+
+    assert train.main(["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "simple_cnn",
+                       "--input-size", "32", "--head-epochs", "1", "--fine-tune-epochs", "0", "--head-units", "8",
+                       "--dropout", "0", "--batch-size", "8", "--split-file", str(tiny_bundle / "split.csv"),
+                       "--distil-from", str(tiny_bundle), "--distil-weight", "0.8", "--name", "student",
+                       "--out-dir", str(tmp_path / "c"), "--quiet"]) == 0
+    serve_from(monkeypatch, tmp_path / "c", tmp_path / "nodata")
+    at = app()
+    no_exception(at)
+    table = next(t.value for t in at.table if "Taught by" in list(t.value.iloc[:, 0]))
+    taught = table.iloc[list(table.iloc[:, 0]).index("Taught by"), 1]
+    assert str(tiny_bundle) in taught and "0.8 × its probabilities at temperature 2" in taught
