@@ -751,3 +751,21 @@ def test_distilled_checkpoint_card_names_its_teacher(tiny_bundle, tiny_tree, tmp
     table = next(t.value for t in at.table if "Taught by" in list(t.value.iloc[:, 0]))
     taught = table.iloc[list(table.iloc[:, 0]).index("Taught by"), 1]
     assert str(tiny_bundle) in taught and "0.8 × its probabilities at temperature 2" in taught
+
+
+def test_warm_up_compiles_the_perturbation_forward_before_the_first_explanation(app_env, monkeypatch):
+    """services.warm_up (run by Explain after the prediction is on screen) traces Grad-CAM and runs one blank
+    perturbed image through the perturbation forward pass, once per checkpoint version."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "dashboard"))
+    import services as svc
+
+    clf = svc.classifier(app_env)
+    seen = []
+    real = clf.predict_perturbed
+    monkeypatch.setattr(clf, "predict_perturbed", lambda images, *a, **k: seen.append(np.shape(images)) or real(images))
+    svc.warm_up(app_env)
+    svc.warm_up(app_env)  # cached: not run twice
+    assert seen == [(1, clf.input_size, clf.input_size, 3)]
+    assert clf._forward is not None and clf.perturbation_forward() is not None
