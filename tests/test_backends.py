@@ -146,3 +146,29 @@ def test_openvino_runs_a_batch_in_calls_of_ov_batch_images_with_the_same_result(
     one = np.concatenate([ref(x[i:i + 1]) for i in range(len(x))])
     np.testing.assert_allclose(out, one, rtol=1e-4, atol=1e-5)
     assert fwd(x[:0]).shape == (0, 2)
+
+
+def test_a_warm_start_reuses_the_self_check_and_the_compiled_model(tiny_bundle, isolated_cache, monkeypatch):
+    """The probe self-check against Keras runs once per IR, OpenVINO version, CPU and precision; later loads read the
+    recorded |Δp| and import OpenVINO's compiled blob, with the same predictions. Another runtime checks again."""
+    import json
+
+    x = np.random.default_rng(2).integers(0, 255, (6, 48, 48, 3)).astype(np.uint8)
+    cold = load_classifier(tiny_bundle, backend="auto")
+    p_cold = cold.predict_proba(x)
+    sha = cold.metadata["model_sha256"]
+    record = isolated_cache / f"{sha}.f32.verified.json"
+    rec = json.loads(record.read_text())
+    assert rec["max_dp"] == cold.backend_info["max_dp_probe"] <= B.MAX_DP and rec["precision"] == "f32"
+    load_classifier(tiny_bundle, backend="auto").predict_proba(x)  # the first cached compile writes the blob
+    assert list((isolated_cache / "compiled").glob("*.blob"))
+    probes = []
+    real = B.keras_reference
+    monkeypatch.setattr(B, "keras_reference", lambda *a, **k: probes.append(1) or real(*a, **k))
+    warm = load_classifier(tiny_bundle, backend="auto")
+    np.testing.assert_allclose(warm.predict_proba(x), p_cold, atol=1e-6)
+    assert probes == [] and warm.backend_info["max_dp_probe"] == rec["max_dp"]
+    record.write_text(json.dumps({**rec, "openvino": "another version"}))
+    again = load_classifier(tiny_bundle, backend="auto")
+    again.predict_proba(x)
+    assert probes == [1] and json.loads(record.read_text())["openvino"] == rec["openvino"]
