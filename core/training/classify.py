@@ -293,10 +293,7 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     from core.models import backbone_layers, cut_point, set_trainable
 
     phases = plan_phases(cfg)
-    soft = soft_targets is not None
-    if soft and (cfg.logistic_c is not None or sampler is not None):
-        raise ConfigError("Distillation (--distil-from) trains a network head on whole images: drop --logistic-c "
-                          "and --patches.")
+    soft = soft_targets is not None  # train_model refuses it with --logistic-c or --patches
     cw = class_weight_vector(y_train, num_classes) if cfg.class_weights else np.ones(num_classes)
     sw_train = cw[y_train].astype(np.float32)
     if soft:
@@ -576,6 +573,9 @@ def train_model(cfg: TrainConfig, num_classes: int, train_data: tuple, val_data:
     from core.models import ModelConfig, build_model, stain_targets
     from core.patches import random_patches
 
+    if soft_targets is not None and (cfg.logistic_c is not None or cfg.patches):
+        raise ConfigError("Distillation (--distil-from) trains a network head on whole images: drop --logistic-c "
+                          "and --patches.")
     targets = None
     if cfg.stain_standardise:
         x = train_data[0]
@@ -592,8 +592,6 @@ def train_model(cfg: TrainConfig, num_classes: int, train_data: tuple, val_data:
         history, timing = fit_model(model, cfg, *train_data, *val_data, num_classes=num_classes,
                                     soft_targets=soft_targets)
         return model, provenance, history, timing
-    if soft_targets is not None:
-        raise ConfigError("Distillation (--distil-from) trains on whole images: drop --patches.")
 
     pc = cfg.patch_config
     images, labels = train_data

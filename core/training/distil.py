@@ -90,19 +90,20 @@ def bundle_soft_targets(cfg, train_data: tuple, class_names: Sequence[str]) -> t
     if list(teacher.class_names) != list(class_names):
         raise ConfigError(f"The teacher {cfg.distil_from} has classes {list(teacher.class_names)}, the data "
                           f"{list(class_names)}: not the same task.")
-    _check_inputs(cfg, [replace(cfg, input_size=teacher.input_size, clahe=bool(teacher.metadata.get(
-        "preprocessing", {}).get("clahe")), patches=cfg.patches)])
+    _check_inputs(cfg, [replace(cfg, input_size=teacher.input_size,
+                                clahe=bool(teacher.metadata.get("preprocessing", {}).get("clahe")))])
     p = teacher.raw_proba(x)
     targets = soft_targets(p, y, cfg.distil_weight, cfg.distil_temperature)
     agree = float(np.mean(np.argmax(p, axis=1) == y))
+    on_true = float(targets[np.arange(len(y)), y].mean())
     log.info("Distillation from %s: teacher accuracy on the %d training images %.3f; soft targets put %.3f on the "
-             "true class on average", cfg.distil_from, len(y), agree, float(targets[np.arange(len(y)), y].mean()))
+             "true class on average", cfg.distil_from, len(y), agree, on_true)
     meta = teacher.metadata
     entry = {"teacher": str(cfg.distil_from), "teacher_model_sha256": meta.get("model_sha256"),
              "teacher_members": len((meta.get("ensemble") or {}).get("members") or []) or 1,
              "weight": cfg.distil_weight, "temperature": cfg.distil_temperature,
              "teacher_train_accuracy": agree,
-             "mean_target_on_true_class": float(targets[np.arange(len(y)), y].mean()),
+             "mean_target_on_true_class": on_true,
              "targets": "weight x softmax(teacher logits / temperature) + (1 - weight) x one-hot label, per training "
                         "image (every augmented copy of an image gets its row); validation and early stopping on "
                         "the true labels"}
