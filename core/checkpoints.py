@@ -616,29 +616,47 @@ def segmenter_for(classifier_meta: dict, root: str | Path = CHECKPOINTS_DIR) -> 
     return next((p for p in list_bundles(root, kind="segmenter") if MODALITY.get(bundle_summary(p)[1]) == want), None)
 
 
-def load_segmenter(path: str | Path):
+def load_segmenter(path: str | Path, backend: Optional[str] = None):
     """Load and verify a segmenter bundle (`train.py --task segmentation`) -> `core.segmentation.Segmenter`.
 
     `predict_proba_map(uint8 image of any size)` -> float32 (H, W); `predict_mask(image)` -> bool (H, W).
+    backend as for `load_classifier`: 'auto' (default) runs the maps on OpenVINO float32 where it agrees with Keras
+    within `core.backends.MAX_DP` per pixel; a warm start (converted model cached) returns without TensorFlow.
     """
-    import keras
-
-    import core.models  # noqa: F401  (registers BackbonePreprocess for deserialisation)
+    from core.backends import cache_dir, requested_backend, verified_earlier
     from core.segmentation import Segmenter
 
     path = Path(path)
     meta = verify_bundle(path)
     if meta.get("kind") != "segmenter":
         raise CheckpointError(f"{path.name} is a classifier, not a lesion segmenter: load it with load_classifier.")
+    size = int(meta["input_size"])
+    backend = requested_backend(backend)
+    key = meta.get("model_sha256")
+    # A warm start: this model's converted copy is cached and passed its check against Keras on this runtime and CPU
+    if backend in ("auto", "openvino") and key and (cache_dir() / f"{key}.xml").is_file() \
+            and verified_earlier(key, "f32") is not None:
+        model: object = DeferredModel(lambda: _load_segmenter_keras(path, size))
+    else:
+        model = _load_segmenter_keras(path, size)
+    post = meta.get("postprocessing", {})
+    return Segmenter(model=model, input_size=size, clahe=bool(meta.get("preprocessing", {}).get("clahe", False)),
+                     threshold=float(post.get("threshold", 0.5)),
+                     largest_region_only=bool(post.get("largest_region_only", False)), metadata=meta, path=path,
+                     backend="keras" if backend == "openvino-bf16" else backend)
+
+
+def _load_segmenter_keras(path: Path, size: int):
+    """model.keras of a verified segmenter bundle (safe_mode), checked to be a `size` px one-channel segmenter."""
+    import keras
+
+    import core.models  # noqa: F401  (registers BackbonePreprocess for deserialisation)
+
     try:
         model = keras.saving.load_model(path / "model.keras", compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for damaged archives
         raise CheckpointError(f"{path.name}: model.keras cannot be loaded ({type(exc).__name__}: {exc}).") from exc
-    size = int(meta["input_size"])
     if tuple(model.input_shape[1:3]) != (size, size) or model.output_shape[-1] != 1:
         raise CheckpointError(f"{path.name}: the model ({model.input_shape} -> {model.output_shape}) is not a "
                               f"{size} px one-channel segmenter.")
-    post = meta.get("postprocessing", {})
-    return Segmenter(model=model, input_size=size, clahe=bool(meta.get("preprocessing", {}).get("clahe", False)),
-                     threshold=float(post.get("threshold", 0.5)),
-                     largest_region_only=bool(post.get("largest_region_only", False)), metadata=meta, path=path)
+    return model

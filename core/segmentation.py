@@ -36,7 +36,12 @@ def postprocess(proba: np.ndarray, threshold: float = 0.5, largest_region_only: 
 
 @dataclass
 class Segmenter:
-    """A trained lesion segmenter: uint8 RGB images of any size -> lesion probability maps and masks."""
+    """A trained lesion segmenter: uint8 RGB images of any size -> lesion probability maps and masks.
+
+    `backend`: the forward pass, "keras" (in-memory models during training) or, for checkpoints, "auto" / "openvino"
+    (OpenVINO float32 where it agrees with Keras, see `core.backends.choose_forward`). `model` is the Keras model or,
+    on a warm OpenVINO start, a `core.checkpoints.DeferredModel` loaded only if the Keras graph is needed.
+    """
 
     model: object
     input_size: int
@@ -46,19 +51,43 @@ class Segmenter:
     metadata: dict = field(default_factory=dict)
     path: Optional[Path] = None
     batch_size: int = 8
+    backend: str = "keras"
+    backend_info: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _fwd: Optional[object] = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         return self.path.name if self.path else "in-memory segmenter"
 
+    def keras_model(self):
+        """The Keras model (a warm start's deferred model is loaded here, once)."""
+        with self._lock:
+            if hasattr(self.model, "result") and not hasattr(self.model, "layers"):
+                self.model = self.model.result()
+            return self.model
+
+    def _keras_forward(self, x: np.ndarray) -> np.ndarray:
+        model = self.keras_model()
+        with self._lock:
+            return np.asarray(model(x, training=False), np.float32)
+
     def _forward(self, x: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) float32 0-255 -> (N, S, S) lesion probabilities."""
-        out = []
-        with self._lock:
-            for i in range(0, len(x), self.batch_size):
-                out.append(np.asarray(self.model(x[i:i + self.batch_size], training=False))[..., 0])
-        return np.concatenate(out).astype(np.float32)
+        if self._fwd is None:
+            if self.backend == "keras":
+                self._fwd, self.backend_info = self._keras_forward, {"backend": "keras float32",
+                                                                     "reason": "requested"}
+            else:
+                from core.backends import choose_forward
+
+                self._fwd, self.backend_info = choose_forward(
+                    self.keras_model, self.input_size, self._keras_forward, self.metadata.get("model_sha256"),
+                    self.backend)
+        if len(x) == 0:
+            return np.zeros((0, self.input_size, self.input_size), np.float32)
+        out = [np.asarray(self._fwd(x[i:i + self.batch_size]), np.float32) for i in range(0, len(x), self.batch_size)]
+        return np.concatenate(out)[..., 0]
 
     def proba_maps_from_inputs(self, x: np.ndarray, shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Maps for prepared inputs uint8 (N, S, S, 3), each resized (bilinear) to its image's (H, W)."""

@@ -172,3 +172,24 @@ def test_a_warm_start_reuses_the_self_check_and_the_compiled_model(tiny_bundle, 
     again = load_classifier(tiny_bundle, backend="auto")
     again.predict_proba(x)
     assert probes == [1] and json.loads(record.read_text())["openvino"] == rec["openvino"]
+
+
+def test_segmenter_maps_run_on_openvino_and_a_warm_start_defers_keras(tiny_segmenter, isolated_cache):
+    """load_segmenter's 'auto' maps come from OpenVINO float32 within MAX_DP of Keras per pixel; once that passed, a
+    later load leaves the Keras model unloaded and gives the same maps and masks."""
+    from core.checkpoints import DeferredModel, load_segmenter
+
+    img = np.random.default_rng(3).integers(0, 255, (45, 70, 3)).astype(np.uint8)
+    ref = load_segmenter(tiny_segmenter, backend="keras")
+    p_ref = ref.predict_proba_map(img)
+    assert ref.backend_info["backend"] == "keras float32"
+    cold = load_segmenter(tiny_segmenter, backend="auto")
+    p_cold = cold.predict_proba_map(img)
+    assert cold.backend_info["backend"] == "openvino float32" and cold.backend_info["max_dp_probe"] <= B.MAX_DP
+    np.testing.assert_allclose(p_cold, p_ref, atol=B.MAX_DP)
+    warm = load_segmenter(tiny_segmenter, backend="auto")
+    assert isinstance(warm.model, DeferredModel)
+    np.testing.assert_allclose(warm.predict_proba_map(img), p_cold, atol=1e-6)
+    assert isinstance(warm.model, DeferredModel)  # the maps never needed the Keras graph
+    assert np.array_equal(warm.predict_mask(img), cold.predict_mask(img))
+    assert warm.keras_model().output_shape[-1] == 1  # still loadable on demand (training code, diagnostics)
