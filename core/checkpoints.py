@@ -621,7 +621,8 @@ def load_segmenter(path: str | Path, backend: Optional[str] = None):
 
     `predict_proba_map(uint8 image of any size)` -> float32 (H, W); `predict_mask(image)` -> bool (H, W).
     backend as for `load_classifier`: 'auto' (default) runs the maps on OpenVINO float32 where it agrees with Keras
-    within `core.backends.MAX_DP` per pixel; a warm start (converted model cached) returns without TensorFlow.
+    within `core.backends.MAX_DP` per pixel ('openvino-bf16' too: lesion maps stay float32); 'keras'; 'openvino'.
+    A warm start (converted model cached and checked on this runtime and CPU) returns without TensorFlow.
     """
     from core.backends import cache_dir, requested_backend, verified_earlier
     from core.segmentation import Segmenter
@@ -632,6 +633,7 @@ def load_segmenter(path: str | Path, backend: Optional[str] = None):
         raise CheckpointError(f"{path.name} is a classifier, not a lesion segmenter: load it with load_classifier.")
     size = int(meta["input_size"])
     backend = requested_backend(backend)
+    backend = "auto" if backend == "openvino-bf16" else backend
     key = meta.get("model_sha256")
     # A warm start: this model's converted copy is cached and passed its check against Keras on this runtime and CPU
     if backend in ("auto", "openvino") and key and (cache_dir() / f"{key}.xml").is_file() \
@@ -643,7 +645,7 @@ def load_segmenter(path: str | Path, backend: Optional[str] = None):
     return Segmenter(model=model, input_size=size, clahe=bool(meta.get("preprocessing", {}).get("clahe", False)),
                      threshold=float(post.get("threshold", 0.5)),
                      largest_region_only=bool(post.get("largest_region_only", False)), metadata=meta, path=path,
-                     backend="keras" if backend == "openvino-bf16" else backend)
+                     backend=backend)
 
 
 def _load_segmenter_keras(path: Path, size: int):
