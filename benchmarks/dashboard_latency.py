@@ -174,7 +174,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with only_checkpoints(args.checkpoint) as env:
-        t_pred, t_first, t_cached = app_timings(env, out, args.skip_pages)
+        t_pred, t_first, t_cached, t_outline = app_timings(env, out, args.skip_pages)
     he = None
     if Path(args.he_image).is_file() and Path(args.he_checkpoint).is_dir():
         he = he_field_timing(Path(args.he_image), Path(args.he_checkpoint), out)
@@ -182,12 +182,21 @@ def main() -> int:
     print(json.dumps({"checkpoint": args.checkpoint, "first_prediction_s": round(t_pred, 2),
                       "first_gradcam_lime_s": round(t_first, 2), "cached_reshow_s": round(t_cached, 2),
                       "he_gradcam_lime_s": None if he is None else round(he, 2),
+                      "first_outline_s": None if t_outline is None else round(t_outline, 2),
                       "he_checkpoint": Path(args.he_checkpoint).name}))
     return 0
 
 
-def app_timings(env: dict, out: Path, skip_pages: bool) -> tuple[float, float, float]:
-    """(first prediction after `streamlit run`, first Grad-CAM + LIME, median cached re-show) in seconds."""
+def outline_shown(drv) -> bool:
+    """The segmenter's predicted lesion is described on the page (its caption follows the outline's computation)."""
+    from selenium.webdriver.common.by import By
+    return any("test Dice" in c.text or "No lesion predicted" in c.text
+               for c in drv.find_elements(By.CSS_SELECTOR, "[data-testid='stCaptionContainer']"))
+
+
+def app_timings(env: dict, out: Path, skip_pages: bool) -> tuple[float, float, float, float | None]:
+    """(first prediction after `streamlit run`, first Grad-CAM + LIME, median cached re-show, first predicted lesion
+    outline after `streamlit run` or None without a segmenter) in seconds."""
     from selenium.webdriver.common.by import By
 
     t_start = time.time()
@@ -198,6 +207,11 @@ def app_timings(env: dict, out: Path, skip_pages: bool) -> tuple[float, float, f
         wait_for(drv, lambda d: any("Prediction:" in h.text for h in d.find_elements(By.CSS_SELECTOR, "h3")))
         t_pred = time.time() - t_start
         print(f"streamlit run -> first prediction on screen: {t_pred:.1f} s (target 5 s)")
+        t_outline = None
+        if drv.find_elements(By.XPATH, "//label[.//p[text()='Outline the predicted lesion']]"):
+            wait_for(drv, outline_shown)
+            t_outline = time.time() - t_start
+            print(f"streamlit run -> predicted lesion outline on screen: {t_outline:.1f} s")
         wait_for(drv, idle)
         drv.save_screenshot(str(out / "explain_prediction.png"))
         t_first = explain_now(drv)
@@ -213,7 +227,7 @@ def app_timings(env: dict, out: Path, skip_pages: bool) -> tuple[float, float, f
             wait_for(drv, idle)
             time.sleep(4)  # custom components (drawing canvas) mount after the script run
             drv.save_screenshot(str(out / f"real_{page}.png"))
-    return t_pred, t_first, t_cached
+    return t_pred, t_first, t_cached, t_outline
 
 
 if __name__ == "__main__":
