@@ -193,3 +193,43 @@ def test_segmenter_maps_run_on_openvino_and_a_warm_start_defers_keras(tiny_segme
     assert isinstance(warm.model, DeferredModel)  # the maps never needed the Keras graph
     assert np.array_equal(warm.predict_mask(img), cold.predict_mask(img))
     assert warm.keras_model().output_shape[-1] == 1  # still loadable on demand (training code, diagnostics)
+
+
+def test_a_long_batch_is_spread_over_free_requests_one_per_stream(tiny_bundle, isolated_cache):
+    """With several OpenVINO streams a batch of several OV_BATCH calls runs on as many free infer requests at once
+    (never waiting for a second one); the output is in order and equal to one request's, and an inference error in a
+    helper thread reaches the caller."""
+    import threading
+
+    clf = load_classifier(tiny_bundle, backend="keras")
+    fwd = B.openvino_forward(clf.model, clf.input_size, None, "f32")
+    s = clf.input_size
+    x = np.random.default_rng(4).integers(0, 255, (4 * B.OV_BATCH + 1, s, s, 3)).astype(np.float32)
+    seen: dict = {}
+    requests = [fwd.pool.get() for _ in range(B.REQUEST_POOL)]
+
+    class Spy:
+        def __init__(self, k, request, fail=False):
+            self.k, self.request, self.fail = k, request, fail
+
+        def infer(self, inputs):
+            seen.setdefault(self.k, set()).add(threading.get_ident())
+            if self.fail:
+                raise RuntimeError("device lost")
+            return self.request.infer(inputs)
+
+    for k, r in enumerate(requests):
+        fwd.pool.put(Spy(k, r))
+    out = fwd(x)
+    expected = min(fwd.streams, B.REQUEST_POOL, 5)
+    assert len(seen) == expected and len(set.union(*seen.values())) == expected  # one thread per request
+    single = B.openvino_forward(clf.model, s, None, "f32")
+    for _ in range(B.REQUEST_POOL - 1):
+        single.pool.get()  # a pool of one: the same batch through one request
+    np.testing.assert_allclose(out, single(x), rtol=1e-5, atol=1e-6)
+    if fwd.streams > 1:
+        spies = [fwd.pool.get() for _ in range(B.REQUEST_POOL)]
+        for k, spy in enumerate(spies):
+            fwd.pool.put(Spy(k, spy.request, fail=k > 0))
+        with pytest.raises(RuntimeError, match="device lost"):
+            fwd(x)
