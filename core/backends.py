@@ -36,11 +36,14 @@ REQUEST_POOL = 4
 #: Images per OpenVINO inference call. Smaller calls ran faster on the 2-core CPU here (DenseNet121, float32, ms per
 #: image: 15.2 at 8, 15.8 at 16, 16.1 at 32, 17.0 at 64); LIME 300 on busi_densenet121 took 4.7-4.8 s instead of 5.2-5.5.
 OV_BATCH = 8
-#: OpenVINO's performance hint. THROUGHPUT runs one stream per core group (2 single-core streams here) and a batch of
-#: several OV_BATCH calls is spread over free infer requests, one per stream: 296 bfloat16 images on busi_densenet121
-#: took 3.72-3.80 s against 3.88-3.91 s with LATENCY (one 2-core stream), and four such batches at once 14.5-15.3 s
-#: against 16.7-17.0 s. A single image waits on one stream (about 2x its LATENCY time, tens of ms).
-OV_HINT = "THROUGHPUT"
+#: OpenVINO's performance hint for forward passes that mostly see one image (predictions, out-of-distribution features,
+#: lesion maps): one stream on every core.
+OV_HINT = "LATENCY"
+#: The hint for the bfloat16 perturbation forward pass, which sees batches of hundreds: one stream per core group (2
+#: single-core streams here), a batch of several OV_BATCH calls spread over free infer requests, one per stream. 296
+#: bfloat16 images on busi_densenet121 took 3.72-3.80 s against 3.88-3.91 s with LATENCY, and four such batches at once
+#: 14.5-15.3 s against 16.7-17.0 s; a single image waits on one stream (46 against 26 ms), hence not for predictions.
+BATCH_HINT = "THROUGHPUT"
 
 
 def warm(key: Optional[str]) -> Optional[tuple[int, int]]:
@@ -70,7 +73,7 @@ def requested_backend(explicit: Optional[str] = None) -> str:
     return name
 
 
-def openvino_forward(model, input_size: int, key: Optional[str], precision: str = "f32"
+def openvino_forward(model, input_size: int, key: Optional[str], precision: str = "f32", hint: str = OV_HINT
                      ) -> Callable[[np.ndarray], np.ndarray]:
     """Compile `model` (float32 (N, S, S, 3) -> (N, K)) with OpenVINO; returns f(batch) -> np.ndarray.
 
@@ -81,7 +84,7 @@ def openvino_forward(model, input_size: int, key: Optional[str], precision: str 
 
     xml = cache_dir() / f"{key}.xml" if key else None
     cached_ir = xml is not None and xml.is_file()
-    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": OV_HINT}
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint}
     compiled = None
     if cached_ir:
         # OpenVINO's own cache of compiled models (keyed by the model, this config, the CPU and OpenVINO's version):

@@ -458,9 +458,10 @@ class Classifier:
             return self.forward
         if self._perturb_forward is None:
             try:
-                from core.backends import openvino_forward
+                from core.backends import BATCH_HINT, openvino_forward
 
-                fast = openvino_forward(lambda: self.model, self.input_size, self.metadata.get("model_sha256"), "bf16")
+                fast = openvino_forward(lambda: self.model, self.input_size, self.metadata.get("model_sha256"), "bf16",
+                                        BATCH_HINT)
                 self._perturb_forward = lambda x: self._chunked(fast, x)  # noqa: E731
             except Exception:  # OpenVINO unavailable here: keep float32
                 self.perturbation = "float32"

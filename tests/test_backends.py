@@ -196,13 +196,13 @@ def test_segmenter_maps_run_on_openvino_and_a_warm_start_defers_keras(tiny_segme
 
 
 def test_a_long_batch_is_spread_over_free_requests_one_per_stream(tiny_bundle, isolated_cache):
-    """With several OpenVINO streams a batch of several OV_BATCH calls runs on as many free infer requests at once
-    (never waiting for a second one); the output is in order and equal to one request's, and an inference error in a
-    helper thread reaches the caller."""
+    """With several OpenVINO streams (the perturbation forward's BATCH_HINT) a batch of several OV_BATCH calls runs on
+    as many free infer requests at once (never waiting for a second one); the output is in order and equal to one
+    request's, and an inference error in a helper thread reaches the caller."""
     import threading
 
     clf = load_classifier(tiny_bundle, backend="keras")
-    fwd = B.openvino_forward(clf.model, clf.input_size, None, "f32")
+    fwd = B.openvino_forward(clf.model, clf.input_size, None, "f32", B.BATCH_HINT)
     s = clf.input_size
     x = np.random.default_rng(4).integers(0, 255, (4 * B.OV_BATCH + 1, s, s, 3)).astype(np.float32)
     seen: dict = {}
