@@ -161,9 +161,11 @@ def openvino_forward(model, input_size: int, key: Optional[str], precision: str 
                        for r in requests[1:]]
             for t in helpers:
                 t.start()
-            run(requests[0], x, it, out, lock, errors)
-            for t in helpers:
-                t.join()
+            try:
+                run(requests[0], x, it, out, lock, errors)
+            finally:  # no request goes back to the pool while a helper may still use it
+                for t in helpers:
+                    t.join()
             if errors:
                 raise errors[0]
             return np.concatenate([out[i] for i in starts])
