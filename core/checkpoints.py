@@ -369,15 +369,12 @@ class Classifier:
 
         OpenVINO reads its converted model from the on-disk cache when there is one, so a warm start predicts without
         TensorFlow and the Keras model (loaded on first use of `model`)."""
-        if self._forward is None:
-            keras_forward = _lazy_keras_forward(lambda: self.model)
-            if self.backend == "keras":
-                self._forward, self.backend_info = keras_forward, {"backend": "keras float32", "reason": "requested"}
-            else:
-                from core.backends import choose_forward
+        if self._forward is None:  # choose_forward returns the Keras forward itself for backend "keras"
+            from core.backends import choose_forward
 
-                self._forward, self.backend_info = choose_forward(
-                    lambda: self.model, self.input_size, keras_forward, self.metadata.get("model_sha256"), self.backend)
+            self._forward, self.backend_info = choose_forward(
+                lambda: self.model, self.input_size, _lazy_keras_forward(lambda: self.model),
+                self.metadata.get("model_sha256"), self.backend)
         out = self._chunked(self._forward, batch)
         if len(out):
             check_model_shape(self.name, out.shape[-1], self.input_size, self.class_names, self.input_size)

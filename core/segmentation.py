@@ -62,8 +62,10 @@ class Segmenter:
 
     def keras_model(self):
         """The Keras model (a warm start's deferred model is loaded here, once)."""
+        from core.checkpoints import DeferredModel
+
         with self._lock:
-            if hasattr(self.model, "result") and not hasattr(self.model, "layers"):
+            if isinstance(self.model, DeferredModel):
                 self.model = self.model.result()
             return self.model
 
@@ -74,16 +76,11 @@ class Segmenter:
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) float32 0-255 -> (N, S, S) lesion probabilities."""
-        if self._fwd is None:
-            if self.backend == "keras":
-                self._fwd, self.backend_info = self._keras_forward, {"backend": "keras float32",
-                                                                     "reason": "requested"}
-            else:
-                from core.backends import choose_forward
+        if self._fwd is None:  # choose_forward returns _keras_forward itself for backend "keras"
+            from core.backends import choose_forward
 
-                self._fwd, self.backend_info = choose_forward(
-                    self.keras_model, self.input_size, self._keras_forward, self.metadata.get("model_sha256"),
-                    self.backend)
+            self._fwd, self.backend_info = choose_forward(
+                self.keras_model, self.input_size, self._keras_forward, self.metadata.get("model_sha256"), self.backend)
         if len(x) == 0:
             return np.zeros((0, self.input_size, self.input_size), np.float32)
         out = [np.asarray(self._fwd(x[i:i + self.batch_size]), np.float32) for i in range(0, len(x), self.batch_size)]
