@@ -87,6 +87,7 @@ class TrainConfig:
     distil_from: Optional[str] = None  # teacher bundle: train on its softened probabilities (core.training.distil)
     distil_weight: float = 0.5  # share of the teacher's soft targets in the training targets (rest: true labels)
     distil_temperature: float = 2.0  # the teacher's logits are divided by this before the softmax
+    mixup: float = 0.0  # >0: mixup (Zhang et al. 2018), each batch mixed with itself shuffled, lambda ~ Beta(a, a)
     verbose: int = 1
 
     @property
@@ -161,16 +162,27 @@ def class_weight_vector(y: np.ndarray, k: int) -> np.ndarray:
     return w
 
 
+def mix_batch(x, y, sw, alpha: float, rng: np.random.Generator) -> tuple:
+    """Mixup of one batch with itself in a random order: x, target rows y (N, K) and sample weights sw (N,)
+    each become lambda * own + (1 - lambda) * partner's, one lambda ~ Beta(alpha, alpha) per batch."""
+    lam = float(rng.beta(alpha, alpha))
+    perm = rng.permutation(len(y))
+    return (lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm],
+            (lam * sw + (1 - lam) * sw[perm]).astype(np.float32))
+
+
 class _CachedSequence:
-    """Keras PyDataset over cached activations: each epoch, one random copy per image, shuffled."""
+    """Keras PyDataset over cached activations: each epoch, one random copy per image, shuffled; with
+    `mixup` > 0 each batch is mixed (`mix_batch`; y must then be target rows (N, K))."""
 
     def __new__(cls, *args, **kwargs):
         import keras
 
         class Seq(keras.utils.PyDataset):
-            def __init__(self, cache, y, sw, batch_size, seed):
+            def __init__(self, cache, y, sw, batch_size, seed, mixup: float = 0.0):
                 super().__init__()
-                self.cache, self.y, self.sw, self.bs = cache, y, sw, batch_size
+                self.cache, self.y, self.sw, self.bs, self.mixup = cache, y, sw, batch_size, mixup
+                self.seed, self.epoch = seed, 0
                 self.rng = np.random.default_rng(seed)
                 self.on_epoch_end()
 
@@ -178,12 +190,16 @@ class _CachedSequence:
                 return int(np.ceil(len(self.y) / self.bs))
 
             def on_epoch_end(self):
+                self.epoch += 1
                 self.order = self.rng.permutation(len(self.y))
                 self.copy = self.rng.integers(0, self.cache.shape[0], len(self.y))
 
             def __getitem__(self, i):
                 idx = self.order[i * self.bs:(i + 1) * self.bs]
-                return self.cache[self.copy[idx], idx], self.y[idx], self.sw[idx]
+                x, y, sw = self.cache[self.copy[idx], idx], self.y[idx], self.sw[idx]
+                if self.mixup > 0:  # the batch's own generator: the same mix whatever order batches are asked in
+                    x, y, sw = mix_batch(x, y, sw, self.mixup, np.random.default_rng((self.seed, self.epoch, i)))
+                return x, y, sw
 
         return Seq(*args, **kwargs)
 
@@ -262,6 +278,7 @@ def plan_phases(cfg: TrainConfig) -> list[Phase]:
             (cfg.weights == "none" or cfg.backbone == "simple_cnn", "a pretrained trunk (--weights)"),
             (cfg.fine_tune_epochs > 0 and cfg.fine_tune_layers != 0, "--fine-tune-epochs 0 (frozen trunk)"),
             (not cfg.cache, "the activation cache (drop --no-cache)"),
+            (cfg.mixup > 0, "no --mixup (it mixes a network head's training batches)"),
             (cfg.distribute != "none", "a single process (no --distribute)")) if bad]
         if problems:
             raise ConfigError("A logistic-regression head (--logistic-c) needs " + "; ".join(problems) + ".")
@@ -292,12 +309,17 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
 
     from core.models import backbone_layers, cut_point, set_trainable
 
-    phases = plan_phases(cfg)
-    soft = soft_targets is not None  # train_model refuses it with --logistic-c or --patches
+    phases = plan_phases(cfg)  # refuses --mixup with --logistic-c
+    if cfg.mixup > 0 and sampler is not None:
+        raise ConfigError("--mixup mixes whole images: it does not combine with --patches.")
+    if cfg.mixup < 0:
+        raise ConfigError(f"--mixup must be 0 (off) or above (got {cfg.mixup}).")
+    soft = soft_targets is not None or cfg.mixup > 0  # train_model refuses distillation with those too
     cw = class_weight_vector(y_train, num_classes) if cfg.class_weights else np.ones(num_classes)
     sw_train = cw[y_train].astype(np.float32)
-    if soft:
-        y_train = np.asarray(soft_targets, np.float32)  # targets from here on; the class weights use the labels
+    if soft:  # target rows from here on; the class weights use the labels
+        y_train = (np.asarray(soft_targets, np.float32) if soft_targets is not None
+                   else np.eye(num_classes, dtype=np.float32)[y_train])
         y_val = np.eye(num_classes, dtype=np.float32)[y_val]
     verbose = 0 if cfg.verbose == 0 else (1 if sys.stdout.isatty() else 2)  # bar on a terminal, lines in a log
     history: list[dict] = []
@@ -347,7 +369,7 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
                  timing["cache_seconds"])
         if cfg.logistic_c is not None:
             return fit_logistic_head(model, tail, cfg, cache, y_train, val_feats, y_val, num_classes, timing)
-        train_data = _CachedSequence(cache, y_train, sw_train, cfg.batch_size, cfg.seed)
+        train_data = _CachedSequence(cache, y_train, sw_train, cfg.batch_size, cfg.seed, cfg.mixup)
         val_data = (val_feats, y_val)
         target = tail
     elif cfg.logistic_c is not None:
@@ -365,13 +387,24 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
                         num_parallel_calls=tf.data.AUTOTUNE)
         else:
             ds = ds.map(lambda x, y, w: (tf.cast(x, tf.float32), y, w))
+        if cfg.mixup > 0:
+            mix_rng = np.random.default_rng(cfg.seed)
+
+            def mix(x, y, w):
+                out = tf.numpy_function(lambda *a: mix_batch(*a, cfg.mixup, mix_rng), [x, y, w],
+                                        [tf.float32, tf.float32, tf.float32])
+                for t, ref in zip(out, (x, y, w)):
+                    t.set_shape(ref.shape)
+                return tuple(out)
+
+            ds = ds.map(mix)
         train_data = ds.prefetch(tf.data.AUTOTUNE)
         val_data = (x_val.astype(np.float32), y_val)
         target = model
 
     if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
         if soft:
-            raise ConfigError("Distillation (--distil-from) runs on one machine: drop --distribute.")
+            raise ConfigError("Distillation (--distil-from) and --mixup run on one machine: drop --distribute.")
         # Keras 3's fit does not run under MultiWorkerMirroredStrategy (keras-team/keras#20585): a plain loop.
         history, timing = _fit_distributed(model, cfg, phases, x_train, y_train, sw_train, x_val, y_val, augmenter)
         return history, timing

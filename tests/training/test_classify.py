@@ -355,3 +355,51 @@ def test_ensemble_bundle_end_to_end(tiny_bundle, tiny_tree, tmp_path, capsys):
         member = json.loads((tmp_path / "again" / ".members" / f"ens_member{i}" / "metadata.json").read_text())
         assert member["split"]["reused_from"] == str(tmp_path / "again" / "ens" / "split.csv")
     load_classifier(tmp_path / "again" / "ens", backend="keras")
+
+
+def test_mix_batch_by_hand():
+    x = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)
+    y = np.eye(2, dtype=np.float32)[[0, 1, 1, 0]]
+    sw = np.array([1.0, 2.0, 2.0, 1.0], np.float32)
+    xm, ym, swm = T.mix_batch(x, y, sw, 0.4, np.random.default_rng(7))
+    ref = np.random.default_rng(7)
+    lam = ref.beta(0.4, 0.4)
+    perm = ref.permutation(4)
+    assert np.allclose(xm, lam * x + (1 - lam) * x[perm])
+    assert np.allclose(ym, lam * y + (1 - lam) * y[perm]) and np.allclose(ym.sum(1), 1)
+    assert np.allclose(swm, lam * sw + (1 - lam) * sw[perm]) and swm.dtype == np.float32
+
+
+def test_cached_sequence_mixes_each_batch_the_same_way_every_time():
+    cache = np.arange(2 * 8 * 3, dtype=np.float32).reshape(2, 8, 3)  # 2 copies of 8 cached activations
+    y = np.eye(2, dtype=np.float32)[[0, 1] * 4]
+    seq = T._CachedSequence(cache, y, np.ones(8, np.float32), 4, 0, 0.4)
+    x0, y0, _ = seq[0]
+    assert np.allclose(y0.sum(1), 1) and not np.all(np.isin(y0, (0.0, 1.0)))  # soft rows: mixed labels
+    again = seq[0]
+    assert np.array_equal(x0, again[0]) and np.array_equal(y0, again[1])
+    plain = T._CachedSequence(cache, y, np.ones(8, np.float32), 4, 0)[0]
+    assert np.all(np.isin(plain[1], (0.0, 1.0)))  # no mixup: the rows as given
+
+
+@pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
+@pytest.mark.parametrize("cache", [True, False])
+def test_mixup_training_end_to_end(tiny_tree, tmp_path, cache):
+    args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "densenet121",
+            "--weights", str(DENSENET_WEIGHTS), "--input-size", "32",
+            "--head-epochs", "1", "--fine-tune-epochs", "1", "--fine-tune-layers", "10", "--augment-copies", "1",
+            "--batch-size", "8", "--out-dir", str(tmp_path), "--name", "m", "--quiet", "--mixup", "0.4"]
+    assert train.main(args + ([] if cache else ["--no-cache"])) == 0
+    meta = json.loads((tmp_path / "m" / "metadata.json").read_text())
+    assert meta["config"]["mixup"] == 0.4 and (meta["training"]["cut_layer"] is not None) == cache
+    assert "--mixup 0.4" in meta["command"]
+    p = load_classifier(tmp_path / "m", backend="keras").predict_proba(np.zeros((2, 40, 40, 3), np.uint8))
+    assert np.allclose(p.sum(1), 1, atol=1e-5)
+
+
+def test_mixup_refuses_the_logistic_head(tiny_tree, tmp_path, capsys):
+    args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--weights", "none", "--head-units", "0",
+            "--logistic-c", "1", "--mixup", "0.2", "--out-dir", str(tmp_path), "--quiet"]
+    assert train.main(args) == 2
+    err = capsys.readouterr()
+    assert "--mixup" in err.out + err.err and "Traceback" not in err.out + err.err
