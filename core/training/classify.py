@@ -258,6 +258,14 @@ def _compile(model, lr: float, soft: bool = False) -> None:
                       metrics=["accuracy"])
 
 
+def check_mixup(cfg: TrainConfig, patches: bool = False) -> None:
+    """Refuse --mixup settings it cannot honour (with --logistic-c, `plan_phases` refuses it)."""
+    if cfg.mixup < 0:
+        raise ConfigError(f"--mixup must be 0 (off) or above (got {cfg.mixup}).")
+    if cfg.mixup > 0 and (patches or cfg.patches):
+        raise ConfigError("--mixup mixes whole images: it does not combine with --patches.")
+
+
 @dataclass
 class Phase:
     name: str
@@ -310,10 +318,7 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     from core.models import backbone_layers, cut_point, set_trainable
 
     phases = plan_phases(cfg)  # refuses --mixup with --logistic-c
-    if cfg.mixup > 0 and sampler is not None:
-        raise ConfigError("--mixup mixes whole images: it does not combine with --patches.")
-    if cfg.mixup < 0:
-        raise ConfigError(f"--mixup must be 0 (off) or above (got {cfg.mixup}).")
+    check_mixup(cfg, patches=sampler is not None)
     soft = soft_targets is not None or cfg.mixup > 0  # train_model refuses distillation with those too
     cw = class_weight_vector(y_train, num_classes) if cfg.class_weights else np.ones(num_classes)
     sw_train = cw[y_train].astype(np.float32)
@@ -972,6 +977,8 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
         if cfg.cache:
             log.info("Multi-worker training runs a plain model.fit on images (no activation cache).")
             cfg = replace(cfg, cache=False)
+    plan_phases(cfg)  # impossible settings are refused before any image is decoded
+    check_mixup(cfg)
     set_seeds(cfg.seed)
     manifest = load_manifest(cfg)
     if cfg.split_file:

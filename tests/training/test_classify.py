@@ -397,9 +397,12 @@ def test_mixup_training_end_to_end(tiny_tree, tmp_path, cache):
     assert np.allclose(p.sum(1), 1, atol=1e-5)
 
 
-def test_mixup_refuses_the_logistic_head(tiny_tree, tmp_path, capsys):
-    args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--weights", "none", "--head-units", "0",
-            "--logistic-c", "1", "--mixup", "0.2", "--out-dir", str(tmp_path), "--quiet"]
+@pytest.mark.parametrize("extra,says", [(["--head-units", "0", "--logistic-c", "1"], "--mixup"),
+                                        (["--patches", "2"], "mixes whole images"), (["--mixup", "-1"], "0 (off) or above")])
+def test_mixup_refuses_what_it_cannot_honour_before_decoding(tiny_tree, tmp_path, capsys, extra, says):
+    args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--weights", "none", "--mixup", "0.2",
+            "--out-dir", str(tmp_path), "--quiet", *extra]
     assert train.main(args) == 2
     err = capsys.readouterr()
-    assert "--mixup" in err.out + err.err and "Traceback" not in err.out + err.err
+    text = err.out + err.err
+    assert says in text and "Traceback" not in text and "Decoded" not in text and "Dataset folder" not in text
