@@ -80,7 +80,12 @@ def dashboard(env: dict | None = None, window: str = "1400,2200"):
     finally:
         if drv is not None:
             drv.quit()
-        proc.terminate()
+        proc.terminate()  # a session's script still running keeps the server busy after SIGTERM: stop it
+        try:              # so that it cannot slow the next measurement down
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def overlays_shown(drv) -> bool:
