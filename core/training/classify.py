@@ -258,11 +258,11 @@ def _compile(model, lr: float, soft: bool = False) -> None:
                       metrics=["accuracy"])
 
 
-def check_mixup(cfg: TrainConfig, patches: bool = False) -> None:
+def check_mixup(cfg: TrainConfig) -> None:
     """Refuse --mixup settings it cannot honour (with --logistic-c, `plan_phases` refuses it)."""
     if cfg.mixup < 0:
         raise ConfigError(f"--mixup must be 0 (off) or above (got {cfg.mixup}).")
-    if cfg.mixup > 0 and (patches or cfg.patches):
+    if cfg.mixup > 0 and cfg.patches:
         raise ConfigError("--mixup mixes whole images: it does not combine with --patches.")
 
 
@@ -318,7 +318,7 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     from core.models import backbone_layers, cut_point, set_trainable
 
     phases = plan_phases(cfg)  # refuses --mixup with --logistic-c
-    check_mixup(cfg, patches=sampler is not None)
+    check_mixup(cfg)  # patch training (a sampler) is cfg.patches
     soft = soft_targets is not None or cfg.mixup > 0  # train_model refuses distillation with those too
     cw = class_weight_vector(y_train, num_classes) if cfg.class_weights else np.ones(num_classes)
     sw_train = cw[y_train].astype(np.float32)
