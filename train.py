@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup", type=float, default=d.mixup, metavar="A",
                    help="mixup: train on pairs of images (or cached activations) and their labels mixed with a "
                         "weight drawn from Beta(A, A) per batch (0.2-0.4 is usual); 0: off")
+    g.add_argument("--aux-mask", type=float, default=d.aux_mask, metavar="W",
+                   help="ultrasound with lesion masks (BUSI): also train a lesion map on the last feature map "
+                        "against the masks, its loss weighted W (training only: the saved classifier is unchanged "
+                        "in shape); 0: off")
     g.add_argument("--stain-standardise", action="store_true",
                    help="H&E: standardise each image's colour in-graph (per-image optical-density mean and spread "
                         "mapped to the training set's), so stain strength and colour cast matter less")
@@ -174,7 +178,7 @@ def config_from_args(args: argparse.Namespace):
         augment_copies=args.augment_copies, cache=args.cache, limit=args.limit, feedback=args.feedback,
         patches=args.patches, patch_size=args.patch_size, patch_stride=args.patch_stride, cv_folds=args.cv_folds,
         cv_scope=args.cv_scope, calibration=args.calibration, patch_scale_jitter=args.patch_scale_jitter,
-        colour_jitter=args.colour_jitter, mixup=args.mixup,
+        colour_jitter=args.colour_jitter, mixup=args.mixup, aux_mask=args.aux_mask,
         flip=args.flip, rotation=args.rotation, precision=args.precision, stain_standardise=args.stain_standardise,
         external=tuple(args.external), distribute=args.distribute, distil_from=args.distil_from,
         distil_weight=args.distil_weight, distil_temperature=args.distil_temperature, verbose=0 if args.quiet else 1)

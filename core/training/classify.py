@@ -88,6 +88,7 @@ class TrainConfig:
     distil_weight: float = 0.5  # share of the teacher's soft targets in the training targets (rest: true labels)
     distil_temperature: float = 2.0  # the teacher's logits are divided by this before the softmax
     mixup: float = 0.0  # >0: mixup (Zhang et al. 2018), each batch mixed with itself shuffled, lambda ~ Beta(a, a)
+    aux_mask: float = 0.0  # >0: the lesion masks as a second training target, with this weight (see `with_mask_head`)
     verbose: int = 1
 
     @property
@@ -127,28 +128,39 @@ def make_augmenter(seed: int, colour_jitter: float = 0.0, flip: str = "horizonta
     """Random flips (`flip`: "horizontal", "vertical", "horizontal_and_vertical" or "none"), rotation
     (± `rotation` of a full turn), zoom (±10%), brightness and contrast (±10%) on 0-255 floats;
     with `colour_jitter` > 0 also hue (± that fraction of the colour wheel) and saturation changes,
-    the usual stand-in for H&E stain variation between labs."""
+    the usual stand-in for H&E stain variation between labs.
+
+    Returns `augment(x)`; `augment.pair(x, masks)` applies the same random geometry to images (B, S, S, 3) and
+    their masks (B, S, S, 1) in {0, 1}, and the brightness/contrast/colour changes to the images only."""
     import keras
     from keras import layers
 
-    steps = [layers.RandomFlip(flip, seed=seed)] if flip != "none" else []
+    geometry = [layers.RandomFlip(flip, seed=seed)] if flip != "none" else []
     if rotation > 0:
-        steps.append(layers.RandomRotation(rotation, fill_mode="reflect", seed=seed + 1))
-    steps += [
-        layers.RandomZoom(0.1, fill_mode="reflect", seed=seed + 2),
-        layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed + 3),
-        layers.RandomContrast(0.1, seed=seed + 4),
-    ]
+        geometry.append(layers.RandomRotation(rotation, fill_mode="reflect", seed=seed + 1))
+    geometry.append(layers.RandomZoom(0.1, fill_mode="reflect", seed=seed + 2))
+    photometric = [layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed + 3),
+                   layers.RandomContrast(0.1, seed=seed + 4)]
     if colour_jitter > 0:
-        steps += [layers.RandomHue(colour_jitter, value_range=(0, 255), seed=seed + 5),
-                  layers.RandomSaturation((max(0.0, 0.5 - 2 * colour_jitter), min(1.0, 0.5 + 2 * colour_jitter)),
-                                          value_range=(0, 255), seed=seed + 6)]
-    seq = keras.Sequential(steps, name="augment")
+        photometric += [layers.RandomHue(colour_jitter, value_range=(0, 255), seed=seed + 5),
+                        layers.RandomSaturation((max(0.0, 0.5 - 2 * colour_jitter), min(1.0, 0.5 + 2 * colour_jitter)),
+                                                value_range=(0, 255), seed=seed + 6)]
+    seq = keras.Sequential(geometry + photometric, name="augment")
 
     def augment(x, training: bool = True):
         # Keras 3.15's RandomSaturation can leave values below 0: clip back to the image range.
         return keras.ops.clip(seq(x, training=training), 0.0, 255.0)
 
+    def pair(x, masks):
+        both = keras.ops.concatenate([x, masks * 255.0], axis=-1)
+        for layer in geometry:
+            both = layer(both, training=True)
+        img = both[..., :3]
+        for layer in photometric:
+            img = layer(img, training=True)
+        return keras.ops.clip(img, 0.0, 255.0), keras.ops.cast(both[..., 3:] >= 127.5, "float32")
+
+    augment.pair = pair
     return augment
 
 
@@ -173,15 +185,17 @@ def mix_batch(x, y, sw, alpha: float, rng: np.random.Generator) -> tuple:
 
 class _CachedSequence:
     """Keras PyDataset over cached activations: each epoch, one random copy per image, shuffled; with
-    `mixup` > 0 each batch is mixed (`mix_batch`; y must then be target rows (N, K))."""
+    `mixup` > 0 each batch is mixed (`mix_batch`; y must then be target rows (N, K)). With `aux` (copies, N, P),
+    each copy's mask targets (`mask_targets`) ride along: y becomes {OUTPUT_NAME: y, AUX_MASK_NAME: mask rows}."""
 
     def __new__(cls, *args, **kwargs):
         import keras
 
         class Seq(keras.utils.PyDataset):
-            def __init__(self, cache, y, sw, batch_size, seed, mixup: float = 0.0):
+            def __init__(self, cache, y, sw, batch_size, seed, mixup: float = 0.0, aux=None):
                 super().__init__()
                 self.cache, self.y, self.sw, self.bs, self.mixup = cache, y, sw, batch_size, mixup
+                self.aux = aux
                 self.seed, self.epoch = seed, 0
                 self.rng = np.random.default_rng(seed)
                 self.on_epoch_end()
@@ -199,6 +213,10 @@ class _CachedSequence:
                 x, y, sw = self.cache[self.copy[idx], idx], self.y[idx], self.sw[idx]
                 if self.mixup > 0:  # the batch's own generator: the same mix whatever order batches are asked in
                     x, y, sw = mix_batch(x, y, sw, self.mixup, np.random.default_rng((self.seed, self.epoch, i)))
+                if self.aux is not None:
+                    from core.models import OUTPUT_NAME
+
+                    y = {OUTPUT_NAME: y, AUX_MASK_NAME: self.aux[self.copy[idx], idx]}
                 return x, y, sw
 
         return Seq(*args, **kwargs)
@@ -240,10 +258,11 @@ def fit_callbacks(cfg: TrainConfig, monitor: str = "val_loss"):
     """EarlyStopping (best weights restored) and ReduceLROnPlateau with the configured patience and factor."""
     import keras
 
-    return [keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True,
+    mode = "min" if monitor.endswith("loss") else "auto"  # Keras cannot tell for an output's own loss
+    return [keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience, restore_best_weights=True,
                                           verbose=1),
-            keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=cfg.lr_factor, patience=cfg.lr_patience,
-                                              min_lr=1e-7, verbose=1)]
+            keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=cfg.lr_factor,
+                                              patience=cfg.lr_patience, min_lr=1e-7, verbose=1)]
 
 
 def _compile(model, lr: float, soft: bool = False) -> None:
@@ -264,6 +283,68 @@ def check_mixup(cfg: TrainConfig) -> None:
         raise ConfigError(f"--mixup must be 0 (off) or above (got {cfg.mixup}).")
     if cfg.mixup > 0 and cfg.patches:
         raise ConfigError("--mixup mixes whole images: it does not combine with --patches.")
+
+
+#: Output name of the auxiliary lesion-mask head that `with_mask_head` adds for training only.
+AUX_MASK_NAME = "aux_mask"
+
+
+def check_aux_mask(cfg: TrainConfig) -> None:
+    """Refuse --aux-mask settings it cannot honour (before any image is decoded)."""
+    if cfg.aux_mask < 0:
+        raise ConfigError(f"--aux-mask must be 0 (off) or above (got {cfg.aux_mask}).")
+    if cfg.aux_mask == 0:
+        return
+    problems = [msg for bad, msg in (
+        (cfg.dataset not in ("busi", "folder"), "a dataset with lesion masks (busi, or a folder with *_mask files)"),
+        (cfg.logistic_c is not None, "a network head (no --logistic-c)"),
+        (bool(cfg.patches), "whole images (no --patches)"),
+        (cfg.mixup > 0, "no --mixup"),
+        (cfg.distil_from is not None, "no --distil-from"),
+        (cfg.feedback is not None, "no --feedback (feedback images have no lesion mask)"),
+        (cfg.distribute != "none", "a single process (no --distribute)")) if bad]
+    if problems:
+        raise ConfigError("A lesion-mask auxiliary target (--aux-mask) needs " + "; ".join(problems) + ".")
+
+
+def with_mask_head(model):
+    """The outputs of the training-only two-output network: `model`'s prediction and a lesion map read off its
+    last feature map.
+
+    A 1x1 convolution with a sigmoid on the last backbone feature map (h, w, C) gives each cell's lesion share,
+    flattened to (h*w,) under AUX_MASK_NAME; trained with binary cross-entropy against `mask_targets`, it makes
+    the features the classifier pools locate the lesion. The checkpoint keeps `model` alone (one output, the
+    `Classifier` contract), so explanations and inference do not change.
+    Returns ({OUTPUT_NAME: prediction tensor, AUX_MASK_NAME: (h*w,) tensor}, (h, w), feature layer name).
+    """
+    from keras import layers
+
+    from core.models import OUTPUT_NAME, last_conv_layer
+
+    fl = last_conv_layer(model)
+    fmap = model.get_layer(fl).output
+    aux = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name=f"{AUX_MASK_NAME}_conv")(fmap)
+    aux = layers.Flatten(name=AUX_MASK_NAME)(aux)
+    return {OUTPUT_NAME: model.output, AUX_MASK_NAME: aux}, (int(fmap.shape[1]), int(fmap.shape[2])), fl
+
+
+def mask_targets(masks, grid: tuple[int, int]):
+    """Masks (N, S, S, 1) in {0, 1} -> (N, h*w) float32 lesion share of each cell of the (h, w) feature grid."""
+    import tensorflow as tf
+
+    small = tf.image.resize(tf.cast(masks, tf.float32), grid, method="area")
+    return tf.reshape(small, (-1, grid[0] * grid[1]))
+
+
+def _compile_aux(target, lr: float, weight: float) -> None:
+    """Adam + cross-entropy on the labels + `weight` x binary cross-entropy on the mask targets."""
+    import keras
+
+    from core.models import OUTPUT_NAME
+
+    target.compile(optimizer=keras.optimizers.Adam(lr),
+                   loss={OUTPUT_NAME: "sparse_categorical_crossentropy", AUX_MASK_NAME: "binary_crossentropy"},
+                   loss_weights={OUTPUT_NAME: 1.0, AUX_MASK_NAME: weight}, metrics={OUTPUT_NAME: ["accuracy"]})
 
 
 @dataclass
@@ -304,21 +385,29 @@ def plan_phases(cfg: TrainConfig) -> list[Phase]:
 def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
               y_val: np.ndarray, num_classes: int,
               sampler: Optional[Callable[[int], np.ndarray]] = None,
-              soft_targets: Optional[np.ndarray] = None) -> tuple[list[dict], dict]:
+              soft_targets: Optional[np.ndarray] = None,
+              masks: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[list[dict], dict]:
     """Run every phase; returns (history rows, timing info). Mutates `model`'s weights only.
 
     x_train: uint8 (N, S, S, 3) aligned with y_train. `sampler(draw)` (patch training) returns a fresh
     random draw of the same shape: the cache holds one draw per copy, the plain path draws every epoch.
     soft_targets: float (N, K) rows summing to 1 (distillation): the training targets instead of y_train (every
     augmented copy of an image gets its row); validation and early stopping stay on the true labels.
+    masks: (train, val) lesion masks float32 (N, S, S, 1) in {0, 1}, for `cfg.aux_mask` > 0: the network trains
+    with `with_mask_head` (each augmented copy's mask transformed with its image); early stopping and the learning
+    rate follow the validation classification loss alone.
     """
     import keras
     import tensorflow as tf
 
-    from core.models import backbone_layers, cut_point, set_trainable
+    from core.models import OUTPUT_NAME, backbone_layers, cut_point, set_trainable
 
     phases = plan_phases(cfg)  # refuses --mixup with --logistic-c
     check_mixup(cfg)  # patch training (a sampler) is cfg.patches
+    check_aux_mask(cfg)
+    aux = cfg.aux_mask > 0
+    if aux and (masks is None or soft_targets is not None or sampler is not None):
+        raise ConfigError("--aux-mask trains on whole images with their lesion masks and the true labels.")
     soft = soft_targets is not None or cfg.mixup > 0  # train_model refuses distillation with those too
     cw = class_weight_vector(y_train, num_classes) if cfg.class_weights else np.ones(num_classes)
     sw_train = cw[y_train].astype(np.float32)
@@ -330,13 +419,22 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     history: list[dict] = []
     timing: dict = {"phases": []}
     augmenter = make_augmenter(cfg.seed, cfg.colour_jitter, cfg.flip, cfg.rotation) if cfg.augment else None
+    outputs, grid, fmap_layer = with_mask_head(model) if aux else (model.output, None, None)
+    wrapper = keras.Model(model.input, outputs, name=f"{model.name}_aux") if aux else model
+    if aux:
+        aux_val = np.asarray(mask_targets(masks[1], grid))
+        y_val = {OUTPUT_NAME: y_val, AUX_MASK_NAME: aux_val}
+        timing["aux_mask"] = {"weight": cfg.aux_mask, "feature_layer": fmap_layer, "grid": list(grid)}
 
-    # Where to cut: before the first layer that any phase trains.
+    # Where to cut: before the first layer that any phase trains (with the mask head, at its feature map at latest).
     cut = None
     if cfg.cache:
         deepest = max(p.fine_tune_layers if p.fine_tune_layers >= 0 else 10**9 for p in phases)
         set_trainable(model, deepest)
+        names = [l.name for l in model.layers]
         first = next((l.name for l in model.layers if l.trainable and l.weights), None)
+        if aux and first is not None and names.index(first) > names.index(fmap_layer):
+            first = fmap_layer
         if first is not None and deepest < 10**9:
             cut = cut_point(model, first)
     if cut is not None:
@@ -354,13 +452,22 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     if cut is not None:
         t0 = time.time()
         trunk = keras.Model(model.input, model.get_layer(cut).output)
-        tail = keras.Model(model.get_layer(cut).output, model.output)
+        tail = keras.Model(model.get_layer(cut).output, outputs)
         fwd = tf.function(lambda x: trunk(x, training=False), reduce_retracing=True, autograph=False)
         copies = [x_train.astype(np.float32)]
+        aux_copies = [np.asarray(mask_targets(masks[0], grid))] if aux else None
         n_extra = cfg.augment_copies if (augmenter is not None or sampler is not None) else 0
         for c in range(n_extra):
             src = sampler(c + 1) if sampler is not None else x_train
-            if augmenter is not None:
+            if aux and augmenter is not None:  # the same geometry on each image and its mask
+                pairs = [augmenter.pair(tf.convert_to_tensor(src[i:i + 64], tf.float32),
+                                        tf.convert_to_tensor(masks[0][i:i + 64], tf.float32))
+                         for i in range(0, len(src), 64)]
+                src = np.concatenate([np.asarray(a) for a, _ in pairs])
+                aux_copies.append(np.concatenate([np.asarray(mask_targets(m, grid)) for _, m in pairs]))
+            elif aux:
+                aux_copies.append(aux_copies[0])
+            elif augmenter is not None:
                 src = np.concatenate([np.asarray(augmenter(tf.convert_to_tensor(
                     src[i:i + 64], tf.float32), training=True)) for i in range(0, len(src), 64)])
             copies.append(src.astype(np.float32))
@@ -374,7 +481,8 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
                  timing["cache_seconds"])
         if cfg.logistic_c is not None:
             return fit_logistic_head(model, tail, cfg, cache, y_train, val_feats, y_val, num_classes, timing)
-        train_data = _CachedSequence(cache, y_train, sw_train, cfg.batch_size, cfg.seed, cfg.mixup)
+        train_data = _CachedSequence(cache, y_train, sw_train, cfg.batch_size, cfg.seed, cfg.mixup,
+                                     aux=np.stack(aux_copies) if aux else None)
         val_data = (val_feats, y_val)
         target = tail
     elif cfg.logistic_c is not None:
@@ -384,6 +492,18 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         train_data = _ResamplingSequence(sampler, y_train, sw_train, cfg.batch_size, cfg.seed, augmenter)
         val_data = (x_val.astype(np.float32), y_val)
         target = model
+    elif aux:
+        def with_targets(x, y, m, w):
+            x = tf.cast(x, tf.float32)
+            if augmenter is not None:
+                x, m = augmenter.pair(x, m)
+            return x, {OUTPUT_NAME: y, AUX_MASK_NAME: mask_targets(m, grid)}, w
+
+        ds = tf.data.Dataset.from_tensor_slices((x_train, y_train, masks[0], sw_train)).shuffle(
+            len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
+        train_data = ds.map(with_targets, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        val_data = (x_val.astype(np.float32), y_val)
+        target = wrapper
     else:
         ds = tf.data.Dataset.from_tensor_slices((x_train, y_train, sw_train)).shuffle(
             len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
@@ -420,9 +540,15 @@ def fit_model(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         n_trainable = set_trainable(model, phase.fine_tune_layers)
         log.info("Phase %s: %d backbone layers trainable (of %d), lr %.1e, up to %d epochs", phase.name,
                  n_trainable, len(backbone_layers(model)), phase.lr, phase.epochs)
-        _compile(target, phase.lr, soft)
-        rows, row = run_phase(target, phase.name, train_data, val_data, epoch0, phase.epochs, fit_callbacks(cfg),
-                              precision, verbose)
+        if aux:
+            _compile_aux(target, phase.lr, cfg.aux_mask)
+        else:
+            _compile(target, phase.lr, soft)
+        monitor = f"val_{OUTPUT_NAME}_loss" if aux else "val_loss"
+        rows, row = run_phase(target, phase.name, train_data, val_data, epoch0, phase.epochs,
+                              fit_callbacks(cfg, monitor), precision, verbose)
+        if aux:  # Keras logs <output>_accuracy: history.csv keeps the usual names
+            rows = [{k.replace(f"{OUTPUT_NAME}_accuracy", "accuracy"): v for k, v in r.items()} for r in rows]
         history += rows
         timing["phases"].append(row)
         epoch0 += row["epochs"]
@@ -599,10 +725,11 @@ def in_memory_classifier(model, cfg: TrainConfig, class_names: Sequence[str]):
 
 
 def train_model(cfg: TrainConfig, num_classes: int, train_data: tuple, val_data: tuple,
-                soft_targets: Optional[np.ndarray] = None):
+                soft_targets: Optional[np.ndarray] = None, masks: Optional[tuple[np.ndarray, np.ndarray]] = None):
     """Build the model and fit it -> (model, weights provenance, history rows, timing).
 
-    soft_targets: (N, K) distillation targets aligned with train_data (see `fit_model`).
+    soft_targets: (N, K) distillation targets aligned with train_data (see `fit_model`); masks: (train, val)
+    lesion masks for `cfg.aux_mask` (`split_masks`).
 
     Whole-image training fits the resized arrays. Patch training fits `cfg.patches` random tissue crops
     per image (fresh draws per cached copy / per epoch) and validates on every grid tile of the
@@ -628,7 +755,7 @@ def train_model(cfg: TrainConfig, num_classes: int, train_data: tuple, val_data:
              model.count_params(), provenance["source"])
     if not cfg.patches:
         history, timing = fit_model(model, cfg, *train_data, *val_data, num_classes=num_classes,
-                                    soft_targets=soft_targets)
+                                    soft_targets=soft_targets, masks=masks)
         return model, provenance, history, timing
 
     pc = cfg.patch_config
@@ -648,6 +775,16 @@ def train_model(cfg: TrainConfig, num_classes: int, train_data: tuple, val_data:
              len(images), cfg.patches, cfg.patch_size, len(x_val), len(val_tiles))
     history, timing = fit_model(model, cfg, sampler(0), y_train, x_val, y_val, num_classes, sampler=sampler)
     return model, provenance, history, timing
+
+
+def split_masks(cfg: TrainConfig, train: Manifest, val: Manifest) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(train, val) lesion masks float32 (N, S, S, 1) at the input size for `cfg.aux_mask` > 0, else None."""
+    if cfg.aux_mask <= 0:
+        return None
+    from core.training.segment import check_masks, lesion_masks
+
+    check_masks(train)
+    return lesion_masks(train, cfg.input_size), lesion_masks(val, cfg.input_size)
 
 
 def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path] = None) -> dict:
@@ -697,7 +834,8 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
 
                 soft = fold_soft_targets(quiet, data["train"], data["val"], manifest.class_names)
                 set_seeds(cfg.seed)
-            model, _, hist, _ = train_model(quiet, k, data["train"], data["val"], soft_targets=soft)
+            model, _, hist, _ = train_model(quiet, k, data["train"], data["val"], soft_targets=soft,
+                                            masks=split_masks(quiet, parts["train"], parts["val"]))
             p = in_memory_classifier(model, quiet, manifest.class_names).raw_proba(data["test"][0])
             m = classification_metrics(data["test"][1], p, manifest.class_names, n_boot=0)
             row = {"fold": f + 1, "test_groups": sorted(set(parts["test"].groups)),
@@ -979,6 +1117,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
             cfg = replace(cfg, cache=False)
     plan_phases(cfg)  # impossible settings are refused before any image is decoded
     check_mixup(cfg)
+    check_aux_mask(cfg)
     set_seeds(cfg.seed)
     manifest = load_manifest(cfg)
     if cfg.split_file:
@@ -1016,7 +1155,8 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
         soft, distillation = bundle_soft_targets(cfg, data["train"], manifest.class_names)
         set_seeds(cfg.seed)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        model, provenance, history, timing = train_model(cfg, k, data["train"], data["val"], soft_targets=soft)
+        model, provenance, history, timing = train_model(cfg, k, data["train"], data["val"], soft_targets=soft,
+                                                         masks=split_masks(cfg, splits["train"], splits["val"]))
     if strategy is not None:
         timing["distribute"] = {"strategy": "MultiWorkerMirroredStrategy", "workers": n_workers,
                                 "trainable_weights_sha256": weights_digest(model),
@@ -1086,6 +1226,12 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
         "gradcam_layer": last_conv_layer(model),
         "training": {"epochs": len(history), "phases": timing["phases"], "cache_seconds": timing.get("cache_seconds"),
                      "cut_layer": timing.get("cut_layer"), "cache_skipped": timing.get("cache_skipped"),
+                     **({"auxiliary_mask": {
+                         **timing["aux_mask"], "loss": "binary cross-entropy of a 1x1-convolution sigmoid map on the "
+                                                       "feature layer against each grid cell's lesion share (union of "
+                                                       "the image's masks; none: empty), augmented with its image",
+                         "note": "training only: the saved model has no mask head"}}
+                        if "aux_mask" in timing else {}),
                      "distribute": timing.get("distribute"),
                      "precision": timing.get("precision", "float32"), "wall_seconds": None, "platform": platform.platform(),
                      "tensorflow": tf.__version__, "keras": keras.__version__},

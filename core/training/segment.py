@@ -62,6 +62,16 @@ def true_masks(manifest: Manifest) -> list[np.ndarray]:
     return out
 
 
+def lesion_masks(manifest: Manifest, size: int) -> np.ndarray:
+    """Lesion masks float32 (N, S, S, 1) in {0, 1} at S x S (union of the mask files; empty without one)."""
+    import cv2
+
+    out = np.zeros((len(manifest), size, size, 1), np.float32)
+    for i, m in enumerate(true_masks(manifest)):
+        out[i, ..., 0] = cv2.resize(m.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA) >= 0.5
+    return out
+
+
 def make_joint_augmenter(seed: int, flip: str = "horizontal", rotation: float = 0.05):
     """Random geometry applied identically to image and mask (flip, rotation, zoom, shift; black fill),
     then brightness and contrast on the image only. Input: image (B, S, S, 3) 0-255, mask (B, S, S, 1)."""

@@ -409,3 +409,82 @@ def test_mixup_refuses_what_it_cannot_honour_before_decoding(tiny_tree, tmp_path
     err = capsys.readouterr()
     text = err.out + err.err
     assert says in text and "Traceback" not in text and "Decoded" not in text and "Dataset folder" not in text
+
+
+def test_augmenter_pair_moves_each_mask_with_its_image():
+    """--aux-mask: the random geometry of an image is its mask's too; brightness/contrast leave the mask binary."""
+    img = np.full((16, 32, 32, 3), 40.0, np.float32)
+    masks = np.zeros((16, 32, 32, 1), np.float32)
+    img[:, 4:14, 6:20] = 220.0  # a bright lesion off-centre, its mask beneath it
+    masks[:, 4:14, 6:20] = 1.0
+    aug = T.make_augmenter(3, flip="horizontal_and_vertical", rotation=0.1)
+    out, m = (np.asarray(a) for a in aug.pair(img, masks))
+    assert out.shape == img.shape and m.shape == masks.shape and np.all(np.isin(m, (0.0, 1.0)))
+    assert not np.array_equal(m, masks)  # the geometry did move them
+    for o, k in zip(out, m[..., 0] > 0):
+        assert k.any() and o[k].mean() > 150 > o[~k].mean()  # the lesion is still where its mask says
+
+
+def test_mask_targets_are_each_grid_cells_lesion_share():
+    m = np.zeros((2, 4, 4, 1), np.float32)
+    m[0, :2, :2] = 1.0  # top-left cell full
+    m[1, 2:, 2] = 1.0  # half of the bottom-right cell
+    got = np.asarray(T.mask_targets(m, (2, 2)))
+    assert got.shape == (2, 4)
+    assert np.allclose(got, [[1, 0, 0, 0], [0, 0, 0, 0.5]])
+
+
+def test_cached_sequence_gives_each_drawn_copy_its_own_mask_targets():
+    from core.models import OUTPUT_NAME
+
+    cache = np.arange(3 * 8, dtype=np.float32).reshape(3, 8, 1)  # activation = copy * 8 + image
+    aux = np.broadcast_to(cache, (3, 8, 5)).copy()  # mask rows tagged the same way
+    seq = T._CachedSequence(cache, np.arange(8) % 2, np.ones(8, np.float32), 4, 0, aux=aux)
+    for i in range(len(seq)):
+        x, y, _ = seq[i]
+        assert set(y) == {OUTPUT_NAME, T.AUX_MASK_NAME}
+        assert np.array_equal(y[T.AUX_MASK_NAME], np.repeat(x, 5, axis=1))
+        assert np.array_equal(y[OUTPUT_NAME], (x[:, 0].astype(int) % 8) % 2)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_aux_mask_training_end_to_end(tiny_busi_tree, tmp_path, cache):
+    """train.py --aux-mask: trains with the lesion-map head, saves the one-output classifier."""
+    if cache and not DENSENET_WEIGHTS.is_file():
+        pytest.skip("shared DenseNet121 weights not available")
+    model = (["--weights", str(DENSENET_WEIGHTS), "--fine-tune-layers", "10"] if cache
+             else ["--backbone", "simple_cnn", "--weights", "none"])
+    args = ["--dataset", "busi", "--data-dir", str(tiny_busi_tree), *model, "--input-size", "32",
+            "--head-epochs", "1", "--fine-tune-epochs", "1", "--augment-copies", "1", "--batch-size", "8",
+            "--out-dir", str(tmp_path), "--name", "m", "--quiet", "--aux-mask", "0.5"]
+    assert train.main(args) == 0
+    meta = json.loads((tmp_path / "m" / "metadata.json").read_text())
+    aux = meta["training"]["auxiliary_mask"]
+    assert meta["config"]["aux_mask"] == 0.5 and aux["weight"] == 0.5 and "--aux-mask 0.5" in meta["command"]
+    assert aux["feature_layer"] == meta["gradcam_layer"] and len(aux["grid"]) == 2
+    assert (meta["training"]["cut_layer"] is not None) == cache
+    hist = read_csv(tmp_path / "m" / "history.csv")
+    assert {"accuracy", "val_accuracy", "aux_mask_loss", "val_aux_mask_loss"} <= set(hist[0])
+    clf = load_classifier(tmp_path / "m", backend="keras")
+    assert len(clf.model.outputs) == 1 and not any(T.AUX_MASK_NAME in l.name for l in clf.model.layers)
+    p = clf.predict_proba(np.zeros((2, 40, 40, 3), np.uint8))
+    assert p.shape == (2, 3) and np.allclose(p.sum(1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra,says", [(["--mixup", "0.2"], "no --mixup"), (["--aux-mask", "-1"], "0 (off) or above"),
+                                        (["--patches", "2"], "whole images")])
+def test_aux_mask_refuses_what_it_cannot_honour_before_decoding(tiny_busi_tree, tmp_path, capsys, extra, says):
+    args = ["--dataset", "busi", "--data-dir", str(tiny_busi_tree), "--weights", "none", "--aux-mask", "0.5",
+            "--out-dir", str(tmp_path), "--quiet", *extra]
+    assert train.main(args) == 2
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert says in text and "Traceback" not in text and "Decoded" not in text
+
+
+def test_aux_mask_needs_masks(tiny_tree, tmp_path, capsys):
+    args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--weights", "none", "--aux-mask", "0.5",
+            "--head-epochs", "1", "--input-size", "32", "--out-dir", str(tmp_path), "--quiet"]
+    assert train.main(args) == 2
+    err = capsys.readouterr()
+    assert "No lesion masks" in err.out + err.err
