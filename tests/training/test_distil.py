@@ -51,9 +51,9 @@ def test_distillation_end_to_end(tiny_bundle, tiny_tree, tmp_path, monkeypatch):
     calls = []
     real = T.train_model
 
-    def spy(cfg, k, train_data, val_data, soft_targets=None):
+    def spy(cfg, k, train_data, val_data, soft_targets=None, masks=None):
         calls.append((cfg, np.array(train_data[0]), np.array(train_data[1]), soft_targets))
-        return real(cfg, k, train_data, val_data, soft_targets=soft_targets)
+        return real(cfg, k, train_data, val_data, soft_targets=soft_targets, masks=masks)
 
     monkeypatch.setattr(T, "train_model", spy)
     rc = train.main(["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "simple_cnn",
