@@ -25,8 +25,8 @@ from core.data import Manifest, load_dataset, read_split, split_manifest, write_
 from core.data.loaders import CITATIONS
 from core.errors import ConfigError, DatasetError
 from core.preprocessing import apply_clahe, model_input
-from core.training.common import (available_memory, git_commit, multiworker_strategy, quote_arg, resolve_precision,
-                                  run_phase, run_record, set_seeds, weights_digest)
+from core.training.common import (available_memory, git_commit, joint_geometry, multiworker_strategy, quote_arg,
+                                  resolve_precision, run_phase, run_record, set_seeds, weights_digest)
 
 log = logging.getLogger("breastxai.train")
 
@@ -151,16 +151,7 @@ def make_augmenter(seed: int, colour_jitter: float = 0.0, flip: str = "horizonta
         # Keras 3.15's RandomSaturation can leave values below 0: clip back to the image range.
         return keras.ops.clip(seq(x, training=training), 0.0, 255.0)
 
-    def pair(x, masks):
-        both = keras.ops.concatenate([x, masks * 255.0], axis=-1)
-        for layer in geometry:
-            both = layer(both, training=True)
-        img = both[..., :3]
-        for layer in photometric:
-            img = layer(img, training=True)
-        return keras.ops.clip(img, 0.0, 255.0), keras.ops.cast(both[..., 3:] >= 127.5, "float32")
-
-    augment.pair = pair
+    augment.pair = lambda x, masks: joint_geometry(geometry, photometric, x, masks)
     return augment
 
 

@@ -155,6 +155,22 @@ def weights_digest(model, trainable_only: bool = True) -> str:
     return h.hexdigest()
 
 
+def joint_geometry(geometry: list, photometric: list, images, masks):
+    """Augment images (B, S, S, 3) 0-255 and their masks (B, S, S, 1) in {0, 1} together: the `geometry` layers
+    (flips, rotations, zooms...) see image and mask stacked, so both move alike; the `photometric` layers see the
+    images only. Returns (images clipped to 0-255, masks back in {0, 1}), float32."""
+    import keras
+
+    ops = keras.ops
+    both = ops.concatenate([images, masks * 255.0], axis=-1)
+    for layer in geometry:
+        both = layer(both, training=True)
+    img = both[..., :3]
+    for layer in photometric:
+        img = layer(img, training=True)
+    return ops.clip(img, 0.0, 255.0), ops.cast(both[..., 3:] >= 127.5, "float32")
+
+
 def run_phase(target, name: str, train_data, val_data, epoch0: int, epochs: int, callbacks: list, precision: str,
               verbose: int, batch_size: Optional[int] = None) -> tuple[list[dict], dict]:
     """One training phase: `target.fit` (already compiled) for up to `epochs` epochs after `epoch0` under `precision`,

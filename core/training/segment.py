@@ -26,7 +26,8 @@ from core.errors import DatasetError
 from core.preprocessing import load_mask, model_input
 from core.training.classify import (TrainConfig, config_differences, config_json, cv_work_dir, fit_callbacks,
                                     group_folds, load_manifest)
-from core.training.common import git_commit, quote_arg, resolve_precision, run_phase, run_record, set_seeds
+from core.training.common import (git_commit, joint_geometry, quote_arg, resolve_precision, run_phase, run_record,
+                                  set_seeds)
 
 log = logging.getLogger("breastxai.train")
 
@@ -75,7 +76,6 @@ def lesion_masks(manifest: Manifest, size: int) -> np.ndarray:
 def make_joint_augmenter(seed: int, flip: str = "horizontal", rotation: float = 0.05):
     """Random geometry applied identically to image and mask (flip, rotation, zoom, shift; black fill),
     then brightness and contrast on the image only. Input: image (B, S, S, 3) 0-255, mask (B, S, S, 1)."""
-    import keras
     from keras import layers
 
     geo = [layers.RandomFlip(flip, seed=seed)] if flip != "none" else []
@@ -83,15 +83,11 @@ def make_joint_augmenter(seed: int, flip: str = "horizontal", rotation: float = 
         geo.append(layers.RandomRotation(rotation, fill_mode="constant", seed=seed + 1))
     geo += [layers.RandomZoom((-0.15, 0.15), fill_mode="constant", seed=seed + 2),
             layers.RandomTranslation(0.08, 0.08, fill_mode="constant", seed=seed + 3)]
-    geometry = keras.Sequential(geo, name="joint_geometry")
-    photometric = keras.Sequential([layers.RandomBrightness(0.15, value_range=(0, 255), seed=seed + 4),
-                                    layers.RandomContrast(0.2, seed=seed + 5)], name="photometric")
+    photometric = [layers.RandomBrightness(0.15, value_range=(0, 255), seed=seed + 4),
+                   layers.RandomContrast(0.2, seed=seed + 5)]
 
     def augment(image, mask):
-        ops = keras.ops
-        both = geometry(ops.concatenate([image, mask * 255.0], axis=-1), training=True)
-        img = ops.clip(photometric(both[..., :3], training=True), 0.0, 255.0)
-        return img, ops.cast(both[..., 3:] >= 127.5, "float32")
+        return joint_geometry(geo, photometric, image, mask)
 
     return augment
 
