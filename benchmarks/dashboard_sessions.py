@@ -7,12 +7,15 @@ Starts the real server (`benchmarks/dashboard_latency.dashboard`) with one commi
 headless Chromium per session. Each session uploads its own BUSI image on Explain and waits for the prediction.
 First one session explains a further image alone (Grad-CAM + LIME 300, the page's default), then every session
 presses Explain at the same moment. Each figure is the time from the click to the session's last page change
-with both overlays on screen. Ends with one JSON line.
+with both overlays on screen. Also the CPU seconds the server and the browsers took during the concurrent part
+(Linux /proc): here the browsers run on the server's cores, which a real deployment's clients do not. Ends with one
+JSON line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -25,6 +28,23 @@ from dashboard_latency import ROOT, chromium, dashboard, explain_now, only_check
 sys.path.insert(0, str(ROOT))
 
 BUSI = ROOT.parent / "shared/data/busi/Dataset_BUSI_with_GT"
+
+
+def cpu_seconds() -> dict:
+    """CPU seconds (user + system) used so far by the running Streamlit server and Chromium processes; {} off Linux."""
+    import os
+
+    tick, out = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100, {"server": 0.0, "browsers": 0.0}
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        who = "server" if b"streamlit" in cmd else "browsers" if b"chrom" in cmd else None
+        if who:
+            out[who] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+    return out if os.path.isdir("/proc") else {}
 
 
 def main() -> int:
@@ -57,12 +77,13 @@ def main() -> int:
                 took[i] = explain_now(drivers[i])
 
             threads = [threading.Thread(target=run, args=(i,)) for i in range(len(drivers))]
-            t0 = time.time()
+            t0, cpu0 = time.time(), cpu_seconds()
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             wall = time.time() - t0
+            cpu = {k: round(v - cpu0[k], 1) for k, v in cpu_seconds().items()}
             for i, (drv, image) in enumerate(zip(drivers, images)):
                 drv.save_screenshot(str(out / f"sessions_{i + 1}.png"))
                 print(f"session {i + 1} ({image.name}): {took[i]:.1f} s")
@@ -72,8 +93,12 @@ def main() -> int:
     worst = max(took)
     print(f"{len(drivers)} sessions at once: slowest {worst:.1f} s (target 20 s), {worst / single:.1f}x one session "
           f"alone; all done {wall:.1f} s after the clicks")
-    print(json.dumps({"checkpoint": args.checkpoint, "sessions": len(drivers), "each_s": [round(t, 2) for t in took], "max_s": round(worst, 2),
-                      "single_s": round(single, 2), "max_vs_single": round(worst / single, 2)}))
+    if cpu:
+        print(f"CPU seconds meanwhile: server {cpu['server']}, browsers {cpu['browsers']} "
+              f"(of {wall * (os.cpu_count() or 1):.0f} on {os.cpu_count()} cores)")
+    print(json.dumps({"checkpoint": args.checkpoint, "sessions": len(drivers), "each_s": [round(t, 2) for t in took],
+                      "max_s": round(worst, 2), "single_s": round(single, 2), "max_vs_single": round(worst / single, 2),
+                      "server_cpu_s": cpu.get("server"), "browser_cpu_s": cpu.get("browsers")}))
     return 0
 
 
