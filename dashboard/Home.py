@@ -13,7 +13,7 @@ st.markdown("Interactive explanations for breast-cancer image classifiers: histo
             "and breast ultrasound (BUSI-style). Upload an image, see the model's calibrated prediction, and see "
             "*why* with LIME, Grad-CAM, SHAP, occlusion and integrated gradients, compared side by side and "
             "scored against lesion masks.")
-st.warning(svc.DISCLAIMER, icon="⚠️")
+st.warning(svc.DISCLAIMER, icon=":material/warning:")
 
 st.markdown("""
 | Page | What it does |

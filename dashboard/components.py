@@ -204,7 +204,7 @@ def prediction_headline(ckpt: Path, inp: "ImageInput", probs: np.ndarray, class_
         st.subheader("Out of distribution: no verdict")
         st.error(f"This image does not look like the images this model was trained on, so its output is not a "
                  f"prediction. For reference only, the model's output would be {class_names[pred]} "
-                 f"({probs[pred]:.1%}). Use a checkpoint made for this kind of image.", icon="⛔")
+                 f"({probs[pred]:.1%}). Use a checkpoint made for this kind of image.", icon=":material/block:")
         return True
     st.subheader(f"Prediction: {class_names[pred]} ({probs[pred]:.1%})")
     return False
@@ -218,10 +218,10 @@ def ood_notice(ckpt: Path, inp: "ImageInput") -> None:
     elif res["out_of_distribution"]:
         st.warning(f"This image does not look like the images this model was trained on (distance "
                    f"{res['score']:.0f} > threshold {res['threshold']:.0f}). Treat the prediction with extra caution: "
-                   "it may be a different modality, magnification or scanner.", icon="⚠️")
+                   "it may be a different modality, magnification or scanner.", icon=":material/warning:")
     else:
         st.success(f"The image resembles the training data (distance {res['score']:.0f} ≤ threshold "
-                   f"{res['threshold']:.0f}; about 5% of genuine validation images exceed it).", icon="✅")
+                   f"{res['threshold']:.0f}; about 5% of genuine validation images exceed it).", icon=":material/check_circle:")
 
 
 def feedback_form(ckpt: Path, inp: "ImageInput", probs: np.ndarray, class_names) -> None:
@@ -421,7 +421,7 @@ def run_methods(ckpt: Path, inp: ImageInput, methods: list[str], params: dict[st
             st.warning(f"{', '.join(METHOD_LABELS[m] for m in slow)} skipped: this image is {n_tiles} tiles of the "
                        f"model's patch size, and each of their perturbed samples would re-classify every tile (many "
                        "minutes on a CPU). Gradient methods map the whole field; for LIME, SHAP or occlusion upload one "
-                       "patch or a small region.", icon="⏱️")
+                       "patch or a small region.", icon=":material/timer:")
         methods = [m for m in methods if m not in PERTURBATION_METHODS]
     for m in methods:
         hit = svc.cached_explanation(ckpt, inp.sha, m, params.get(m, {}), target)
@@ -730,7 +730,7 @@ def evidence_view(e, prefix: str) -> object:
     if blank:
         st.warning(f"{METHOD_LABELS.get(e.method, e.method)} found **no evidence for {e.class_name}** in this image: "
                    "every region lowers its probability. The map below shows the evidence *against* it instead.",
-                   icon="🔎")
+                   icon=":material/search:")
     against = st.toggle("Show evidence against the class", value=blank, key=f"{prefix}_against_{e.method}",
                         help="Signed view: regions that pull the prediction away from the explained class.")
     return e.against() if against else e

@@ -63,7 +63,7 @@ def explanations(ckpt, clf, inp, lesion, ood: bool) -> None:
         st.caption(legend)
     if ood:
         st.warning("The image is out of distribution: these maps show what the model responds to in an image it was not "
-                   "made for. They are no evidence for a diagnosis.", icon="⚠️")
+                   "made for. They are no evidence for a diagnosis.", icon=":material/warning:")
     ui.report_download(ckpt, inp, results, "ex", lesion)
     for m, e in results.items():
         st.subheader(f"{ui.METHOD_LABELS[m]} · {e.class_name} ({e.probability:.1%}) · {e.seconds:.1f} s")
