@@ -32,10 +32,10 @@ BUSI = ROOT.parent / "shared/data/busi/Dataset_BUSI_with_GT"
 
 def cpu_seconds() -> dict:
     """CPU seconds (user + system) used so far by the running Streamlit server and Chromium processes; {} off Linux."""
-    import os
-
-    tick, out = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100, {"server": 0.0, "browsers": 0.0}
-    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+    if not os.path.isdir("/proc"):
+        return {}
+    tick, out = os.sysconf("SC_CLK_TCK"), {"server": 0.0, "browsers": 0.0}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -44,7 +44,7 @@ def cpu_seconds() -> dict:
         who = "server" if b"streamlit" in cmd else "browsers" if b"chrom" in cmd else None
         if who:
             out[who] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
-    return out if os.path.isdir("/proc") else {}
+    return out
 
 
 def main() -> int:

@@ -221,7 +221,8 @@ def ood_notice(ckpt: Path, inp: "ImageInput") -> None:
                    "it may be a different modality, magnification or scanner.", icon=":material/warning:")
     else:
         st.success(f"The image resembles the training data (distance {res['score']:.0f} ≤ threshold "
-                   f"{res['threshold']:.0f}; about 5% of genuine validation images exceed it).", icon=":material/check_circle:")
+                   f"{res['threshold']:.0f}; about 5% of genuine validation images exceed it).",
+                   icon=":material/check_circle:")
 
 
 def feedback_form(ckpt: Path, inp: "ImageInput", probs: np.ndarray, class_names) -> None:

@@ -26,7 +26,8 @@ params = dict(segmentation=algo, n_segments=n_segments, kernel_size=kernel_size,
 n_tiles = svc.tile_count(ckpt, inp.image)
 if n_tiles > ui.MAX_PERTURBATION_TILES:
     st.warning(f"This image is {n_tiles} tiles of the model's patch size: every LIME sample "
-               "would re-classify all of them. Upload one patch or a small region to use the LIME Lab.", icon=":material/timer:")
+               "would re-classify all of them. Upload one patch or a small region to use the LIME Lab.",
+               icon=":material/timer:")
     st.stop()
 work = clf.work_image(inp.image)
 segs = segment(work, LimeParams(**params))
