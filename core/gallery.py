@@ -22,6 +22,12 @@ WHERE_TO_GET = (
 MODALITY = {"busi": "ultrasound", "breakhis": "histopathology", "ucsb": "histopathology", "idc": "histopathology"}
 
 
+#: Dataset kind -> the images a checkpoint trained on it was made for (said when the dashboard suggests one).
+DATASET_IMAGES = {"busi": "breast ultrasound scans (BUSI)", "breakhis": "H&E fields (BreakHis)",
+                  "ucsb": "H&E tissue-microarray fields (UCSB)",
+                  "idc": "H&E patches of 50 px at 2.5x (IDC); a larger region is read as a grid of patches"}
+
+
 def same_modality(dataset: str, checkpoint_dataset: Optional[str]) -> bool:
     """True when an example of `dataset` suits a checkpoint trained on `checkpoint_dataset` (unknown: True)."""
     a, b = MODALITY.get(dataset), MODALITY.get(checkpoint_dataset or "")

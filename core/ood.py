@@ -10,7 +10,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Collection, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -93,6 +93,22 @@ def fit_bundle(bundle: str | Path, data_dir: Optional[str] = None, false_alarm_r
     info = summary(det, feature_layer(clf.model), feats["test"])
     update_metadata(bundle, {"ood": info}, files={"ood.npz": det.save})
     return info
+
+
+def checkpoints_that_fit(checks: Mapping[str, Optional[dict]], patch_models: Collection[str] = (),
+                         modality: Optional[Mapping[str, str]] = None) -> list[str]:
+    """Which checkpoints were trained on images like this one: the names whose detector accepts the image
+    (`checks`: name -> `Classifier.ood_check` result, None for a checkpoint without a detector, which is left out).
+    Whole-image models come before patch models (a patch model's detector scores the mean of its tiles, so it accepts
+    most fields of its stain at any magnification, and now and then an ultrasound scan), each group nearest its
+    training data first (score / threshold). With `modality` (name -> imaging modality), only checkpoints of the first
+    one's modality are kept.
+    """
+    fit = [n for n, r in checks.items() if r is not None and not r["out_of_distribution"]]
+    fit.sort(key=lambda n: (n in patch_models, checks[n]["score"] / max(checks[n]["threshold"], 1e-12)))
+    if modality is not None and fit:
+        fit = [n for n in fit if modality.get(n) == modality.get(fit[0])]
+    return fit
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

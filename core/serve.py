@@ -3,7 +3,8 @@
     python -m core.serve [--host 127.0.0.1] [--port 8000] [--checkpoints DIR]    # or: uvicorn core.serve:app
 
 GET /healthz, GET /checkpoints (model cards), POST /predict (multipart `file` -> calibrated probabilities,
-out-of-distribution check, operating point), POST /explain (`file`, `method`, `params` JSON -> heatmap PNG and
+out-of-distribution check, operating point; for an out-of-distribution image, `suitable_checkpoints`: the other
+checkpoints whose detector accepts it), POST /explain (`file`, `method`, `params` JSON -> heatmap PNG and
 float16 attribution `.npy`, both base64, with parameters, seeds and timings). OpenAPI docs at /docs.
 Uploads pass the dashboard's checks (`core.preprocessing.decode_image`: formats, 50 MB and 40 MP caps); bad
 input gets a 4xx JSON error. With $BREASTXAI_API_KEY set, every endpoint but /healthz needs the header
@@ -58,6 +59,26 @@ class Models:
             if name not in self._loaded:
                 self._loaded[name] = load_classifier(self.root / name)
             return self._loaded[name]
+
+    def fitting(self, image: np.ndarray, exclude: str) -> list[str]:
+        """The other checkpoints whose out-of-distribution detector accepts `image`, best fit first (see
+        `core.ood.checkpoints_that_fit`); a checkpoint that fails to load is left out."""
+        from core.gallery import MODALITY
+        from core.ood import checkpoints_that_fit
+
+        checks, patch, modality = {}, set(), {}
+        for name in self.names():
+            if name == exclude:
+                continue
+            try:
+                clf = self.get(name)
+                checks[name] = (clf.ood_check([image]) or [None])[0]
+            except BreastXAIError:
+                continue
+            if clf.patches is not None:
+                patch.add(name)
+            modality[name] = MODALITY.get((clf.metadata.get("dataset") or {}).get("kind", ""), "")
+        return checkpoints_that_fit(checks, patch, modality)
 
 
 def model_card(path: Path) -> dict:
@@ -182,6 +203,7 @@ def create_app(checkpoints: Optional[str | Path] = None, api_key: Optional[str] 
                "out_of_distribution": ood, "operating_point": operating_point(clf.metadata, probs, names)
                if verdict_ok else None,
                "note": None if verdict_ok else "The image does not resemble the training data: no verdict.",
+               "suitable_checkpoints": None if verdict_ok else models.fitting(image, clf.name),
                "seconds": round(time.perf_counter() - t0, 4)}
         return clf, image, out
 

@@ -96,8 +96,12 @@ def sidebar() -> Optional[Path]:
             names = [s.name for s in usable]
             current = svc.active_checkpoint()
             idx = names.index(current.name) if current is not None and current.name in names else 0
-            choice = st.selectbox("Checkpoint", names, index=idx, key="sb_checkpoint",
-                                  help="Trained model bundles found in checkpoints/")
+            if st.session_state.get("sb_checkpoint") not in names:
+                st.session_state.pop("sb_checkpoint", None)
+            # a value set through session state (a "Use ..." button) wins; the index only places a new picker
+            where = {} if "sb_checkpoint" in st.session_state else {"index": idx}
+            choice = st.selectbox("Checkpoint", names, key="sb_checkpoint",
+                                  help="Trained model bundles found in checkpoints/", **where)
             st.session_state["checkpoint"] = str(next(s.path for s in usable if s.name == choice))
         for s in statuses:
             if not s.ok:
@@ -205,9 +209,33 @@ def prediction_headline(ckpt: Path, inp: "ImageInput", probs: np.ndarray, class_
         st.error(f"This image does not look like the images this model was trained on, so its output is not a "
                  f"prediction. For reference only, the model's output would be {class_names[pred]} "
                  f"({probs[pred]:.1%}). Use a checkpoint made for this kind of image.", icon=":material/block:")
+        checkpoint_suggestions(ckpt, inp)
         return True
     st.subheader(f"Prediction: {class_names[pred]} ({probs[pred]:.1%})")
     return False
+
+
+def _switch_checkpoint(path: str) -> None:
+    """Button callback: make `path` the active checkpoint (the sidebar picker follows; the image stays current)."""
+    st.session_state["checkpoint"] = path
+    st.session_state["sb_checkpoint"] = Path(path).name
+
+
+def checkpoint_suggestions(ckpt: Path, inp: "ImageInput") -> None:
+    """For an out-of-distribution image: the installed checkpoints whose detector accepts it, one button each."""
+    with st.spinner("Looking for an installed checkpoint made for images like this one…"):
+        fits = svc.fitting_checkpoints(ckpt, inp.image, inp.sha)
+    if not fits:
+        st.caption("No installed checkpoint was trained on images like this one: every out-of-distribution check "
+                   "rejects it.")
+        return
+    st.markdown("**Made for images like this one** (their out-of-distribution check accepts it):")
+    for i, p in enumerate(fits):
+        kind = (svc.metadata(p).get("dataset") or {}).get("kind", "")
+        what = svc.gallery.DATASET_IMAGES.get(kind, f"{kind or 'its own'} images")
+        st.button(f"Use {p.name}", key=f"use_ckpt_{p.name}", type="primary" if i == 0 else "secondary",
+                  on_click=_switch_checkpoint, args=(str(p),), help=f"Trained on {what}. The image stays loaded.")
+        st.caption(f"{p.name}: trained on {what}" + (" · best fit" if i == 0 and len(fits) > 1 else ""))
 
 
 def ood_notice(ckpt: Path, inp: "ImageInput") -> None:

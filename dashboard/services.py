@@ -90,7 +90,7 @@ def _verify_cached(path: str, mtime: float) -> dict:
     return verify_bundle(path)
 
 
-@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+@st.cache_resource(max_entries=6, show_spinner="Loading the model…")
 def _classifier(path: str, mtime: float):
     return load_classifier(path)
 
@@ -228,6 +228,25 @@ def _ood(ckpt: str, mtime: float, image_sha: str, _image: np.ndarray) -> Optiona
 def ood_check(path: Path, image: np.ndarray, image_sha: str) -> Optional[dict]:
     """{'score', 'threshold', 'out_of_distribution'} or None when the checkpoint has no detector."""
     return _ood(str(path), _mtime(Path(path)), image_sha, image)
+
+
+def fitting_checkpoints(path: Path, image: np.ndarray, image_sha: str) -> list[Path]:
+    """The other usable checkpoints made for images like this one (their out-of-distribution detector accepts it),
+    best fit first, only of the best fit's imaging modality (see core.ood.checkpoints_that_fit). Loads each
+    checkpoint once (cached like the active one); each check is cached per image."""
+    from core.ood import checkpoints_that_fit
+
+    others = {s.name: s.path for s in bundle_statuses() if s.ok and s.path != Path(path)}
+    checks, patch, modality = {}, set(), {}
+    for name, p in others.items():
+        try:
+            checks[name] = ood_check(p, image, image_sha)
+            if classifier(p).patches is not None:
+                patch.add(name)
+        except BreastXAIError:  # a checkpoint that fails to load is listed as unavailable in the sidebar
+            continue
+        modality[name] = gallery.MODALITY.get((metadata(p).get("dataset") or {}).get("kind", ""), "")
+    return [others[n] for n in checkpoints_that_fit(checks, patch, modality)]
 
 
 # ------------------------------------------------------------------------------------- lesion segmentation

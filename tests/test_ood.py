@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from core.ood import OODDetector, fit
-from tests.conftest import BREAKHIS, BUSI, ROOT, UCSB, needs_shared
+from tests.conftest import BREAKHIS, BREAKHIS_200X, BUSI, ROOT, UCSB, needs_shared
 
 BUSI_CKPT = ROOT / "checkpoints" / "busi_densenet121"
 
@@ -83,3 +83,51 @@ def test_refit_rewrites_detector_and_metadata_only(tiny_bundle, tiny_tree, tmp_p
     assert OODDetector.load(b / "ood.npz").threshold == pytest.approx(info["threshold"])
     assert load_classifier(b).ood is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_checkpoints_that_fit_orders_whole_image_models_first_then_nearest():
+    from core.ood import checkpoints_that_fit
+
+    checks = {"active": {"score": 90.0, "threshold": 10.0, "out_of_distribution": True},
+              "far": {"score": 9.0, "threshold": 10.0, "out_of_distribution": False},
+              "near": {"score": 20.0, "threshold": 100.0, "out_of_distribution": False},
+              "patches": {"score": 1.0, "threshold": 100.0, "out_of_distribution": False},
+              "no_detector": None}
+    assert checkpoints_that_fit(checks) == ["patches", "near", "far"]
+    assert checkpoints_that_fit(checks, patch_models={"patches"}) == ["near", "far", "patches"]
+    assert checkpoints_that_fit({"a": checks["active"], "b": None}) == []
+    kinds = {"near": "ultrasound", "far": "histopathology", "patches": "histopathology"}
+    assert checkpoints_that_fit(checks, {"patches"}, kinds) == ["near"]  # only the best fit's modality
+    kinds["near"] = "histopathology"
+    assert checkpoints_that_fit(checks, {"patches"}, kinds) == ["near", "far", "patches"]
+
+
+@needs_shared
+@pytest.mark.skipif(not (BUSI_CKPT / "ood.npz").is_file(), reason="committed checkpoints not present")
+def test_committed_checkpoints_point_an_image_to_its_own_modality():
+    """Ultrasound scans fit only the ultrasound checkpoint; BreakHis 200X fields fit the BreakHis one first."""
+    from core.checkpoints import list_bundles, load_classifier
+    from core.data import load_breakhis, load_busi
+    from core.gallery import MODALITY
+    from core.ood import checkpoints_that_fit
+    from core.preprocessing import load_image
+
+    clfs = {p.name: load_classifier(p) for p in list_bundles(ROOT / "checkpoints", kind="classifier")}
+    assert {"busi_densenet121", "breakhis_densenet121"} <= set(clfs)
+    patch = {n for n, c in clfs.items() if c.patches is not None}
+    kinds = {n: MODALITY.get(c.metadata["dataset"]["kind"], "") for n, c in clfs.items()}
+
+    def first_fits(samples):
+        images = [load_image(s.path) for s in samples[::max(1, len(samples) // 6)][:6]]
+        checks = {n: c.ood_check(images) for n, c in clfs.items()}
+        return [checkpoints_that_fit({n: (r[i] if r else None) for n, r in checks.items()}, patch, kinds)
+                for i in range(len(images))]
+
+    busi = first_fits(load_busi(BUSI).samples)
+    print("BUSI", busi)
+    assert all(f in ([], ["busi_densenet121"]) for f in busi), busi  # no H&E checkpoint takes a scan
+    assert sum(f == ["busi_densenet121"] for f in busi) >= 5, busi
+    bh = first_fits(load_breakhis(BREAKHIS_200X, magnification=200).samples)
+    print("BreakHis", bh)
+    assert all("busi_densenet121" not in f for f in bh), bh
+    assert sum(bool(f) and f[0] == "breakhis_densenet121" for f in bh) >= 5, bh

@@ -431,6 +431,36 @@ def test_out_of_distribution_upload_gets_no_verdict_but_can_be_explained(app_env
     assert any("out of distribution: these maps" in w.value for w in at.warning)  # the maps are labelled
 
 
+def test_out_of_distribution_upload_offers_the_checkpoint_made_for_it(tiny_bundle, tmp_path, monkeypatch):
+    """An image the active checkpoint rejects names the installed checkpoint whose detector accepts it (and not one
+    that rejects it too); one click makes that the active checkpoint, the image stays and gets a verdict."""
+    from dataclasses import replace
+
+    from core.checkpoints import read_metadata, update_metadata
+    from core.ood import OODDetector
+
+    ck = tmp_path / "ck"
+    dataset = read_metadata(tiny_bundle)["dataset"]
+    for name, kind in (("a_hne", "breakhis"), ("b_us", "busi"), ("c_us", "busi")):
+        shutil.copytree(tiny_bundle, ck / name)
+        update_metadata(ck / name, {"name": name, "dataset": {**dataset, "kind": kind}})
+    lenient = replace(OODDetector.load(ck / "b_us" / "ood.npz"), threshold=1e12)  # b_us accepts any image
+    update_metadata(ck / "b_us", {}, files={"ood.npz": lenient.save})
+    serve_from(monkeypatch, ck, tmp_path)
+    at = upload_on_explain(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8), "noise.png")
+    assert at.selectbox(key="sb_checkpoint").value == "a_hne"
+    assert at.subheader[0].value == "Out of distribution: no verdict"
+    offered = [b.key for b in at.button if (b.key or "").startswith("use_ckpt_")]
+    assert offered == ["use_ckpt_b_us"]
+    assert any("b_us: trained on breast ultrasound scans (BUSI)" in c.value for c in at.caption)
+    at.button(key="use_ckpt_b_us").click()
+    at.run()
+    no_exception(at)
+    assert at.selectbox(key="sb_checkpoint").value == "b_us"
+    assert at.subheader[0].value.startswith("Prediction:")
+    assert not [b for b in at.button if (b.key or "").startswith("use_ckpt_")]
+
+
 def test_current_image_follows_the_user_across_pages_with_settings(app_env):
     """An upload on Explain is the current image on Compare and back on Explain; Explain's method choice stays."""
     from tests.conftest import make_class_image
