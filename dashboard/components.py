@@ -238,6 +238,19 @@ def checkpoint_suggestions(ckpt: Path, inp: "ImageInput") -> None:
         st.caption(f"{p.name}: trained on {what}" + (" · best fit" if i == 0 and len(fits) > 1 else ""))
 
 
+def ood_banner(ckpt: Path, inp: "ImageInput") -> bool:
+    """Pages without the prediction headline (LIME Lab, Annotate): say when the image is out of distribution for the
+    active checkpoint, with the checkpoints made for it. Returns True when it is."""
+    res = svc.ood_check(ckpt, inp.image, inp.sha)
+    if not (res and res["out_of_distribution"]):
+        return False
+    st.warning(f"This image does not look like the images {ckpt.name} was trained on: its explanations here show "
+               "what the model responds to in an image it was not made for, not evidence for a diagnosis.",
+               icon=":material/warning:")
+    checkpoint_suggestions(ckpt, inp)
+    return True
+
+
 def ood_notice(ckpt: Path, inp: "ImageInput") -> None:
     """Say whether the image looks like the checkpoint's training data."""
     res = svc.ood_check(ckpt, inp.image, inp.sha)

@@ -10,6 +10,7 @@ from core.explain.visualise import boundaries, colorize
 CAPTION = ("LIME perturbs superpixels and fits a local linear model. Tune the segmentation live here, "
            "then run it and check how much the answer depends on the random seed.")
 ckpt, clf, inp = ui.image_page("LIME Lab", "ll", "🧪", caption=CAPTION)
+ui.ood_banner(ckpt, inp)
 
 c1, c2, c3 = st.columns(3)
 algo = c1.selectbox("Segmentation", ["slic", "quickshift", "felzenszwalb"], key="ll_algo")

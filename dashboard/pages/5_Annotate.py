@@ -10,12 +10,12 @@ from core.explain.visualise import mask_outline
 CAPTION = ("Draw the region you believe is the lesion (a closed loop is filled). Every method is then "
            "scored against your region, and you can hide the region to see how the prediction changes.")
 ckpt, clf, inp = ui.image_page("Annotate", "an", "✏️", caption=CAPTION)
+ood = ui.ood_banner(ckpt, inp)
 mode = st.radio("Drawing tool", ["freedraw", "rect", "circle", "polygon"], horizontal=True, key="an_mode")
 drawn = ui.canvas_region(inp.image, key=f"an_canvas_{inp.sha[:12]}_{mode}", mode=mode)
 use_mask = inp.mask is not None and st.checkbox("Use the dataset's lesion mask instead of my drawing",
                                                 value=drawn is None, key="an_use_mask")
-ood_res = svc.ood_check(ckpt, inp.image, inp.sha)
-lesion = ui.predicted_lesion_view(ckpt, inp, "an", bool(ood_res and ood_res["out_of_distribution"]))
+lesion = ui.predicted_lesion_view(ckpt, inp, "an", ood)
 region, region_label = (inp.mask, "the dataset's lesion mask") if use_mask else (drawn, "your drawing")
 if region is None and lesion is not None and lesion.mask.any():
     region, region_label = lesion.mask, "the *predicted* lesion (segmenter), not a drawn or true mask"

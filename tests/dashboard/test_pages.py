@@ -431,9 +431,10 @@ def test_out_of_distribution_upload_gets_no_verdict_but_can_be_explained(app_env
     assert any("out of distribution: these maps" in w.value for w in at.warning)  # the maps are labelled
 
 
-def test_out_of_distribution_upload_offers_the_checkpoint_made_for_it(tiny_bundle, tmp_path, monkeypatch):
-    """An image the active checkpoint rejects names the installed checkpoint whose detector accepts it (and not one
-    that rejects it too); one click makes that the active checkpoint, the image stays and gets a verdict."""
+@pytest.fixture
+def mixed_env(tiny_bundle, tmp_path, monkeypatch):
+    """Three checkpoints: a_hne (active by default) and c_us reject random noise as out of distribution, b_us
+    accepts any image."""
     from dataclasses import replace
 
     from core.checkpoints import read_metadata, update_metadata
@@ -444,21 +445,46 @@ def test_out_of_distribution_upload_offers_the_checkpoint_made_for_it(tiny_bundl
     for name, kind in (("a_hne", "breakhis"), ("b_us", "busi"), ("c_us", "busi")):
         shutil.copytree(tiny_bundle, ck / name)
         update_metadata(ck / name, {"name": name, "dataset": {**dataset, "kind": kind}})
-    lenient = replace(OODDetector.load(ck / "b_us" / "ood.npz"), threshold=1e12)  # b_us accepts any image
+    lenient = replace(OODDetector.load(ck / "b_us" / "ood.npz"), threshold=1e12)
     update_metadata(ck / "b_us", {}, files={"ood.npz": lenient.save})
     serve_from(monkeypatch, ck, tmp_path)
-    at = upload_on_explain(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8), "noise.png")
+    return np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+
+
+def offered(at) -> list[str]:
+    return [b.key for b in at.button if (b.key or "").startswith("use_ckpt_")]
+
+
+def test_out_of_distribution_upload_offers_the_checkpoint_made_for_it(mixed_env):
+    """An image the active checkpoint rejects names the installed checkpoint whose detector accepts it (and not one
+    that rejects it too); one click makes that the active checkpoint, the image stays and gets a verdict."""
+    at = upload_on_explain(mixed_env, "noise.png")
     assert at.selectbox(key="sb_checkpoint").value == "a_hne"
     assert at.subheader[0].value == "Out of distribution: no verdict"
-    offered = [b.key for b in at.button if (b.key or "").startswith("use_ckpt_")]
-    assert offered == ["use_ckpt_b_us"]
+    assert offered(at) == ["use_ckpt_b_us"]
     assert any("b_us: trained on breast ultrasound scans (BUSI)" in c.value for c in at.caption)
     at.button(key="use_ckpt_b_us").click()
     at.run()
     no_exception(at)
     assert at.selectbox(key="sb_checkpoint").value == "b_us"
     assert at.subheader[0].value.startswith("Prediction:")
-    assert not [b for b in at.button if (b.key or "").startswith("use_ckpt_")]
+    assert not offered(at)
+
+
+def test_lime_lab_and_annotate_warn_about_an_out_of_distribution_image(mixed_env):
+    """The pages without a prediction headline say the current image is out of distribution and offer the switch."""
+    at = upload_on_explain(mixed_env, "noise.png")
+    for page in ("pages/2_LIME_Lab.py", "pages/5_Annotate.py"):
+        at.switch_page(page)
+        at.run()
+        no_exception(at)
+        assert any("does not look like the images a_hne was trained on" in w.value for w in at.warning), page
+        assert offered(at) == ["use_ckpt_b_us"], page
+    at.button(key="use_ckpt_b_us").click()
+    at.run()
+    no_exception(at)
+    assert at.selectbox(key="sb_checkpoint").value == "b_us"
+    assert not any("does not look like the images" in w.value for w in at.warning) and not offered(at)
 
 
 def test_current_image_follows_the_user_across_pages_with_settings(app_env):
