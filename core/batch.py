@@ -4,7 +4,8 @@
                                            [--workers N] [--serial]
 
 Per image and method: an overlay PNG and the attribution as float16 `.npy`; one `results.csv` of predictions,
-out-of-distribution checks, run times and explanation metrics (deletion / insertion AUC). Without `--address`
+out-of-distribution checks, run times and explanation metrics (deletion / insertion AUC); an image the check
+flags gets its probabilities but no predicted class, as in the dashboard and the REST API. Without `--address`
 Ray starts on this machine (`--workers` actors, each loading the model once); with one it joins a running
 cluster. `--serial` runs in this process. Every path computes the same numbers (`process_image` is the one unit
 of work; explainers are seeded), so a cluster run equals a serial one.
@@ -61,7 +62,8 @@ def process_image(clf, path: str | Path, methods: Sequence[str], params: dict, r
     probs = clf.predict_proba(image)[0]
     ood = (clf.ood_check([image]) or [{}])[0]
     names = list(clf.class_names)
-    row = {"path": rel, "error": "", "predicted": names[int(np.argmax(probs))],
+    flagged = bool(ood.get("out_of_distribution"))
+    row = {"path": rel, "error": "", "predicted": "" if flagged else names[int(np.argmax(probs))],  # no verdict
            **{f"p_{c}": round(float(p), 6) for c, p in zip(names, probs)},
            "out_of_distribution": ood.get("out_of_distribution"), "ood_score": ood.get("score")}
     res = ImageResult(row)

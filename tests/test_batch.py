@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from core.batch import explain_folder, list_images, main
 from tests.conftest import write_class_tree
@@ -17,6 +18,8 @@ PARAMS = {"lime": {"num_samples": 40, "n_segments": 8, "random_seed": 1}}
 def folder(tmp_path_factory):
     root = write_class_tree(tmp_path_factory.mktemp("batch") / "imgs", n_per_class=2, seed=9)
     (root / "broken.png").write_bytes(b"not an image")
+    noise = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "noise.png")  # out of distribution for the tiny model
     return root
 
 
@@ -28,8 +31,11 @@ def rows(path):
 def test_serial_run_writes_overlays_attributions_and_csv(tiny_bundle, folder, tmp_path):
     s = explain_folder(tiny_bundle, folder, ["gradcam", "lime"], tmp_path / "serial", PARAMS, serial=True,
                        log=lambda *_: None)
-    assert s["images"] == 5 and s["errors"] == 1
+    assert s["images"] == 6 and s["errors"] == 1
     r = rows(tmp_path / "serial" / "results.csv")
+    noise = next(x for x in r if x["path"] == "noise.png")  # no verdict, probabilities kept
+    assert noise["out_of_distribution"] == "True" and noise["predicted"] == "" and float(noise["p_malignant"]) >= 0
+    assert all(x["predicted"] in ("benign", "malignant") for x in r if x["out_of_distribution"] == "False")
     bad = next(x for x in r if x["path"] == "broken.png")
     assert "not an image" in bad["error"]
     good = [x for x in r if not x["error"]]
