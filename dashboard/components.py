@@ -100,8 +100,13 @@ def sidebar() -> Optional[Path]:
                 st.session_state.pop("sb_checkpoint", None)
             # a value set through session state (a "Use ..." button) wins; the index only places a new picker
             where = {} if "sb_checkpoint" in st.session_state else {"index": idx}
+            short = {"histopathology": "H&E", "ultrasound": "ultrasound"}
+            modality = {s.name: short.get(svc.gallery.MODALITY.get((svc.metadata(s.path).get("dataset") or {}).get(
+                "kind", ""), "")) for s in usable}
             choice = st.selectbox("Checkpoint", names, key="sb_checkpoint",
-                                  help="Trained model bundles found in checkpoints/", **where)
+                                  format_func=lambda n: f"{n} · {modality[n]}" if modality.get(n) else n,
+                                  help="Trained model bundles found in checkpoints/, with the imaging modality each "
+                                       "was trained on", **where)
             st.session_state["checkpoint"] = str(next(s.path for s in usable if s.name == choice))
         for s in statuses:
             if not s.ok:
