@@ -625,7 +625,8 @@ def test_predicted_lesion_outlined_measured_and_used_for_localisation(ultrasound
     from tests.conftest import make_class_image
 
     at = app("pages/1_Explain.py")
-    assert at.selectbox(key="sb_checkpoint").options == ["us_tiny"]  # the segmenter is not offered as a classifier
+    # the segmenter is not offered as a classifier; the picker names the modality
+    assert at.selectbox(key="sb_checkpoint").options == ["us_tiny · ultrasound"]
     img = make_class_image(1, np.random.default_rng(0), 48)
     at.radio(key="ex_src").set_value("Upload").run()
     at.file_uploader(key="ex_upload").upload("scan.png", png(img), "image/png")
