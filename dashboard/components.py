@@ -60,6 +60,12 @@ def persist_settings() -> None:
             st.session_state[k] = v
 
 
+def forget_setting(key: str) -> None:
+    """Drop a settings widget's value (and its persisted copy) so the widget starts again from its default."""
+    st.session_state.pop(key, None)
+    st.session_state.get(_PERSIST, {}).pop(key, None)
+
+
 def page_setup(title: str, icon: str = "🔬") -> None:
     st.set_page_config(page_title=f"BreastXAI · {title}", page_icon=icon, layout="wide")
     persist_settings()

@@ -14,8 +14,16 @@ pred = int(probs.argmax())
 ood = ui.prediction_headline(ckpt, inp, probs, clf.class_names)
 lesion = ui.predicted_lesion_view(ckpt, inp, "cmp", ood)
 pm = lesion.mask if lesion is not None else None
+if st.session_state.get("cmp_target_for") != (str(ckpt), inp.sha) or \
+        st.session_state.get("cmp_target", clf.class_names[pred]) not in clf.class_names:
+    # a new image or checkpoint: explain its predicted class, not the class chosen for the last one (set through
+    # session state, so the browser's picker shows it too)
+    ui.forget_setting("cmp_target")
+    st.session_state["cmp_target"] = clf.class_names[pred]
+    st.session_state["cmp_target_for"] = (str(ckpt), inp.sha)
 with st.form("cmp_form"):
-    target_name = st.selectbox("Explain class", list(clf.class_names), index=pred, key="cmp_target",
+    target_name = st.selectbox("Explain class", list(clf.class_names), key="cmp_target",
+                               **({} if "cmp_target" in st.session_state else {"index": pred}),
                                format_func=lambda c: f"{c} (predicted, {probs[pred]:.1%})" if c == clf.class_names[pred]
                                else f"{c} ({probs[list(clf.class_names).index(c)]:.1%})")
     methods = st.multiselect("Methods", list(ui.METHOD_LABELS), default=["gradcam", "gradcam++", "occlusion",

@@ -487,6 +487,32 @@ def test_lime_lab_and_annotate_warn_about_an_out_of_distribution_image(mixed_env
     assert not any("does not look like the images" in w.value for w in at.warning) and not offered(at)
 
 
+def test_compare_explains_the_predicted_class_of_each_new_image(app_env):
+    """A class chosen on Compare for one image does not carry over to the next image: it starts at its prediction."""
+    from tests.conftest import make_class_image
+
+    at = app("pages/3_Compare.py")
+    at.radio(key="cmp_src").set_value("Upload").run()
+    predicted = []
+    for label, seed in ((0, 1), (1, 2)):
+        at.file_uploader(key="cmp_upload").upload(f"case{seed}.png", png(make_class_image(
+            label, np.random.default_rng(seed), 48)), "image/png")
+        at.run()
+        no_exception(at)
+        head = next(h.value for h in at.subheader if h.value.startswith(("Prediction:", "Out of distribution")))
+        pick = at.selectbox(key="cmp_target")
+        assert "(predicted" in pick.format_func(pick.value)  # starts at the predicted class
+        predicted.append(pick.value)
+        if head.startswith("Prediction:"):
+            assert head.split()[1] == pick.value
+        other = next(c for c in pick.options if "(predicted" not in c).split(" (")[0]
+        pick.set_value(other)  # the user explains the other class of this image (one quick method)
+        at.multiselect(key="cmp_methods").set_value(["gradcam"])
+        at.button(key="FormSubmitter:cmp_form-Compare").click().run()
+        no_exception(at)
+        assert at.selectbox(key="cmp_target").value == other
+
+
 def test_current_image_follows_the_user_across_pages_with_settings(app_env):
     """An upload on Explain is the current image on Compare and back on Explain; Explain's method choice stays."""
     from tests.conftest import make_class_image
