@@ -606,9 +606,9 @@ def perturbation_backend(path: Path, meta: dict, backend: str) -> str:
 def segmenter_for(classifier_meta: dict, root: str | Path = CHECKPOINTS_DIR) -> Optional[Path]:
     """The segmenter bundle under `root` whose training data has the same imaging modality as the classifier's
     (ultrasound: BUSI), or None."""
-    from core.gallery import MODALITY
+    from core.gallery import MODALITY, modality_of
 
-    want = MODALITY.get((classifier_meta.get("dataset") or {}).get("kind", ""))
+    want = modality_of(classifier_meta)
     if want is None:
         return None
     return next((p for p in list_bundles(root, kind="segmenter") if MODALITY.get(bundle_summary(p)[1]) == want), None)

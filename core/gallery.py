@@ -28,6 +28,11 @@ DATASET_IMAGES = {"busi": "breast ultrasound scans (BUSI)", "breakhis": "H&E fie
                   "idc": "H&E patches of 50 px at 2.5x (IDC); a larger region is read as a grid of patches"}
 
 
+def modality_of(metadata: dict) -> Optional[str]:
+    """The imaging modality a bundle was trained on, from its metadata's dataset kind (None: unknown)."""
+    return MODALITY.get((metadata.get("dataset") or {}).get("kind", ""))
+
+
 def same_modality(dataset: str, checkpoint_dataset: Optional[str]) -> bool:
     """True when an example of `dataset` suits a checkpoint trained on `checkpoint_dataset` (unknown: True)."""
     a, b = MODALITY.get(dataset), MODALITY.get(checkpoint_dataset or "")

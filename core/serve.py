@@ -63,7 +63,7 @@ class Models:
     def fitting(self, image: np.ndarray, exclude: str) -> list[str]:
         """The other checkpoints whose out-of-distribution detector accepts `image`, best fit first (see
         `core.ood.checkpoints_that_fit`); a checkpoint that fails to load is left out."""
-        from core.gallery import MODALITY
+        from core.gallery import modality_of
         from core.ood import checkpoints_that_fit
 
         checks, patch, modality = {}, set(), {}
@@ -77,13 +77,13 @@ class Models:
                 continue
             if clf.patches is not None:
                 patch.add(name)
-            modality[name] = MODALITY.get((clf.metadata.get("dataset") or {}).get("kind", ""), "")
+            modality[name] = modality_of(clf.metadata)
         return checkpoints_that_fit(checks, patch, modality)
 
 
 def model_card(path: Path) -> dict:
     """The parts of a bundle's metadata a client needs to judge a prediction."""
-    from core.gallery import MODALITY
+    from core.gallery import modality_of
 
     meta = read_metadata(path)
     test = meta.get("metrics", {}).get("test", {})
@@ -91,7 +91,7 @@ def model_card(path: Path) -> dict:
     card = {"name": path.name, "class_names": meta.get("class_names"), "input_size": meta.get("input_size"),
             "backbone": meta.get("backbone"), "model_sha256": meta.get("model_sha256"),
             "dataset": (meta.get("dataset") or {}).get("kind"),
-            "modality": MODALITY.get((meta.get("dataset") or {}).get("kind", "")),
+            "modality": modality_of(meta),
             "citation": (meta.get("dataset") or {}).get("citation"), "created": meta.get("created"),
             "git_commit": meta.get("git_commit"),
             "test": {k: test.get(k) for k in ("n", "accuracy", "accuracy_ci95", "balanced_accuracy", "roc_auc_macro",

@@ -60,12 +60,6 @@ def persist_settings() -> None:
             st.session_state[k] = v
 
 
-def forget_setting(key: str) -> None:
-    """Drop a settings widget's value (and its persisted copy) so the widget starts again from its default."""
-    st.session_state.pop(key, None)
-    st.session_state.get(_PERSIST, {}).pop(key, None)
-
-
 def page_setup(title: str, icon: str = "🔬") -> None:
     st.set_page_config(page_title=f"BreastXAI · {title}", page_icon=icon, layout="wide")
     persist_settings()
@@ -107,8 +101,7 @@ def sidebar() -> Optional[Path]:
             # a value set through session state (a "Use ..." button) wins; the index only places a new picker
             where = {} if "sb_checkpoint" in st.session_state else {"index": idx}
             short = {"histopathology": "H&E", "ultrasound": "ultrasound"}
-            modality = {s.name: short.get(svc.gallery.MODALITY.get((svc.metadata(s.path).get("dataset") or {}).get(
-                "kind", ""), "")) for s in usable}
+            modality = {s.name: short.get(svc.gallery.modality_of(svc.metadata(s.path))) for s in usable}
             choice = st.selectbox("Checkpoint", names, key="sb_checkpoint",
                                   format_func=lambda n: f"{n} · {modality[n]}" if modality.get(n) else n,
                                   help="Trained model bundles found in checkpoints/, with the imaging modality each "

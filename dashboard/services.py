@@ -245,7 +245,7 @@ def fitting_checkpoints(path: Path, image: np.ndarray, image_sha: str) -> list[P
                 patch.add(name)
         except BreastXAIError:  # a checkpoint that fails to load is listed as unavailable in the sidebar
             continue
-        modality[name] = gallery.MODALITY.get((metadata(p).get("dataset") or {}).get("kind", ""), "")
+        modality[name] = gallery.modality_of(metadata(p))
     return [others[n] for n in checkpoints_that_fit(checks, patch, modality)]
 
 

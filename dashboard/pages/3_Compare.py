@@ -18,7 +18,6 @@ if st.session_state.get("cmp_target_for") != (str(ckpt), inp.sha) or \
         st.session_state.get("cmp_target", clf.class_names[pred]) not in clf.class_names:
     # a new image or checkpoint: explain its predicted class, not the class chosen for the last one (set through
     # session state, so the browser's picker shows it too)
-    ui.forget_setting("cmp_target")
     st.session_state["cmp_target"] = clf.class_names[pred]
     st.session_state["cmp_target_for"] = (str(ckpt), inp.sha)
 with st.form("cmp_form"):
