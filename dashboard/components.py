@@ -94,19 +94,24 @@ def sidebar() -> Optional[Path]:
             st.error("No usable checkpoint in `checkpoints/`. Train one with `python train.py --help`.")
         else:
             names = [s.name for s in usable]
+            paths = {s.name: str(s.path) for s in usable}
             current = svc.active_checkpoint()
-            idx = names.index(current.name) if current is not None and current.name in names else 0
-            if st.session_state.get("sb_checkpoint") not in names:
-                st.session_state.pop("sb_checkpoint", None)
-            # a value set through session state (a "Use ..." button) wins; the index only places a new picker
-            where = {} if "sb_checkpoint" in st.session_state else {"index": idx}
+            name = current.name if current is not None and current.name in names else names[0]
+            st.session_state["checkpoint"] = paths[name]
+            # "checkpoint" is the one source of truth; the picker mirrors it on every page. A value set here reaches
+            # the browser with the picker; otherwise the index does (on a new page the browser draws the picker from
+            # it: without it, a checkpoint chosen by a "Use ..." button showed as the first one after a page switch)
+            where = {}
+            if st.session_state.get("sb_checkpoint") != name:
+                st.session_state["sb_checkpoint"] = name
+            else:
+                where = {"index": names.index(name)}
             short = {"histopathology": "H&E", "ultrasound": "ultrasound"}
             modality = {s.name: short.get(svc.gallery.modality_of(svc.metadata(s.path))) for s in usable}
-            choice = st.selectbox("Checkpoint", names, key="sb_checkpoint",
-                                  format_func=lambda n: f"{n} · {modality[n]}" if modality.get(n) else n,
-                                  help="Trained model bundles found in checkpoints/, with the imaging modality each "
-                                       "was trained on", **where)
-            st.session_state["checkpoint"] = str(next(s.path for s in usable if s.name == choice))
+            st.selectbox("Checkpoint", names, key="sb_checkpoint", on_change=_picker_changed, args=(paths,),
+                         format_func=lambda n: f"{n} · {modality[n]}" if modality.get(n) else n,
+                         help="Trained model bundles found in checkpoints/, with the imaging modality each "
+                              "was trained on", **where)
         for s in statuses:
             if not s.ok:
                 st.warning(f"**{s.name}** is unavailable: {s.message}")
@@ -219,10 +224,14 @@ def prediction_headline(ckpt: Path, inp: "ImageInput", probs: np.ndarray, class_
     return False
 
 
+def _picker_changed(paths: dict[str, str]) -> None:
+    """Sidebar picker callback: the user's choice becomes the active checkpoint."""
+    st.session_state["checkpoint"] = paths[st.session_state["sb_checkpoint"]]
+
+
 def _switch_checkpoint(path: str) -> None:
     """Button callback: make `path` the active checkpoint (the sidebar picker follows; the image stays current)."""
     st.session_state["checkpoint"] = path
-    st.session_state["sb_checkpoint"] = Path(path).name
 
 
 def checkpoint_suggestions(ckpt: Path, inp: "ImageInput") -> None:

@@ -469,6 +469,19 @@ def test_out_of_distribution_upload_offers_the_checkpoint_made_for_it(mixed_env)
     assert at.selectbox(key="sb_checkpoint").value == "b_us"
     assert at.subheader[0].value.startswith("Prediction:")
     assert not offered(at)
+    at.switch_page("pages/4_Evaluation.py")  # the switch holds on every page, in the browser's picker too
+    at.run()
+    no_exception(at)
+    assert at.selectbox(key="sb_checkpoint").value == "b_us"
+    assert drawn_picker(at) == "b_us"
+
+
+def drawn_picker(at) -> str:
+    """The option the browser shows in the sidebar picker: a value sent with it, else the default index it is drawn
+    from on a new page (the server-side value alone does not reach a picker the browser draws anew)."""
+    picker = at.selectbox(key="sb_checkpoint")
+    shown = picker.proto.raw_value if picker.proto.set_value else picker.options[picker.proto.default]
+    return shown.split(" · ")[0]
 
 
 def test_lime_lab_and_annotate_warn_about_an_out_of_distribution_image(mixed_env):
