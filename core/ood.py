@@ -10,9 +10,11 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Mapping, Optional, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+
+from core.errors import BreastXAIError
 
 FEATURE_LAYERS = ("head_concat", "head_pool", "head_flatten")  # head_concat: every scale of a multi-scale model
 
@@ -109,6 +111,24 @@ def checkpoints_that_fit(checks: Mapping[str, Optional[dict]], patch_models: Col
     if modality is not None and fit:
         fit = [n for n in fit if modality.get(n) == modality.get(fit[0])]
     return fit
+
+
+#: What a caller knows of one installed checkpoint, asked by name: (its `Classifier.ood_check` result for the image,
+#: None without a detector; whether it is a patch model; its imaging modality). Raises BreastXAIError if it fails to load.
+CheckpointProbe = Callable[[str], tuple[Optional[dict], bool, Optional[str]]]
+
+
+def find_fitting(names: Iterable[str], probe: CheckpointProbe) -> list[str]:
+    """`checkpoints_that_fit` over the named checkpoints, each probed once; one that fails to load is left out."""
+    checks, patch, modality = {}, set(), {}
+    for name in names:
+        try:
+            checks[name], is_patch, modality[name] = probe(name)
+        except BreastXAIError:
+            continue
+        if is_patch:
+            patch.add(name)
+    return checkpoints_that_fit(checks, patch, modality)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

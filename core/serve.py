@@ -62,23 +62,15 @@ class Models:
 
     def fitting(self, image: np.ndarray, exclude: str) -> list[str]:
         """The other checkpoints whose out-of-distribution detector accepts `image`, best fit first (see
-        `core.ood.checkpoints_that_fit`); a checkpoint that fails to load is left out."""
+        `core.ood.find_fitting`); a checkpoint that fails to load is left out."""
         from core.gallery import modality_of
-        from core.ood import checkpoints_that_fit
+        from core.ood import find_fitting
 
-        checks, patch, modality = {}, set(), {}
-        for name in self.names():
-            if name == exclude:
-                continue
-            try:
-                clf = self.get(name)
-                checks[name] = (clf.ood_check([image]) or [None])[0]
-            except BreastXAIError:
-                continue
-            if clf.patches is not None:
-                patch.add(name)
-            modality[name] = modality_of(clf.metadata)
-        return checkpoints_that_fit(checks, patch, modality)
+        def probe(name: str):
+            clf = self.get(name)
+            return (clf.ood_check([image]) or [None])[0], clf.patches is not None, modality_of(clf.metadata)
+
+        return find_fitting((n for n in self.names() if n != exclude), probe)
 
 
 def model_card(path: Path) -> dict:

@@ -232,21 +232,17 @@ def ood_check(path: Path, image: np.ndarray, image_sha: str) -> Optional[dict]:
 
 def fitting_checkpoints(path: Path, image: np.ndarray, image_sha: str) -> list[Path]:
     """The other usable checkpoints made for images like this one (their out-of-distribution detector accepts it),
-    best fit first, only of the best fit's imaging modality (see core.ood.checkpoints_that_fit). Loads each
+    best fit first, only of the best fit's imaging modality (see core.ood.find_fitting). Loads each
     checkpoint once (cached like the active one); each check is cached per image."""
-    from core.ood import checkpoints_that_fit
+    from core.ood import find_fitting
 
     others = {s.name: s.path for s in bundle_statuses() if s.ok and s.path != Path(path)}
-    checks, patch, modality = {}, set(), {}
-    for name, p in others.items():
-        try:
-            checks[name] = ood_check(p, image, image_sha)
-            if classifier(p).patches is not None:
-                patch.add(name)
-        except BreastXAIError:  # a checkpoint that fails to load is listed as unavailable in the sidebar
-            continue
-        modality[name] = gallery.modality_of(metadata(p))
-    return [others[n] for n in checkpoints_that_fit(checks, patch, modality)]
+
+    def probe(name: str):
+        p = others[name]
+        return ood_check(p, image, image_sha), classifier(p).patches is not None, gallery.modality_of(metadata(p))
+
+    return [others[n] for n in find_fitting(others, probe)]
 
 
 # ------------------------------------------------------------------------------------- lesion segmentation

@@ -37,6 +37,27 @@ def test_bundle_has_detector(tiny_bundle):
     assert set(res[0]) == {"score", "threshold", "out_of_distribution"}
 
 
+def test_find_fitting_probes_each_checkpoint_once_and_leaves_out_one_that_fails_to_load():
+    from core.errors import CheckpointError
+    from core.ood import find_fitting
+
+    ok = {"score": 1.0, "threshold": 10.0, "out_of_distribution": False}
+    probes = {"tiles": (ok, True, "histopathology"), "scan": ({**ok, "score": 5.0}, False, "ultrasound"),
+              "field": ({**ok, "score": 9.0}, False, "histopathology"), "none": (None, False, "histopathology")}
+    asked = []
+
+    def probe(name):
+        asked.append(name)
+        if name == "broken":
+            raise CheckpointError("broken: model.keras is missing")
+        return probes[name]
+
+    assert find_fitting(["broken", *probes], probe) == ["scan"]  # the nearest whole-image model's modality only
+    assert sorted(asked) == sorted(["broken", *probes])
+    del probes["scan"]
+    assert find_fitting(probes, probe) == ["field", "tiles"]  # whole-image before patch models
+
+
 @needs_shared
 @pytest.mark.skipif(not (BUSI_CKPT / "ood.npz").is_file(), reason="committed BUSI checkpoint not present")
 def test_busi_checkpoint_flags_foreign_images():
