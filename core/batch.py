@@ -5,7 +5,9 @@
 
 Per image and method: an overlay PNG and the attribution as float16 `.npy`; one `results.csv` of predictions,
 out-of-distribution checks, run times and explanation metrics (deletion / insertion AUC); an image the check
-flags gets its probabilities but no predicted class, as in the dashboard and the REST API. Without `--address`
+flags gets its probabilities but no predicted class, as in the dashboard and the REST API, and
+`suitable_checkpoints` names the other checkpoints installed beside CHECKPOINT whose check accepts it (in a folder
+that mixes ultrasound scans and H&E fields, the scans name the ultrasound checkpoint). Without `--address`
 Ray starts on this machine (`--workers` actors, each loading the model once); with one it joins a running
 cluster. `--serial` runs in this process. Every path computes the same numbers (`process_image` is the one unit
 of work; explainers are seeded), so a cluster run equals a serial one.
@@ -65,7 +67,8 @@ def process_image(clf, path: str | Path, methods: Sequence[str], params: dict, r
     flagged = bool(ood.get("out_of_distribution"))
     row = {"path": rel, "error": "", "predicted": "" if flagged else names[int(np.argmax(probs))],  # no verdict
            **{f"p_{c}": round(float(p), 6) for c, p in zip(names, probs)},
-           "out_of_distribution": ood.get("out_of_distribution"), "ood_score": ood.get("score")}
+           "out_of_distribution": ood.get("out_of_distribution"), "ood_score": ood.get("score"),
+           "suitable_checkpoints": ""}  # filled for flagged images by suggest_checkpoints
     res = ImageResult(row)
     work = clf.work_image(image)
     predict = lambda x: clf.predict_work(np.asarray(x))  # noqa: E731
@@ -82,6 +85,18 @@ def process_image(clf, path: str | Path, methods: Sequence[str], params: dict, r
         res.overlays[m] = overlay(image, e.heatmap(), 0.5)
         res.attributions[m] = e.attribution
     return res
+
+
+def suggest_checkpoints(checkpoint: str | Path, rows: Sequence[dict], root: str | Path) -> None:
+    """In each row the check flagged, `suitable_checkpoints`: the other checkpoints installed beside `checkpoint`
+    whose detector accepts the image, best fit first, ';'-separated (core.ood.find_fitting; empty: none does)."""
+    from core.checkpoints import InstalledClassifiers
+    from core.preprocessing import load_image
+
+    ckpt = Path(checkpoint)
+    installed = InstalledClassifiers(ckpt.resolve().parent)
+    for r in rows:
+        r["suitable_checkpoints"] = ";".join(installed.fitting(load_image(Path(root) / r["path"]), ckpt.name))
 
 
 def write_result(res: ImageResult, out_dir: Path) -> None:
@@ -195,9 +210,14 @@ def explain_folder(checkpoint: str | Path, folder: str | Path, methods: Sequence
     for res in it:
         write_result(res, out)
         rows.append(res.row)
+    flagged = [r for r in rows if not r.get("error") and bool(r.get("out_of_distribution"))]
+    if flagged:
+        log(f"{len(flagged)} image(s) out of distribution: checking the other installed checkpoints")
+        suggest_checkpoints(checkpoint, flagged, folder)
     write_csv(rows, out / "results.csv")
     summary = {"checkpoint": str(checkpoint), "folder": str(folder), "images": len(rows),
-               "errors": sum(bool(r.get("error")) for r in rows), "methods": list(methods),
+               "errors": sum(bool(r.get("error")) for r in rows), "out_of_distribution": len(flagged),
+               "fit_another_checkpoint": sum(bool(r["suitable_checkpoints"]) for r in flagged), "methods": list(methods),
                "params": {m: params.get(m, {}) for m in methods}, "mode": "serial" if serial else
                f"ray ({address or 'local'}, {workers} workers)", "wall_seconds": round(time.perf_counter() - t0, 2)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -222,8 +242,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (BreastXAIError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{s['images']} images ({s['errors']} unreadable) in {s['wall_seconds']} s, {s['mode']}; "
-          f"results in {args.out}/results.csv")
+    print(f"{s['images']} images ({s['errors']} unreadable, {s['out_of_distribution']} out of distribution: no verdict, "
+          f"{s['fit_another_checkpoint']} of them fit another installed checkpoint, see suitable_checkpoints) in "
+          f"{s['wall_seconds']} s, {s['mode']}; results in {args.out}/results.csv")
     return 0
 
 

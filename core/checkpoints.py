@@ -573,6 +573,49 @@ def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifi
                       perturbation=perturbation_backend(path, meta, backend))
 
 
+class InstalledClassifiers:
+    """The classifier bundles of one folder (checkpoints/ by default), each loaded on first use and kept; thread-safe.
+    Used by the REST app and batch runs to name the checkpoint made for an out-of-distribution image."""
+
+    def __init__(self, root: str | Path = CHECKPOINTS_DIR):
+        self.root = Path(root)
+        self._loaded: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # Ray Serve ships the app to its replicas: models load there
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"])
+
+    def names(self) -> list[str]:
+        return [p.name for p in list_bundles(self.root, kind="classifier")]
+
+    def get(self, name: Optional[str]):
+        names = self.names()
+        if not names:
+            raise LookupError(f"No checkpoint in {self.root.name}/: train one with `python train.py`.")
+        name = name or names[0]
+        if name not in names:
+            raise LookupError(f"Unknown checkpoint {name!r}; available: {', '.join(names)}.")
+        with self._lock:
+            if name not in self._loaded:
+                self._loaded[name] = load_classifier(self.root / name)
+            return self._loaded[name]
+
+    def fitting(self, image: np.ndarray, exclude: Optional[str] = None) -> list[str]:
+        """The checkpoints (but `exclude`) whose out-of-distribution detector accepts `image`, best fit first (see
+        `core.ood.find_fitting`); a checkpoint that fails to load is left out."""
+        from core.gallery import modality_of
+        from core.ood import find_fitting
+
+        def probe(name: str):
+            clf = self.get(name)
+            return (clf.ood_check([image]) or [None])[0], clf.patches is not None, modality_of(clf.metadata)
+
+        return find_fitting((n for n in self.names() if n != exclude), probe)
+
+
 def _load_keras(path: Path, class_names: tuple[str, ...], size: int):
     """model.keras of a verified bundle (safe_mode), checked against its metadata's classes and input size."""
     import keras

@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,52 +24,10 @@ import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 
-from core.checkpoints import CHECKPOINTS_DIR, list_bundles, load_classifier, read_metadata
+from core.checkpoints import CHECKPOINTS_DIR, InstalledClassifiers, read_metadata
 from core.errors import BreastXAIError, CheckpointError, InvalidImageError
 
 API_KEY_ENV = "BREASTXAI_API_KEY"
-
-
-class Models:
-    """Classifier bundles of one folder, loaded on first use and kept (thread-safe)."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self._loaded: dict[str, object] = {}
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict:  # Ray Serve ships the app to its replicas: models load there
-        return {"root": self.root}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["root"])
-
-    def names(self) -> list[str]:
-        return [p.name for p in list_bundles(self.root, kind="classifier")]
-
-    def get(self, name: Optional[str]):
-        names = self.names()
-        if not names:
-            raise LookupError(f"No checkpoint in {self.root.name}/: train one with `python train.py`.")
-        name = name or names[0]
-        if name not in names:
-            raise LookupError(f"Unknown checkpoint {name!r}; available: {', '.join(names)}.")
-        with self._lock:
-            if name not in self._loaded:
-                self._loaded[name] = load_classifier(self.root / name)
-            return self._loaded[name]
-
-    def fitting(self, image: np.ndarray, exclude: str) -> list[str]:
-        """The other checkpoints whose out-of-distribution detector accepts `image`, best fit first (see
-        `core.ood.find_fitting`); a checkpoint that fails to load is left out."""
-        from core.gallery import modality_of
-        from core.ood import find_fitting
-
-        def probe(name: str):
-            clf = self.get(name)
-            return (clf.ood_check([image]) or [None])[0], clf.patches is not None, modality_of(clf.metadata)
-
-        return find_fitting((n for n in self.names() if n != exclude), probe)
 
 
 def model_card(path: Path) -> dict:
@@ -143,7 +100,7 @@ def create_app(checkpoints: Optional[str | Path] = None, api_key: Optional[str] 
 
     root = Path(checkpoints or os.environ.get("BREASTXAI_CHECKPOINTS") or CHECKPOINTS_DIR)
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-    models = Models(root)
+    models = InstalledClassifiers(root)
     app = FastAPI(title="BreastXAI", version="1", description=(
         "Predictions with calibrated probabilities and explanations (Grad-CAM, Grad-CAM++, LIME, SHAP, occlusion, "
         "integrated gradients) for breast histopathology and ultrasound images. Research and teaching aid, not a "

@@ -72,6 +72,26 @@ def tiny_bundle(tmp_path_factory, tiny_tree) -> Path:
     return out / "tiny"
 
 
+def install_copies(bundle: Path, root: Path, names, accept_all=(), kinds: dict | None = None) -> Path:
+    """Copies of `bundle` under `root` named `names` (one checkpoints folder); those in `accept_all` get an
+    out-of-distribution threshold no image crosses, `kinds` (name -> dataset kind) sets what each was trained on."""
+    import shutil
+    from dataclasses import replace
+
+    from core.checkpoints import read_metadata, update_metadata
+    from core.ood import OODDetector
+
+    dataset = read_metadata(bundle)["dataset"]
+    for name in names:
+        shutil.copytree(bundle, root / name)
+        update_metadata(root / name, {"name": name, "dataset": {**dataset, "kind": (kinds or {}).get(
+            name, dataset.get("kind"))}})
+        if name in accept_all:
+            lenient = replace(OODDetector.load(root / name / "ood.npz"), threshold=1e12)
+            update_metadata(root / name, {}, files={"ood.npz": lenient.save})
+    return root
+
+
 def write_large_tree(root: Path, n: int = 6, size=(120, 150)) -> Path:
     """Two classes of large images: tissue-like patterns on a white background, like slides."""
     rng = np.random.default_rng(0)

@@ -46,6 +46,24 @@ def test_serial_run_writes_overlays_attributions_and_csv(tiny_bundle, folder, tm
     assert json.loads((tmp_path / "serial" / "summary.json").read_text())["mode"] == "serial"
 
 
+def test_out_of_distribution_rows_name_the_installed_checkpoint_that_accepts_them(tiny_bundle, folder, tmp_path,
+                                                                                  capsys):
+    from tests.conftest import install_copies
+
+    ck = install_copies(tiny_bundle, tmp_path / "ck", ("strict", "lenient", "also_strict"), accept_all=("lenient",))
+    assert main([str(ck / "strict"), str(folder), "--methods", "gradcam", "--out", str(tmp_path / "o"),
+                 "--serial"]) == 0
+    assert "1 out of distribution: no verdict, 1 of them fit another installed checkpoint" in capsys.readouterr().out
+    r = {x["path"]: x for x in rows(tmp_path / "o" / "results.csv")}
+    assert r["noise.png"]["predicted"] == "" and r["noise.png"]["suitable_checkpoints"] == "lenient"
+    assert all(x["suitable_checkpoints"] == "" for p, x in r.items() if p != "noise.png")
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["out_of_distribution"] == 1 and s["fit_another_checkpoint"] == 1
+    main([str(ck / "lenient"), str(folder), "--methods", "gradcam", "--out", str(tmp_path / "l"), "--serial"])
+    r = {x["path"]: x for x in rows(tmp_path / "l" / "results.csv")}
+    assert r["noise.png"]["predicted"] in ("benign", "malignant") and r["noise.png"]["suitable_checkpoints"] == ""
+
+
 def test_ray_with_two_local_workers_equals_the_serial_path(tiny_bundle, folder, tmp_path, ray_local):
     serial = explain_folder(tiny_bundle, folder, ["gradcam", "lime"], tmp_path / "s", PARAMS, serial=True,
                             log=lambda *_: None)

@@ -137,19 +137,12 @@ def test_ray_serve_deployment_with_two_replicas(tiny_bundle, image, ray_local):
 
 def test_out_of_distribution_predict_names_the_checkpoints_that_accept_the_image(tiny_bundle, tmp_path):
     """No verdict from the checkpoint asked, and the other checkpoint whose detector accepts the image is named."""
-    import shutil
-    from dataclasses import replace
-
     from fastapi.testclient import TestClient
 
-    from core.checkpoints import update_metadata
-    from core.ood import OODDetector
     from core.serve import create_app
+    from tests.conftest import install_copies
 
-    for name in ("strict", "lenient", "also_strict"):
-        shutil.copytree(tiny_bundle, tmp_path / name)
-    lenient = replace(OODDetector.load(tmp_path / "lenient" / "ood.npz"), threshold=1e12)
-    update_metadata(tmp_path / "lenient", {}, files={"ood.npz": lenient.save})
+    install_copies(tiny_bundle, tmp_path, ("strict", "lenient", "also_strict"), accept_all=("lenient",))
     c = TestClient(create_app(tmp_path, api_key=""), raise_server_exceptions=False)
     noise = png(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
     body = c.post("/predict", files={"file": ("n.png", noise, "image/png")}, data={"checkpoint": "strict"}).json()

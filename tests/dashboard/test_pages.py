@@ -435,18 +435,10 @@ def test_out_of_distribution_upload_gets_no_verdict_but_can_be_explained(app_env
 def mixed_env(tiny_bundle, tmp_path, monkeypatch):
     """Three checkpoints: a_hne (active by default) and c_us reject random noise as out of distribution, b_us
     accepts any image."""
-    from dataclasses import replace
+    from tests.conftest import install_copies
 
-    from core.checkpoints import read_metadata, update_metadata
-    from core.ood import OODDetector
-
-    ck = tmp_path / "ck"
-    dataset = read_metadata(tiny_bundle)["dataset"]
-    for name, kind in (("a_hne", "breakhis"), ("b_us", "busi"), ("c_us", "busi")):
-        shutil.copytree(tiny_bundle, ck / name)
-        update_metadata(ck / name, {"name": name, "dataset": {**dataset, "kind": kind}})
-    lenient = replace(OODDetector.load(ck / "b_us" / "ood.npz"), threshold=1e12)
-    update_metadata(ck / "b_us", {}, files={"ood.npz": lenient.save})
+    ck = install_copies(tiny_bundle, tmp_path / "ck", ("a_hne", "b_us", "c_us"), accept_all=("b_us",),
+                        kinds={"a_hne": "breakhis", "b_us": "busi", "c_us": "busi"})
     serve_from(monkeypatch, ck, tmp_path)
     return np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
 
