@@ -217,7 +217,8 @@ def explain_folder(checkpoint: str | Path, folder: str | Path, methods: Sequence
     write_csv(rows, out / "results.csv")
     summary = {"checkpoint": str(checkpoint), "folder": str(folder), "images": len(rows),
                "errors": sum(bool(r.get("error")) for r in rows), "out_of_distribution": len(flagged),
-               "fit_another_checkpoint": sum(bool(r["suitable_checkpoints"]) for r in flagged), "methods": list(methods),
+               "fit_another_checkpoint": sum(bool(r["suitable_checkpoints"]) for r in flagged),
+               "methods": list(methods),
                "params": {m: params.get(m, {}) for m in methods}, "mode": "serial" if serial else
                f"ray ({address or 'local'}, {workers} workers)", "wall_seconds": round(time.perf_counter() - t0, 2)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -242,8 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (BreastXAIError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{s['images']} images ({s['errors']} unreadable, {s['out_of_distribution']} out of distribution: no verdict, "
-          f"{s['fit_another_checkpoint']} of them fit another installed checkpoint, see suitable_checkpoints) in "
+    print(f"{s['images']} images ({s['errors']} unreadable, {s['out_of_distribution']} out of distribution: no "
+          f"verdict, {s['fit_another_checkpoint']} of them fit another installed checkpoint, see suitable_checkpoints) in "
           f"{s['wall_seconds']} s, {s['mode']}; results in {args.out}/results.csv")
     return 0
 

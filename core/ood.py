@@ -114,7 +114,8 @@ def checkpoints_that_fit(checks: Mapping[str, Optional[dict]], patch_models: Col
 
 
 #: What a caller knows of one installed checkpoint, asked by name: (its `Classifier.ood_check` result for the image,
-#: None without a detector; whether it is a patch model; its imaging modality). Raises BreastXAIError if it fails to load.
+#: None without a detector; whether it is a patch model; its imaging modality). Raises BreastXAIError if it fails to
+#: load.
 CheckpointProbe = Callable[[str], tuple[Optional[dict], bool, Optional[str]]]
 
 
