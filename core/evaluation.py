@@ -170,6 +170,39 @@ def patient_level_metrics(y_true: Sequence[int], probs: np.ndarray, groups: Sequ
     return out
 
 
+def subgroup_metrics(y_true: Sequence[int], probs: np.ndarray, subgroups: Sequence[Optional[str]],
+                     class_names: Sequence[str], groups: Optional[Sequence[str]] = None) -> list[dict]:
+    """How often each subgroup (a tumour subtype, say) is classified right: one row per subgroup.
+
+    y_true (N,), probs (N, K), subgroups (N,) with None or "" for images without one (left out); groups (N,)
+    the patients, when each row should also count patients right (mean probability over a patient's images of
+    that subgroup, as `patient_level_metrics`). Rows: subgroup, class (its true class, or "mixed"), images,
+    images_correct, recall (images_correct / images), mean_p_true (mean probability of each image's true
+    class), and patients / patients_correct with `groups`; sorted by class, then subgroup.
+    """
+    y_true, probs = np.asarray(y_true, int), np.asarray(probs, np.float64)
+    sub = np.array([s or "" for s in subgroups], dtype=object)
+    rows = []
+    for name in sorted(set(sub.tolist()) - {""}):
+        sel = sub == name
+        y, p = y_true[sel], probs[sel]
+        right = p.argmax(1) == y
+        classes = sorted(set(y.tolist()))
+        row = {"subgroup": str(name), "class": class_names[classes[0]] if len(classes) == 1 else "mixed",
+               "images": int(sel.sum()), "images_correct": int(right.sum()), "recall": float(right.mean()),
+               "mean_p_true": float(p[np.arange(len(y)), y].mean())}
+        if groups is not None:
+            g = np.asarray(groups)[sel]
+            pats = sorted(set(g.tolist()))
+            ok = 0
+            for q in pats:
+                at = g == q
+                ok += int(np.bincount(y[at]).argmax() == p[at].mean(0).argmax())
+            row.update(patients=len(pats), patients_correct=ok)
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["class"], r["subgroup"]))
+
+
 def curves(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str]) -> dict:
     """One-vs-rest ROC and PR curve points per class (for plotting)."""
     y_true = np.asarray(y_true, dtype=int)
@@ -209,16 +242,18 @@ def fit_temperature(y_true: Sequence[int], probs: np.ndarray) -> float:
 
 
 def predictions_from_bundle(path: str | Path, split: str = "test") -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """(y_true (N,), probs (N, K), rows) for one split of a bundle's predictions.csv."""
+    """(y_true (N,), probs (N, K), rows) for one split of a bundle's predictions.csv; "cv": the out-of-fold
+    predictions of its cross-validation (cv_predictions.csv, uncalibrated, as each fold's model gave them)."""
     from core.checkpoints import apply_temperature, read_csv, read_metadata
 
     meta = read_metadata(path)
     names = meta["class_names"]
-    if split == "calibration":  # out-of-fold predictions of --calibration inner-cv, stored uncalibrated
-        file = Path(path) / "calibration_predictions.csv"
+    if split in ("calibration", "cv"):  # out-of-fold predictions, stored uncalibrated
+        file = Path(path) / ("calibration_predictions.csv" if split == "calibration" else "cv_predictions.csv")
         if not file.is_file():
             raise FileNotFoundError(f"{file} is missing: only bundles trained with --calibration inner-cv keep "
-                                    "out-of-fold predictions.")
+                                    "out-of-fold predictions." if split == "calibration" else
+                                    f"{file} is missing: the bundle was trained without --cv-folds.")
         rows = read_csv(file)
     else:
         rows = [r for r in read_csv(Path(path) / "predictions.csv") if r["split"] == split]
@@ -227,6 +262,20 @@ def predictions_from_bundle(path: str | Path, split: str = "test") -> tuple[np.n
     if split == "calibration":
         p = apply_temperature(p, float(meta.get("calibration", {}).get("temperature", 1.0))).astype(np.float64)
     return y, p, rows
+
+
+def subtypes_from_bundle(path: str | Path, split: str = "cv") -> Optional[list[dict]]:
+    """`subgroup_metrics` by subtype (BreakHis' eight tumour types) of one split of a bundle ("cv": its
+    cross-validation), patients from split.csv; None when split.csv records no subtypes."""
+    from core.checkpoints import read_csv, read_metadata
+
+    y, p, rows = predictions_from_bundle(path, split)
+    known = {r["path"]: r for r in read_csv(Path(path) / "split.csv")}
+    subtypes = [known.get(r["path"], {}).get("subtype") for r in rows]
+    if not any(subtypes):
+        return None
+    groups = [r.get("group") or known.get(r["path"], {}).get("group") or r["path"] for r in rows]
+    return subgroup_metrics(y, p, subtypes, read_metadata(path)["class_names"], groups)
 
 
 def near_duplicate_audit(path: str | Path, split: str = "test", data_dir: Optional[str] = None,

@@ -618,6 +618,9 @@ def small_data_evidence(meta: dict, ckpt: Optional[Path] = None) -> None:
                                "images": r["n_images"], "images correct": round(r["image_accuracy"], 3),
                                **{f"mean p({c})": round(v, 3) for c, v in r["probabilities"].items()}}
                               for r in pl["patients"]], hide_index=True)
+        by_type = svc.subtypes_for(ckpt, "cv") if ckpt is not None else None
+        if by_type:
+            subtype_table(by_type, "cross-validation")
         if cv.get("note"):
             st.caption(cv["note"])
         diff = cv.get("differs_from_checkpoint")
@@ -669,6 +672,23 @@ def small_data_evidence(meta: dict, ckpt: Optional[Path] = None) -> None:
                        "external": "yes" if r.get("external", True) else "no: patient in training data"}
                       for r in ext["images"]],
                      hide_index=True)
+
+
+def subtype_table(rows: list[dict], where: str) -> None:
+    """Which tumour types the model gets right: one row per subtype (`svc.subtypes_for`)."""
+    st.subheader(f"By tumour subtype ({where})")
+    weak = [r for r in rows if r["recall"] < 0.8]
+    st.write("Share of each subtype's images classified as its class" + (
+        ": below 80% on " + ", ".join(f"{r['subgroup'].replace('_', ' ')} ({r['images_correct']} of {r['images']})"
+                                    for r in sorted(weak, key=lambda r: r["recall"])) + "." if weak else "."))
+    st.dataframe([{"subtype": r["subgroup"].replace("_", " "), "class": r["class"], "images": r["images"],
+                   "images right": r["images_correct"], "recall": round(r["recall"], 3),
+                   **({"patients right": f"{r['patients_correct']} of {r['patients']}"} if "patients" in r else {}),
+                   "mean p(true class)": round(r["mean_p_true"], 3)} for r in rows],
+                 hide_index=True, width="stretch")
+    st.caption("A patient is right when the mean probability over their images of that subtype picks its class; "
+               "a patient with slides of two subtypes counts in both."
+               + (" Out-of-fold probabilities, each fold's model uncalibrated." if where == "cross-validation" else ""))
 
 
 def _blend(image: np.ndarray, rgb: np.ndarray, alpha: float, where: np.ndarray) -> np.ndarray:

@@ -159,6 +159,21 @@ def exact_accuracy_ci(metrics: dict):
     return binomial_ci(int(round(metrics.get("accuracy", 0) * n)), n) if n else None
 
 
+@st.cache_data(max_entries=16, show_spinner=False)
+def _subtypes(path: str, mtime: float, split: str) -> Optional[list[dict]]:
+    from core.evaluation import subtypes_from_bundle
+
+    try:
+        return subtypes_from_bundle(path, split)
+    except FileNotFoundError:  # no cv_predictions.csv / split.csv: nothing to break down
+        return None
+
+
+def subtypes_for(path: Path, split: str) -> Optional[list[dict]]:
+    """Per-subtype rows (`core.evaluation.subgroup_metrics`) of a split or of the cross-validation ("cv")."""
+    return _subtypes(str(path), _mtime(Path(path)), split)
+
+
 def metrics_for(path: Path, split: str):
     return split_metrics(str(path), _mtime(Path(path)), split)
 

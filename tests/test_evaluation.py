@@ -138,6 +138,27 @@ def test_patient_level_metrics_by_hand():
     assert patient_level_metrics([0, 1], probs[:2], ["a", "a"], ("benign", "malignant"), n_boot=0) is None
 
 
+def test_subgroup_metrics_by_hand():
+    """Per-subtype images and patients right, by hand; images without a subtype are left out."""
+    from core.evaluation import subgroup_metrics
+
+    y = [0, 0, 0, 1, 1, 1, 1, 1]
+    p1 = np.array([0.2, 0.7, 0.1, 0.9, 0.4, 0.3, 0.8, 0.6])  # P(malignant)
+    probs = np.stack([1 - p1, p1], 1)
+    sub = ["F", "F", "TA", "DC", "MC", "MC", "MC", None]
+    pats = ["a", "a", "b", "c", "d", "d", "e", "f"]
+    rows = {r["subgroup"]: r for r in subgroup_metrics(y, probs, sub, ("benign", "malignant"), pats)}
+    assert list(rows) == ["F", "TA", "DC", "MC"]  # by class, then name; the image without one left out
+    # F: images 0.2 right, 0.7 wrong; patient a mean 0.45 -> benign, right
+    assert (rows["F"]["images"], rows["F"]["images_correct"], rows["F"]["patients_correct"]) == (2, 1, 1)
+    assert rows["F"]["mean_p_true"] == pytest.approx((0.8 + 0.3) / 2) and rows["F"]["class"] == "benign"
+    # MC: 0.4 and 0.3 wrong, 0.8 right; patient d mean 0.35 wrong, e right
+    assert rows["MC"]["recall"] == pytest.approx(1 / 3)
+    assert (rows["MC"]["patients"], rows["MC"]["patients_correct"]) == (2, 1)
+    assert "patients" not in subgroup_metrics(y, probs, sub, ("benign", "malignant"))[0]
+    assert subgroup_metrics([0, 1], probs[:2], ["x", "x"], ("benign", "malignant"))[0]["class"] == "mixed"
+
+
 def test_compare_records_a_baseline_on_the_same_test_images(tiny_bundle, tiny_tree, tmp_path, capsys):
     """--compare OTHER --record stores another checkpoint's metrics and test probabilities, aligned by image."""
     import json

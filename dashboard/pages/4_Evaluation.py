@@ -90,6 +90,9 @@ if split in ("test", "val"):
                        "images correct": round(r["image_accuracy"], 3),
                        **{f"mean p({c})": round(v, 3) for c, v in r["probabilities"].items()}}
                       for r in pl["patients"]], hide_index=True, width="stretch")
+    by_type = svc.subtypes_for(ckpt, split)
+    if by_type:
+        ui.subtype_table(by_type, f"{split} split")
 
 if split in ("test", "val") and len(names) >= 2:
     op = meta.get("operating_point") or {}
@@ -137,7 +140,14 @@ hist = read_csv(ckpt / "history.csv") if (ckpt / "history.csv").is_file() else [
 if meta.get("ensemble"):
     st.caption(f"This checkpoint joins {len(meta['ensemble']['members'])} trained models into one and was not trained "
                "itself: each member's settings and training command are on the Home page's model card.")
-if hist:
+phases = meta.get("training", {}).get("phases", [])
+if len(hist) == 1 and phases and phases[0].get("solver"):  # a closed-form fit has one step and no curve
+    h = hist[0]
+    st.write(f"Fitted in one closed-form step ({phases[0]['solver']}, {phases[0]['seconds']:.1f} s), so there is no "
+             "curve: training loss " + f"{float(h['loss']):.3f}, accuracy {float(h['accuracy']):.3f}"
+             + (f"; validation loss {float(h['val_loss']):.3f}, accuracy {float(h['val_accuracy']):.3f}"
+                if h.get("val_loss") else "") + ".")
+elif hist:
     tc = go.Figure()
     for k in ("loss", "val_loss", "accuracy", "val_accuracy"):
         if k in hist[0]:
@@ -146,7 +156,6 @@ if hist:
     tc.update_layout(yaxis=dict(title="loss"), yaxis2=dict(title="accuracy", overlaying="y", side="right",
                      range=[0, 1]), xaxis_title="epoch", height=360)
     st.plotly_chart(tc, width="stretch", key="ev_hist")
-    phases = meta.get("training", {}).get("phases", [])
     st.caption(" · ".join(f"{ph['phase']}: {ph['epochs']} epochs, {ph['seconds']:.0f} s" for ph in phases))
 
 st.subheader("Classification report and per-class counts")

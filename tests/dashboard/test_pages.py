@@ -353,17 +353,21 @@ def test_idc_tile_map_and_slide_mosaic(tiny_idc_bundle, monkeypatch):
 
 
 def test_evaluation_per_patient_view(tmp_path, monkeypatch):
-    """BreakHis-style data (several images per patient, one class each): Evaluation lists the test patients."""
+    """BreakHis-style data (several images per patient, one class each): Evaluation lists the test patients and
+    breaks the split down by tumour subtype; the model card does so for the cross-validation."""
     import train
+    from core.checkpoints import read_csv
     from tests.data.test_loaders import _write_breakhis_tree
 
-    slides = [(True, "F", "fibroadenoma", s, 200) for s in ("23060AB", "23060CD", "29960AB", "3411F", "21998AB")]
-    slides += [(False, "DC", "ductal_carcinoma", s, 200) for s in ("2523", "4372", "9146", "16196", "18842")]
+    slides = [(True, "F", "fibroadenoma", s, 200) for s in ("23060AB", "23060CD", "29960AB")]
+    slides += [(True, "TA", "tubular_adenoma", s, 200) for s in ("3411F", "21998AB")]
+    slides += [(False, "DC", "ductal_carcinoma", s, 200) for s in ("2523", "4372", "9146")]
+    slides += [(False, "MC", "mucinous_carcinoma", s, 200) for s in ("16196", "18842")]
     data = _write_breakhis_tree(tmp_path / "bh", slides, n=4, size=(32, 48))
     out = tmp_path / "ck"
     assert train.main(["--dataset", "breakhis", "--data-dir", str(data), "--backbone", "simple_cnn", "--input-size",
                        "16", "--head-epochs", "1", "--fine-tune-epochs", "0", "--head-units", "4", "--split", "0.5",
-                       "0.25", "0.25", "--name", "bh", "--out-dir", str(out), "--quiet"]) == 0
+                       "0.25", "0.25", "--cv-folds", "2", "--name", "bh", "--out-dir", str(out), "--quiet"]) == 0
     monkeypatch.setenv("BREASTXAI_CHECKPOINTS", str(out))
     import streamlit as st
     st.cache_data.clear()
@@ -374,6 +378,44 @@ def test_evaluation_per_patient_view(tmp_path, monkeypatch):
     n_test = len({r.split(",")[4] for r in (out / "bh" / "split.csv").read_text().splitlines()[1:]
                   if r.startswith("test,")})
     assert head == f"Per patient ({n_test} test patients)" and n_test >= 2
+    # By subtype, counted here from predictions.csv and split.csv
+    subtype = {r["path"]: r["subtype"].replace("_", " ") for r in read_csv(out / "bh" / "split.csv")}
+    expect: dict[str, list[int]] = {}
+    for r in read_csv(out / "bh" / "predictions.csv"):
+        if r["split"] == "test":
+            expect.setdefault(subtype[r["path"]], [0, 0])[0] += 1
+            expect[subtype[r["path"]]][1] += r["true"] == r["predicted"]
+    assert "By tumour subtype (test split)" in [s.value for s in at.subheader]
+    table = next(d.value for d in at.dataframe if "subtype" in d.value.columns and "images right" in d.value.columns)
+    assert {r["subtype"]: [r["images"], r["images right"]] for _, r in table.iterrows()} == expect
+    # The model card: every image of the 2-fold cross-validation, by subtype
+    home = app("Home.py")
+    no_exception(home)
+    assert "By tumour subtype (cross-validation)" in [s.value for s in home.subheader]
+    table = next(d.value for d in home.dataframe if "subtype" in d.value.columns and "images right" in d.value.columns)
+    assert dict(zip(table["subtype"], table["images"])) == {"fibroadenoma": 12, "tubular adenoma": 8,
+                                                            "ductal carcinoma": 12, "mucinous carcinoma": 8}
+
+
+def test_evaluation_says_a_closed_form_head_has_no_training_curve(tiny_bundle, tmp_path, monkeypatch):
+    """A logistic-regression head is fitted in one step: its one history row is said in words, not plotted."""
+    meta = json.loads((tiny_bundle / "metadata.json").read_text())
+    solver = "scikit-learn LogisticRegression (lbfgs)"
+    phases = [{"phase": "head", "solver": solver, "C": 3e-4, "epochs": 1, "seconds": 0.13}]
+    model_card_with(tiny_bundle, tmp_path, monkeypatch, training={**meta["training"], "phases": phases})
+    (tmp_path / "c" / "tiny" / "history.csv").write_text(
+        "epoch,phase,accuracy,loss,val_accuracy,val_loss\n1,head,0.97,0.336,0.6,0.721\n")
+    at = app("pages/4_Evaluation.py")
+    no_exception(at)
+    said = [m.value for m in at.markdown if "closed-form" in m.value]
+    assert said and solver in said[0] and "training loss 0.336, accuracy 0.970" in said[0]
+    assert "validation loss 0.721, accuracy 0.600" in said[0]
+    curves = lambda t: [c for c in t.get("plotly_chart") if '"text":"epoch"' in c.proto.spec]  # noqa: E731
+    assert not curves(at)
+    (tmp_path / "c" / "tiny" / "metadata.json").write_text(json.dumps(meta))  # trained by epochs: plotted
+    (tmp_path / "c" / "tiny" / "history.csv").write_bytes((tiny_bundle / "history.csv").read_bytes())
+    at = app("pages/4_Evaluation.py")
+    assert len(curves(at)) == 1 and not [m for m in at.markdown if "closed-form" in m.value]
 
 
 def test_model_card_shows_a_recorded_comparison(tiny_bundle, tiny_tree, tmp_path, monkeypatch):
