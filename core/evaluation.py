@@ -203,6 +203,13 @@ def subgroup_metrics(y_true: Sequence[int], probs: np.ndarray, subgroups: Sequen
     return sorted(rows, key=lambda r: (r["class"], r["subgroup"]))
 
 
+def weak_subgroups(rows: Sequence[dict], below: float = 0.8) -> str:
+    """'papillary carcinoma (31 of 50), mucinous carcinoma (90 of 128)': the `subgroup_metrics` rows whose
+    recall is under `below`, weakest first; "" when none is."""
+    weak = sorted((r for r in rows if r["recall"] < below), key=lambda r: r["recall"])
+    return ", ".join(f"{r['subgroup'].replace('_', ' ')} ({r['images_correct']} of {r['images']})" for r in weak)
+
+
 def curves(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str]) -> dict:
     """One-vs-rest ROC and PR curve points per class (for plotting)."""
     y_true = np.asarray(y_true, dtype=int)

@@ -134,8 +134,9 @@ def operating_point_text(meta: dict, probs: np.ndarray, class_names: Sequence[st
                                             f"not flagged as {op['positive_class']}."))
 
 
-def model_summary(meta: dict) -> list[str]:
-    """Plain lines on how good the checkpoint is: cross-validation first when recorded, then the test split."""
+def model_summary(meta: dict, bundle: Optional[Path] = None) -> list[str]:
+    """Plain lines on how good the checkpoint is: cross-validation first when recorded (with the tumour subtypes
+    it gets wrong most often, from the `bundle`'s out-of-fold predictions), then the test split."""
     lines = []
     cv = meta.get("cross_validation") or {}
     if cv.get("pooled_roc_auc") is not None and cv.get("scope", "all") == "all":
@@ -146,6 +147,9 @@ def model_summary(meta: dict) -> list[str]:
                  f"ROC AUC {cv['pooled_roc_auc']:.3f}"]
         lines.append(f"Cross-validation ({len(cv.get('folds', []))} folds, every image held out once, groups kept "
                      "together): " + ", ".join(p for p in parts if p) + ".")
+        weak = _weak_subtypes(bundle) if bundle is not None else ""
+        if weak:
+            lines.append(f"Tumour subtypes with under 80% of their images right in cross-validation: {weak}.")
     m = meta.get("metrics", {}).get("test", {})
     if m:
         lines.append(f"Test split (n = {m.get('n', '?')}): accuracy {m.get('accuracy', 0):.3f}"
@@ -155,6 +159,16 @@ def model_summary(meta: dict) -> list[str]:
     for e in meta.get("external_checks", []) or []:
         lines.append(f"External check {e['name']}: {e['n_correct']} of {e['n_images']} correct.")
     return lines
+
+
+def _weak_subtypes(bundle: Path) -> str:
+    from core.evaluation import subtypes_from_bundle, weak_subgroups
+
+    try:
+        rows = subtypes_from_bundle(bundle, "cv")
+    except FileNotFoundError:
+        return ""
+    return weak_subgroups(rows) if rows else ""
 
 
 def explanation_quality_rows(expl: Optional[dict]) -> list[list[str]]:
@@ -314,7 +328,7 @@ def make_report(clf, cases: Sequence[Case], opts: ReportOptions = ReportOptions(
         text(s, 8.5)
     pdf.ln(2)
     text("How good the model is", 10, True, 5.5)
-    for s in model_summary(meta):
+    for s in model_summary(meta, getattr(clf, "path", None)):
         text(s, 8.5)
     rows = explanation_quality_rows(explanations_json)
     if rows:

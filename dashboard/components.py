@@ -14,6 +14,7 @@ from PIL import Image
 
 import services as svc
 from core.data.split import describe_groups
+from core.evaluation import weak_subgroups
 from core.explain import EXPLAINERS, FAST_PARAMS, MAX_PERTURBATION_TILES, PERTURBATION_METHODS
 from core.explain.visualise import boundaries, colorize, mask_outline, overlay
 
@@ -677,10 +678,8 @@ def small_data_evidence(meta: dict, ckpt: Optional[Path] = None) -> None:
 def subtype_table(rows: list[dict], where: str) -> None:
     """Which tumour types the model gets right: one row per subtype (`svc.subtypes_for`)."""
     st.subheader(f"By tumour subtype ({where})")
-    weak = [r for r in rows if r["recall"] < 0.8]
-    st.write("Share of each subtype's images classified as its class" + (
-        ": below 80% on " + ", ".join(f"{r['subgroup'].replace('_', ' ')} ({r['images_correct']} of {r['images']})"
-                                    for r in sorted(weak, key=lambda r: r["recall"])) + "." if weak else "."))
+    weak = weak_subgroups(rows)
+    st.write("Share of each subtype's images classified as its class" + (f": below 80% on {weak}." if weak else "."))
     st.dataframe([{"subtype": r["subgroup"].replace("_", " "), "class": r["class"], "images": r["images"],
                    "images right": r["images_correct"], "recall": round(r["recall"], 3),
                    **({"patients right": f"{r['patients_correct']} of {r['patients']}"} if "patients" in r else {}),
