@@ -45,12 +45,24 @@ class Example:
     dataset: str  # busi | breakhis | ucsb
     class_name: str
     mask_paths: tuple[str, ...] = ()
-    detail: str = ""
+    detail: str = ""  # where it comes from ("test split"), shown in its label
+    subtype: str = ""  # "mucinous carcinoma, 200X" for BreakHis: what a teacher reveals with the class
 
     @property
     def label(self) -> str:
-        extra = f" · {self.detail}" if self.detail else ""
-        return f"{self.dataset.upper()} · {self.class_name}{extra} · {Path(self.path).name}"
+        extra = " · ".join(x for x in (self.detail, self.subtype) if x)
+        return f"{self.dataset.upper()} · {self.class_name}{' · ' + extra if extra else ''} · {Path(self.path).name}"
+
+    @property
+    def truth(self) -> str:
+        """The class, with the subtype when known: 'malignant (mucinous carcinoma, 200X)'."""
+        return f"{self.class_name} ({self.subtype})" if self.subtype else self.class_name
+
+
+def _subtype(sample) -> str:
+    if not sample.subtype:
+        return ""
+    return sample.subtype.replace("_", " ") + (f", {sample.magnification}X" if sample.magnification else "")
 
 
 def default_data_dir() -> Optional[Path]:
@@ -103,10 +115,7 @@ def find_examples(data_dir: str | Path | None, per_class: int = 6) -> list[Examp
             if counts.get(s.class_name, 0) >= per_class:
                 continue
             counts[s.class_name] = counts.get(s.class_name, 0) + 1
-            detail = ""
-            if kind == "breakhis":
-                detail = f"{s.subtype.replace('_', ' ')}, {s.magnification}X"
-            out.append(Example(s.path, kind, s.class_name, s.mask_paths, detail))
+            out.append(Example(s.path, kind, s.class_name, s.mask_paths, subtype=_subtype(s)))
     return out
 
 
@@ -136,5 +145,5 @@ def test_split_examples(bundle: str | Path, per_class: int = 6, data_dir: Option
         if counts.get(s.class_name, 0) >= per_class or not Path(s.path).is_file():
             continue
         counts[s.class_name] = counts.get(s.class_name, 0) + 1
-        out.append(Example(s.path, kind, s.class_name, s.mask_paths, "test split"))
+        out.append(Example(s.path, kind, s.class_name, s.mask_paths, "test split", _subtype(s)))
     return out

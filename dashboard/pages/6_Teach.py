@@ -58,7 +58,7 @@ if q["i"] >= len(q["cases"]):
         a = q["answers"].get(path, {})
         class_right += a.get("guess") == e.class_name
         model_right += a.get("model") == e.class_name
-        rows.append({"case": k + 1, "image": e.label if q["names"] else f"case {k + 1}", "truth": e.class_name,
+        rows.append({"case": k + 1, "image": e.label if q["names"] else f"case {k + 1}", "truth": e.truth,
                      "class said": a.get("guess", "—"), "model said": a.get("model", "—"),
                      "class right": "✓" if a.get("guess") == e.class_name else "✗",
                      "model right": "✓" if a.get("model") == e.class_name else "✗"})
@@ -103,7 +103,7 @@ if q["revealed"] and path in q["answers"]:
     probs = svc.predict(ckpt, img, sha)
     pred = clf.class_names[int(probs.argmax())]
     (st.success if said == ex.class_name else st.error)(
-        f"Truth: **{ex.class_name}** · you said **{said}** · the model says **{pred}** ({probs.max():.1%}).")
+        f"Truth: **{ex.truth}** · you said **{said}** · the model says **{pred}** ({probs.max():.1%}).")
     method = st.selectbox("Show the model's evidence with", list(ui.METHOD_LABELS), format_func=ui.METHOD_LABELS.get,
                           key="teach_opt_method")
     inp = ui.ImageInput(img, sha, ex.path, svc.mask_for(tuple(ex.mask_paths), img.shape[:2]), ex.class_name)

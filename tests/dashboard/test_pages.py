@@ -170,6 +170,35 @@ def test_teach_reveal_updates_score(app_env):
     assert at.metric[0].value.endswith("/ 1")
 
 
+def test_teach_reveals_the_breakhis_subtype_with_the_class(tiny_bundle, tmp_path, monkeypatch):
+    """BreakHis cases: the reveal and the summary name the tumour subtype (hidden while the class answers)."""
+    from tests.data.test_loaders import _write_breakhis_tree
+
+    slides = [(True, "F", "fibroadenoma", "23060AB", 200), (False, "MC", "mucinous_carcinoma", "18842", 200)]
+    data = _write_breakhis_tree(tmp_path / "data", slides, n=2, size=(48, 48))
+    serve_from(monkeypatch, tiny_bundle.parent, data)
+    at = app("pages/6_Teach.py")
+    no_exception(at)
+    picked = [o for o in at.multiselect(key="teach_opt_picked").options if o.startswith("BREAKHIS")]
+    assert len(picked) == 4  # the checkpoint's own test-split cases come first; the quiz takes the BreakHis ones
+    at.radio(key="teach_opt_which").set_value("hand-picked")
+    at.multiselect(key="teach_opt_picked").set_value(picked[-1:])
+    at.button(key="FormSubmitter:teach_setup-Start session").click().run()
+    case = at.session_state["teach"]["cases"]
+    assert len(case) == 1 and "SOB_" in case[0]
+    truth = ("benign (fibroadenoma, 200X)" if "fibroadenoma" in case[0] else "malignant (mucinous carcinoma, 200X)")
+    assert not [m.value for m in at.markdown if "carcinoma" in m.value or "fibroadenoma" in m.value]
+    radio = next(r for r in at.radio if r.key.startswith("teach_guess"))
+    radio.set_value(radio.options[0]).run()
+    at.button(key="teach_reveal").click().run()
+    no_exception(at)
+    said = [m.value for m in list(at.success) + list(at.error)]
+    assert any(f"Truth: **{truth}**" in m for m in said), (said, case)
+    at.button(key="teach_next").click().run()
+    no_exception(at)
+    assert list(next(d.value for d in at.dataframe if "truth" in d.value.columns)["truth"]) == [truth]
+
+
 def test_lime_lab_estimate_and_stability(app_env):
     at = app("pages/2_LIME_Lab.py")
     at.radio(key="ll_src").set_value("Example").run()
