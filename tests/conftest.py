@@ -197,3 +197,26 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+SUBTYPE_CV = [("tubular_adenoma", "benign", 0.1), ("tubular_adenoma", "benign", 0.3),
+              ("mucinous_carcinoma", "malignant", 0.9), ("mucinous_carcinoma", "malignant", 0.2),
+              ("papillary_carcinoma", "malignant", 0.4), ("papillary_carcinoma", "malignant", 0.45)]
+
+
+def write_subtype_cv(bundle: Path, images=SUBTYPE_CV) -> None:
+    """Out-of-fold predictions (cv_predictions.csv) and a split.csv with BreakHis subtypes in `bundle`:
+    (subtype, true class, P(malignant)) per image, two images per patient. Default: tubular adenoma 2 of 2
+    right, mucinous carcinoma 1 of 2, papillary carcinoma 0 of 2."""
+    import csv
+
+    with open(bundle / "cv_predictions.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["fold", "path", "group", "true", "predicted", "p_benign", "p_malignant"])
+        for i, (_, true, p) in enumerate(images):
+            w.writerow([1, f"im{i}.png", f"pt{i // 2}", true, "malignant" if p > 0.5 else "benign", 1 - p, p])
+    with open(bundle / "split.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["split", "path", "label", "class_name", "group", "mask_paths", "magnification", "subtype"])
+        for i, (sub, true, _) in enumerate(images):
+            w.writerow(["train", f"im{i}.png", int(true == "malignant"), true, f"pt{i // 2}", "", 200, sub])

@@ -100,28 +100,15 @@ def test_report_says_how_often_the_segmenter_misses_a_lesion(tiny_bundle, tiny_s
 
 def test_model_summary_names_the_subtypes_cross_validation_gets_wrong_most(tmp_path):
     """From the bundle's out-of-fold predictions and split.csv: subtypes under 80% right, weakest first."""
-    import csv
     import json
 
     from core.report import model_summary
+    from tests.conftest import write_subtype_cv
 
     meta = {"class_names": ["benign", "malignant"],
             "cross_validation": {"pooled_roc_auc": 0.9, "pooled_accuracy": 0.8, "folds": [{}, {}]}}
     (tmp_path / "metadata.json").write_text(json.dumps(meta))
-    # (subtype, true, P(malignant)) per image: TA 2/2 right, MC 1/2, PC 0/2
-    images = [("tubular_adenoma", "benign", 0.1), ("tubular_adenoma", "benign", 0.3),
-              ("mucinous_carcinoma", "malignant", 0.9), ("mucinous_carcinoma", "malignant", 0.2),
-              ("papillary_carcinoma", "malignant", 0.4), ("papillary_carcinoma", "malignant", 0.45)]
-    with open(tmp_path / "cv_predictions.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["fold", "path", "group", "true", "predicted", "p_benign", "p_malignant"])
-        for i, (_, true, p) in enumerate(images):
-            w.writerow([1, f"im{i}.png", f"pt{i // 2}", true, "malignant" if p > 0.5 else "benign", 1 - p, p])
-    with open(tmp_path / "split.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["split", "path", "label", "class_name", "group", "mask_paths", "magnification", "subtype"])
-        for i, (sub, true, _) in enumerate(images):
-            w.writerow(["train", f"im{i}.png", int(true == "malignant"), true, f"pt{i // 2}", "", 200, sub])
+    write_subtype_cv(tmp_path)
     lines = model_summary(meta, tmp_path)
     assert lines[1] == ("Tumour subtypes with under 80% of their images right in cross-validation: "
                         "papillary carcinoma (0 of 2), mucinous carcinoma (1 of 2).")

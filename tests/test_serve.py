@@ -150,3 +150,25 @@ def test_out_of_distribution_predict_names_the_checkpoints_that_accept_the_image
     assert body["suitable_checkpoints"] == ["lenient"]
     body = c.post("/predict", files={"file": ("n.png", noise, "image/png")}, data={"checkpoint": "lenient"}).json()
     assert body["predicted"] is not None and body["suitable_checkpoints"] is None
+
+
+def test_checkpoint_card_lists_the_cross_validation_by_tumour_subtype(tiny_bundle, tmp_path):
+    """GET /checkpoints: images right per subtype from the bundle's out-of-fold predictions; none without them."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from core.checkpoints import update_metadata
+    from core.serve import create_app
+    from tests.conftest import write_subtype_cv
+
+    bundle = tmp_path / "c" / "bh"
+    shutil.copytree(tiny_bundle, bundle)
+    update_metadata(bundle, {"cross_validation": {"pooled_accuracy": 0.5, "pooled_roc_auc": 0.6, "folds": [{}]}})
+    client = TestClient(create_app(bundle.parent, api_key=""))
+    assert client.get("/checkpoints").json()[0]["cross_validation"]["by_subtype"] is None  # no cv_predictions.csv
+    write_subtype_cv(bundle)
+    rows = client.get("/checkpoints").json()[0]["cross_validation"]["by_subtype"]
+    assert [(r["subgroup"], r["class"], r["images"], r["images_correct"]) for r in rows] == [
+        ("tubular_adenoma", "benign", 2, 2), ("mucinous_carcinoma", "malignant", 2, 1),
+        ("papillary_carcinoma", "malignant", 2, 0)]
