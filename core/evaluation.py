@@ -210,6 +210,16 @@ def weak_subgroups(rows: Sequence[dict], below: float = 0.8) -> str:
     return ", ".join(f"{r['subgroup'].replace('_', ' ')} ({r['images_correct']} of {r['images']})" for r in weak)
 
 
+def misread_as(rows: Sequence[dict], predicted: str, class_names: Sequence[str], below: float = 0.8) -> list[dict]:
+    """The `subgroup_metrics` rows of the other class that a binary model gets right less often than `below`:
+    the subtypes whose images it most often calls `predicted` (with two classes a miss is that class), weakest
+    first. Empty for three or more classes, where a miss does not say which class it went to."""
+    if len(class_names) != 2:
+        return []
+    return sorted((r for r in rows if r["class"] in class_names and r["class"] != predicted and r["recall"] < below),
+                  key=lambda r: r["recall"])
+
+
 def curves(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str]) -> dict:
     """One-vs-rest ROC and PR curve points per class (for plotting)."""
     y_true = np.asarray(y_true, dtype=int)

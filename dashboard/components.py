@@ -14,7 +14,7 @@ from PIL import Image
 
 import services as svc
 from core.data.split import describe_groups
-from core.evaluation import weak_subgroups
+from core.evaluation import misread_as, weak_subgroups
 from core.explain import EXPLAINERS, FAST_PARAMS, MAX_PERTURBATION_TILES, PERTURBATION_METHODS
 from core.explain.visualise import boundaries, colorize, mask_outline, overlay
 
@@ -842,6 +842,20 @@ def operating_point_note(meta: dict, probs: np.ndarray, class_names) -> None:
         f"{op['threshold']:.3f} (set on the {op.get('chosen_on', 'validation')} for sensitivity ≥ {op['target_sensitivity']:.2f}): "
         + (f"at this operating point the case counts as **possibly {op['positive_class']}**." if crosses else
            f"at this operating point the case is not flagged as {op['positive_class']}."))
+
+
+def subtype_caution(ckpt: Path, probs: np.ndarray, class_names) -> None:
+    """On Explain: the tumour subtypes of the other class that the model's cross-validation most often called
+    the predicted class (a benign call on BreakHis: mucinous and papillary carcinoma)."""
+    rows = svc.subtypes_for(ckpt, "cv")
+    pred = class_names[int(np.argmax(probs))]
+    misread = misread_as(rows or [], pred, class_names)
+    if misread:
+        parts = [f"{r['images'] - r['images_correct']} of {r['images']} {r['subgroup'].replace('_', ' ')}"
+                 for r in misread]
+        said = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+        st.caption(f"Read a {pred} call with care: in cross-validation this model called {said} images {pred} "
+                   "(the model card's table by tumour subtype).")
 
 
 def segmenter_card(ckpt: Path) -> None:

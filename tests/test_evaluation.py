@@ -159,6 +159,18 @@ def test_subgroup_metrics_by_hand():
     assert subgroup_metrics([0, 1], probs[:2], ["x", "x"], ("benign", "malignant"))[0]["class"] == "mixed"
 
 
+def test_misread_as_names_the_other_class_subtypes_weakest_first():
+    from core.evaluation import misread_as
+
+    rows = [{"subgroup": "F", "class": "benign", "recall": 0.7}, {"subgroup": "TA", "class": "benign", "recall": 0.9},
+            {"subgroup": "MC", "class": "malignant", "recall": 0.7}, {"subgroup": "PC", "class": "malignant",
+                                                                        "recall": 0.6}]
+    names = ("benign", "malignant")
+    assert [r["subgroup"] for r in misread_as(rows, "benign", names)] == ["PC", "MC"]
+    assert [r["subgroup"] for r in misread_as(rows, "malignant", names)] == ["F"]
+    assert misread_as(rows, "benign", ("benign", "malignant", "normal")) == []  # a miss could be either class
+
+
 def test_compare_records_a_baseline_on_the_same_test_images(tiny_bundle, tiny_tree, tmp_path, capsys):
     """--compare OTHER --record stores another checkpoint's metrics and test probabilities, aligned by image."""
     import json

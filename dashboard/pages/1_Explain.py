@@ -22,6 +22,7 @@ with right:
     if not ood:
         st.plotly_chart(ui.prediction_chart(probs, clf.class_names), width="stretch", key="ex_pred_chart")
         ui.operating_point_note(svc.metadata(ckpt), probs, clf.class_names)
+        ui.subtype_caution(ckpt, probs, clf.class_names)
     ui.ood_notice(ckpt, inp)
     st.caption(calibration_phrase(svc.metadata(ckpt)) + " " + svc.DISCLAIMER)
 ui.feedback_form(ckpt, inp, probs, clf.class_names)

@@ -199,6 +199,30 @@ def test_teach_reveals_the_breakhis_subtype_with_the_class(tiny_bundle, tmp_path
     assert list(next(d.value for d in at.dataframe if "truth" in d.value.columns)["truth"]) == [truth]
 
 
+def test_explain_says_which_subtypes_cross_validation_most_often_called_the_predicted_class(tiny_bundle, tmp_path,
+                                                                                           monkeypatch):
+    """A benign call names the malignant subtypes the out-of-fold predictions most often called benign, and a
+    malignant call the benign ones."""
+    from core.checkpoints import load_classifier
+    from tests.conftest import SUBTYPE_CV, make_class_image, write_subtype_cv
+
+    shutil.copytree(tiny_bundle, tmp_path / "c" / "bh")
+    # fibroadenoma 0 of 2 right (called malignant); papillary 0 of 2 and mucinous 1 of 2 (called benign)
+    write_subtype_cv(tmp_path / "c" / "bh", [*SUBTYPE_CV, ("fibroadenoma", "benign", 0.9),
+                                             ("fibroadenoma", "benign", 0.8)])
+    serve_from(monkeypatch, tmp_path / "c", tmp_path / "nodata")
+    for label in (0, 1):
+        img = make_class_image(label, np.random.default_rng(label), 48)
+        pred = load_classifier(tmp_path / "c" / "bh").predict_proba(img)[0].argmax()
+        at = upload_on_explain(img)
+        said = [c.value for c in at.caption if c.value.startswith("Read a")]
+        assert said == ([("Read a benign call with care: in cross-validation this model called 2 of 2 papillary "
+                          "carcinoma and 1 of 2 mucinous carcinoma images benign (the model card's table by "
+                          "tumour subtype).")] if pred == 0 else
+                        [("Read a malignant call with care: in cross-validation this model called 2 of 2 "
+                          "fibroadenoma images malignant (the model card's table by tumour subtype).")])
+
+
 def test_lime_lab_estimate_and_stability(app_env):
     at = app("pages/2_LIME_Lab.py")
     at.radio(key="ll_src").set_value("Example").run()
