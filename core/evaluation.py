@@ -283,9 +283,13 @@ def predictions_from_bundle(path: str | Path, split: str = "test") -> tuple[np.n
 
 def subtypes_from_bundle(path: str | Path, split: str = "cv") -> Optional[list[dict]]:
     """`subgroup_metrics` by subtype (BreakHis' eight tumour types) of one split of a bundle ("cv": its
-    cross-validation), patients from split.csv; None when split.csv records no subtypes."""
+    cross-validation), patients from split.csv; None when split.csv records no subtypes or the bundle keeps no
+    such predictions (no cross-validation)."""
     from core.checkpoints import read_csv, read_metadata
 
+    needed = ("cv_predictions.csv" if split == "cv" else "predictions.csv", "split.csv")
+    if not all((Path(path) / f).is_file() for f in needed):
+        return None
     y, p, rows = predictions_from_bundle(path, split)
     known = {r["path"]: r for r in read_csv(Path(path) / "split.csv")}
     subtypes = [known.get(r["path"], {}).get("subtype") for r in rows]

@@ -137,6 +137,8 @@ def operating_point_text(meta: dict, probs: np.ndarray, class_names: Sequence[st
 def model_summary(meta: dict, bundle: Optional[Path] = None) -> list[str]:
     """Plain lines on how good the checkpoint is: cross-validation first when recorded (with the tumour subtypes
     it gets wrong most often, from the `bundle`'s out-of-fold predictions), then the test split."""
+    from core.evaluation import subtypes_from_bundle, weak_subgroups
+
     lines = []
     cv = meta.get("cross_validation") or {}
     if cv.get("pooled_roc_auc") is not None and cv.get("scope", "all") == "all":
@@ -147,7 +149,8 @@ def model_summary(meta: dict, bundle: Optional[Path] = None) -> list[str]:
                  f"ROC AUC {cv['pooled_roc_auc']:.3f}"]
         lines.append(f"Cross-validation ({len(cv.get('folds', []))} folds, every image held out once, groups kept "
                      "together): " + ", ".join(p for p in parts if p) + ".")
-        weak = _weak_subtypes(bundle) if bundle is not None else ""
+        rows = subtypes_from_bundle(bundle, "cv") if bundle is not None else None
+        weak = weak_subgroups(rows) if rows else ""
         if weak:
             lines.append(f"Tumour subtypes with under 80% of their images right in cross-validation: {weak}.")
     m = meta.get("metrics", {}).get("test", {})
@@ -159,16 +162,6 @@ def model_summary(meta: dict, bundle: Optional[Path] = None) -> list[str]:
     for e in meta.get("external_checks", []) or []:
         lines.append(f"External check {e['name']}: {e['n_correct']} of {e['n_images']} correct.")
     return lines
-
-
-def _weak_subtypes(bundle: Path) -> str:
-    from core.evaluation import subtypes_from_bundle, weak_subgroups
-
-    try:
-        rows = subtypes_from_bundle(bundle, "cv")
-    except FileNotFoundError:
-        return ""
-    return weak_subgroups(rows) if rows else ""
 
 
 def explanation_quality_rows(expl: Optional[dict]) -> list[list[str]]:

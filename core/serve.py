@@ -59,11 +59,8 @@ def _by_subtype(path: Path) -> Optional[list[dict]]:
     """The cross-validation's images right per tumour subtype (None without subtypes or out-of-fold predictions)."""
     from core.evaluation import subtypes_from_bundle
 
-    try:
-        rows = subtypes_from_bundle(path, "cv")
-    except FileNotFoundError:
-        return None
-    return [{k: r[k] for k in ("subgroup", "class", "images", "images_correct", "recall")} for r in rows or []] or None
+    rows = subtypes_from_bundle(path, "cv") or []
+    return [{k: r[k] for k in ("subgroup", "class", "images", "images_correct", "recall")} for r in rows] or None
 
 
 def operating_point(meta: dict, probs: np.ndarray, class_names: Sequence[str]) -> Optional[dict]:

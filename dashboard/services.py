@@ -163,10 +163,7 @@ def exact_accuracy_ci(metrics: dict):
 def _subtypes(path: str, mtime: float, split: str) -> Optional[list[dict]]:
     from core.evaluation import subtypes_from_bundle
 
-    try:
-        return subtypes_from_bundle(path, split)
-    except FileNotFoundError:  # no cv_predictions.csv / split.csv: nothing to break down
-        return None
+    return subtypes_from_bundle(path, split)
 
 
 def subtypes_for(path: Path, split: str) -> Optional[list[dict]]:
