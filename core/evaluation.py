@@ -171,22 +171,25 @@ def patient_level_metrics(y_true: Sequence[int], probs: np.ndarray, groups: Sequ
 
 
 def subgroup_metrics(y_true: Sequence[int], probs: np.ndarray, subgroups: Sequence[Optional[str]],
-                     class_names: Sequence[str], groups: Optional[Sequence[str]] = None) -> list[dict]:
+                     class_names: Sequence[str], groups: Optional[Sequence[str]] = None,
+                     called: Optional[Sequence[int]] = None) -> list[dict]:
     """How often each subgroup (a tumour subtype, say) is classified right: one row per subgroup.
 
     y_true (N,), probs (N, K), subgroups (N,) with None or "" for images without one (left out); groups (N,)
     the patients, when each row should also count patients right (mean probability over a patient's images of
-    that subgroup, as `patient_level_metrics`). Rows: subgroup, class (its true class, or "mixed"), images,
-    images_correct, recall (images_correct / images), mean_p_true (mean probability of each image's true
-    class), and patients / patients_correct with `groups`; sorted by class, then subgroup.
+    that subgroup, as `patient_level_metrics`); called (N,) the class each image was called (default: the most
+    probable; `called_at_threshold` for an operating point). Rows: subgroup, class (its true class, or
+    "mixed"), images, images_correct, recall (images_correct / images), mean_p_true (mean probability of each
+    image's true class), and patients / patients_correct with `groups`; sorted by class, then subgroup.
     """
     y_true, probs = np.asarray(y_true, int), np.asarray(probs, np.float64)
+    called_all = probs.argmax(1) if called is None else np.asarray(called, int)
     sub = np.array([s or "" for s in subgroups], dtype=object)
     rows = []
     for name in sorted(set(sub.tolist()) - {""}):
         sel = sub == name
         y, p = y_true[sel], probs[sel]
-        right = p.argmax(1) == y
+        right = called_all[sel] == y
         classes = sorted(set(y.tolist()))
         row = {"subgroup": str(name), "class": class_names[classes[0]] if len(classes) == 1 else "mixed",
                "images": int(sel.sum()), "images_correct": int(right.sum()), "recall": float(right.mean()),
@@ -201,6 +204,15 @@ def subgroup_metrics(y_true: Sequence[int], probs: np.ndarray, subgroups: Sequen
             row.update(patients=len(pats), patients_correct=ok)
         rows.append(row)
     return sorted(rows, key=lambda r: (r["class"], r["subgroup"]))
+
+
+def called_at_threshold(probs: np.ndarray, positive: int, threshold: float) -> np.ndarray:
+    """(N,) the class each image is called at an operating point: `positive` when P(positive) >= threshold,
+    else the most probable of the other classes."""
+    probs = np.asarray(probs, np.float64)
+    rest = probs.copy()
+    rest[:, positive] = -1.0
+    return np.where(probs[:, positive] >= threshold, positive, rest.argmax(1))
 
 
 def weak_subgroups(rows: Sequence[dict], below: float = 0.8) -> str:
@@ -281,14 +293,20 @@ def predictions_from_bundle(path: str | Path, split: str = "test") -> tuple[np.n
     return y, p, rows
 
 
-def subtypes_from_bundle(path: str | Path, split: str = "cv") -> Optional[list[dict]]:
+def subtypes_from_bundle(path: str | Path, split: str = "cv", at_operating_point: bool = False
+                         ) -> Optional[list[dict]]:
     """`subgroup_metrics` by subtype (BreakHis' eight tumour types) of one split of a bundle ("cv": its
-    cross-validation), patients from split.csv; None when split.csv records no subtypes or the bundle keeps no
-    such predictions (no cross-validation)."""
+    cross-validation; "calibration": the out-of-fold predictions its operating point was chosen on), patients
+    from split.csv; `at_operating_point`: images called as the model card's operating point calls them. None
+    when split.csv records no subtypes, the bundle keeps no such predictions, or it has no operating point."""
     from core.checkpoints import read_csv, read_metadata
 
-    needed = ("cv_predictions.csv" if split == "cv" else "predictions.csv", "split.csv")
-    if not all((Path(path) / f).is_file() for f in needed):
+    files = {"cv": "cv_predictions.csv", "calibration": "calibration_predictions.csv"}
+    if not all((Path(path) / f).is_file() for f in (files.get(split, "predictions.csv"), "split.csv")):
+        return None
+    meta = read_metadata(path)
+    names, op = meta["class_names"], meta.get("operating_point") or {}
+    if at_operating_point and op.get("positive_class") not in names:
         return None
     y, p, rows = predictions_from_bundle(path, split)
     known = {r["path"]: r for r in read_csv(Path(path) / "split.csv")}
@@ -296,7 +314,8 @@ def subtypes_from_bundle(path: str | Path, split: str = "cv") -> Optional[list[d
     if not any(subtypes):
         return None
     groups = [r.get("group") or known.get(r["path"], {}).get("group") or r["path"] for r in rows]
-    return subgroup_metrics(y, p, subtypes, read_metadata(path)["class_names"], groups)
+    called = called_at_threshold(p, names.index(op["positive_class"]), op["threshold"]) if at_operating_point else None
+    return subgroup_metrics(y, p, subtypes, names, groups, called)
 
 
 def near_duplicate_audit(path: str | Path, split: str = "test", data_dir: Optional[str] = None,

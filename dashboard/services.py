@@ -160,15 +160,16 @@ def exact_accuracy_ci(metrics: dict):
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _subtypes(path: str, mtime: float, split: str) -> Optional[list[dict]]:
+def _subtypes(path: str, mtime: float, split: str, at_operating_point: bool) -> Optional[list[dict]]:
     from core.evaluation import subtypes_from_bundle
 
-    return subtypes_from_bundle(path, split)
+    return subtypes_from_bundle(path, split, at_operating_point)
 
 
-def subtypes_for(path: Path, split: str) -> Optional[list[dict]]:
-    """Per-subtype rows (`core.evaluation.subgroup_metrics`) of a split or of the cross-validation ("cv")."""
-    return _subtypes(str(path), _mtime(Path(path)), split)
+def subtypes_for(path: Path, split: str, at_operating_point: bool = False) -> Optional[list[dict]]:
+    """Per-subtype rows (`core.evaluation.subtypes_from_bundle`) of a split, the cross-validation ("cv") or the
+    out-of-fold predictions the operating point was chosen on ("calibration")."""
+    return _subtypes(str(path), _mtime(Path(path)), split, at_operating_point)
 
 
 def metrics_for(path: Path, split: str):

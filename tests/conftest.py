@@ -204,13 +204,13 @@ SUBTYPE_CV = [("tubular_adenoma", "benign", 0.1), ("tubular_adenoma", "benign", 
               ("papillary_carcinoma", "malignant", 0.4), ("papillary_carcinoma", "malignant", 0.45)]
 
 
-def write_subtype_cv(bundle: Path, images=SUBTYPE_CV) -> None:
-    """Out-of-fold predictions (cv_predictions.csv) and a split.csv with BreakHis subtypes in `bundle`:
-    (subtype, true class, P(malignant)) per image, two images per patient. Default: tubular adenoma 2 of 2
-    right, mucinous carcinoma 1 of 2, papillary carcinoma 0 of 2."""
+def write_subtype_cv(bundle: Path, images=SUBTYPE_CV, file: str = "cv_predictions.csv") -> None:
+    """Out-of-fold predictions (`file`: cv_predictions.csv or calibration_predictions.csv) and a split.csv with
+    BreakHis subtypes in `bundle`: (subtype, true class, P(malignant)) per image, two images per patient.
+    Default: tubular adenoma 2 of 2 right, mucinous carcinoma 1 of 2, papillary carcinoma 0 of 2."""
     import csv
 
-    with open(bundle / "cv_predictions.csv", "w", newline="") as fh:
+    with open(bundle / file, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["fold", "path", "group", "true", "predicted", "p_benign", "p_malignant"])
         for i, (_, true, p) in enumerate(images):

@@ -171,6 +171,18 @@ def test_misread_as_names_the_other_class_subtypes_weakest_first():
     assert misread_as(rows, "benign", ("benign", "malignant", "normal")) == []  # a miss could be either class
 
 
+def test_called_at_threshold_and_subgroups_at_an_operating_point():
+    from core.evaluation import called_at_threshold, subgroup_metrics
+
+    probs = np.array([[0.9, 0.1, 0.0], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5], [0.1, 0.6, 0.3]])
+    # class 1 when P(1) >= 0.2, else the more probable of classes 0 and 2
+    assert called_at_threshold(probs, 1, 0.2).tolist() == [0, 1, 1, 1]
+    assert called_at_threshold(probs, 1, 0.7).tolist() == [0, 0, 2, 2]
+    rows = subgroup_metrics([1, 1, 1, 1], probs, ["a", "a", "b", "b"], ("x", "y", "z"),
+                            called=called_at_threshold(probs, 1, 0.2))
+    assert [(r["subgroup"], r["images_correct"]) for r in rows] == [("a", 1), ("b", 2)]  # argmax: a 0, b 1
+
+
 def test_compare_records_a_baseline_on_the_same_test_images(tiny_bundle, tiny_tree, tmp_path, capsys):
     """--compare OTHER --record stores another checkpoint's metrics and test probabilities, aligned by image."""
     import json

@@ -201,26 +201,39 @@ def test_teach_reveals_the_breakhis_subtype_with_the_class(tiny_bundle, tmp_path
 
 def test_explain_says_which_subtypes_cross_validation_most_often_called_the_predicted_class(tiny_bundle, tmp_path,
                                                                                            monkeypatch):
-    """A benign call names the malignant subtypes the out-of-fold predictions most often called benign, and a
-    malignant call the benign ones."""
-    from core.checkpoints import load_classifier
+    """A benign call names the malignant subtypes the out-of-fold predictions most often called benign, a malignant
+    call the benign ones; below an operating point for the other class, how many of their images it left below."""
+    from core.checkpoints import load_classifier, update_metadata
     from tests.conftest import SUBTYPE_CV, make_class_image, write_subtype_cv
 
-    shutil.copytree(tiny_bundle, tmp_path / "c" / "bh")
+    bundle = tmp_path / "c" / "bh"
+    shutil.copytree(tiny_bundle, bundle)
     # fibroadenoma 0 of 2 right (called malignant); papillary 0 of 2 and mucinous 1 of 2 (called benign)
-    write_subtype_cv(tmp_path / "c" / "bh", [*SUBTYPE_CV, ("fibroadenoma", "benign", 0.9),
-                                             ("fibroadenoma", "benign", 0.8)])
-    serve_from(monkeypatch, tmp_path / "c", tmp_path / "nodata")
+    images = [*SUBTYPE_CV, ("fibroadenoma", "benign", 0.9), ("fibroadenoma", "benign", 0.8)]
+    write_subtype_cv(bundle, images)
+    write_subtype_cv(bundle, images, "calibration_predictions.csv")
+    op = json.loads((ROOT / "checkpoints/breakhis_densenet121/metadata.json").read_text())["operating_point"]
+    chosen_on = "out-of-fold predictions of the training and validation patients"
+    expected = {
+        "benign": ("Read a benign call with care: in cross-validation this model called 2 of 2 papillary carcinoma "
+                   "and 1 of 2 mucinous carcinoma images benign (the model card's table by tumour subtype). The "
+                   "operating point, which this image does not cross, still left 2 of 2 papillary carcinoma and 1 of "
+                   f"2 mucinous carcinoma images below it in the {chosen_on}."),
+        "malignant": ("Read a malignant call with care: in cross-validation this model called 2 of 2 fibroadenoma "
+                      "images malignant (the model card's table by tumour subtype). The operating point, which this "
+                      f"image does not cross, still left 2 of 2 fibroadenoma images below it in the {chosen_on}.")}
     for label in (0, 1):
         img = make_class_image(label, np.random.default_rng(label), 48)
-        pred = load_classifier(tmp_path / "c" / "bh").predict_proba(img)[0].argmax()
+        pred = ("benign", "malignant")[int(load_classifier(bundle).predict_proba(img)[0].argmax())]
+        other = "malignant" if pred == "benign" else "benign"
+        # an operating point on the other class at 0.85: this image (P(other) < 0.5) does not cross it; of the
+        # out-of-fold images it calls the other class only those at P >= 0.85 (mucinous 0.9: 1 of 2 left below)
+        update_metadata(bundle, {"operating_point": {**op, "positive_class": other, "threshold": 0.85,
+                                                     "chosen_on": chosen_on}})
+        serve_from(monkeypatch, tmp_path / "c", tmp_path / "nodata")
         at = upload_on_explain(img)
-        said = [c.value for c in at.caption if c.value.startswith("Read a")]
-        assert said == ([("Read a benign call with care: in cross-validation this model called 2 of 2 papillary "
-                          "carcinoma and 1 of 2 mucinous carcinoma images benign (the model card's table by "
-                          "tumour subtype).")] if pred == 0 else
-                        [("Read a malignant call with care: in cross-validation this model called 2 of 2 "
-                          "fibroadenoma images malignant (the model card's table by tumour subtype).")])
+        assert [c.value for c in at.caption if c.value.startswith("Read a")] == [expected[pred]]
+
 
 
 def test_lime_lab_estimate_and_stability(app_env):
