@@ -244,8 +244,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{s['images']} images ({s['errors']} unreadable, {s['out_of_distribution']} out of distribution: no "
-          f"verdict, {s['fit_another_checkpoint']} of them fit another installed checkpoint, see suitable_checkpoints) in "
-          f"{s['wall_seconds']} s, {s['mode']}; results in {args.out}/results.csv")
+          f"verdict, {s['fit_another_checkpoint']} of them fit another installed checkpoint, see "
+          f"suitable_checkpoints) in {s['wall_seconds']} s, {s['mode']}; results in {args.out}/results.csv")
     return 0
 
 

@@ -177,10 +177,11 @@ def subgroup_metrics(y_true: Sequence[int], probs: np.ndarray, subgroups: Sequen
 
     y_true (N,), probs (N, K), subgroups (N,) with None or "" for images without one (left out); groups (N,)
     the patients, when each row should also count patients right (mean probability over a patient's images of
-    that subgroup, as `patient_level_metrics`); called (N,) the class each image was called (default: the most
-    probable; `called_at_threshold` for an operating point). Rows: subgroup, class (its true class, or
-    "mixed"), images, images_correct, recall (images_correct / images), mean_p_true (mean probability of each
-    image's true class), and patients / patients_correct with `groups`; sorted by class, then subgroup.
+    that subgroup, its most probable class, as `patient_level_metrics`, also with `called`); called (N,) the class
+    each image was called (default: the most probable; `called_at_threshold` for an operating point). Rows:
+    subgroup, class (its true class, or "mixed"), images, images_correct, recall (images_correct / images),
+    mean_p_true (mean probability of each image's true class), and patients / patients_correct with `groups`;
+    sorted by class, then subgroup.
     """
     y_true, probs = np.asarray(y_true, int), np.asarray(probs, np.float64)
     called_all = probs.argmax(1) if called is None else np.asarray(called, int)
@@ -270,22 +271,32 @@ def fit_temperature(y_true: Sequence[int], probs: np.ndarray) -> float:
     return float(res.x)
 
 
+#: Out-of-fold predictions a bundle keeps in files of their own (stored uncalibrated): file, and why one can be missing.
+OUT_OF_FOLD = {"cv": ("cv_predictions.csv", "the bundle was trained without --cv-folds"),
+               "calibration": ("calibration_predictions.csv",
+                               "only bundles trained with --calibration inner-cv keep out-of-fold predictions")}
+
+
+def predictions_file(path: str | Path, split: str) -> Path:
+    """The file of a bundle that holds `split`'s predictions: predictions.csv, or an `OUT_OF_FOLD` one."""
+    return Path(path) / OUT_OF_FOLD.get(split, ("predictions.csv",))[0]
+
+
 def predictions_from_bundle(path: str | Path, split: str = "test") -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """(y_true (N,), probs (N, K), rows) for one split of a bundle's predictions.csv; "cv": the out-of-fold
-    predictions of its cross-validation (cv_predictions.csv, uncalibrated, as each fold's model gave them)."""
+    predictions of its cross-validation (cv_predictions.csv, uncalibrated, as each fold's model gave them);
+    "calibration": those its temperature was fitted on, with the temperature applied."""
     from core.checkpoints import apply_temperature, read_csv, read_metadata
 
     meta = read_metadata(path)
     names = meta["class_names"]
-    if split in ("calibration", "cv"):  # out-of-fold predictions, stored uncalibrated
-        file = Path(path) / ("calibration_predictions.csv" if split == "calibration" else "cv_predictions.csv")
+    file = predictions_file(path, split)
+    if split in OUT_OF_FOLD:
         if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing: only bundles trained with --calibration inner-cv keep "
-                                    "out-of-fold predictions." if split == "calibration" else
-                                    f"{file} is missing: the bundle was trained without --cv-folds.")
+            raise FileNotFoundError(f"{file} is missing: {OUT_OF_FOLD[split][1]}.")
         rows = read_csv(file)
     else:
-        rows = [r for r in read_csv(Path(path) / "predictions.csv") if r["split"] == split]
+        rows = [r for r in read_csv(file) if r["split"] == split]
     y = np.array([names.index(r["true"]) for r in rows], dtype=int)
     p = np.array([[float(r[f"p_{c}"]) for c in names] for r in rows], dtype=np.float64).reshape(len(rows), len(names))
     if split == "calibration":
@@ -301,8 +312,7 @@ def subtypes_from_bundle(path: str | Path, split: str = "cv", at_operating_point
     when split.csv records no subtypes, the bundle keeps no such predictions, or it has no operating point."""
     from core.checkpoints import read_csv, read_metadata
 
-    files = {"cv": "cv_predictions.csv", "calibration": "calibration_predictions.csv"}
-    if not all((Path(path) / f).is_file() for f in (files.get(split, "predictions.csv"), "split.csv")):
+    if not (predictions_file(path, split).is_file() and (Path(path) / "split.csv").is_file()):
         return None
     meta = read_metadata(path)
     names, op = meta["class_names"], meta.get("operating_point") or {}
