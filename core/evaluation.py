@@ -328,6 +328,45 @@ def subtypes_from_bundle(path: str | Path, split: str = "cv", at_operating_point
     return subgroup_metrics(y, p, subtypes, names, groups, called)
 
 
+def _missed(rows: Sequence[dict]) -> str:
+    """'19 of 50 papillary carcinoma and 38 of 128 mucinous carcinoma' (the images each row got wrong)."""
+    parts = [f"{r['images'] - r['images_correct']} of {r['images']} {r['subgroup'].replace('_', ' ')}" for r in rows]
+    return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+
+
+def subtype_caution(path: str | Path, probs: np.ndarray, class_names: Sequence[str], meta: dict,
+                    rows=subtypes_from_bundle) -> Optional[dict]:
+    """What the cross-validation says about a binary call (`probs`: one image's (K,) probabilities): the tumour
+    subtypes of the other class it most often called the predicted class (`misread_as`), and, for an image below
+    the operating point of the other class, how many of their images the operating point still left below it in
+    the predictions it was chosen on. `rows(path, split, at_operating_point)` gives the subtype rows (default
+    `subtypes_from_bundle`; the dashboard passes its cached copy). None when nothing needs saying.
+
+    Returns {"text": one paragraph, "missed_in_cv": [{"subgroup", "class", "images", "images_wrong"}],
+    "left_below_operating_point": the same for the operating point, or None}."""
+    pred = class_names[int(np.argmax(probs))]
+    misread = misread_as(rows(path, "cv", False) or [], pred, class_names)
+    if not misread:
+        return None
+
+    def brief(rs):
+        return [{"subgroup": r["subgroup"], "class": r["class"], "images": r["images"],
+                 "images_wrong": r["images"] - r["images_correct"]} for r in rs]
+
+    text = (f"Read a {pred} call with care: in cross-validation this model called {_missed(misread)} images {pred} "
+            "(the model card's table by tumour subtype).")
+    below = None
+    op = meta.get("operating_point") or {}
+    positive = op.get("positive_class")
+    if positive in class_names and positive != pred and probs[list(class_names).index(positive)] < op["threshold"]:
+        at_op = {r["subgroup"]: r for r in rows(path, "calibration", True) or []}
+        below = [at_op[r["subgroup"]] for r in misread if r["subgroup"] in at_op] or None
+        if below:
+            text += (f" The operating point, which this image does not cross, still left {_missed(below)} images "
+                     f"below it in the {op.get('chosen_on', 'predictions it was chosen on')}.")
+    return {"text": text, "missed_in_cv": brief(misread), "left_below_operating_point": brief(below) if below else None}
+
+
 def near_duplicate_audit(path: str | Path, split: str = "test", data_dir: Optional[str] = None,
                          max_bits: Optional[int] = None) -> dict:
     """Metrics of `split` without the images that have a near-duplicate (a repeat scan) in another split.

@@ -12,6 +12,7 @@ input gets a 4xx JSON error. With $BREASTXAI_API_KEY set, every endpoint but /he
 """
 import argparse
 import base64
+import functools
 import hashlib
 import io
 import json
@@ -105,12 +106,14 @@ def _npy_b64(array: np.ndarray) -> str:
 def create_app(checkpoints: Optional[str | Path] = None, api_key: Optional[str] = None):
     """The FastAPI app over the classifier bundles in `checkpoints` (default: $BREASTXAI_CHECKPOINTS or
     checkpoints/); `api_key` (default: $BREASTXAI_API_KEY) makes every endpoint but /healthz need it."""
+    from core.evaluation import subtype_caution, subtypes_from_bundle
     from core.explain import EXPLAINERS, MAX_PERTURBATION_TILES, PERTURBATION_METHODS, explain
     from core.explain.visualise import overlay
 
     root = Path(checkpoints or os.environ.get("BREASTXAI_CHECKPOINTS") or CHECKPOINTS_DIR)
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
     models = InstalledClassifiers(root)
+    subtype_rows = functools.lru_cache(maxsize=64)(subtypes_from_bundle)  # the bundles' CSVs, read once each
     app = FastAPI(title="BreastXAI", version="1", description=(
         "Predictions with calibrated probabilities and explanations (Grad-CAM, Grad-CAM++, LIME, SHAP, occlusion, "
         "integrated gradients) for breast histopathology and ultrasound images. Research and teaching aid, not a "
@@ -162,6 +165,8 @@ def create_app(checkpoints: Optional[str | Path] = None, api_key: Optional[str] 
                "out_of_distribution": ood, "operating_point": operating_point(clf.metadata, probs, names)
                if verdict_ok else None,
                "note": None if verdict_ok else "The image does not resemble the training data: no verdict.",
+               "caution": subtype_caution(root / clf.name, probs, names, clf.metadata, rows=subtype_rows)
+               if verdict_ok else None,
                "suitable_checkpoints": None if verdict_ok else models.fitting(image, clf.name),
                "seconds": round(time.perf_counter() - t0, 4)}
         return clf, image, out
@@ -169,7 +174,8 @@ def create_app(checkpoints: Optional[str | Path] = None, api_key: Optional[str] 
     @app.post("/predict", dependencies=[Depends(check_key)])
     def predict(file: UploadFile = File(..., description="breast histopathology or ultrasound image"),
                 checkpoint: Optional[str] = Form(default=None)) -> dict:
-        """Calibrated probabilities, the out-of-distribution check (no verdict when it fires), the operating point."""
+        """Calibrated probabilities, the out-of-distribution check (no verdict when it fires), the operating point,
+        and `caution`: the tumour subtypes the cross-validation most often gave this call (BreakHis), or null."""
         return predict_one(_read(file), checkpoint)[2]
 
     @app.post("/explain", dependencies=[Depends(check_key)])

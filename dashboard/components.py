@@ -14,7 +14,7 @@ from PIL import Image
 
 import services as svc
 from core.data.split import describe_groups
-from core.evaluation import misread_as, weak_subgroups
+from core.evaluation import subtype_caution as subtype_caution_of, weak_subgroups
 from core.explain import EXPLAINERS, FAST_PARAMS, MAX_PERTURBATION_TILES, PERTURBATION_METHODS
 from core.explain.visualise import boundaries, colorize, mask_outline, overlay
 
@@ -844,32 +844,11 @@ def operating_point_note(meta: dict, probs: np.ndarray, class_names) -> None:
            f"at this operating point the case is not flagged as {op['positive_class']}."))
 
 
-def _missed(rows: list[dict]) -> str:
-    """'19 of 50 papillary carcinoma and 38 of 128 mucinous carcinoma' (the images each row got wrong)."""
-    parts = [f"{r['images'] - r['images_correct']} of {r['images']} {r['subgroup'].replace('_', ' ')}" for r in rows]
-    return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
-
-
 def subtype_caution(ckpt: Path, probs: np.ndarray, class_names) -> None:
-    """On Explain: the tumour subtypes of the other class that the model's cross-validation most often called
-    the predicted class (a benign call on BreakHis: mucinous and papillary carcinoma), and, for an image below
-    the operating point, how many of their images the operating point still left below it."""
-    rows = svc.subtypes_for(ckpt, "cv")
-    pred = class_names[int(np.argmax(probs))]
-    misread = misread_as(rows or [], pred, class_names)
-    if not misread:
-        return
-    text = (f"Read a {pred} call with care: in cross-validation this model called {_missed(misread)} images {pred} "
-            "(the model card's table by tumour subtype).")
-    op = svc.metadata(ckpt).get("operating_point") or {}
-    positive = op.get("positive_class")
-    if positive in class_names and positive != pred and probs[list(class_names).index(positive)] < op["threshold"]:
-        at_op = {r["subgroup"]: r for r in svc.subtypes_for(ckpt, "calibration", at_operating_point=True) or []}
-        below = [at_op[r["subgroup"]] for r in misread if r["subgroup"] in at_op]
-        if below:
-            text += (f" The operating point, which this image does not cross, still left {_missed(below)} images "
-                     f"below it in the {op.get('chosen_on', 'predictions it was chosen on')}.")
-    st.caption(text)
+    """On Explain: what the cross-validation says about this call (`core.evaluation.subtype_caution`)."""
+    said = subtype_caution_of(ckpt, probs, list(class_names), svc.metadata(ckpt), rows=svc.subtypes_for)
+    if said:
+        st.caption(said["text"])
 
 
 def segmenter_card(ckpt: Path) -> None:

@@ -171,6 +171,38 @@ def test_misread_as_names_the_other_class_subtypes_weakest_first():
     assert misread_as(rows, "benign", ("benign", "malignant", "normal")) == []  # a miss could be either class
 
 
+def test_subtype_caution_names_the_misses_and_what_the_operating_point_left_below():
+    from core.evaluation import subtype_caution
+
+    def row(sub, cls, n, right):
+        return {"subgroup": sub, "class": cls, "images": n, "images_correct": right, "recall": right / n}
+
+    cv = [row("fibroadenoma", "benign", 10, 9), row("mucinous_carcinoma", "malignant", 20, 15),
+          row("papillary_carcinoma", "malignant", 10, 6)]
+    at_op = [row("mucinous_carcinoma", "malignant", 18, 16), row("papillary_carcinoma", "malignant", 9, 8)]
+    asked = []
+
+    def rows(path, split, at_operating_point):
+        asked.append((split, at_operating_point))
+        return cv if split == "cv" else at_op
+
+    names = ("benign", "malignant")
+    op = {"operating_point": {"positive_class": "malignant", "threshold": 0.2, "chosen_on": "calibration split"}}
+    said = subtype_caution("b", np.array([0.9, 0.1]), names, op, rows)
+    assert said["text"] == (
+        "Read a benign call with care: in cross-validation this model called 4 of 10 papillary carcinoma and 5 of "
+        "20 mucinous carcinoma images benign (the model card's table by tumour subtype). The operating point, which "
+        "this image does not cross, still left 1 of 9 papillary carcinoma and 2 of 18 mucinous carcinoma images "
+        "below it in the calibration split.")
+    assert [r["images_wrong"] for r in said["missed_in_cv"]] == [4, 5]
+    assert [r["images_wrong"] for r in said["left_below_operating_point"]] == [1, 2]
+    assert asked == [("cv", False), ("calibration", True)]
+    crossed = subtype_caution("b", np.array([0.75, 0.25]), names, op, rows)  # benign call, but flagged malignant
+    assert crossed["left_below_operating_point"] is None and crossed["text"].endswith("tumour subtype).")
+    assert subtype_caution("b", np.array([0.2, 0.8]), names, op, rows) is None  # fibroadenoma 0.9: not weak
+    assert subtype_caution("b", np.array([0.9, 0.1]), names, op, lambda *a: None) is None  # no subtypes recorded
+
+
 def test_called_at_threshold_and_subgroups_at_an_operating_point():
     from core.evaluation import called_at_threshold, subgroup_metrics
 

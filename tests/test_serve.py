@@ -172,3 +172,40 @@ def test_checkpoint_card_lists_the_cross_validation_by_tumour_subtype(tiny_bundl
     assert [(r["subgroup"], r["class"], r["images"], r["images_correct"]) for r in rows] == [
         ("tubular_adenoma", "benign", 2, 2), ("mucinous_carcinoma", "malignant", 2, 1),
         ("papillary_carcinoma", "malignant", 2, 0)]
+
+
+def test_predict_cautions_a_call_the_cross_validation_often_gave_other_subtypes(tiny_bundle, tmp_path):
+    """POST /predict: a benign call names the malignant subtypes the out-of-fold predictions called benign, a
+    malignant call the benign ones (the Explain page's caption, word for word); none without such predictions."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from core.serve import create_app
+    from tests.conftest import SUBTYPE_CV, write_subtype_cv
+
+    bundle = tmp_path / "c" / "bh"
+    shutil.copytree(tiny_bundle, bundle)
+    images = [make_class_image(label, np.random.default_rng(label), 48) for label in (0, 1)]
+    client = TestClient(create_app(bundle.parent, api_key=""))
+    assert client.post("/predict", files={"file": ("x.png", png(images[0]), "image/png")}).json()["caution"] is None
+    # papillary 0 of 2 and mucinous 1 of 2 right (called benign); fibroadenoma 0 of 2 (called malignant)
+    write_subtype_cv(bundle, [*SUBTYPE_CV, ("fibroadenoma", "benign", 0.9), ("fibroadenoma", "benign", 0.8)])
+    client = TestClient(create_app(bundle.parent, api_key=""))
+    expected = {
+        "benign": {"text": "Read a benign call with care: in cross-validation this model called 2 of 2 papillary "
+                           "carcinoma and 1 of 2 mucinous carcinoma images benign (the model card's table by tumour "
+                           "subtype).",
+                   "missed_in_cv": [
+                       {"subgroup": "papillary_carcinoma", "class": "malignant", "images": 2, "images_wrong": 2},
+                       {"subgroup": "mucinous_carcinoma", "class": "malignant", "images": 2, "images_wrong": 1}],
+                   "left_below_operating_point": None},
+        "malignant": {"text": "Read a malignant call with care: in cross-validation this model called 2 of 2 "
+                              "fibroadenoma images malignant (the model card's table by tumour subtype).",
+                      "missed_in_cv": [{"subgroup": "fibroadenoma", "class": "benign", "images": 2,
+                                        "images_wrong": 2}],
+                      "left_below_operating_point": None}}
+    for img in images:
+        body = client.post("/predict", files={"file": ("x.png", png(img), "image/png")}).json()
+        assert body["predicted"] in expected, body
+        assert body["caution"] == expected[body["predicted"]]
