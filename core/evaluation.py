@@ -70,6 +70,23 @@ def _auc(y_true: np.ndarray, probs: np.ndarray, k: int) -> Optional[float]:
     return float(skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(k))))
 
 
+def _ranked_auc(y_true: np.ndarray, probs: np.ndarray, k: int) -> Optional[float]:
+    """`_auc` by the Mann-Whitney rank sum (ties count half, as in sklearn's roc_auc_score; the same value to
+    float rounding) without sklearn's input checks, which cost ~9 ms a call: for the bootstrap's 1000 resamples."""
+    from scipy.stats import rankdata
+
+    present = np.unique(y_true)
+    if len(present) < 2 or (k > 2 and len(present) < k):
+        return None
+    aucs = []
+    for c in ([1] if k == 2 else range(k)):
+        pos = y_true == c
+        n1 = int(pos.sum())
+        n0 = len(y_true) - n1
+        aucs.append((rankdata(probs[:, c])[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return float(np.mean(aucs))
+
+
 def _pr_auc(y_true: np.ndarray, probs: np.ndarray, k: int) -> Optional[float]:
     if len(np.unique(y_true)) < 2:
         return None
@@ -118,7 +135,7 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names
     rep = skm.classification_report(y_true, y_pred, labels=labels, target_names=list(class_names),
                                     output_dict=True, zero_division=0)
     acc_stat = lambda t, p: float((p.argmax(1) == t).mean())
-    auc_stat = lambda t, p: _auc(t, p, k)
+    auc_stat = lambda t, p: _ranked_auc(t, p, k)
     out = {
         "n": int(len(y_true)),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),

@@ -159,6 +159,28 @@ def test_subgroup_metrics_by_hand():
     assert subgroup_metrics([0, 1], probs[:2], ["x", "x"], ("benign", "malignant"))[0]["class"] == "mixed"
 
 
+def test_ranked_auc_is_sklearns_roc_auc_with_ties_and_missing_classes():
+    """The bootstrap's rank-sum AUC gives sklearn's value (binary and macro one-vs-rest, tied scores) and None
+    where sklearn's would be undefined (one class present; a class of three missing)."""
+    from core.evaluation import _auc, _ranked_auc
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        k, n = (2, 3)[trial % 2], int(rng.integers(3, 40))
+        y = rng.integers(0, k, n)
+        p = rng.dirichlet(np.ones(k), n)
+        if trial % 3 == 0:  # many tied scores
+            p = np.round(p, 1)
+            p = p / p.sum(axis=1, keepdims=True)
+        want = _auc(y, p, k)
+        assert (want is None) == (_ranked_auc(y, p, k) is None)
+        if want is not None:
+            assert _ranked_auc(y, p, k) == pytest.approx(want, abs=1e-12)
+    assert _ranked_auc(np.array([1, 1, 1]), rng.dirichlet(np.ones(2), 3), 2) is None
+    assert _ranked_auc(np.array([0, 1, 1, 0]), rng.dirichlet(np.ones(3), 4), 3) is None
+    assert _ranked_auc(np.array([0, 1, 0, 1]), np.array([[.9, .1], [.4, .6], [.6, .4], [.6, .4]]), 2) == 0.875
+
+
 def test_misread_as_names_the_other_class_subtypes_weakest_first():
     from core.evaluation import misread_as
 
