@@ -53,6 +53,20 @@ def write_class_tree(root: Path, n_per_class: int = 12, size: int = 48, seed: in
     return root
 
 
+# The suite runs on two processes (pytest-xdist, `-n 2 --dist loadgroup` in pyproject.toml); each builds the
+# session fixtures it needs. The costly ones train a model: the tests that use one run on one process, so it is
+# trained once (tiny_segmenter, a DenseNet121 U-Net: ~100 s here).
+SHARED_FIXTURES = ("tiny_segmenter", "tiny_idc_bundle", "tiny_patch_bundle")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        used = [f for f in SHARED_FIXTURES if f in getattr(item, "fixturenames", ())]
+        if used:
+            item.add_marker(pytest.mark.xdist_group(used[0]))
+
+
 @pytest.fixture(scope="session")
 def tiny_tree(tmp_path_factory) -> Path:
     return write_class_tree(tmp_path_factory.mktemp("tiny") / "data", n_per_class=14)

@@ -60,16 +60,23 @@ def test_evaluation_cli(tiny_bundle, capsys):
 
 @pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
 @pytest.mark.parametrize("cache,precision", [(True, "bfloat16"), (False, "float32")])
-def test_two_phase_training_cached_and_plain(tiny_tree, tmp_path, cache, precision):
+def test_two_phase_training_cached_and_plain(tiny_tree, tmp_path, monkeypatch, capsys, cache, precision):
+    """Head, then fine-tuning, on cached trunk activations, or on images by a plain fit: here because the cache
+    would not fit in memory (1 kB free), which would be OOM-killed without a word: train without it and say so."""
+    if not cache:
+        monkeypatch.setattr(T, "available_memory", lambda: 1024)
     args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "densenet121",
             "--weights", str(DENSENET_WEIGHTS), "--input-size", "32", "--head-epochs", "1",
             "--fine-tune-epochs", "1", "--fine-tune-layers", "10", "--augment-copies", "1",
             "--batch-size", "8", "--out-dir", str(tmp_path), "--name", "d", "--quiet",
             "--precision", precision, "--flip", "horizontal", "--rotation", "0.03"]
-    assert train.main(args + ([] if cache else ["--no-cache"])) == 0
+    assert train.main(args) == 0
     meta = json.loads((tmp_path / "d" / "metadata.json").read_text())
     assert [p["phase"] for p in meta["training"]["phases"]] == ["head", "fine_tune"]
     assert (meta["training"]["cut_layer"] is not None) == cache
+    skipped = meta["training"]["cache_skipped"]
+    assert (skipped is None) == cache and (cache or skipped["bytes_needed"] > skipped["bytes_budget"])
+    assert ("training without the cache" in capsys.readouterr().out) != cache
     assert meta["weights"]["source"] == "file" and len(meta["weights"]["sha256"]) == 64
     assert meta["config"]["flip"] == "horizontal" and meta["config"]["precision"] == precision
     assert meta["training"]["precision"] == (precision if C.cpu_has_bf16() else "float32")
@@ -111,21 +118,6 @@ def test_augmenter_flip_choice(flip, may_turn_upside_down):
     out = np.asarray(T.make_augmenter(0, flip=flip, rotation=0.0)(img, training=True))
     top, bottom = out[:, :16].mean(axis=(1, 2, 3)), out[:, 16:].mean(axis=(1, 2, 3))
     assert (top > bottom).all() != may_turn_upside_down
-
-
-@pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
-def test_cache_that_would_not_fit_in_memory_falls_back_to_plain_fit(tiny_tree, tmp_path, monkeypatch, capsys):
-    """A cache larger than the free memory would be OOM-killed without a word: train without it and say so."""
-    monkeypatch.setattr(T, "available_memory", lambda: 1024 * 1024)  # 1 MB free
-    args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "densenet121",
-            "--weights", str(DENSENET_WEIGHTS), "--input-size", "32", "--head-epochs", "1",
-            "--fine-tune-epochs", "1", "--fine-tune-layers", "200", "--augment-copies", "2",
-            "--batch-size", "8", "--out-dir", str(tmp_path), "--name", "d", "--quiet"]
-    assert train.main(args) == 0
-    meta = json.loads((tmp_path / "d" / "metadata.json").read_text())
-    skipped = meta["training"]["cache_skipped"]
-    assert meta["training"]["cut_layer"] is None and skipped["bytes_needed"] > skipped["bytes_budget"]
-    assert "training without the cache" in capsys.readouterr().out
 
 
 def test_refresh_retrains_from_recorded_command(tiny_bundle, tmp_path):
