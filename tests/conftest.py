@@ -61,10 +61,14 @@ SHARED_FIXTURES = ("tiny_segmenter", "tiny_idc_bundle", "tiny_patch_bundle")
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
+    """Groups as above; then the costliest first (the segmenter's group, then tests marked `slow`), so that the
+    two processes do not end on one long test each while the other waits."""
     for item in items:
         used = [f for f in SHARED_FIXTURES if f in getattr(item, "fixturenames", ())]
         if used:
             item.add_marker(pytest.mark.xdist_group(used[0]))
+    items.sort(key=lambda i: 0 if "tiny_segmenter" in getattr(i, "fixturenames", ()) else
+               1 if i.get_closest_marker("slow") else 2)  # stable: the collection order within each rank
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,7 @@ def test_breakhis_magnification_filter_and_seed_defaults(breakhis_tree):
         (150, 10, 0.01, 0.5, 1e-4, 10, 0.2)
 
 
+@pytest.mark.slow
 def test_resnet50_from_scratch_trains_and_gradcam_works(tiny_tree, tmp_path):
     from core.explain import explain
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import train
 from core.checkpoints import load_classifier, read_csv
@@ -19,6 +20,7 @@ def _patients_by_split(bundle):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_breakhis_200x_tiny_train_keeps_patients_apart(tmp_path):
     rc = train.main(["--dataset", "breakhis", "--data-dir", str(BREAKHIS_200X), "--magnification", "200",
                      "--limit", "80", "--input-size", "32", "--stain-standardise", "--name", "bh",
@@ -36,6 +38,7 @@ def test_breakhis_200x_tiny_train_keeps_patients_apart(tmp_path):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_idc_tiny_train_keeps_patients_apart_and_positions(tmp_path):
     rc = train.main(["--dataset", "idc", "--data-dir", str(IDC), "--limit", "300", "--input-size", "50",
                      "--name", "idc", "--out-dir", str(tmp_path), *TINY])

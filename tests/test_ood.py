@@ -60,6 +60,7 @@ def test_find_fitting_probes_each_checkpoint_once_and_leaves_out_one_that_fails_
 
 @needs_shared
 @pytest.mark.skipif(not (BUSI_CKPT / "ood.npz").is_file(), reason="committed BUSI checkpoint not present")
+@pytest.mark.slow
 def test_busi_checkpoint_flags_foreign_images():
     import skimage.data
 
@@ -125,6 +126,7 @@ def test_checkpoints_that_fit_orders_whole_image_models_first_then_nearest():
 
 @needs_shared
 @pytest.mark.skipif(not (BUSI_CKPT / "ood.npz").is_file(), reason="committed checkpoints not present")
+@pytest.mark.slow
 def test_committed_checkpoints_point_an_image_to_its_own_modality():
     """Ultrasound scans fit only the ultrasound checkpoint; BreakHis 200X fields fit the BreakHis one first."""
     from core.checkpoints import list_bundles, load_classifier

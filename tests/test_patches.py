@@ -132,6 +132,7 @@ def test_tiled_occlusion_equals_occluding_the_whole_image(patch_classifier, monk
     assert n_fast < passes["n"] / 2
 
 
+@pytest.mark.slow
 def test_patch_training_end_to_end(tmp_path):
     data = write_large_tree(tmp_path / "data")
     out = tmp_path / "ck"
@@ -157,6 +158,7 @@ def test_patch_training_end_to_end(tmp_path):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_ucsb_patch_training_with_external_breakhis_check(tmp_path):
     """Real UCSB images, 1 epoch, tiny CNN: the group split holds, BreakHis predictions are recorded."""
     out = tmp_path / "ck"

@@ -248,6 +248,7 @@ def _click_button(drv, text: str) -> None:
     wait_rendered(drv)
 
 
+@pytest.mark.slow
 def test_teach_session_runs_to_a_summary(server, browser):
     """In a real browser: a session (the default set-up) runs case by case, the class answers every case, and a
     summary ends it."""

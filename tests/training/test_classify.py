@@ -60,6 +60,7 @@ def test_evaluation_cli(tiny_bundle, capsys):
 
 @pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
 @pytest.mark.parametrize("cache,precision", [(True, "bfloat16"), (False, "float32")])
+@pytest.mark.slow
 def test_two_phase_training_cached_and_plain(tiny_tree, tmp_path, monkeypatch, capsys, cache, precision):
     """Head, then fine-tuning, on cached trunk activations, or on images by a plain fit: here because the cache
     would not fit in memory (1 kB free), which would be OOM-killed without a word: train without it and say so."""
@@ -120,6 +121,7 @@ def test_augmenter_flip_choice(flip, may_turn_upside_down):
     assert (top > bottom).all() != may_turn_upside_down
 
 
+@pytest.mark.slow
 def test_refresh_retrains_from_recorded_command(tiny_bundle, tmp_path):
     shutil.copytree(tiny_bundle, tmp_path / "tiny")
     before = json.loads((tmp_path / "tiny" / "metadata.json").read_text())
@@ -130,6 +132,7 @@ def test_refresh_retrains_from_recorded_command(tiny_bundle, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
 
 
+@pytest.mark.slow
 def test_cv_only_adds_cross_validation_to_an_existing_bundle(tiny_bundle, tiny_tree, tmp_path, capsys):
     """--cv-only records group-wise CV in metadata.json and leaves the model, split and predictions alone."""
     shutil.copytree(tiny_bundle, tmp_path / "tiny")
@@ -177,6 +180,7 @@ def test_help_documents_every_option(capsys):
         assert opt in out
 
 
+@pytest.mark.slow
 def test_cross_validation_resumes_finished_folds(tiny_tree, tmp_path, monkeypatch):
     """Each finished fold is saved; a rerun of the same settings reuses it instead of training again, and
     the pooled result (balanced accuracy, patient level, per-image predictions) is the same."""
@@ -200,6 +204,7 @@ def test_cross_validation_resumes_finished_folds(tiny_tree, tmp_path, monkeypatc
         T.cross_validate(T.TrainConfig(**{**T.asdict(cfg), "batch_size": 4}), m, work_dir=tmp_path / "cv")
 
 
+@pytest.mark.slow
 def test_cv_scope_train_val_keeps_test_patients_out(tiny_bundle, tmp_path):
     """--cv-scope train+val cross-validates only the split's training and validation images."""
     shutil.copytree(tiny_bundle, tmp_path / "tiny")
@@ -216,6 +221,7 @@ def test_cv_scope_train_val_keeps_test_patients_out(tiny_bundle, tmp_path):
 
 
 @pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
+@pytest.mark.slow
 def test_logistic_head_on_a_cut_trunk_reproduces_scikit_learn(tiny_tree, tmp_path):
     """--trunk-layer cuts DenseNet121 early; --logistic-c fits the linear head with scikit-learn, and the saved
     Keras model computes the same probabilities as the fitted regression; --calibration inner-cv keeps test out."""
@@ -258,6 +264,7 @@ def test_logistic_head_on_a_cut_trunk_reproduces_scikit_learn(tiny_tree, tmp_pat
 
 
 @pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
+@pytest.mark.slow
 def test_multi_scale_logistic_head_end_to_end(tiny_tree, tmp_path):
     """--scales: the trunk also runs on a smaller copy; the cache holds both scales' pooled features, the linear
     head fits on them, the bundle records the scales, and Grad-CAM averages both scales' maps."""
@@ -288,6 +295,7 @@ def test_logistic_head_refuses_options_it_cannot_honour(tiny_tree, tmp_path, cap
     assert "--head-units 0" in text and "pretrained trunk" in text and "Traceback" not in text
 
 
+@pytest.mark.slow
 def test_ensemble_bundle_end_to_end(tiny_bundle, tiny_tree, tmp_path, capsys):
     """--ensemble joins two bundles of one split into one checkpoint: its predictions are the softmax of the mean of
     the members' logits (temperature fitted on validation), its CV combines the members' out-of-fold predictions
@@ -375,6 +383,7 @@ def test_cached_sequence_mixes_each_batch_the_same_way_every_time():
 
 
 @pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.slow
 def test_mixup_training_end_to_end(tiny_tree, tmp_path, cache):
     if cache and not DENSENET_WEIGHTS.is_file():
         pytest.skip("shared DenseNet121 weights not available")
@@ -445,6 +454,7 @@ def test_cached_sequence_gives_each_drawn_copy_its_own_mask_targets():
 
 
 @pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.slow
 def test_aux_mask_training_end_to_end(tiny_busi_tree, tmp_path, cache):
     """train.py --aux-mask: trains with the lesion-map head, saves the one-output classifier."""
     if cache and not DENSENET_WEIGHTS.is_file():

@@ -45,6 +45,7 @@ def test_teacher_recipes_of_an_ensemble_are_its_members_configs(tmp_path):
         teacher_recipes(ens)
 
 
+@pytest.mark.slow
 def test_distillation_end_to_end(tiny_bundle, tiny_tree, tmp_path, monkeypatch):
     """The student trains on the teacher bundle's softened probabilities of its own training images; its CV
     retrains the teacher's recipe on every fold's training part before training the fold's student on it."""

@@ -24,6 +24,7 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+@pytest.mark.slow
 def test_two_local_workers_agree_and_one_bundle_is_written(tiny_tree, tmp_path):
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
