@@ -59,14 +59,17 @@ def reliability_curve(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 10) -
     return out
 
 
+def _auc_defined(y_true: np.ndarray, k: int) -> bool:
+    """ROC AUC needs both classes (binary) or every class (macro one-vs-rest over k > 2) among y_true."""
+    present = len(np.unique(y_true))
+    return present >= 2 and (k == 2 or present >= k)
+
+
 def _auc(y_true: np.ndarray, probs: np.ndarray, k: int) -> Optional[float]:
-    present = np.unique(y_true)
-    if len(present) < 2:
+    if not _auc_defined(y_true, k):
         return None
     if k == 2:
         return float(skm.roc_auc_score(y_true, probs[:, 1]))
-    if len(present) < k:
-        return None
     return float(skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(k))))
 
 
@@ -75,8 +78,7 @@ def _ranked_auc(y_true: np.ndarray, probs: np.ndarray, k: int) -> Optional[float
     float rounding) without sklearn's input checks, which cost ~9 ms a call: for the bootstrap's 1000 resamples."""
     from scipy.stats import rankdata
 
-    present = np.unique(y_true)
-    if len(present) < 2 or (k > 2 and len(present) < k):
+    if not _auc_defined(y_true, k):
         return None
     aucs = []
     for c in ([1] if k == 2 else range(k)):
