@@ -6,6 +6,7 @@ Layer naming convention: `preprocess` (normalisation), backbone layers (Keras na
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import keras
+import numpy as np
 from keras import layers
 
 from core.errors import WeightsUnavailableError
@@ -114,8 +116,6 @@ class StainStandardise(layers.Layer):
 def stain_targets(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Median per-channel optical-density mean and std over uint8 RGB images (N, H, W, 3): StainStandardise's
     targets, taken from the training images."""
-    import numpy as np
-
     od = -np.log((np.asarray(images, np.float32) + 1.0) / 256.0)
     means = od.mean(axis=(1, 2))
     stds = od.std(axis=(1, 2))
@@ -161,7 +161,6 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
     provenance = {"source": "none", "path": None, "sha256": None}
     ref = None
     if cfg.backbone != "simple_cnn" and cfg.weights != "none":
-        app = getattr(keras.applications, _APPS[cfg.backbone][0])
         if cfg.weights == "imagenet":
             cached = _cached_imagenet_file(cfg.backbone)
             if cached is None and not _online():
@@ -170,12 +169,7 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
                     "here. Offline alternatives: --weights PATH to a Keras weights file of the trunk (e.g. "
                     "../shared/weights/densenet121_imagenet_notop.weights.h5 for densenet121), or "
                     "--weights none to train from scratch.")
-            try:
-                ref = app(include_top=False, weights="imagenet", input_shape=size)
-            except Exception as exc:  # network errors surface as many types
-                raise WeightsUnavailableError(
-                    f"Could not download ImageNet weights for {cfg.backbone} ({exc}). Use --weights PATH "
-                    "or --weights none.") from exc
+            ref = _trunk_weights(cfg.backbone, "imagenet", None, cfg.input_size)
             cached = _cached_imagenet_file(cfg.backbone)
             provenance = {"source": "imagenet (keras.applications download)",
                           "path": str(cached) if cached else None,
@@ -185,11 +179,8 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
             if not path.is_file():
                 raise WeightsUnavailableError(f"Weights file not found: {path}. Use --weights imagenet "
                                               "(online), none, or a path to an existing .weights.h5 file.")
-            ref = app(include_top=False, weights=None, input_shape=size)
-            try:
-                ref.load_weights(str(path))
-            except Exception as exc:
-                raise WeightsUnavailableError(f"{path} does not fit a {cfg.backbone} trunk: {exc}") from exc
+            stat = path.stat()
+            ref = _trunk_weights(cfg.backbone, str(path), (stat.st_mtime_ns, stat.st_size), cfg.input_size)
             provenance = {"source": "file", "path": str(path), "sha256": sha256_file(path)}
 
     inp = keras.Input(size, name="image")
@@ -291,8 +282,6 @@ def build_ensemble(members: "list[keras.Model]", input_size: int) -> keras.Model
     import hashlib
     import json
 
-    import numpy as np
-
     if len(members) < 2:
         raise ValueError("An ensemble needs at least two member models.")
     k = {int(m.output_shape[-1]) for m in members}
@@ -349,13 +338,38 @@ def build_ensemble(members: "list[keras.Model]", input_size: int) -> keras.Model
     return model
 
 
-def _copy_weights(src: keras.Model, dst: keras.Model) -> None:
-    a = [l for l in src.layers if l.weights]
+@functools.lru_cache(maxsize=2)
+def _trunk_weights(backbone: str, source: str, stamp: Optional[tuple[int, int]],
+                   input_size: int) -> tuple[list[np.ndarray], ...]:
+    """Each weighted layer's arrays of `backbone`'s trunk (include_top=False) from `source`: "imagenet" (Keras
+    download) or a weights file path whose (mtime_ns, size) is `stamp`. Cached per process: a cross-validated run
+    builds the network once per fold, and building the reference trunk and reading the file cost seconds each time
+    (a rewritten file has a new stamp). The arrays do not depend on `input_size` (the first caller's is used)."""
+    app = getattr(keras.applications, _APPS[backbone][0])
+    shape = (input_size, input_size, 3)
+    if source == "imagenet":
+        try:
+            ref = app(include_top=False, weights="imagenet", input_shape=shape)
+        except Exception as exc:  # network errors surface as many types
+            raise WeightsUnavailableError(
+                f"Could not download ImageNet weights for {backbone} ({exc}). Use --weights PATH "
+                "or --weights none.") from exc
+    else:
+        ref = app(include_top=False, weights=None, input_shape=shape)
+        try:
+            ref.load_weights(source)
+        except Exception as exc:
+            raise WeightsUnavailableError(f"{source} does not fit a {backbone} trunk: {exc}") from exc
+    return tuple([np.asarray(w) for w in l.get_weights()] for l in ref.layers if l.weights)
+
+
+def _copy_weights(src: tuple[list[np.ndarray], ...], dst: keras.Model) -> None:
+    """Set `dst`'s weighted layers, in order, to `src` (from `_trunk_weights`)."""
     b = [l for l in dst.layers if l.weights]
-    if len(a) != len(b):
-        raise WeightsUnavailableError(f"Weight layout mismatch ({len(a)} vs {len(b)} layers with weights).")
-    for la, lb in zip(a, b):
-        lb.set_weights(la.get_weights())
+    if len(src) != len(b):
+        raise WeightsUnavailableError(f"Weight layout mismatch ({len(src)} vs {len(b)} layers with weights).")
+    for wa, lb in zip(src, b):
+        lb.set_weights(wa)
 
 
 def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:

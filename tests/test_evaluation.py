@@ -181,6 +181,26 @@ def test_ranked_auc_is_sklearns_roc_auc_with_ties_and_missing_classes():
     assert _ranked_auc(np.array([0, 1, 0, 1]), np.array([[.9, .1], [.4, .6], [.6, .4], [.6, .4]]), 2) == 0.875
 
 
+
+@pytest.mark.parametrize("k,n", [(2, 9), (3, 40), (2, 300)])
+def test_batched_bootstrap_draws_the_same_resamples_as_the_loop(k, n):
+    """classification_metrics bootstraps on stacked resamples: the same intervals as one call per resample, with
+    resamples where AUC is undefined left out alike (n=9: some draw a single class)."""
+    from core.evaluation import _ranked_auc, _ranked_auc_rows, bootstrap_ci
+
+    rng = np.random.default_rng(k * n)
+    y = rng.integers(0, k, n)
+    p = np.round(rng.dirichlet(np.ones(k), n), 2)  # with ties
+    loop = bootstrap_ci(y, p, lambda t, q: _ranked_auc(t, q, k), 400, seed=5)
+    rows = bootstrap_ci(y, p, lambda t, q: _ranked_auc_rows(t, q, k), 400, seed=5, batched=True)
+    assert loop is not None and rows == pytest.approx(loop, abs=1e-12)
+    acc = [bootstrap_ci(y, p, lambda t, q: (q.argmax(-1) == t).mean(-1), 400, seed=5, batched=b) for b in (0, 1)]
+    assert acc[0] == pytest.approx(acc[1], abs=1e-12)
+    rows = _ranked_auc_rows(np.array([[1, 1, 1], [0, 1, 1]]), np.array([[[.9, .1]] * 3, [[.9, .1], [.2, .8], [.95, .05]]]), 2)
+    assert np.isnan(rows[0]) and rows[1] == 0.5  # one class: undefined; 1 of 2 positives above the negative
+    for batched in (False, True):  # no cases: no interval (not [nan, nan] in metadata.json)
+        assert bootstrap_ci(np.zeros(0, int), np.zeros((0, 2)), lambda t, q: 1.0, 100, batched=batched) is None
+
 def test_misread_as_names_the_other_class_subtypes_weakest_first():
     from core.evaluation import misread_as
 

@@ -1,6 +1,8 @@
 """Every backbone builds as one flat graph; freezing, Grad-CAM layer, cut points, weights handling."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -101,6 +103,30 @@ def test_densenet_weights_file_loads_with_provenance():
     ref = keras.applications.DenseNet121(include_top=False, weights=None, input_shape=(32, 32, 3))
     ref.load_weights(str(DENSENET_WEIGHTS))
     np.testing.assert_array_equal(model.get_layer("conv1_conv").get_weights()[0], ref.get_layer("conv1_conv").get_weights()[0])
+
+
+def test_a_weights_file_is_read_once_per_process_until_it_changes(tmp_path):
+    """Cross-validation builds the network once per fold: the trunk's weights file is read once, and read again
+    when it is rewritten."""
+    from core import models as cm
+
+    trunk = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "trunk.weights.h5"
+    trunk.save_weights(path)
+    cfg = ModelConfig(backbone="mobilenetv2", input_size=32, weights=str(path))
+    before = cm._trunk_weights.cache_info()
+    first, _ = build_model(cfg)
+    second, _ = build_model(cfg)
+    after = cm._trunk_weights.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+    kernel = trunk.get_layer("Conv1").get_weights()[0]
+    for m in (first, second):
+        np.testing.assert_array_equal(m.get_layer("Conv1").get_weights()[0], kernel)
+    trunk.get_layer("Conv1").set_weights([kernel + 1.0])
+    trunk.save_weights(path)  # rewritten: a new modification time
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))
+    third, _ = build_model(cfg)
+    np.testing.assert_array_equal(third.get_layer("Conv1").get_weights()[0], kernel + 1.0)
 
 
 def test_stain_standardise_maps_colour_casts_to_the_same_image():

@@ -171,11 +171,28 @@ def joint_geometry(geometry: list, photometric: list, images, masks):
     return ops.clip(img, 0.0, 255.0), ops.cast(both[..., 3:] >= 127.5, "float32")
 
 
+def build_before_fit(model, train_data) -> bool:
+    """Create the optimizer's, loss's and metrics' variables before `fit` traces its train step; True if done.
+
+    Keras 3 on TensorFlow without a distribution strategy creates them inside the first trace of the step, and a
+    tf.function that created variables is traced again, so every phase paid for two graphs of the whole network
+    (a DenseNet121 U-Net at 32 px: ~20 s each on a 2-core CPU). Done for a tf.data.Dataset, whose element_spec
+    gives a batch's structure without drawing from it; other inputs keep Keras's own build."""
+    import tensorflow as tf
+
+    build = getattr(model, "_symbolic_build", None)  # the Keras 3 trainer's (keras is pinned in requirements.txt)
+    if build is None or not isinstance(train_data, tf.data.Dataset):
+        return False
+    build(data_batch=train_data.element_spec)
+    return True
+
+
 def run_phase(target, name: str, train_data, val_data, epoch0: int, epochs: int, callbacks: list, precision: str,
               verbose: int, batch_size: Optional[int] = None) -> tuple[list[dict], dict]:
     """One training phase: `target.fit` (already compiled) for up to `epochs` epochs after `epoch0` under `precision`,
     with `callbacks` and a per-epoch timer. Returns (history rows tagged with the phase name, timing row)."""
     t0, timer = time.time(), epoch_timer()
+    build_before_fit(target, train_data)
     with mixed_precision(precision):
         h = target.fit(train_data, validation_data=val_data, epochs=epoch0 + epochs, initial_epoch=epoch0,
                        callbacks=[*callbacks, timer], verbose=verbose,

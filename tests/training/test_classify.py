@@ -59,20 +59,25 @@ def test_evaluation_cli(tiny_bundle, capsys):
 
 
 @pytest.mark.skipif(not DENSENET_WEIGHTS.is_file(), reason="shared DenseNet121 weights not available")
-@pytest.mark.parametrize("cache,precision", [(True, "bfloat16"), (False, "float32")])
+@pytest.mark.parametrize("cache,precision,extra", [(True, "bfloat16", ["--mixup", "0.4"]),
+                                                   (False, "float32", ["--trunk-layer", "pool2_relu"])])
 @pytest.mark.slow
-def test_two_phase_training_cached_and_plain(tiny_tree, tmp_path, monkeypatch, capsys, cache, precision):
-    """Head, then fine-tuning, on cached trunk activations, or on images by a plain fit: here because the cache
-    would not fit in memory (1 kB free), which would be OOM-killed without a word: train without it and say so."""
+def test_two_phase_training_cached_and_plain(tiny_tree, tmp_path, monkeypatch, capsys, cache, precision, extra):
+    """Head, then fine-tuning, on cached trunk activations (the whole DenseNet121, with mixup), or on images by a
+    plain fit (the trunk cut at pool2_relu): here because the cache would not fit in memory (1 kB free), which
+    would be OOM-killed without a word: train without it and say so."""
     if not cache:
         monkeypatch.setattr(T, "available_memory", lambda: 1024)
     args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "densenet121",
             "--weights", str(DENSENET_WEIGHTS), "--input-size", "32", "--head-epochs", "1",
             "--fine-tune-epochs", "1", "--fine-tune-layers", "10", "--augment-copies", "1",
             "--batch-size", "8", "--out-dir", str(tmp_path), "--name", "d", "--quiet",
-            "--precision", precision, "--flip", "horizontal", "--rotation", "0.03"]
+            "--precision", precision, "--flip", "horizontal", "--rotation", "0.03", *extra]
     assert train.main(args) == 0
     meta = json.loads((tmp_path / "d" / "metadata.json").read_text())
+    assert " ".join(extra) in meta["command"]
+    assert meta["config"]["mixup"] == (0.4 if cache else 0.0)
+    assert meta["config"]["trunk_layer"] == (None if cache else "pool2_relu")
     assert [p["phase"] for p in meta["training"]["phases"]] == ["head", "fine_tune"]
     assert (meta["training"]["cut_layer"] is not None) == cache
     skipped = meta["training"]["cache_skipped"]
@@ -382,20 +387,16 @@ def test_cached_sequence_mixes_each_batch_the_same_way_every_time():
     assert np.all(np.isin(plain[1], (0.0, 1.0)))  # no mixup: the rows as given
 
 
-@pytest.mark.parametrize("cache", [True, False])
 @pytest.mark.slow
-def test_mixup_training_end_to_end(tiny_tree, tmp_path, cache):
-    if cache and not DENSENET_WEIGHTS.is_file():
-        pytest.skip("shared DenseNet121 weights not available")
-    # cached activations of a pretrained trunk; or the plain tf.data path (a small CNN trained from scratch)
-    model = (["--backbone", "densenet121", "--weights", str(DENSENET_WEIGHTS), "--fine-tune-layers", "10"] if cache
-             else ["--backbone", "simple_cnn", "--weights", "none"])
-    args = ["--dataset", "folder", "--data-dir", str(tiny_tree), *model, "--input-size", "32",
-            "--head-epochs", "1", "--fine-tune-epochs", "1", "--augment-copies", "1",
+def test_mixup_training_end_to_end(tiny_tree, tmp_path):
+    """The plain tf.data path (a small CNN trained from scratch); mixup on cached activations of a pretrained trunk
+    is test_two_phase_training_cached_and_plain[True-bfloat16-extra0]."""
+    args = ["--dataset", "folder", "--data-dir", str(tiny_tree), "--backbone", "simple_cnn", "--weights", "none",
+            "--input-size", "32", "--head-epochs", "1", "--fine-tune-epochs", "1", "--augment-copies", "1",
             "--batch-size", "8", "--out-dir", str(tmp_path), "--name", "m", "--quiet", "--mixup", "0.4"]
     assert train.main(args) == 0
     meta = json.loads((tmp_path / "m" / "metadata.json").read_text())
-    assert meta["config"]["mixup"] == 0.4 and (meta["training"]["cut_layer"] is not None) == cache
+    assert meta["config"]["mixup"] == 0.4 and meta["training"]["cut_layer"] is None
     assert "--mixup 0.4" in meta["command"]
     p = load_classifier(tmp_path / "m", backend="keras").predict_proba(np.zeros((2, 40, 40, 3), np.uint8))
     assert np.allclose(p.sum(1), 1, atol=1e-5)
