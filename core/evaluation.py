@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from sklearn import metrics as skm
@@ -375,7 +375,8 @@ def _missed(rows: Sequence[dict]) -> str:
 
 
 def subtype_caution(path: str | Path, probs: np.ndarray, class_names: Sequence[str], meta: dict,
-                    rows=subtypes_from_bundle) -> Optional[dict]:
+                    rows: Callable[[str | Path, str, bool], Optional[list[dict]]] = subtypes_from_bundle
+                    ) -> Optional[dict]:
     """What the cross-validation says about a binary call (`probs`: one image's (K,) probabilities): the tumour
     subtypes of the other class it most often called the predicted class (`misread_as`), and, for an image below
     the operating point of the other class, how many of their images the operating point still left below it in
