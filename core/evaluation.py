@@ -59,43 +59,35 @@ def reliability_curve(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 10) -
     return out
 
 
-def _auc_defined(y_true: np.ndarray, k: int) -> bool:
-    """ROC AUC needs both classes (binary) or every class (macro one-vs-rest over k > 2) among y_true."""
-    present = len(np.unique(y_true))
-    return present >= 2 and (k == 2 or present >= k)
+def _auc_defined(present, k: int):
+    """ROC AUC needs both classes (binary) or every class (macro one-vs-rest over k > 2): `present` is how many
+    classes y_true holds, an int or an array of counts (one per bootstrap resample), answered alike."""
+    return (present >= 2) & ((k == 2) | (present >= k))
 
 
 def _auc(y_true: np.ndarray, probs: np.ndarray, k: int) -> Optional[float]:
-    if not _auc_defined(y_true, k):
+    if not _auc_defined(len(np.unique(y_true)), k):
         return None
     if k == 2:
         return float(skm.roc_auc_score(y_true, probs[:, 1]))
     return float(skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(k))))
 
 
-def _ranked_auc(y_true: np.ndarray, probs: np.ndarray, k: int) -> Optional[float]:
-    """`_auc` by the Mann-Whitney rank sum (ties count half, as in sklearn's roc_auc_score; the same value to
-    float rounding) without sklearn's input checks, which cost ~9 ms a call."""
-    v = float(_ranked_auc_rows(np.asarray(y_true)[None], np.asarray(probs)[None], k)[0])
-    return None if np.isnan(v) else v
-
-
 def _ranked_auc_rows(y_true: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
-    """`_ranked_auc` of each row at once: labels (B, n), probabilities (B, n, k) -> (B,) float64, NaN where ROC AUC
-    is undefined (`_auc_defined`). For the bootstrap: one call for a chunk of resamples, not one per resample."""
+    """`_auc` of each row at once by the Mann-Whitney rank sum (ties count half, as in sklearn's roc_auc_score; the
+    same value to float rounding), without sklearn's input checks (~9 ms a call): labels (B, n), probabilities
+    (B, n, k) -> (B,) float64, NaN where ROC AUC is undefined. The bootstrap's statistic."""
     from scipy.stats import rankdata
 
     n = y_true.shape[1]
     counts = np.stack([(y_true == c).sum(axis=1) for c in range(k)], axis=1)  # (B, k)
-    present = (counts > 0).sum(axis=1)
-    defined = (present >= 2) & ((k == 2) | (present >= k))
     aucs = []
     for c in ([1] if k == 2 else range(k)):
         n1 = counts[:, c]
         rank_sum = np.where(y_true == c, rankdata(probs[..., c], axis=1), 0.0).sum(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             aucs.append((rank_sum - n1 * (n1 + 1) / 2) / (n1 * (n - n1)))
-    return np.where(defined, np.mean(aucs, axis=0), np.nan)
+    return np.where(_auc_defined((counts > 0).sum(axis=1), k), np.mean(aucs, axis=0), np.nan)
 
 
 def _pr_auc(y_true: np.ndarray, probs: np.ndarray, k: int) -> Optional[float]:
@@ -109,28 +101,22 @@ def _pr_auc(y_true: np.ndarray, probs: np.ndarray, k: int) -> Optional[float]:
 
 
 def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, stat, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05, batched: bool = False) -> Optional[list[float]]:
-    """Percentile bootstrap (1 - alpha) interval of stat(y_true, probs) over resampled cases.
+                 alpha: float = 0.05) -> Optional[list[float]]:
+    """Percentile bootstrap (1 - alpha) interval of `stat` over resampled cases; None without cases, or when `stat`
+    is undefined on more than half of the resamples.
 
-    `stat` returns a float or None (undefined); with `batched`, it takes resamples stacked, labels (B, n) and
-    probabilities (B, n, K), and returns (B,) with NaN where undefined. Both ways draw the same resamples."""
+    `stat` takes resamples stacked, labels (B, n) and probabilities (B, n, K), and returns (B,) with NaN where
+    undefined: one call per chunk of resamples (<= 2M cases), drawn as n_boot successive draws of n indices."""
     n = len(y_true)
     if n == 0 or n_boot <= 0:
         return None
     rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // n)  # a few tens of MB of probabilities per call at most
     vals = []
-    if batched:
-        chunk = max(1, 2_000_000 // n)  # resamples per call: a few tens of MB of probabilities at most
-        for start in range(0, n_boot, chunk):
-            idx = rng.integers(0, n, (min(chunk, n_boot - start), n))
-            v = np.asarray(stat(y_true[idx], probs[idx]), np.float64)
-            vals.extend(v[~np.isnan(v)].tolist())
-    else:
-        for _ in range(n_boot):
-            idx = rng.integers(0, n, n)
-            v = stat(y_true[idx], probs[idx])
-            if v is not None:
-                vals.append(v)
+    for start in range(0, n_boot, chunk):
+        idx = rng.integers(0, n, (min(chunk, n_boot - start), n))
+        v = np.asarray(stat(y_true[idx], probs[idx]), np.float64)
+        vals.extend(v[~np.isnan(v)].tolist())
     if len(vals) < n_boot // 2:
         return None
     return [float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))]
@@ -157,17 +143,17 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names
     labels = list(range(k))
     rep = skm.classification_report(y_true, y_pred, labels=labels, target_names=list(class_names),
                                     output_dict=True, zero_division=0)
-    acc_stat = lambda t, p: (p.argmax(-1) == t).mean(-1)  # batched: (B, n) resamples -> (B,)
+    acc_stat = lambda t, p: (p.argmax(-1) == t).mean(-1)  # (B, n) resamples -> (B,)
     auc_stat = lambda t, p: _ranked_auc_rows(t, p, k)
     out = {
         "n": int(len(y_true)),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "accuracy_ci95": bootstrap_ci(y_true, probs, acc_stat, n_boot, seed, batched=True),
+        "accuracy_ci95": bootstrap_ci(y_true, probs, acc_stat, n_boot, seed),
         "accuracy_ci95_exact": binomial_ci(int((y_pred == y_true).sum()), len(y_true)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)) if len(y_true) else None,
         "cohen_kappa": float(skm.cohen_kappa_score(y_true, y_pred, labels=labels)),
         "roc_auc_macro": _auc(y_true, probs, k),
-        "roc_auc_ci95": bootstrap_ci(y_true, probs, auc_stat, n_boot, seed, batched=True),
+        "roc_auc_ci95": bootstrap_ci(y_true, probs, auc_stat, n_boot, seed),
         "pr_auc_macro": _pr_auc(y_true, probs, k),
         "log_loss": float(skm.log_loss(y_true, np.clip(probs, 1e-12, 1), labels=labels)),
         "ece": expected_calibration_error(y_true, probs),

@@ -169,7 +169,7 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
                     "here. Offline alternatives: --weights PATH to a Keras weights file of the trunk (e.g. "
                     "../shared/weights/densenet121_imagenet_notop.weights.h5 for densenet121), or "
                     "--weights none to train from scratch.")
-            ref = _trunk_weights(cfg.backbone, "imagenet", None, cfg.input_size)
+            ref = _trunk_weights(cfg.backbone, "imagenet", None)
             cached = _cached_imagenet_file(cfg.backbone)
             provenance = {"source": "imagenet (keras.applications download)",
                           "path": str(cached) if cached else None,
@@ -180,7 +180,7 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
                 raise WeightsUnavailableError(f"Weights file not found: {path}. Use --weights imagenet "
                                               "(online), none, or a path to an existing .weights.h5 file.")
             stat = path.stat()
-            ref = _trunk_weights(cfg.backbone, str(path), (stat.st_mtime_ns, stat.st_size), cfg.input_size)
+            ref = _trunk_weights(cfg.backbone, str(path), (stat.st_mtime_ns, stat.st_size))
             provenance = {"source": "file", "path": str(path), "sha256": sha256_file(path)}
 
     inp = keras.Input(size, name="image")
@@ -339,23 +339,21 @@ def build_ensemble(members: "list[keras.Model]", input_size: int) -> keras.Model
 
 
 @functools.lru_cache(maxsize=2)
-def _trunk_weights(backbone: str, source: str, stamp: Optional[tuple[int, int]],
-                   input_size: int) -> tuple[list[np.ndarray], ...]:
-    """Each weighted layer's arrays of `backbone`'s trunk (include_top=False) from `source`: "imagenet" (Keras
-    download) or a weights file path whose (mtime_ns, size) is `stamp`. Cached per process: a cross-validated run
-    builds the network once per fold, and building the reference trunk and reading the file cost seconds each time
-    (a rewritten file has a new stamp). The arrays do not depend on `input_size` (the first caller's is used)."""
+def _trunk_weights(backbone: str, source: str, stamp: Optional[tuple[int, int]]) -> tuple[list[np.ndarray], ...]:
+    """Each weighted layer's arrays of `backbone`'s trunk (include_top=False, any input size: the arrays do not
+    depend on it) from `source`: "imagenet" (Keras download) or a weights file path whose (mtime_ns, size) is
+    `stamp`. Cached per process: a cross-validated run builds the network once per fold, and building the
+    reference trunk and reading the file cost seconds each time (a rewritten file has a new stamp)."""
     app = getattr(keras.applications, _APPS[backbone][0])
-    shape = (input_size, input_size, 3)
     if source == "imagenet":
         try:
-            ref = app(include_top=False, weights="imagenet", input_shape=shape)
+            ref = app(include_top=False, weights="imagenet")
         except Exception as exc:  # network errors surface as many types
             raise WeightsUnavailableError(
                 f"Could not download ImageNet weights for {backbone} ({exc}). Use --weights PATH "
                 "or --weights none.") from exc
     else:
-        ref = app(include_top=False, weights=None, input_shape=shape)
+        ref = app(include_top=False, weights=None)
         try:
             ref.load_weights(source)
         except Exception as exc:

@@ -159,10 +159,18 @@ def test_subgroup_metrics_by_hand():
     assert subgroup_metrics([0, 1], probs[:2], ["x", "x"], ("benign", "malignant"))[0]["class"] == "mixed"
 
 
+def _ranked_auc(y, p, k):
+    """`_ranked_auc_rows` of one case set, None where undefined (as `_auc`)."""
+    from core.evaluation import _ranked_auc_rows
+
+    v = float(_ranked_auc_rows(np.asarray(y)[None], np.asarray(p)[None], k)[0])
+    return None if np.isnan(v) else v
+
+
 def test_ranked_auc_is_sklearns_roc_auc_with_ties_and_missing_classes():
     """The bootstrap's rank-sum AUC gives sklearn's value (binary and macro one-vs-rest, tied scores) and None
     where sklearn's would be undefined (one class present; a class of three missing)."""
-    from core.evaluation import _auc, _ranked_auc
+    from core.evaluation import _auc
 
     rng = np.random.default_rng(3)
     for trial in range(60):
@@ -181,25 +189,33 @@ def test_ranked_auc_is_sklearns_roc_auc_with_ties_and_missing_classes():
     assert _ranked_auc(np.array([0, 1, 0, 1]), np.array([[.9, .1], [.4, .6], [.6, .4], [.6, .4]]), 2) == 0.875
 
 
-
 @pytest.mark.parametrize("k,n", [(2, 9), (3, 40), (2, 300)])
-def test_batched_bootstrap_draws_the_same_resamples_as_the_loop(k, n):
-    """classification_metrics bootstraps on stacked resamples: the same intervals as one call per resample, with
-    resamples where AUC is undefined left out alike (n=9: some draw a single class)."""
-    from core.evaluation import _ranked_auc, _ranked_auc_rows, bootstrap_ci
+def test_bootstrap_draws_the_same_resamples_as_one_call_per_resample(k, n):
+    """classification_metrics bootstraps on stacked resamples: the same intervals as sklearn's AUC and the
+    accuracy computed one resample at a time, with resamples where AUC is undefined left out alike (n=9: some
+    draw a single class)."""
+    from core.evaluation import _auc, _ranked_auc_rows, bootstrap_ci
 
     rng = np.random.default_rng(k * n)
     y = rng.integers(0, k, n)
     p = np.round(rng.dirichlet(np.ones(k), n), 2)  # with ties
-    loop = bootstrap_ci(y, p, lambda t, q: _ranked_auc(t, q, k), 400, seed=5)
-    rows = bootstrap_ci(y, p, lambda t, q: _ranked_auc_rows(t, q, k), 400, seed=5, batched=True)
-    assert loop is not None and rows == pytest.approx(loop, abs=1e-12)
-    acc = [bootstrap_ci(y, p, lambda t, q: (q.argmax(-1) == t).mean(-1), 400, seed=5, batched=b) for b in (0, 1)]
-    assert acc[0] == pytest.approx(acc[1], abs=1e-12)
+    p = p / p.sum(axis=1, keepdims=True)
+
+    def one_at_a_time(stat):
+        draws = np.random.default_rng(5)
+        vals = [stat(y[i], p[i]) for i in (draws.integers(0, n, n) for _ in range(400))]
+        vals = [v for v in vals if v is not None]
+        return [float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))]
+
+    loop = one_at_a_time(lambda t, q: _auc(t, q, k))
+    assert bootstrap_ci(y, p, lambda t, q: _ranked_auc_rows(t, q, k), 400, seed=5) == pytest.approx(loop, abs=1e-12)
+    acc = bootstrap_ci(y, p, lambda t, q: (q.argmax(-1) == t).mean(-1), 400, seed=5)
+    assert acc == pytest.approx(one_at_a_time(lambda t, q: float((q.argmax(1) == t).mean())), abs=1e-12)
     rows = _ranked_auc_rows(np.array([[1, 1, 1], [0, 1, 1]]), np.array([[[.9, .1]] * 3, [[.9, .1], [.2, .8], [.95, .05]]]), 2)
     assert np.isnan(rows[0]) and rows[1] == 0.5  # one class: undefined; 1 of 2 positives above the negative
-    for batched in (False, True):  # no cases: no interval (not [nan, nan] in metadata.json)
-        assert bootstrap_ci(np.zeros(0, int), np.zeros((0, 2)), lambda t, q: 1.0, 100, batched=batched) is None
+    # no cases: no interval (not [nan, nan] in metadata.json)
+    assert bootstrap_ci(np.zeros(0, int), np.zeros((0, 2)), lambda t, q: np.ones(len(t)), 100) is None
+
 
 def test_misread_as_names_the_other_class_subtypes_weakest_first():
     from core.evaluation import misread_as
