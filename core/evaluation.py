@@ -122,6 +122,18 @@ def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, stat, n_boot: int = 1000
     return [float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))]
 
 
+def mean_ci(values: Sequence[Optional[float]], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean, median and percentile-bootstrap 95% interval of the mean over the finite values (None, NaN dropped).
+
+    Returns {"n", "mean", "median", "ci95"}: mean and median None without values; ci95 None with fewer than two
+    values (an interval of one value would only repeat it) or `n_boot` 0. Resamples as `bootstrap_ci` draws them."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    if v.size == 0:
+        return {"n": 0, "mean": None, "median": None, "ci95": None}
+    ci = bootstrap_ci(v, v, lambda _, x: x.mean(axis=1), n_boot, seed) if v.size > 1 else None
+    return {"n": int(v.size), "mean": float(v.mean()), "median": float(np.median(v)), "ci95": ci}
+
+
 def binomial_ci(correct: int, n: int, level: float = 0.95) -> Optional[list[float]]:
     """Exact (Clopper-Pearson) interval of a proportion; unlike the bootstrap, honest at 12/12."""
     from scipy.stats import binomtest

@@ -217,6 +217,23 @@ def test_bootstrap_draws_the_same_resamples_as_one_call_per_resample(k, n):
     assert bootstrap_ci(np.zeros(0, int), np.zeros((0, 2)), lambda t, q: np.ones(len(t)), 100) is None
 
 
+def test_mean_ci_drops_missing_values_and_bootstraps_the_mean():
+    """One mean-with-interval for Dice / IoU (segmenter cards) and explanation scores (explanations.json): None and
+    NaN dropped, the interval the percentiles of the means of n_boot resamples, none from a single value."""
+    from core.evaluation import mean_ci
+
+    vals = [0.9, None, 0.5, float("nan"), 0.7, 0.2, 0.8]
+    v = np.array([0.9, 0.5, 0.7, 0.2, 0.8])
+    draws = np.random.default_rng(3)
+    means = [v[draws.integers(0, 5, 5)].mean() for _ in range(300)]
+    got = mean_ci(vals, n_boot=300, seed=3)
+    assert got["n"] == 5 and got["mean"] == pytest.approx(0.62) and got["median"] == pytest.approx(0.7)
+    assert got["ci95"] == pytest.approx([np.quantile(means, 0.025), np.quantile(means, 0.975)], abs=1e-12)
+    assert mean_ci([0.4, None]) == {"n": 1, "mean": 0.4, "median": 0.4, "ci95": None}
+    assert mean_ci([None, float("nan")]) == {"n": 0, "mean": None, "median": None, "ci95": None}
+    assert mean_ci(v, n_boot=0)["ci95"] is None
+
+
 def test_misread_as_names_the_other_class_subtypes_weakest_first():
     from core.evaluation import misread_as
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from core.data.manifest import Manifest
 from core.data.roots import resolve_data_root
+from core.evaluation import mean_ci
 
 DEFAULT_PARAMS = {
     "gradcam": {},
@@ -38,16 +39,6 @@ DEFAULT_PARAMS = {
 
 #: Lighter LIME / SHAP settings for the sanity checks (13 runs of every method per image on a DenseNet121).
 SANITY_PARAMS = {"lime": {"num_samples": 300}, "shap": {"max_evals": 200}}
-
-
-def mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
-    if v.size == 0:
-        return {"mean": None, "ci95": None, "n": 0}
-    rng = np.random.default_rng(seed)
-    boots = v[rng.integers(0, v.size, (n_boot, v.size))].mean(axis=1)
-    return {"mean": float(v.mean()), "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
-            "n": int(v.size)}
 
 
 def test_cases(bundle: Path, data_root: Path, limit: Optional[int], seed: int = 0) -> tuple[Manifest, bool]:

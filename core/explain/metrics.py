@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from scipy.stats import spearmanr
 
-from core.explain.base import EPS, baseline_image, normalise_positive, upsample
+from core.explain.base import EPS, baseline_image, upsample
 
 Predict = Callable[[np.ndarray], np.ndarray]
 

@@ -25,8 +25,8 @@ from core.data import Manifest, load_dataset, read_split, split_manifest, write_
 from core.data.loaders import CITATIONS
 from core.errors import ConfigError, DatasetError
 from core.preprocessing import apply_clahe, model_input
-from core.training.common import (available_memory, git_commit, joint_geometry, multiworker_strategy, quote_arg,
-                                  resolve_precision, run_phase, run_record, set_seeds, weights_digest)
+from core.training.common import (available_memory, batch_spec, git_commit, joint_geometry, multiworker_strategy,
+                                  quote_arg, resolve_precision, run_phase, run_record, set_seeds, weights_digest)
 
 log = logging.getLogger("breastxai.train")
 
@@ -210,6 +210,9 @@ class _CachedSequence:
                     y = {OUTPUT_NAME: y, AUX_MASK_NAME: self.aux[self.copy[idx], idx]}
                 return x, y, sw
 
+            def batch_spec(self):  # build_before_fit: batch 0 draws nothing (mixup's generator is per batch)
+                return batch_spec(self[0])
+
         return Seq(*args, **kwargs)
 
 
@@ -241,6 +244,9 @@ class _ResamplingSequence:
                 if self.aug is not None:
                     x = self.aug(x, training=True)
                 return np.asarray(x), self.y[idx], self.sw[idx]
+
+            def batch_spec(self):  # build_before_fit: the augmenter keeps the patch size; not called, so no draw
+                return batch_spec((self.x[:1].astype(np.float32), self.y[:1], self.sw[:1]))
 
         return Seq(*args, **kwargs)
 

@@ -176,15 +176,30 @@ def build_before_fit(model, train_data) -> bool:
 
     Keras 3 on TensorFlow without a distribution strategy creates them inside the first trace of the step, and a
     tf.function that created variables is traced again, so every phase paid for two graphs of the whole network
-    (a DenseNet121 U-Net at 32 px: ~20 s each on a 2-core CPU). Done for a tf.data.Dataset, whose element_spec
-    gives a batch's structure without drawing from it; other inputs keep Keras's own build."""
+    (a DenseNet121 U-Net at 32 px: ~20 s each on a 2-core CPU). Done for a tf.data.Dataset (its element_spec) and
+    for a Keras PyDataset with a `batch_spec()` method (one batch's structure, drawn without side effects); other
+    inputs keep Keras's own build."""
     import tensorflow as tf
 
     build = getattr(model, "_symbolic_build", None)  # the Keras 3 trainer's (keras is pinned in requirements.txt)
-    if build is None or not isinstance(train_data, tf.data.Dataset):
+    if build is None:
         return False
-    build(data_batch=train_data.element_spec)
+    if isinstance(train_data, tf.data.Dataset):
+        spec = train_data.element_spec
+    elif callable(getattr(train_data, "batch_spec", None)):
+        spec = train_data.batch_spec()
+    else:
+        return False
+    build(data_batch=spec)
     return True
+
+
+def batch_spec(batch):
+    """tf.TensorSpec structure of one batch (nested tuples / dicts of arrays), the batch dimension left open."""
+    import tensorflow as tf
+
+    return tf.nest.map_structure(lambda a: tf.TensorSpec((None, *np.shape(a)[1:]), tf.as_dtype(np.asarray(a).dtype)),
+                                 batch)
 
 
 def run_phase(target, name: str, train_data, val_data, epoch0: int, epochs: int, callbacks: list, precision: str,

@@ -23,6 +23,7 @@ import numpy as np
 from core.data import Manifest, read_split, split_manifest, write_split
 from core.data.loaders import CITATIONS
 from core.errors import DatasetError
+from core.evaluation import mean_ci
 from core.preprocessing import load_mask, model_input
 from core.training.classify import (TrainConfig, config_differences, config_json, cv_work_dir, fit_callbacks,
                                     group_folds, load_manifest)
@@ -172,18 +173,6 @@ def dice_iou(pred: np.ndarray, true: np.ndarray) -> tuple[Optional[float], Optio
     return float(2 * inter / total), float(inter / union)
 
 
-def _mean_ci(values: Sequence[float], n_boot: int, seed: int) -> dict:
-    v = np.asarray([x for x in values if x is not None], float)
-    if len(v) == 0:
-        return {"n": 0, "mean": None, "ci95": None, "median": None}
-    out = {"n": int(len(v)), "mean": float(v.mean()), "median": float(np.median(v)), "ci95": None}
-    if n_boot > 0 and len(v) > 1:
-        rng = np.random.default_rng(seed)
-        means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(axis=1)
-        out["ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-    return out
-
-
 def segmentation_metrics(rows: Sequence[dict], class_names: Sequence[str], n_boot: int = 1000,
                          seed: int = 0) -> dict:
     """Summary of per-image rows (`class`, `dice`, `iou`, `true_area`, `pred_area` as fractions of the image).
@@ -195,14 +184,14 @@ def segmentation_metrics(rows: Sequence[dict], class_names: Sequence[str], n_boo
     lesion = [r for r in rows if r["true_area"] > 0]
     empty = [r for r in rows if r["true_area"] == 0]
     out = {"n_images": len(rows), "n_lesion_images": len(lesion),
-           "dice": _mean_ci([r["dice"] for r in lesion], n_boot, seed),
-           "iou": _mean_ci([r["iou"] for r in lesion], n_boot, seed),
+           "dice": mean_ci([r["dice"] for r in lesion], n_boot, seed),
+           "iou": mean_ci([r["iou"] for r in lesion], n_boot, seed),
            "by_class": {}}
     for c in class_names:
         rc = [r for r in lesion if r["class"] == c]
         if rc:
-            out["by_class"][c] = {"dice": _mean_ci([r["dice"] for r in rc], n_boot, seed),
-                                  "iou": _mean_ci([r["iou"] for r in rc], n_boot, seed)}
+            out["by_class"][c] = {"dice": mean_ci([r["dice"] for r in rc], n_boot, seed),
+                                  "iou": mean_ci([r["iou"] for r in rc], n_boot, seed)}
     if empty:
         fp = np.array([r["pred_area"] for r in empty])
         out["no_lesion_images"] = {"n": len(empty), "false_positive_area_mean": float(fp.mean()),

@@ -174,8 +174,9 @@ if ej is None and meta.get("dataset", {}).get("kind") not in ("busi",):
 elif ej is None or not ej.get("methods"):
     st.info(f"Explanation quality not measured yet: run `python -m core.explain.evaluate {ckpt}`.")
 else:
-    def cell_fmt(d):
-        return "n/a" if d["mean"] is None else f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
+    def cell_fmt(d):  # mean [95% interval]; one value has no interval
+        ci = d.get("ci95")
+        return "n/a" if d["mean"] is None else f"{d['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
     plain = {"deletion_auc": "deletion AUC (lower is better)", "insertion_auc": "insertion AUC (higher is better)",
              "pointing_game": "pointing game", "energy_in_mask": "share of evidence in the lesion",
              "mask_iou_top15": "top-15% region overlap with the lesion (IoU)", "seconds": "seconds per image"}
@@ -195,7 +196,7 @@ else:
         if r.get("mean") is None:
             continue
         st.caption(f"{ui.METHOD_LABELS.get(mm, mm)} seed stability over {r['seeds']} seeds on {r['images']} images: "
-                   f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}].")
+                   f"{cell_fmt(r)}.")
 
 ui.sanity_view(ckpt)
 
