@@ -18,7 +18,7 @@ import numpy as np
 from keras import layers
 
 from core.errors import WeightsUnavailableError
-from core.checkpoints import sha256_file  # noqa: F401  (re-exported: training records model hashes)
+from core.checkpoints import sha256_file  # also re-exported: training records model hashes
 
 BACKBONES = ("resnet50", "densenet121", "efficientnetb0", "mobilenetv2", "simple_cnn")
 _APPS = {
@@ -173,15 +173,14 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
             cached = _cached_imagenet_file(cfg.backbone)
             provenance = {"source": "imagenet (keras.applications download)",
                           "path": str(cached) if cached else None,
-                          "sha256": sha256_file(cached) if cached else None}
+                          "sha256": _file_sha256(str(cached), _stamp(cached)) if cached else None}
         else:
             path = Path(cfg.weights)
             if not path.is_file():
                 raise WeightsUnavailableError(f"Weights file not found: {path}. Use --weights imagenet "
                                               "(online), none, or a path to an existing .weights.h5 file.")
-            stat = path.stat()
-            ref = _trunk_weights(cfg.backbone, str(path), (stat.st_mtime_ns, stat.st_size))
-            provenance = {"source": "file", "path": str(path), "sha256": sha256_file(path)}
+            ref = _trunk_weights(cfg.backbone, str(path), _stamp(path))
+            provenance = {"source": "file", "path": str(path), "sha256": _file_sha256(str(path), _stamp(path))}
 
     inp = keras.Input(size, name="image")
     x0 = inp if cfg.stain_targets is None else StainStandardise(*cfg.stain_targets, name="stain_standardise")(inp)
@@ -359,6 +358,18 @@ def _trunk_weights(backbone: str, source: str, stamp: Optional[tuple[int, int]])
         except Exception as exc:
             raise WeightsUnavailableError(f"{source} does not fit a {backbone} trunk: {exc}") from exc
     return tuple([np.asarray(w) for w in l.get_weights()] for l in ref.layers if l.weights)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, stamp: tuple[int, int]) -> str:
+    """sha256 of the file at `path` whose (mtime_ns, size) is `stamp`: once per process and file version (a weights
+    file is read for every network built, one per cross-validation fold; a DenseNet121 trunk is 32 MB)."""
+    return sha256_file(path)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
 
 
 def _copy_weights(src: tuple[list[np.ndarray], ...], dst: keras.Model) -> None:

@@ -125,8 +125,9 @@ def test_a_weights_file_is_read_once_per_process_until_it_changes(tmp_path):
     trunk.get_layer("Conv1").set_weights([kernel + 1.0])
     trunk.save_weights(path)  # rewritten: a new modification time
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))
-    third, _ = build_model(cfg)
+    third, prov = build_model(cfg)
     np.testing.assert_array_equal(third.get_layer("Conv1").get_weights()[0], kernel + 1.0)
+    assert prov["sha256"] == cm.sha256_file(path)  # the provenance hash follows the rewrite too
 
 
 def test_stain_standardise_maps_colour_casts_to_the_same_image():
