@@ -871,6 +871,27 @@ def test_compare_shows_the_randomised_model_maps_and_the_model_card_sanity_table
     assert any("should not be used to teach" in c.value for c in at.caption)
 
 
+def test_explanation_scores_of_one_image_show_no_interval(tiny_bundle, tmp_path, monkeypatch):
+    """Evaluation's explanation table: a score over several images shows its mean [95% interval], a score of one image
+    its value alone (core.evaluation.mean_ci gives no interval from one value), seed stability too."""
+    bundle = tmp_path / "ckpts" / "tiny"
+    shutil.copytree(tiny_bundle, bundle)
+    one = {"n": 1, "mean": 0.5, "median": 0.5, "ci95": None}
+    (bundle / "explanations.json").write_text(json.dumps({
+        "checkpoint": "tiny", "images": {"n": 2, "classes": {"benign": 1, "malignant": 1}, "with_masks": False},
+        "methods": {"gradcam": {"deletion_auc": one,
+                                "insertion_auc": {"n": 2, "mean": 0.7, "median": 0.7, "ci95": [0.6, 0.8]}}},
+        "agreement": [], "seed_stability": {"lime": {**one, "mean": 0.9, "seeds": 3, "images": 1}}}))
+    serve_from(monkeypatch, bundle.parent, tmp_path / "nodata")
+    at = app("pages/4_Evaluation.py")
+    no_exception(at)
+    table = [d.value for d in at.dataframe if "method" in d.value.columns and "deletion AUC (lower is better)"
+             in d.value.columns][0]
+    assert table["deletion AUC (lower is better)"].iloc[0] == "0.500"
+    assert table["insertion AUC (higher is better)"].iloc[0] == "0.700 [0.600, 0.800]"
+    assert any(c.value.endswith("seed stability over 3 seeds on 1 images: 0.900.") for c in at.caption)
+
+
 def test_overlays_are_remembered_per_map_and_setting(app_env):
     """Re-showing an explanation re-sends the remembered overlay; another opacity, map or outline draws anew."""
     import sys
