@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from core.checkpoints import CheckpointError, list_bundles, load_classifier, load_segmenter
-from core.segmentation import describe_lesion, largest_region, lesion_measurements, postprocess
+from core.segmentation import describe_lesion, largest_region, lesion_measurements, orientation, postprocess
 
 
 def test_postprocess_threshold_and_largest_region():
@@ -29,6 +29,11 @@ def test_lesion_measurements_orientation_and_margin():
     assert m["width_mm"] == pytest.approx(12.1) and m["margin_irregularity"] < 0.05
     tall = np.ascontiguousarray(wide.T)
     assert lesion_measurements(tall.astype(bool))["orientation"] == "taller than wide"
+    round_ = np.zeros((200, 200), np.uint8)  # 295 x 298 px was called taller than wide: extents 1% apart
+    cv2.ellipse(round_, (100, 100), (60, 62), 0, 0, 360, 1, -1)
+    assert lesion_measurements(round_.astype(bool))["orientation"] == "about as wide as tall"
+    assert [orientation(100, d) for d in (90, 91, 110, 111)] == ["wider than tall", "about as wide as tall",
+                                                               "about as wide as tall", "taller than wide"]
     star = np.zeros((200, 200), np.uint8)  # spiculated: a star has a much larger convex hull than area
     pts = [(100 + (80 if k % 2 == 0 else 25) * np.cos(k * np.pi / 8), 100 + (80 if k % 2 == 0 else 25)
             * np.sin(k * np.pi / 8)) for k in range(16)]
