@@ -484,7 +484,7 @@ def sensitivity_specificity(y_true: Sequence[int], p_pos: np.ndarray, positive: 
             "specificity": tn / max(tn + fp, 1), "specificity_ci95": binomial_ci(tn, tn + fp)}
 
 
-CHOSEN_ON = {"val": "validation",
+CHOSEN_ON = {"val": "validation split",
              "calibration": "out-of-fold predictions of the training and validation patients"}
 
 

@@ -128,7 +128,7 @@ def operating_point_text(meta: dict, probs: np.ndarray, class_names: Sequence[st
     t = op["test"]
     crosses = p >= op["threshold"]
     return (f"P({op['positive_class']}) = {p:.3f} is {'at or above' if crosses else 'below'} the model card's "
-            f"operating point {op['threshold']:.3f} (chosen on the {op.get('chosen_on', 'validation')} for sensitivity >= "
+            f"operating point {op['threshold']:.3f} (chosen on the {op.get('chosen_on', 'validation split')} for sensitivity >= "
             f"{op['target_sensitivity']:.2f}; on the test split sensitivity {t['sensitivity']:.3f}, specificity "
             f"{t['specificity']:.3f}): " + (f"flagged as possibly {op['positive_class']}." if crosses else
                                             f"not flagged as {op['positive_class']}."))

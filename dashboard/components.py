@@ -839,7 +839,7 @@ def operating_point_note(meta: dict, probs: np.ndarray, class_names) -> None:
     crosses = p >= op["threshold"]
     (st.warning if crosses else st.info)(
         f"P({op['positive_class']}) {p:.3f} is {'at or above' if crosses else 'below'} the operating point "
-        f"{op['threshold']:.3f} (set on the {op.get('chosen_on', 'validation')} for sensitivity ≥ {op['target_sensitivity']:.2f}): "
+        f"{op['threshold']:.3f} (set on the {op.get('chosen_on', 'validation split')} for sensitivity ≥ {op['target_sensitivity']:.2f}): "
         + (f"at this operating point the case counts as **possibly {op['positive_class']}**." if crosses else
            f"at this operating point the case is not flagged as {op['positive_class']}."))
 

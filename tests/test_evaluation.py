@@ -340,6 +340,7 @@ def test_operating_point_by_hand():
     # validation malignant probabilities 0.9, 0.6, 0.4, 0.1: 3 of 4 reach 0.4 -> threshold 0.4
     assert op["threshold"] == pytest.approx(0.4) and op["val"]["sensitivity"] == 0.75
     assert (op["val"]["tn"], op["val"]["fp"]) == (2, 1)  # the benign 0.5 is called malignant
+    assert op["chosen_on"] == "validation split" and "sensitivity on the validation split is at least" in op["rule"]
     t = op["test"]
     assert (t["tp"], t["fn"], t["tn"], t["fp"]) == (1, 1, 2, 1) and t["specificity"] == pytest.approx(2 / 3)
     lo, hi = t["sensitivity_ci95"]

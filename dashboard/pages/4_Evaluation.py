@@ -108,7 +108,7 @@ if split in ("test", "val") and len(names) >= 2:
     c3.dataframe([{"": f"true {positive}", f"called {positive}": ss["tp"], "not called": ss["fn"]},
                   {"": "true other", f"called {positive}": ss["fp"], "not called": ss["tn"]}], hide_index=True)
     if op:
-        st.caption(f"The model card's operating point is {op['threshold']:.3f} (chosen on the {op.get('chosen_on', 'validation')} for sensitivity "
+        st.caption(f"The model card's operating point is {op['threshold']:.3f} (chosen on the {op.get('chosen_on', 'validation split')} for sensitivity "
                    f"≥ {op['target_sensitivity']:.2f}).")
 
 st.subheader("ROC and precision-recall curves (one vs rest)")
