@@ -3,6 +3,7 @@ import streamlit as st
 
 import components as ui
 import services as svc
+from core.data.loaders import group_phrase
 from core.evaluation import calibration_phrase
 
 ui.page_setup("Home", "🩺")
@@ -53,9 +54,9 @@ if cv.get("pooled_roc_auc") is not None and cv.get("scope", "all") == "all":
     c4.metric("Calibration error (ECE, test)", f"{m.get('ece', 0):.3f}")
     n_cv = sum(cv.get("pooled_support", {}).values()) or "?"
     pl = cv.get("patient_level")
-    st.caption(f"Cross-validation: {len(cv.get('folds', []))} folds, every one of the {n_cv} images held out once with "
-               "its whole group (patient) kept together" + (f"; per patient: accuracy {pl['accuracy']:.3f} over "
-                                                           f"{pl['n_patients']} patients" if pl else "") + ". "
+    st.caption(f"Cross-validation: {len(cv.get('folds', []))} folds, every one of the {n_cv} images held out once "
+               + group_phrase(meta.get("dataset", {}).get("kind", "")) + (
+                   f"; per patient: accuracy {pl['accuracy']:.3f} over {pl['n_patients']} patients" if pl else "") + ". "
                f"Single held-out test split (n = {m.get('n', '?')}): accuracy {fmt(m.get('accuracy'), m.get('accuracy_ci95'))}"
                f", balanced accuracy {fmt(m.get('balanced_accuracy'))}, ROC AUC {fmt(m.get('roc_auc_macro'), m.get('roc_auc_ci95'))}.")
 else:

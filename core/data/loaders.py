@@ -215,6 +215,16 @@ DATASETS: dict[str, Callable[..., Manifest]] = {
     "folder": load_folder, "busi": load_busi, "breakhis": load_breakhis, "ucsb": load_ucsb, "idc": load_idc,
 }
 CITATIONS = {"busi": BUSI_CITATION, "breakhis": BREAKHIS_CITATION, "ucsb": UCSB_CITATION, "idc": IDC_CITATION}
+#: What keeps an image's group together in splits and CV folds, as "held out ... <phrase>" (each loader's `group`).
+GROUP_PHRASES = {
+    "busi": "together with its repeat scans (near-duplicate images of one lesion; BUSI has no patient ids)",
+    "breakhis": "together with the patient's other images", "idc": "together with the patient's other patches",
+    "ucsb": "together with the other images of its tissue microarray"}
+
+
+def group_phrase(kind: str) -> str:
+    """How a dataset kind's images are grouped when held out, for model cards: a phrase after "held out once"."""
+    return GROUP_PHRASES.get(kind, "together with its whole group")
 
 
 def load_dataset(kind: str, root: str | Path, **options) -> Manifest:

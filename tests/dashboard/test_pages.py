@@ -664,7 +664,7 @@ def test_evaluation_threshold_slider_updates_sensitivity_live(app_env):
 
 
 def test_model_card_headline_is_cross_validation_when_recorded(tiny_bundle, tmp_path, monkeypatch):
-    from core.checkpoints import update_metadata
+    from core.checkpoints import read_metadata, update_metadata
 
     shutil.copytree(tiny_bundle, tmp_path / "ck" / "tiny")
     update_metadata(tmp_path / "ck" / "tiny", {"cross_validation": {
@@ -678,6 +678,15 @@ def test_model_card_headline_is_cross_validation_when_recorded(tiny_bundle, tmp_
                                                           ("ROC AUC (cross-validated)", "0.912"),
                                                           ("Malignant recall (cross-validated)", "0.754")]
     assert any("Single held-out test split" in c.value for c in at.caption)
+    # how images are held out is the dataset's own grouping, not always patients (BUSI has no patient ids)
+    assert any("held out once together with its whole group." in c.value for c in at.caption)
+    update_metadata(tmp_path / "ck" / "tiny", {"dataset": {**read_metadata(tmp_path / "ck" / "tiny")["dataset"],
+                                                           "kind": "ucsb"}})
+    serve_from(monkeypatch, tmp_path / "ck")
+    at = app()
+    no_exception(at)
+    assert any("held out once together with the other images of its tissue microarray." in c.value
+               for c in at.caption)
 
 
 def test_teach_session_setup_summary_and_reset_on_checkpoint_change(app_env, tmp_path, monkeypatch):

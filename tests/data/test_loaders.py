@@ -273,3 +273,13 @@ def test_idc_official_layout_groups_labels_positions_and_edge_patches(tmp_path):
     assert back["test"].read(back["test"].samples[0]).shape == (50, 50, 3)
     with pytest.raises(DatasetError):
         load_idc(tmp_path / "IDC_regular_ps50_idx5" / "8863" / "0")
+
+
+def test_group_phrase_names_each_datasets_grouping():
+    """Model cards say how an image is held out: with its patient (BreakHis, IDC), its repeat scans (BUSI, which has
+    no patient ids), its tissue microarray (UCSB), else its group."""
+    from core.data.loaders import group_phrase
+
+    assert "patient" in group_phrase("breakhis") and "patient" in group_phrase("idc")
+    assert group_phrase("busi").startswith("together with its repeat scans") and "no patient ids" in group_phrase("busi")
+    assert "tissue microarray" in group_phrase("ucsb") and group_phrase("folder") == "together with its whole group"
