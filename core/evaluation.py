@@ -488,6 +488,11 @@ CHOSEN_ON = {"val": "validation split",
              "calibration": "out-of-fold predictions of the training and validation patients"}
 
 
+def operating_point_source(op: dict) -> str:
+    """Where an operating point's threshold was chosen, as words after "on the" (records without it: validation)."""
+    return op.get("chosen_on") or CHOSEN_ON["val"]
+
+
 def calibration_phrase(meta: dict) -> str:
     """How a bundle's probabilities were calibrated, as a sentence for pages and reports."""
     cal = meta.get("calibration") or {}

@@ -179,8 +179,9 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
             if not path.is_file():
                 raise WeightsUnavailableError(f"Weights file not found: {path}. Use --weights imagenet "
                                               "(online), none, or a path to an existing .weights.h5 file.")
-            ref = _trunk_weights(cfg.backbone, str(path), _stamp(path))
-            provenance = {"source": "file", "path": str(path), "sha256": _file_sha256(str(path), _stamp(path))}
+            stamp = _stamp(path)
+            ref = _trunk_weights(cfg.backbone, str(path), stamp)
+            provenance = {"source": "file", "path": str(path), "sha256": _file_sha256(str(path), stamp)}
 
     inp = keras.Input(size, name="image")
     x0 = inp if cfg.stain_targets is None else StainStandardise(*cfg.stain_targets, name="stain_standardise")(inp)

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from core.evaluation import calibration_phrase
+from core.evaluation import calibration_phrase, operating_point_source
 
 DISCLAIMER = ("Research and teaching aid, not a diagnostic device. Predictions and explanations can be wrong and "
               "must never replace a pathologist's or radiologist's judgement.")
@@ -128,7 +128,7 @@ def operating_point_text(meta: dict, probs: np.ndarray, class_names: Sequence[st
     t = op["test"]
     crosses = p >= op["threshold"]
     return (f"P({op['positive_class']}) = {p:.3f} is {'at or above' if crosses else 'below'} the model card's "
-            f"operating point {op['threshold']:.3f} (chosen on the {op.get('chosen_on', 'validation split')} for sensitivity >= "
+            f"operating point {op['threshold']:.3f} (chosen on the {operating_point_source(op)} for sensitivity >= "
             f"{op['target_sensitivity']:.2f}; on the test split sensitivity {t['sensitivity']:.3f}, specificity "
             f"{t['specificity']:.3f}): " + (f"flagged as possibly {op['positive_class']}." if crosses else
                                             f"not flagged as {op['positive_class']}."))

@@ -14,7 +14,7 @@ from PIL import Image
 
 import services as svc
 from core.data.split import describe_groups
-from core.evaluation import subtype_caution as subtype_caution_of, weak_subgroups
+from core.evaluation import operating_point_source, subtype_caution as subtype_caution_of, weak_subgroups
 from core.explain import EXPLAINERS, FAST_PARAMS, MAX_PERTURBATION_TILES, PERTURBATION_METHODS
 from core.explain.visualise import boundaries, colorize, mask_outline, overlay
 
@@ -839,7 +839,7 @@ def operating_point_note(meta: dict, probs: np.ndarray, class_names) -> None:
     crosses = p >= op["threshold"]
     (st.warning if crosses else st.info)(
         f"P({op['positive_class']}) {p:.3f} is {'at or above' if crosses else 'below'} the operating point "
-        f"{op['threshold']:.3f} (set on the {op.get('chosen_on', 'validation split')} for sensitivity ≥ {op['target_sensitivity']:.2f}): "
+        f"{op['threshold']:.3f} (set on the {operating_point_source(op)} for sensitivity ≥ {op['target_sensitivity']:.2f}): "
         + (f"at this operating point the case counts as **possibly {op['positive_class']}**." if crosses else
            f"at this operating point the case is not flagged as {op['positive_class']}."))
 

@@ -324,7 +324,7 @@ def test_compare_records_a_baseline_on_the_same_test_images(tiny_bundle, tiny_tr
 
 def test_operating_point_by_hand():
     """Threshold chosen on validation for sensitivity >= 0.75; test sensitivity / specificity at it."""
-    from core.evaluation import operating_point
+    from core.evaluation import operating_point, operating_point_source
 
     names = ("benign", "malignant", "normal")
 
@@ -341,6 +341,7 @@ def test_operating_point_by_hand():
     assert op["threshold"] == pytest.approx(0.4) and op["val"]["sensitivity"] == 0.75
     assert (op["val"]["tn"], op["val"]["fp"]) == (2, 1)  # the benign 0.5 is called malignant
     assert op["chosen_on"] == "validation split" and "sensitivity on the validation split is at least" in op["rule"]
+    assert operating_point_source(op) == operating_point_source({}) == "validation split"  # older records: no key
     t = op["test"]
     assert (t["tp"], t["fn"], t["tn"], t["fp"]) == (1, 1, 2, 1) and t["specificity"] == pytest.approx(2 / 3)
     lo, hi = t["sensitivity_ci95"]

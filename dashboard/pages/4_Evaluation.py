@@ -8,7 +8,8 @@ import streamlit as st
 import components as ui
 import services as svc
 from core.checkpoints import read_csv
-from core.evaluation import curves, patient_level_metrics, reliability_curve, sensitivity_specificity
+from core.evaluation import (curves, operating_point_source, patient_level_metrics, reliability_curve,
+                             sensitivity_specificity)
 from core.data.roots import resolve_data_root, resolve_root
 
 ui.page_setup("Evaluation", "📊")
@@ -108,7 +109,7 @@ if split in ("test", "val") and len(names) >= 2:
     c3.dataframe([{"": f"true {positive}", f"called {positive}": ss["tp"], "not called": ss["fn"]},
                   {"": "true other", f"called {positive}": ss["fp"], "not called": ss["tn"]}], hide_index=True)
     if op:
-        st.caption(f"The model card's operating point is {op['threshold']:.3f} (chosen on the {op.get('chosen_on', 'validation split')} for sensitivity "
+        st.caption(f"The model card's operating point is {op['threshold']:.3f} (chosen on the {operating_point_source(op)} for sensitivity "
                    f"≥ {op['target_sensitivity']:.2f}).")
 
 st.subheader("ROC and precision-recall curves (one vs rest)")
