@@ -13,6 +13,7 @@ building the activation cache amortised over the epochs. Prints ratios measured 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -71,20 +72,34 @@ def main() -> int:
         print(f"{label}: epochs {', '.join(f'{s:.1f}' for s in ep)} s; steady epoch {steady:.2f} s; "
               f"cache build {results[label]['cache']:.1f} s; total {total:.1f} s", flush=True)
     plain = results["plain model.fit"]
-    n_amort = args.amortise_over
-    if n_amort is None:
-        try:
-            n_amort = read_metadata(ROOT / "checkpoints/busi_densenet121")["training"]["epochs"]
-        except Exception:
-            n_amort = 50
+    n_amort = args.amortise_over or committed_epochs(read_metadata, ROOT / "checkpoints/busi_densenet121")
     print(f"\nimages {args.images}, fine-tune layers {args.fine_tune_layers}, augmented copies {args.augment_copies}")
+    figures = {"images": args.images, "epochs": args.epochs, "amortised_over": n_amort,
+               "plain_epoch_s": round(plain["epoch"], 2)}
     for label, r in results.items():
         if r is plain:
             continue
         amortised = r["epoch"] + r["cache"] / n_amort
         print(f"{label}: speed-up per fine-tuning epoch (plain / this) {plain['epoch'] / r['epoch']:.1f}x; "
               f"with the cache cost spread over {n_amort} epochs {plain['epoch'] / amortised:.1f}x")
+        key = label.replace(" + ", "_").replace(" ", "_")
+        figures.update({f"{key}_epoch_s": round(r["epoch"], 2), f"{key}_cache_s": round(r["cache"], 1),
+                        f"{key}_speedup": round(plain["epoch"] / r["epoch"], 2),
+                        f"{key}_speedup_amortised": round(plain["epoch"] / amortised, 2)})
+    print(json.dumps(figures))
     return 0
+
+
+def committed_epochs(read_metadata, bundle: Path, default: int = 50) -> int:
+    """Fine-tuning epochs of the committed checkpoint's recipe: its own count, for an ensemble (which records 0:
+    it trains nothing itself) its longest member's configured fine-tuning schedule; `default` if unreadable."""
+    try:
+        meta = read_metadata(bundle)
+    except Exception:
+        return default
+    epochs = int(meta.get("training", {}).get("epochs") or 0)
+    members = [int(m.get("config", {}).get("fine_tune_epochs") or 0) for m in meta.get("ensemble", {}).get("members", [])]
+    return epochs or max(members, default=0) or default
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ def process_image(clf, path: str | Path, methods: Sequence[str], params: dict, r
         row[f"{m}_deletion_auc"] = round(M.deletion_auc(predict, work, a, e.target, curve_steps), 6)
         row[f"{m}_insertion_auc"] = round(M.insertion_auc(predict, work, a, e.target, curve_steps), 6)
         row[f"{m}_has_positive_evidence"] = e.has_positive_evidence
+        row[f"{m}_weak_effect"] = e.weak_effect
         res.overlays[m] = overlay(image, e.heatmap(), 0.5)
         res.attributions[m] = e.attribution
     return res

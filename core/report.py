@@ -185,8 +185,10 @@ def _params_text(e) -> str:
     keep = {k: v for k, v in e.params.items() if not isinstance(v, (list, dict, np.ndarray))}
     seeds = {k: v for k, v in keep.items() if "seed" in k}
     rest = {k: v for k, v in keep.items() if "seed" not in k}
+    r = e.perturbed_range
     return (", ".join(f"{k}={v}" for k, v in rest.items()) or "defaults") + \
-        (" | seeds: " + ", ".join(f"{k}={v}" for k, v in seeds.items()) if seeds else " | deterministic (no seed)")
+        (" | seeds: " + ", ".join(f"{k}={v}" for k, v in seeds.items()) if seeds else " | deterministic (no seed)") + \
+        (f" | P({e.class_name}) over its perturbed images {r[0]:.1%}-{r[1]:.1%}" if r is not None else "")
 
 
 def make_report(clf, cases: Sequence[Case], opts: ReportOptions = ReportOptions(),
@@ -294,7 +296,8 @@ def make_report(clf, cases: Sequence[Case], opts: ReportOptions = ReportOptions(
             pdf.set_font("Helvetica", "B", 8.5)
             pdf.multi_cell(w, 4, latin1(f"{e.method}: explains {e.class_name} ({e.probability:.1%}), "
                                         f"{e.seconds:.1f} s" + ("" if e.has_positive_evidence else
-                                                                " | no positive evidence found")),
+                                                                " | no positive evidence found")
+                                        + (" | weak effect (under 1 point)" if e.weak_effect else "")),
                            new_x="LEFT", new_y="NEXT")
             pdf.set_font("Helvetica", "", 7.5)
             pdf.multi_cell(w, 3.5, latin1(_params_text(e)), new_x="LEFT", new_y="NEXT", align="L")

@@ -209,6 +209,8 @@ def create_app(checkpoints: Optional[str | Path] = None, api_key: Optional[str] 
                                         "out_of_distribution")},
                 "method": e.method, "target": e.target, "class_name": e.class_name, "probability": e.probability,
                 "has_positive_evidence": e.has_positive_evidence, "params": plain,
+                "perturbed_probability": list(e.perturbed_range) if e.perturbed_range else None,
+                "weak_effect": e.weak_effect,
                 "seeds": {k: v for k, v in plain.items() if "seed" in k}, "seconds": round(e.seconds, 4),
                 "heatmap_png": _png_b64(overlay(image, e.heatmap(), 0.5)),
                 "attribution_npy": _npy_b64(e.attribution), "attribution_shape": list(e.attribution.shape)}

@@ -797,9 +797,27 @@ def better_choice_view(meta: dict, ckpt: Optional[Path] = None) -> None:
                    "a checkpoint that never saw it (external check). Pick the checkpoint made for your images.")
 
 
+def effect_note(e) -> None:
+    """How far a perturbation method's perturbed images moved p(explained class); a warning when under one
+    percentage point (the map then ranks very small effects). Nothing for gradient methods."""
+    r = e.perturbed_range
+    if r is None:
+        return
+    moved = f"Over the images {METHOD_LABELS.get(e.method, e.method)} perturbed, P({e.class_name}) ranged " \
+            f"{r[0]:.1%}–{r[1]:.1%}."
+    if e.weak_effect:
+        st.warning(f"{moved} Hiding parts of this image **barely moves the prediction** (under one percentage "
+                   "point): the map ranks very small effects, so read it as weak evidence of where the model looks.",
+                   icon=":material/info:")
+    else:
+        st.caption(moved)
+
+
 def evidence_view(e, prefix: str) -> object:
     """When a method finds no positive evidence for the explained class, say so and offer the evidence against
-    it (signed view) instead of a blank map; also on request. Returns the explanation to draw."""
+    it (signed view) instead of a blank map; also on request. Says how far a perturbation method moved the
+    prediction (`effect_note`). Returns the explanation to draw."""
+    effect_note(e)
     blank = not e.has_positive_evidence
     if blank:
         st.warning(f"{METHOD_LABELS.get(e.method, e.method)} found **no evidence for {e.class_name}** in this image: "

@@ -40,6 +40,7 @@ def test_serial_run_writes_overlays_attributions_and_csv(tiny_bundle, folder, tm
     assert "not an image" in bad["error"]
     good = [x for x in r if not x["error"]]
     assert all(0.0 <= float(x["gradcam_deletion_auc"]) <= 1.0 for x in good)
+    assert {x["gradcam_weak_effect"] for x in good} == {"False"} and all(x["lime_weak_effect"] for x in good)
     a = np.load(tmp_path / "serial" / "attributions" / "benign" / "benign (1).lime.npy")
     assert a.dtype == np.float16 and a.shape == (48, 48)
     assert (tmp_path / "serial" / "overlays" / "malignant" / "malignant (2).gradcam.png").is_file()

@@ -130,6 +130,7 @@ def test_tiled_occlusion_equals_occluding_the_whole_image(patch_classifier, monk
     naive = explain(patch_classifier, img, "occlusion", window=16, stride=12)
     np.testing.assert_allclose(fast.attribution, naive.attribution, atol=1e-5)
     assert n_fast < passes["n"] / 2
+    np.testing.assert_allclose(fast.perturbed_range, naive.perturbed_range, atol=1e-5)  # same images, same range
 
 
 @pytest.mark.slow

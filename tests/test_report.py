@@ -41,6 +41,10 @@ def test_report_text_holds_hashes_prediction_settings_and_disclaimer(report):
     assert " ".join(latin1(DISCLAIMER).split()) in text
     assert "random_seed=0" in text and "gradcam: explains" in text and "lime: explains" in text
     assert "pass" in text and "app at commit abc123" in text
+    lime = next(e for e in cases[0].explanations if e.method == "lime")  # how far LIME moved p, with its settings
+    lo, hi = lime.perturbed_range
+    assert f"P({lime.class_name}) over its perturbed images {lo:.1%}-{hi:.1%}" in text
+    assert ("weak effect (under 1 point)" in text) == any(e.weak_effect for c in cases for e in c.explanations)
     assert "patient_0.png" not in text  # no file name without the user's consent
 
 

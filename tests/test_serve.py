@@ -71,6 +71,10 @@ def test_explain_returns_png_and_float16_attribution(client, image):
     g = client.post("/explain", files={"file": ("x.png", image, "image/png")}, data={"method": "gradcam",
                                                                                        "target": "0"}).json()
     assert g["method"] == "gradcam" and g["target"] == 0 and g["class_name"] == "benign"
+    lo, hi = body["perturbed_probability"]  # how far LIME's perturbations moved p; a gradient method has none
+    assert 0 <= lo <= hi <= 1 and lo - 1e-4 <= body["probability"] <= hi + 1e-4  # its first sample: the image
+    assert body["weak_effect"] == (hi - lo < 0.01)
+    assert g["perturbed_probability"] is None and g["weak_effect"] is False
 
 
 @pytest.mark.parametrize("files,data,status,words", [

@@ -12,6 +12,9 @@ from core.preprocessing import ensure_rgb_uint8, resize
 
 EPS = 1e-7
 Progress = Optional[Callable[[float], None]]
+#: A perturbation method whose perturbed images all keep p(target) within this much of each other found only weak
+#: effects: hiding parts of the image barely moves the prediction (1 percentage point).
+WEAK_EFFECT = 0.01
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +45,18 @@ class Explanation:
     @property
     def segments(self) -> Optional[np.ndarray]:
         return self.extras.get("segments")
+
+    @property
+    def perturbed_range(self) -> Optional[tuple[float, float]]:
+        """(lowest, highest) p(target) over the perturbed images a perturbation method evaluated; None for others."""
+        r = self.extras.get("perturbed_probability")
+        return (float(r[0]), float(r[1])) if r is not None else None
+
+    @property
+    def weak_effect(self) -> bool:
+        """True when no perturbation moved p(target) by WEAK_EFFECT or more: the map ranks very small effects."""
+        r = self.perturbed_range
+        return r is not None and r[1] - r[0] < WEAK_EFFECT
 
     @property
     def has_positive_evidence(self) -> bool:
@@ -117,12 +132,31 @@ class Explainer:
 
     def predict_fn(self) -> Callable[[np.ndarray], np.ndarray]:
         """Batch of work images (N, H, W, 3) -> calibrated probabilities (N, K) through the perturbation forward pass
-        (float32, or bfloat16 where the bundle records that explanations agree; see core.backends)."""
+        (float32, or bfloat16 where the bundle records that explanations agree; see core.backends).
+
+        Every batch's per-class lowest and highest probabilities are kept, so the explanation can say how far its
+        perturbations moved the prediction (`Explanation.perturbed_range`)."""
         if hasattr(self.classifier, "predict_perturbed"):
-            return lambda x: self.classifier.predict_perturbed(np.asarray(x))
-        if hasattr(self.classifier, "predict_work"):
-            return lambda x: self.classifier.predict_work(np.asarray(x))
-        return lambda x: self.classifier.predict_proba(np.asarray(x))
+            fn = self.classifier.predict_perturbed
+        elif hasattr(self.classifier, "predict_work"):
+            fn = self.classifier.predict_work
+        else:
+            fn = self.classifier.predict_proba
+
+        def predict(x):
+            out = np.asarray(fn(np.asarray(x)))
+            self.observe(out)
+            return out
+
+        return predict
+
+    def observe(self, probs: np.ndarray) -> None:
+        """Fold a batch of perturbed images' probabilities (N, K) into the per-class range seen so far."""
+        if len(probs) == 0:
+            return
+        lo, hi = probs.min(axis=0), probs.max(axis=0)
+        seen = getattr(self, "_seen", None)
+        self._seen = (lo, hi) if seen is None else (np.minimum(seen[0], lo), np.maximum(seen[1], hi))
 
     def tiled(self) -> bool:
         """True for patch models: gradient methods then attribute each grid tile and stitch the maps."""
@@ -156,7 +190,10 @@ class Explainer:
         image = ensure_rgb_uint8(image)
         t0 = time.perf_counter()
         self.report(0.0)
+        self._seen = None
         probs, target, attribution, extras = self._forward_and_attribute(image, target)
+        if self._seen is not None and "perturbed_probability" not in extras:
+            extras["perturbed_probability"] = [float(self._seen[0][target]), float(self._seen[1][target])]
         attribution = upsample(np.asarray(attribution, dtype=np.float32), image.shape[:2])
         attribution = np.nan_to_num(attribution).astype(np.float32)
         self.report(1.0)

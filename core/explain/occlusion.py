@@ -63,7 +63,9 @@ class OcclusionExplainer(Explainer):
         boxes = grid_boxes(work.shape[:2], s, clf.tile_stride)
         raw0 = clf.forward(clf.tiles(work))  # (T, K) uncalibrated
         total0, n_tiles = raw0.sum(axis=0), len(boxes)
-        p0 = float(clf.calibrate((total0 / n_tiles)[None])[0, target])
+        probs0 = clf.calibrate((total0 / n_tiles)[None])
+        self.observe(probs0)
+        p0 = float(probs0[0, target])
         jobs = []  # (window index, tile index)
         for i, (y, x) in enumerate(coords):
             for t, (ty, tx) in enumerate(boxes):
@@ -86,4 +88,5 @@ class OcclusionExplainer(Explainer):
                 old_sum[i] += raw0[t]
             self.report(0.95 * (start + len(chunk)) / len(jobs))
         probs = clf.calibrate((total0[None] - old_sum + new_sum) / n_tiles)
+        self.observe(probs)
         return (p0 - probs[:, target]).astype(np.float32)

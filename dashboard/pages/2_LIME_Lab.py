@@ -52,6 +52,7 @@ if req and req[0] == inp.sha:
     b.image(ui.render_overlay(inp.image, e, 0.0, show_segments=True), caption="Top positive superpixels",
             width="stretch")
     ui.show_legend()
+    ui.effect_note(e)
 
 st.subheader("Seed stability")
 k = st.slider("Number of seeds", 2, 8, 3, key="ll_k")

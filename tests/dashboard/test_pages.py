@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -103,6 +104,12 @@ def test_upload_prediction_explanation(app_env):
     heads = [s.value for s in at.subheader]
     assert any(h.startswith("Grad-CAM") for h in heads) and any(h.startswith("Occlusion") for h in heads)
     assert len(at.get("image")) >= 4  # the image, the legend and two overlays
+    # occlusion (not Grad-CAM) says how far its perturbations moved the prediction; a warning under one point
+    notes = [(kind, x.value) for kind, xs in (("caption", at.caption), ("warning", at.warning)) for x in xs
+             if "perturbed, P(" in x.value]
+    assert len(notes) == 1 and notes[0][1].startswith("Over the images Occlusion perturbed"), notes
+    lo, hi = (float(v) for v in re.findall(r"([0-9.]+)%", notes[0][1])[:2])
+    assert lo <= hi and notes[0][0] == ("warning" if hi - lo < 1.0 else "caption")
     # cached: the same request again is served from the result cache
     at.run()
     assert any(h.startswith("Grad-CAM") for h in [s.value for s in at.subheader])
@@ -242,6 +249,9 @@ def test_lime_lab_estimate_and_stability(app_env):
     no_exception(at)
     assert any(m.label == "Estimated run time" for m in at.metric)
     at.slider(key="ll_samples").set_value(50).run()
+    at.button(key="ll_run").click().run()
+    no_exception(at)
+    assert [x.value for x in [*at.caption, *at.warning] if x.value.startswith("Over the images LIME perturbed, P(")]
     at.button(key="ll_stab").click().run()
     no_exception(at)
     assert any(m.label == "Stability score" for m in at.metric)

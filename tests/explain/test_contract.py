@@ -83,6 +83,38 @@ def test_all_negative_map_is_flagged_and_its_signed_view_is_not_blank():
     assert Explanation("x", 0, 0.5, a + 20, {}, 0.0).has_positive_evidence
 
 
+@pytest.mark.parametrize("method", sorted(FAST))
+def test_perturbation_methods_report_how_far_they_moved_the_prediction(method, tiny_classifier, test_image):
+    """perturbed_range is the lowest and highest p(target) over exactly the images the method sent to the
+    perturbation forward pass; gradient methods perturb nothing and report None."""
+    from dataclasses import replace
+
+    seen = []
+
+    def recording(x):
+        out = tiny_classifier.predict_perturbed(x)
+        seen.append(np.asarray(out))
+        return out
+
+    clf = replace(tiny_classifier)
+    clf.predict_perturbed = recording
+    e = explain(clf, test_image, method, **FAST[method])
+    if method in ("lime", "shap", "occlusion"):
+        p = np.concatenate(seen)[:, e.target]
+        assert e.perturbed_range == pytest.approx((float(p.min()), float(p.max())), abs=1e-7)
+        assert e.perturbed_range[0] < e.perturbed_range[1]
+        assert e.weak_effect == (float(p.max() - p.min()) < 0.01)
+    else:
+        assert not seen and e.perturbed_range is None and not e.weak_effect
+
+
+def test_weak_effect_is_a_range_under_one_point():
+    a = np.ones((4, 4), np.float32)
+    assert Explanation("lime", 1, 0.9, a, {}, 0.0, extras={"perturbed_probability": [0.995, 0.9999]}).weak_effect
+    assert not Explanation("lime", 1, 0.9, a, {}, 0.0, extras={"perturbed_probability": [0.95, 0.99]}).weak_effect
+    assert not Explanation("gradcam", 1, 0.9, a, {}, 0.0).weak_effect
+
+
 @pytest.mark.parametrize("seg", ["slic", "quickshift", "felzenszwalb"])
 def test_lime_segmentations_and_hide_colors(seg, tiny_classifier, test_image):
     for hide in ("mean", "black", "blur"):
