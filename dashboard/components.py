@@ -813,6 +813,14 @@ def effect_note(e) -> None:
         st.caption(moved)
 
 
+def effect_caption(e) -> str:
+    """A short tail for an image caption: how far a perturbation method moved p(explained class); '' otherwise."""
+    r = e.perturbed_range
+    if r is None:
+        return ""
+    return f" · perturbed P {r[0]:.1%}–{r[1]:.1%}" + (" (under 1 point: weak effect)" if e.weak_effect else "")
+
+
 def evidence_view(e, prefix: str) -> object:
     """When a method finds no positive evidence for the explained class, say so and offer the evidence against
     it (signed view) instead of a blank map; also on request. Says how far a perturbation method moved the

@@ -45,7 +45,7 @@ st.markdown(f"These maps explain **{clf.class_names[target]}**"
 cols = st.columns(min(len(res), 3))
 for i, (m, e) in enumerate(res.items()):
     cols[i % len(cols)].image(ui.render_overlay(inp.image, e, 0.5, inp.mask, predicted=pm), width="stretch",
-                              caption=f"{ui.METHOD_LABELS[m]} · {e.seconds:.1f} s")
+                              caption=f"{ui.METHOD_LABELS[m]} · {e.seconds:.1f} s{ui.effect_caption(e)}")
 ui.show_legend()
 ui.report_download(ckpt, inp, res, "cmp", lesion)
 legend = ui.outline_legend(inp.mask is not None, pm is not None and pm.any())

@@ -1025,3 +1025,18 @@ def test_warm_up_compiles_the_perturbation_forward_before_the_first_explanation(
     svc.warm_up(app_env)  # cached: not run twice
     assert seen == [(1, clf.input_size, clf.input_size, 3)]
     assert clf._forward is not None and clf.perturbation_forward() is not None
+
+
+def test_compare_captions_say_how_far_perturbations_moved_the_prediction():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "dashboard"))
+    import components as ui
+    from core.explain import Explanation
+
+    a = np.ones((4, 4), np.float32)
+    strong = Explanation("lime", 1, 0.9, a, {}, 0.0, "malignant", extras={"perturbed_probability": [0.42, 0.93]})
+    weak = Explanation("occlusion", 0, 0.95, a, {}, 0.0, "benign", extras={"perturbed_probability": [0.943, 0.950]})
+    assert ui.effect_caption(strong) == " · perturbed P 42.0%–93.0%"
+    assert ui.effect_caption(weak) == " · perturbed P 94.3%–95.0% (under 1 point: weak effect)"
+    assert ui.effect_caption(Explanation("gradcam", 0, 0.95, a, {}, 0.0, "benign")) == ""
