@@ -44,8 +44,20 @@ def test_report_text_holds_hashes_prediction_settings_and_disclaimer(report):
     lime = next(e for e in cases[0].explanations if e.method == "lime")  # how far LIME moved p, with its settings
     lo, hi = lime.perturbed_range
     assert f"P({lime.class_name}) over its perturbed images {lo:.1%}-{hi:.1%}" in text
-    assert ("weak effect (under 1 point)" in text) == any(e.weak_effect for c in cases for e in c.explanations)
+    weak = any(e.weak_effect for c in cases for e in c.explanations)
+    assert ("weak effect (under 1 point)" in text) == weak == ("Weak effect: hiding parts of the image" in text)
     assert "patient_0.png" not in text  # no file name without the user's consent
+
+
+def test_a_map_with_a_weak_effect_is_labelled_and_explained(report):
+    from dataclasses import replace
+
+    clf, cases, _ = report
+    lime = next(e for e in cases[0].explanations if e.method == "lime")
+    weak = replace(lime, extras={**lime.extras, "perturbed_probability": [0.601, 0.6042]})
+    text = " ".join(pdf_text(make_report(clf, [replace(cases[0], explanations=[weak])])).split())
+    assert "weak effect (under 1 point)" in text and "Weak effect: hiding parts of the image moved" in text
+    assert f"P({lime.class_name}) over its perturbed images 60.1%-60.4%" in text
 
 
 def test_file_name_and_note_only_on_request(report):
