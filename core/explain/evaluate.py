@@ -92,6 +92,8 @@ def case_scores(clf, image: np.ndarray, mask: Optional[np.ndarray], methods: Seq
         if work_mask is not None:
             r.update(pointing_game=M.pointing_game(a, work_mask), energy_in_mask=M.energy_in_mask(a, work_mask),
                      mask_iou_top15=M.mask_iou(a, work_mask, 15))
+        if e.perturbed_range is not None:  # perturbation methods: 1 when the map ranks effects under one point
+            r["weak_effect"] = float(e.weak_effect)
         scores[m] = r
     return scores, maps
 
@@ -146,7 +148,7 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
     for i, (case, (scores, maps)) in enumerate(zip(cases.samples, results)):
         for m in methods:
             for k, v in scores[m].items():
-                per[m][k].append(v)
+                per[m].setdefault(k, []).append(v)
         for a_i, ma in enumerate(methods):
             for mb in methods[a_i + 1:]:
                 agree.setdefault((ma, mb), []).append(M.agreement(maps[ma], maps[mb]))
@@ -178,7 +180,9 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
         "metrics_help": {"deletion_auc": "lower is better", "insertion_auc": "higher is better",
                          "pointing_game": "share of images whose attribution maximum is inside the lesion",
                          "energy_in_mask": "share of positive attribution inside the lesion",
-                         "mask_iou_top15": "IoU of the top-15% region with the lesion"},
+                         "mask_iou_top15": "IoU of the top-15% region with the lesion",
+                         "weak_effect": "share of images whose perturbations moved the explained probability by "
+                                        "under one percentage point (lower is better)"},
         "methods": {m: {k: mean_ci(v) for k, v in per[m].items()} for m in methods},
         "agreement": [{"a": a, "b": b, "iou_top15": mean_ci([x["iou_top"] for x in v]),
                        "spearman": mean_ci([x["spearman"] for x in v])} for (a, b), v in agree.items()],

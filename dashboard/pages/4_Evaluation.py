@@ -180,7 +180,8 @@ else:
         return "n/a" if d["mean"] is None else f"{d['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
     plain = {"deletion_auc": "deletion AUC (lower is better)", "insertion_auc": "insertion AUC (higher is better)",
              "pointing_game": "pointing game", "energy_in_mask": "share of evidence in the lesion",
-             "mask_iou_top15": "top-15% region overlap with the lesion (IoU)", "seconds": "seconds per image"}
+             "mask_iou_top15": "top-15% region overlap with the lesion (IoU)",
+             "weak_effect": "share of maps with a weak effect", "seconds": "seconds per image"}
     table = [{"method": ui.METHOD_LABELS.get(mm, mm), **{plain.get(k, k): cell_fmt(v) for k, v in r.items()}}
              for mm, r in ej["methods"].items()]
     st.dataframe(table, width="stretch")
@@ -188,7 +189,10 @@ else:
     st.caption(f"{ej['images']['n']} test images " + ("with lesion masks " if masks else "")
                + f"({ej['images']['classes']}); deletion: lower is better; insertion"
                + (", pointing game, energy and IoU" if masks else "") + ": higher is better. Mean [95% bootstrap "
-               "interval]." + ("" if masks else " The dataset has no lesion masks, so localisation is not scored."))
+               "interval]." + ("" if masks else " The dataset has no lesion masks, so localisation is not scored.")
+               + (" A map has a weak effect when hiding parts of the image moved the probability by under one "
+                  "percentage point (LIME, SHAP and occlusion; lower is better)."
+                  if any("weak_effect" in r for r in ej["methods"].values()) else ""))
     if ej.get("agreement"):
         st.dataframe([{"methods": f"{ui.METHOD_LABELS.get(a['a'], a['a'])} vs {ui.METHOD_LABELS.get(a['b'], a['b'])}",
                        "top-15% overlap (IoU)": cell_fmt(a["iou_top15"]), "rank correlation": cell_fmt(a["spearman"])}

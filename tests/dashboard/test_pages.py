@@ -909,6 +909,25 @@ def test_explanation_scores_of_one_image_show_no_interval(tiny_bundle, tmp_path,
     assert table["deletion AUC (lower is better)"].iloc[0] == "0.500"
     assert table["insertion AUC (higher is better)"].iloc[0] == "0.700 [0.600, 0.800]"
     assert any(c.value.endswith("seed stability over 3 seeds on 1 images: 0.900.") for c in at.caption)
+    assert not any("weak effect" in c.value for c in at.caption)  # not recorded: not mentioned
+
+
+def test_evaluation_shows_the_share_of_maps_with_a_weak_effect(tiny_bundle, tmp_path, monkeypatch):
+    bundle = tmp_path / "ckpts" / "tiny"
+    shutil.copytree(tiny_bundle, bundle)
+    two = {"n": 2, "mean": 0.4, "median": 0.4, "ci95": [0.3, 0.5]}
+    (bundle / "explanations.json").write_text(json.dumps({
+        "checkpoint": "tiny", "images": {"n": 2, "classes": {"benign": 1, "malignant": 1}, "with_masks": False},
+        "methods": {"gradcam": {"deletion_auc": two}, "occlusion": {"deletion_auc": two,
+                                                                     "weak_effect": {**two, "mean": 0.5, "ci95": [0.0, 1.0]}}},
+        "agreement": [], "seed_stability": {}}))
+    serve_from(monkeypatch, bundle.parent, tmp_path / "nodata")
+    at = app("pages/4_Evaluation.py")
+    no_exception(at)
+    table = [d.value for d in at.dataframe if "method" in d.value.columns and "deletion AUC (lower is better)"
+             in d.value.columns][0]
+    assert list(table["share of maps with a weak effect"].fillna("")) == ["", "0.500 [0.000, 1.000]"]
+    assert any("A map has a weak effect when hiding parts of the image" in c.value for c in at.caption)
 
 
 def test_overlays_are_remembered_per_map_and_setting(app_env):

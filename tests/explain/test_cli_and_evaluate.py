@@ -61,6 +61,9 @@ def test_evaluate_writes_explanations_json(tmp_path):
             lo, hi = r[k]["ci95"]
             assert lo <= r[k]["mean"] <= hi
     assert len(saved["agreement"]) == 3 and "lime" in saved["seed_stability"]
+    for m in ("occlusion", "lime"):  # perturbation methods: the share of maps with a weak effect
+        assert 0.0 <= saved["methods"][m]["weak_effect"]["mean"] <= 1.0 and saved["methods"][m]["weak_effect"]["n"] == 4
+    assert "weak_effect" not in saved["methods"]["gradcam"]
 
 
 def test_evaluate_without_masks_reports_faithfulness_agreement_and_stability(tiny_idc_bundle):
@@ -72,7 +75,8 @@ def test_evaluate_without_masks_reports_faithfulness_agreement_and_stability(tin
     assert res["images"]["with_masks"] is False and res["images"]["n"] == 4
     assert set(res["images"]["classes"]) == {"non_idc", "idc"}
     for m in ("gradcam", "lime"):
-        assert set(res["methods"][m]) == {"deletion_auc", "insertion_auc", "seconds"}
+        assert set(res["methods"][m]) == {"deletion_auc", "insertion_auc", "seconds"} | (
+            {"weak_effect"} if m == "lime" else set())
         assert 0.0 <= res["methods"][m]["deletion_auc"]["mean"] <= 1.0
     assert len(res["agreement"]) == 1 and res["seed_stability"]["lime"]["n"] == 1
 
