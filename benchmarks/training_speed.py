@@ -38,7 +38,6 @@ def main() -> int:
 
     import numpy as np
 
-    from core.checkpoints import read_metadata
     from core.data import load_busi
     from core.models import ModelConfig, build_model
     from core.training import TrainConfig, cpu_has_bf16, fit_model, load_arrays, set_seeds
@@ -72,7 +71,7 @@ def main() -> int:
         print(f"{label}: epochs {', '.join(f'{s:.1f}' for s in ep)} s; steady epoch {steady:.2f} s; "
               f"cache build {results[label]['cache']:.1f} s; total {total:.1f} s", flush=True)
     plain = results["plain model.fit"]
-    n_amort = args.amortise_over or committed_epochs(read_metadata, ROOT / "checkpoints/busi_densenet121")
+    n_amort = args.amortise_over or committed_epochs(ROOT / "checkpoints/busi_densenet121")
     print(f"\nimages {args.images}, fine-tune layers {args.fine_tune_layers}, augmented copies {args.augment_copies}")
     figures = {"images": args.images, "epochs": args.epochs, "amortised_over": n_amort,
                "plain_epoch_s": round(plain["epoch"], 2)}
@@ -90,9 +89,11 @@ def main() -> int:
     return 0
 
 
-def committed_epochs(read_metadata, bundle: Path, default: int = 50) -> int:
+def committed_epochs(bundle: Path, default: int = 50) -> int:
     """Fine-tuning epochs of the committed checkpoint's recipe: its own count, for an ensemble (which records 0:
     it trains nothing itself) its longest member's configured fine-tuning schedule; `default` if unreadable."""
+    from core.checkpoints import read_metadata
+
     try:
         meta = read_metadata(bundle)
     except Exception:

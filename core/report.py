@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from core.evaluation import calibration_phrase, operating_point_source
+from core.explain.base import WEAK_EFFECT_MEANING
 
 DISCLAIMER = ("Research and teaching aid, not a diagnostic device. Predictions and explanations can be wrong and "
               "must never replace a pathologist's or radiologist's judgement.")
@@ -282,9 +283,8 @@ def make_report(clf, cases: Sequence[Case], opts: ReportOptions = ReportOptions(
         if case.explanations:
             text("Explanations (heat: evidence for the explained class; blank = none found)", 10, True, 5.5)
             if any(e.weak_effect for e in case.explanations):
-                text("Weak effect: hiding parts of the image moved the explained probability by under one percentage "
-                     "point, so that map ranks very small effects; read it as weak evidence of where the model looks.",
-                     8.5)
+                text(f"Weak effect: {WEAK_EFFECT_MEANING}, so that map ranks very small effects; read it as weak "
+                     "evidence of where the model looks.", 8.5)
             if ood:
                 text("The image is out of distribution: these maps show what the model responds to in an image it "
                      "was not made for. They are no evidence for a diagnosis.", 8.5)

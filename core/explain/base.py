@@ -15,6 +15,8 @@ Progress = Optional[Callable[[float], None]]
 #: A perturbation method whose perturbed images all keep p(target) within this much of each other found only weak
 #: effects: hiding parts of the image barely moves the prediction (1 percentage point).
 WEAK_EFFECT = 0.01
+#: What a weak effect means, for pages, reports and explanations.json (worded for WEAK_EFFECT).
+WEAK_EFFECT_MEANING = "hiding parts of the image moved the explained probability by under one percentage point"
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,6 +119,7 @@ class Explainer:
         if unknown:
             raise TypeError(f"{self.name} does not take parameter(s) {sorted(unknown)}; it takes {sorted(names)}")
         self.params = self.Params(**params)
+        self._seen: Optional[tuple[np.ndarray, np.ndarray]] = None  # per-class (lowest, highest) perturbed p
 
     # -- helpers for subclasses
     def work_image(self, image: np.ndarray) -> np.ndarray:
@@ -155,7 +158,7 @@ class Explainer:
         if len(probs) == 0:
             return
         lo, hi = probs.min(axis=0), probs.max(axis=0)
-        seen = getattr(self, "_seen", None)
+        seen = self._seen
         self._seen = (lo, hi) if seen is None else (np.minimum(seen[0], lo), np.maximum(seen[1], hi))
 
     def tiled(self) -> bool:

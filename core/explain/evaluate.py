@@ -26,6 +26,7 @@ import numpy as np
 from core.data.manifest import Manifest
 from core.data.roots import resolve_data_root
 from core.evaluation import mean_ci
+from core.explain.base import WEAK_EFFECT_MEANING
 
 DEFAULT_PARAMS = {
     "gradcam": {},
@@ -181,8 +182,7 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
                          "pointing_game": "share of images whose attribution maximum is inside the lesion",
                          "energy_in_mask": "share of positive attribution inside the lesion",
                          "mask_iou_top15": "IoU of the top-15% region with the lesion",
-                         "weak_effect": "share of images whose perturbations moved the explained probability by "
-                                        "under one percentage point (lower is better)"},
+                         "weak_effect": f"share of images where {WEAK_EFFECT_MEANING} (lower is better)"},
         "methods": {m: {k: mean_ci(v) for k, v in per[m].items()} for m in methods},
         "agreement": [{"a": a, "b": b, "iou_top15": mean_ci([x["iou_top"] for x in v]),
                        "spearman": mean_ci([x["spearman"] for x in v])} for (a, b), v in agree.items()],

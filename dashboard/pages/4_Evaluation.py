@@ -11,6 +11,7 @@ from core.checkpoints import read_csv
 from core.evaluation import (curves, operating_point_source, patient_level_metrics, reliability_curve,
                              sensitivity_specificity)
 from core.data.roots import resolve_data_root, resolve_root
+from core.explain.base import WEAK_EFFECT_MEANING
 
 ui.page_setup("Evaluation", "📊")
 ckpt = ui.sidebar()
@@ -190,8 +191,7 @@ else:
                + f"({ej['images']['classes']}); deletion: lower is better; insertion"
                + (", pointing game, energy and IoU" if masks else "") + ": higher is better. Mean [95% bootstrap "
                "interval]." + ("" if masks else " The dataset has no lesion masks, so localisation is not scored.")
-               + (" A map has a weak effect when hiding parts of the image moved the probability by under one "
-                  "percentage point (LIME, SHAP and occlusion; lower is better)."
+               + (f" A map has a weak effect when {WEAK_EFFECT_MEANING} (LIME, SHAP and occlusion; lower is better)."
                   if any("weak_effect" in r for r in ej["methods"].values()) else ""))
     if ej.get("agreement"):
         st.dataframe([{"methods": f"{ui.METHOD_LABELS.get(a['a'], a['a'])} vs {ui.METHOD_LABELS.get(a['b'], a['b'])}",
