@@ -69,6 +69,30 @@ def _read_bytes(source: ImageSource, max_bytes: int) -> tuple[bytes, str]:
     return data, str(name)
 
 
+def _integer_to_8bit(arr: np.ndarray, notes: list[str]) -> np.ndarray:
+    """Scale a 16-bit (or wider) integer image to 0..255 by the bit depth its values fit.
+
+    Scanners often store 10-, 12- or 14-bit data in a 16-bit file: dividing by 257 would leave such an image
+    nearly black (a 12-bit maximum of 4095 becomes 16 of 255). Values that fit b bits are scaled by
+    255 / (2^b - 1), b the smallest of 8, 10, 12, 14, 16; wider integers from their own range. Relative
+    intensities are kept in every case."""
+    top = float(arr.max(initial=0))
+    lo = max(float(arr.min(initial=0)), 0.0)
+    if top > 65535:
+        notes.append(f"32-bit integer image was scaled to 8 bits from its own range ({lo:.0f}-{top:.0f}).")
+        return (np.clip(arr, lo, top) - lo) / (top - lo) * 255.0
+    bits = next(b for b in (8, 10, 12, 14, 16) if top <= 2 ** b - 1)
+    if bits == 16:
+        notes.append("16-bit image was scaled to 8 bits (value / 257).")
+        return arr / 257.0
+    if bits == 8:
+        notes.append("16-bit file holding 8-bit values (maximum {:.0f}): values used as they are.".format(top))
+        return arr
+    notes.append(f"16-bit file holding {bits}-bit values (maximum {top:.0f}): scaled to 8 bits "
+                 f"(value x 255 / {2 ** bits - 1}).")
+    return arr * (255.0 / (2 ** bits - 1))
+
+
 def _to_uint8_rgb(im: Image.Image, notes: list[str]) -> np.ndarray:
     mode = im.mode
     if mode == "P":
@@ -91,8 +115,7 @@ def _to_uint8_rgb(im: Image.Image, notes: list[str]) -> np.ndarray:
             arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
             notes.append("Floating-point image was scaled to 0-255 from its own range.")
         elif mode.startswith("I;16") or float(arr.max(initial=0)) > 255:
-            arr = arr / 257.0  # 16-bit 0..65535 -> 0..255, keeps relative intensities
-            notes.append("16-bit image was scaled to 8 bits (value / 257).")
+            arr = _integer_to_8bit(arr, notes)
         grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
     if mode == "CMYK":

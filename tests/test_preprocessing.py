@@ -59,6 +59,30 @@ def test_16bit_grey_png_and_tiff_scaled_by_257():
         assert any("16-bit" in n for n in out.notes)
 
 
+@pytest.mark.parametrize("bits", [10, 12, 14])
+def test_10_to_14_bit_data_in_a_16bit_file_is_scaled_by_its_bit_depth(bits):
+    """A 12-bit scan in a 16-bit PNG (maximum 4095) must not come out nearly black (4095 / 257 = 16)."""
+    top = 2 ** bits - 1
+    arr16 = np.zeros((32, 32), np.uint16)
+    arr16[:, 8:16] = top // 2
+    arr16[:, 16:] = top
+    out = decode_image(encode(Image.fromarray(arr16), "PNG"))
+    assert out.array[0, 31, 0] == 255 and out.array[0, 0, 0] == 0
+    assert out.array[0, 10, 0] == round(top // 2 * 255 / top)
+    assert any(f"{bits}-bit values" in n and f"/ {top}" in n for n in out.notes)
+
+
+def test_8bit_values_in_a_16bit_file_and_wide_integers():
+    arr16 = np.full((32, 32), 200, np.uint16)
+    arr16[:, :4] = 7
+    out = decode_image(encode(Image.fromarray(arr16), "PNG"))
+    assert out.array[0, 31, 0] == 200 and out.array[0, 0, 0] == 7 and any("8-bit values" in n for n in out.notes)
+    wide = np.full((32, 32), 1_000_000, np.int32)
+    wide[:, :16] = 0
+    out = decode_image(encode(Image.fromarray(wide), "TIFF"))
+    assert out.array[0, 31, 0] == 255 and out.array[0, 0, 0] == 0 and any("32-bit" in n for n in out.notes)
+
+
 def test_rgba_and_la_composited_on_white():
     rgba = np.zeros((20, 20, 4), np.uint8)
     rgba[..., 0] = 255
