@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from core.errors import CheckpointError
+from core.errors import CheckpointError, CheckpointNotFoundError
 from core.data.loaders import PATCH_SIDES
 from core.patches import PatchConfig, tiles
 from core.patches import work_image as patch_work_image
@@ -594,10 +594,10 @@ class InstalledClassifiers:
     def get(self, name: Optional[str]):
         names = self.names()
         if not names:
-            raise LookupError(f"No checkpoint in {self.root.name}/: train one with `python train.py`.")
+            raise CheckpointNotFoundError(f"No checkpoint in {self.root.name}/: train one with `python train.py`.")
         name = name or names[0]
         if name not in names:
-            raise LookupError(f"Unknown checkpoint {name!r}; available: {', '.join(names)}.")
+            raise CheckpointNotFoundError(f"Unknown checkpoint {name!r}; available: {', '.join(names)}.")
         with self._lock:
             if name not in self._loaded:
                 self._loaded[name] = load_classifier(self.root / name)

@@ -14,6 +14,10 @@ class CheckpointError(BreastXAIError, RuntimeError):
     """A checkpoint bundle is missing, incomplete, tampered with or inconsistent."""
 
 
+class CheckpointNotFoundError(BreastXAIError, LookupError):
+    """No installed checkpoint has the requested name (or none is installed)."""
+
+
 class DatasetError(BreastXAIError, ValueError):
     """A dataset folder does not have the expected layout or content."""
 

@@ -26,7 +26,7 @@ from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from core.checkpoints import CHECKPOINTS_DIR, InstalledClassifiers, read_metadata
-from core.errors import BreastXAIError, CheckpointError, InvalidImageError
+from core.errors import BreastXAIError, CheckpointError, CheckpointNotFoundError, InvalidImageError
 
 API_KEY_ENV = "BREASTXAI_API_KEY"
 
@@ -128,8 +128,8 @@ def create_app(checkpoints: Optional[str | Path] = None, api_key: Optional[str] 
         status = 413 if "limit" in str(exc) else 400  # size caps: 413 Content Too Large
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
-    @app.exception_handler(LookupError)
-    async def _not_found(request: Request, exc: LookupError):
+    @app.exception_handler(CheckpointNotFoundError)
+    async def _not_found(request: Request, exc: CheckpointNotFoundError):
         return JSONResponse({"detail": str(exc.args[0] if exc.args else exc)}, status_code=404)
 
     @app.exception_handler(CheckpointError)

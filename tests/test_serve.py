@@ -87,6 +87,14 @@ def test_explain_returns_png_and_float16_attribution(client, image):
     ({"file": ("a.png", "IMAGE", "image/png")}, {"method": "lime", "params": "{oops"}, 400, "JSON"),
     ({"file": ("a.png", "IMAGE", "image/png")}, {"method": "lime", "params": '{"bogus": 1}'}, 400, "bogus"),
     ({"file": ("a.png", "IMAGE", "image/png")}, {"method": "gradcam", "target": "7"}, 400, "target"),
+    ({"file": ("a.png", "IMAGE", "image/png")}, {"method": "lime", "params": '{"num_samples": 0}'}, 400,
+     "num_samples must be a whole number from 10 to 20000"),  # was an IndexError inside lime, served as 404
+    ({"file": ("a.png", "IMAGE", "image/png")}, {"method": "lime", "params": '{"num_samples": 100000000}'}, 400,
+     "num_samples"),  # was a 500 (out of memory) after allocating
+    ({"file": ("a.png", "IMAGE", "image/png")}, {"method": "integrated_gradients", "params": '{"steps": 0}'}, 400,
+     "steps"),  # was a 200 with a NaN attribution
+    ({"file": ("a.png", "IMAGE", "image/png")}, {"method": "occlusion", "params": '{"baseline": "red"}'}, 400,
+     "baseline must be one of"),
 ])
 def test_bad_input_is_a_4xx_json_error(client, image, files, data, status, words):
     if files and files["file"][1] == "IMAGE":

@@ -1,8 +1,10 @@
 """The one result type (`Explanation`) and the base class every explainer shares."""
 from __future__ import annotations
 
+import math
+import numbers
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, ClassVar, Optional
 
 import cv2
@@ -99,6 +101,49 @@ class NoParams:
     pass
 
 
+SEED_MAX = 2 ** 32 - 1  # numpy RandomState seeds
+BATCH_MAX = 4096
+
+
+def bounded(default: Any, lo: float, hi: float, kind: type = int, *, above: bool = False):
+    """A parameter field whose value must be a `kind` (int or float) number from `lo` to `hi` (above `lo` with
+    `above=True`); None stays allowed where it is the default. Checked by `checked_params`."""
+    return field(default=default, metadata={"kind": kind, "range": (lo, hi), "above": above})
+
+
+def one_of(default: str, *others: str):
+    """A parameter field whose value must be `default` or one of `others`."""
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
+def checked_params(method: str, params: Any) -> Any:
+    """`params` (a frozen Params dataclass) with every `bounded` / `one_of` / bool field checked and whole-number
+    floats of int fields made ints. Raises ValueError naming the method, the parameter and what it accepts, so a
+    bad value (from the REST API or Python) fails at once instead of deep inside lime or shap."""
+    whole: dict[str, int] = {}
+    for f in fields(params):
+        v, meta = getattr(params, f.name), f.metadata
+        if v is None and f.default is None:
+            continue
+        if "choices" in meta:
+            if not isinstance(v, str) or v not in meta["choices"]:
+                raise ValueError(f"{method}: {f.name} must be one of {', '.join(map(repr, meta['choices']))}, "
+                                 f"not {v!r}.")
+        elif "kind" in meta:
+            kind, (lo, hi), above = meta["kind"], meta["range"], meta["above"]
+            ok = isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+            ok = ok and (kind is not int or float(v).is_integer()) and (v > lo if above else v >= lo) and v <= hi
+            if not ok:
+                what = "a whole number" if kind is int else "a number"
+                span = f"above {lo:g} and at most {hi:g}" if above else f"from {lo:g} to {hi:g}"
+                raise ValueError(f"{method}: {f.name} must be {what} {span}, not {v!r}.")
+            if kind is int and type(v) is not int:
+                whole[f.name] = int(v)
+        elif isinstance(f.default, bool) and not isinstance(v, (bool, np.bool_)):
+            raise ValueError(f"{method}: {f.name} must be true or false, not {v!r}.")
+    return replace(params, **whole) if whole else params
+
+
 class Explainer:
     """Base class: subclasses set `name`, `Params` (a frozen dataclass) and implement `_attribute`.
 
@@ -118,7 +163,7 @@ class Explainer:
         unknown = set(params) - names
         if unknown:
             raise TypeError(f"{self.name} does not take parameter(s) {sorted(unknown)}; it takes {sorted(names)}")
-        self.params = self.Params(**params)
+        self.params = checked_params(self.name, self.Params(**params))
         self._seen: Optional[tuple[np.ndarray, np.ndarray]] = None  # per-class (lowest, highest) perturbed p
 
     # -- helpers for subclasses

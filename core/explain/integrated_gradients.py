@@ -5,16 +5,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.explain.base import Explainer, baseline_image
+from core.explain.base import BATCH_MAX, Explainer, baseline_image, bounded, one_of
 from core.explain.gradcam import target_logit
 from core.patches import stitch
 
 
 @dataclass(frozen=True)
 class IGParams:
-    steps: int = 32
-    baseline: str = "black"  # black | blur | mean
-    batch_size: int = 16
+    steps: int = bounded(32, 1, 1024)
+    baseline: str = one_of("black", "blur", "mean")
+    batch_size: int = bounded(16, 1, BATCH_MAX)
 
 
 class IntegratedGradients(Explainer):

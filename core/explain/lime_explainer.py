@@ -6,29 +6,29 @@ from typing import Optional
 
 import numpy as np
 
-from core.explain.base import Explainer, baseline_image, upsample
+from core.explain.base import BATCH_MAX, SEED_MAX, Explainer, baseline_image, bounded, one_of, upsample
 
 SEGMENTERS = ("slic", "quickshift", "felzenszwalb")
 
 
 @dataclass(frozen=True)
 class LimeParams:
-    segmentation: str = "slic"  # slic | quickshift | felzenszwalb
-    n_segments: int = 50  # SLIC: the "segment count"
-    compactness: float = 10.0  # SLIC
-    kernel_size: float = 4.0  # quickshift
-    max_dist: float = 200.0  # quickshift
-    ratio: float = 0.2  # quickshift
-    scale: float = 100.0  # felzenszwalb
-    min_size: int = 50  # felzenszwalb
-    sigma: float = 1.0  # SLIC / felzenszwalb smoothing
-    num_samples: int = 1000  # lime default
-    kernel_width: float = 0.25  # lime default
-    hide_color: str = "mean"  # mean (per-segment mean, lime's None) | black | blur
-    num_features: int = 100000  # keep the top-N segments by |weight| (lime default: all)
+    segmentation: str = one_of("slic", "quickshift", "felzenszwalb")
+    n_segments: int = bounded(50, 2, 2000)  # SLIC: the "segment count"
+    compactness: float = bounded(10.0, 0, 1000, float, above=True)  # SLIC
+    kernel_size: float = bounded(4.0, 0, 100, float, above=True)  # quickshift
+    max_dist: float = bounded(200.0, 0, 10000, float, above=True)  # quickshift
+    ratio: float = bounded(0.2, 0, 1, float)  # quickshift
+    scale: float = bounded(100.0, 0, 100000, float, above=True)  # felzenszwalb
+    min_size: int = bounded(50, 1, 100000)  # felzenszwalb
+    sigma: float = bounded(1.0, 0, 100, float)  # SLIC / felzenszwalb smoothing
+    num_samples: int = bounded(1000, 10, 20000)  # lime default 1000
+    kernel_width: float = bounded(0.25, 0, 100, float, above=True)  # lime default
+    hide_color: str = one_of("mean", "black", "blur")  # mean (per-segment mean, lime's None) | black | blur
+    num_features: int = bounded(100000, 1, 100000)  # keep the top-N segments by |weight| (lime default: all)
     positive_only: bool = False
-    random_seed: int = 0
-    batch_size: Optional[int] = None  # images per classifier call; default: 4 compiled batches
+    random_seed: int = bounded(0, 0, SEED_MAX)
+    batch_size: Optional[int] = bounded(None, 1, BATCH_MAX)  # images per classifier call; default: 4 compiled batches
 
 
 def segment(image: np.ndarray, p: LimeParams) -> np.ndarray:

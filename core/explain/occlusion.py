@@ -5,16 +5,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.explain.base import Explainer, baseline_image
+from core.explain.base import BATCH_MAX, Explainer, baseline_image, bounded, one_of
 from core.patches import grid_boxes, stitch
 
 
 @dataclass(frozen=True)
 class OcclusionParams:
-    window: int = 32  # patch side, work-image pixels (model resolution)
-    stride: int = 16
-    baseline: str = "blur"  # blur | mean | black
-    batch_size: int = 128  # occluded images per classifier call
+    window: int = bounded(32, 1, 4096)  # patch side, work-image pixels (model resolution)
+    stride: int = bounded(16, 1, 4096)
+    baseline: str = one_of("blur", "mean", "black")
+    batch_size: int = bounded(128, 1, BATCH_MAX)  # occluded images per classifier call
 
 
 class OcclusionExplainer(Explainer):

@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from core.explain.base import Explainer
+from core.explain.base import BATCH_MAX, SEED_MAX, Explainer, bounded, one_of
 
 _MASKERS: dict = {}
 
@@ -32,11 +32,11 @@ def image_masker(mask_value: str, shape: tuple):
 
 @dataclass(frozen=True)
 class ShapParams:
-    masker: str = "blur"  # blur | inpaint_telea | inpaint_ns
-    blur_kernel: int = 32  # blur(k, k), in model-resolution pixels
-    max_evals: int = 500
-    batch_size: Optional[int] = None  # default: 4 compiled batches
-    seed: int = 0
+    masker: str = one_of("blur", "inpaint_telea", "inpaint_ns")
+    blur_kernel: int = bounded(32, 1, 1024)  # blur(k, k), in model-resolution pixels
+    max_evals: int = bounded(500, 10, 100000)
+    batch_size: Optional[int] = bounded(None, 1, BATCH_MAX)  # default: 4 compiled batches
+    seed: int = bounded(0, 0, SEED_MAX)
 
 
 class ShapExplainer(Explainer):

@@ -130,6 +130,36 @@ def test_lime_greyscale_and_positive_only(tiny_classifier, test_image):
     assert len(np.unique(e.attribution[e.attribution > 0])) <= 3
 
 
+@pytest.mark.parametrize("method,params,words", [
+    ("lime", {"num_samples": 0}, "num_samples must be a whole number from 10 to 20000, not 0"),
+    ("lime", {"num_samples": 2.5}, "whole number"),
+    ("lime", {"n_segments": 1}, "n_segments"),
+    ("lime", {"kernel_size": float("inf")}, "kernel_size must be a number above 0"),
+    ("lime", {"hide_color": "red"}, "hide_color must be one of 'mean', 'black', 'blur'"),
+    ("lime", {"positive_only": "yes"}, "positive_only must be true or false"),
+    ("lime", {"segmentation": "watershed"}, "segmentation must be one of"),
+    ("shap", {"max_evals": 1}, "max_evals"),
+    ("shap", {"seed": "x"}, "seed must be a whole number"),
+    ("occlusion", {"window": 0}, "window"),
+    ("occlusion", {"stride": -3}, "stride"),
+    ("integrated_gradients", {"steps": 0}, "steps"),
+    ("integrated_gradients", {"batch_size": True}, "batch_size"),
+    ("gradcam", {"relu": "no"}, "relu must be true or false"),
+])
+def test_out_of_range_parameters_fail_at_construction_with_the_allowed_values(method, params, words,
+                                                                                tiny_classifier):
+    with pytest.raises(ValueError, match=words):
+        EXPLAINERS[method](tiny_classifier, **params)
+
+
+def test_whole_number_floats_become_ints_and_defaults_pass(tiny_classifier):
+    for method, cls in EXPLAINERS.items():
+        assert cls(tiny_classifier).params == cls.Params()  # every default is inside its own range
+    lime = EXPLAINERS["lime"](tiny_classifier, num_samples=300.0, random_seed=np.int64(3))
+    assert lime.params.num_samples == 300 and type(lime.params.num_samples) is int
+    assert type(lime.params.random_seed) is int
+
+
 def test_unknown_method():
     with pytest.raises(ValueError, match="Unknown method"):
         explain(None, np.zeros((8, 8, 3), np.uint8), "magic")
