@@ -221,6 +221,18 @@ def sanity(bundle: str | Path, methods: Optional[Sequence[str]] = None, n_images
     return res
 
 
+def kept_sanity(path: Path, model_sha256: Optional[str]) -> dict:
+    """{"sanity": ...} from an earlier explanations.json at `path` when its checks were run on the same model file
+    (same sha256), else {}: re-scoring the methods with `--sanity-images 0` keeps checks that still hold."""
+    try:
+        old = json.loads(Path(path).read_text()).get("sanity")
+    except (OSError, ValueError):
+        return {}
+    if not old or model_sha256 is None or old.get("model_sha256") != model_sha256:
+        return {}
+    return {"sanity": old}
+
+
 def write_result(bundle: Path, result: dict) -> Path:
     out = Path(bundle) / "explanations.json"
     tmp = out.with_suffix(".json.tmp")
@@ -243,7 +255,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "'auto' or ray://HOST:10001 (join a cluster)")
     ap.add_argument("--workers", type=int, default=2, help="Ray actors when --address local")
     ap.add_argument("--sanity-images", type=int, default=2,
-                    help="test images for the randomisation sanity checks (0: skip them)")
+                    help="test images for the randomisation sanity checks (0: skip them, keeping those "
+                    "already recorded for the same model file)")
     ap.add_argument("--sanity-only", action="store_true",
                     help="only (re)run the sanity checks and add them to the existing explanations.json")
     args = ap.parse_args(argv)
@@ -257,6 +270,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               address=args.address, workers=args.workers)
         if args.sanity_images > 0:
             result["sanity"] = sanity(bundle, args.methods, args.sanity_images, args.data_dir)
+        elif not args.sanity_only:
+            result.update(kept_sanity(bundle / "explanations.json", result.get("model_sha256")))
     except (BreastXAIError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -100,6 +100,27 @@ def test_sanity_only_adds_the_checks_to_explanations_json(tiny_idc_bundle, tmp_p
     assert "sanity gradcam" in out and s["methods"]["gradcam"]["passed"] in (True, False, None)
 
 
+def test_rescoring_without_sanity_images_keeps_the_checks_of_the_same_model_only(tiny_idc_bundle, tmp_path):
+    import json
+    import shutil
+
+    from core.explain.evaluate import main
+
+    bundle = tmp_path / "idc_tiny"
+    shutil.copytree(tiny_idc_bundle, bundle)
+    sha = json.loads((bundle / "metadata.json").read_text())["model_sha256"]
+    checks = {"model_sha256": sha, "methods": {"gradcam": {"passed": True, "note": "recorded earlier"}}}
+    (bundle / "explanations.json").write_text(json.dumps({"checkpoint": "idc_tiny", "methods": {}, "sanity": checks}))
+    args = [str(bundle), "--methods", "gradcam", "--limit", "2", "--steps", "3", "--sanity-images", "0"]
+    assert main(args) == 0
+    saved = json.loads((bundle / "explanations.json").read_text())
+    assert saved["sanity"] == checks and saved["methods"]["gradcam"]["deletion_auc"]["n"] == 2
+    saved["sanity"]["model_sha256"] = "0" * 64  # checks of another model file are not carried over
+    (bundle / "explanations.json").write_text(json.dumps(saved))
+    assert main(args) == 0
+    assert "sanity" not in json.loads((bundle / "explanations.json").read_text())
+
+
 def test_evaluate_on_local_ray_equals_the_serial_run(tiny_idc_bundle, ray_local):
     from core.explain.evaluate import evaluate
 
