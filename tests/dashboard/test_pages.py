@@ -1059,3 +1059,25 @@ def test_compare_captions_say_how_far_perturbations_moved_the_prediction():
     assert ui.effect_caption(strong) == " · perturbed P 42.0%–93.0%"
     assert ui.effect_caption(weak) == " · perturbed P 94.3%–95.0% (under 1 point: weak effect)"
     assert ui.effect_caption(Explanation("gradcam", 0, 0.95, a, {}, 0.0, "benign")) == ""
+
+
+def test_every_parameter_the_ui_offers_is_one_the_explainer_accepts():
+    """The widgets' ranges and choices lie inside core's checked ranges (core.explain.base.bounded / one_of)."""
+    import sys
+    from dataclasses import fields
+
+    sys.path.insert(0, str(ROOT / "dashboard"))
+    from components import PARAM_UI
+    from core.explain import EXPLAINERS
+
+    for method, ui in PARAM_UI.items():
+        spec = {f.name: f for f in fields(EXPLAINERS[method].Params)}
+        for name, (kind, options) in ui.items():
+            meta = spec[name].metadata
+            if kind == "choice":
+                assert tuple(options) == meta["choices"], (method, name)
+            elif kind in ("int", "float"):
+                lo, hi = meta["range"]
+                assert (options[0] > lo if meta["above"] else options[0] >= lo) and options[1] <= hi, (method, name)
+            else:
+                assert kind == "bool" and isinstance(spec[name].default, bool)
