@@ -27,7 +27,7 @@ from core.errors import CheckpointError, CheckpointNotFoundError
 from core.data.loaders import PATCH_SIDES
 from core.patches import PatchConfig, tiles
 from core.patches import work_image as patch_work_image
-from core.preprocessing import apply_clahe, model_input, resize
+from core.preprocessing import apply_clahe, ensure_rgb_uint8, model_input, resize
 
 BUNDLE_FILES = ("model.keras", "metadata.json", "history.csv", "predictions.csv", "split.csv")  # an ensemble: no history
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -343,7 +343,23 @@ class Classifier:
 
         return len(grid_boxes(self.work_image(image).shape[:2], self.input_size, self.tile_stride))
 
+    @staticmethod
+    def _as_images(images):
+        """Images as the caller passed them where each is already (H, W, 3); any other single image or list entry
+        (grey, one channel, RGBA, bool) through `ensure_rgb_uint8`, which names what is wrong with an unusable one."""
+        def one(im):
+            arr = np.asarray(im)
+            ready = arr.ndim == 3 and arr.shape[2] == 3 and arr.size and (arr.dtype == np.uint8 or arr.dtype.kind == "f")
+            return arr if ready else ensure_rgb_uint8(arr)
+
+        if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[-1] == 3 and images.dtype.kind in "uf":
+            return images
+        if isinstance(images, np.ndarray) and images.ndim != 4:
+            return one(images)
+        return [one(im) for im in images]
+
     def _tile_batches(self, images, work: bool) -> tuple[np.ndarray, list[int]]:
+        images = images if work else self._as_images(images)
         if self.patches is None:
             x = self.prepare_batch(images)
             return x, [1] * len(x)
@@ -438,7 +454,8 @@ class Classifier:
 
     def predict_proba(self, images, batch_size: Optional[int] = None,
                       progress: Optional[Callable[[float], None]] = None) -> np.ndarray:
-        """Calibrated class probabilities float32 [N, K] for uint8 RGB images of any size."""
+        """Calibrated class probabilities float32 [N, K] for uint8 RGB images of any size (one image (H, W, 3),
+        a batch (N, H, W, 3) or a list; grey, RGBA, bool and 16-bit arrays are converted by `ensure_rgb_uint8`)."""
         if batch_size:
             self.batch_size = int(batch_size)
         return self.calibrate(self.raw_proba(images, work=False, progress=progress)).astype(np.float32)

@@ -244,16 +244,23 @@ def model_input(image: np.ndarray, size: int, clahe: bool = False) -> np.ndarray
 
 
 def ensure_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """Accept (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) arrays (uint8 or float 0-255) -> uint8 RGB."""
+    """Accept (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) arrays -> uint8 RGB (H, W, 3): uint8 and float 0-255 as they
+    are, bool as 0 / 255, wider integers by the bit depth their values fit (as uploads); InvalidImageError else."""
     arr = np.asarray(image)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise InvalidImageError(f"Expected an image array (H, W[, C]); got shape {arr.shape}.")
+        raise InvalidImageError(f"Expected an image array (H, W[, C]) with 1, 3 or 4 channels; got shape {arr.shape}.")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InvalidImageError(f"The image array is empty (shape {arr.shape}).")
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     elif arr.shape[2] == 4:
         arr = arr[..., :3]
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize > 1 and arr.size and int(arr.max()) > 255:
+        arr = _integer_to_8bit(arr.astype(np.float64), [])  # 16-bit data by its bit depth, as decode_image does
     if arr.dtype != np.uint8:
         arr = np.clip(np.nan_to_num(arr.astype(np.float32)), 0, 255).round().astype(np.uint8)
     return arr

@@ -52,6 +52,29 @@ def test_classifier_contract_any_size(tiny_bundle):
     np.testing.assert_allclose(pb[-1], clf.predict_proba(batch[-1])[0], atol=1e-5)
 
 
+def test_predict_proba_converts_any_image_array_and_names_an_unusable_one(tiny_bundle):
+    """A single grey, one-channel, RGBA, bool or 16-bit array predicts as its RGB uint8 form (these used to fail
+    with an unpacking error or an OpenVINO shape error, or clip 16-bit data to white); an empty or 1-D array is
+    an InvalidImageError that says what it got."""
+    from core.errors import InvalidImageError
+
+    clf = load_classifier(tiny_bundle)
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 255, (40, 48), dtype=np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    ref = clf.predict_proba(rgb)
+    for arr in (grey, grey[..., None], np.dstack([rgb, np.full_like(grey, 255)])):
+        np.testing.assert_allclose(clf.predict_proba(arr), ref, atol=1e-6)
+    twelve_bit = (rgb.astype(np.int64) * 4095 // 255).astype(np.uint16)  # a 12-bit scan in 16-bit storage
+    np.testing.assert_allclose(clf.predict_proba(twelve_bit), ref, atol=0.02)
+    mask = grey > 127
+    np.testing.assert_allclose(clf.predict_proba(mask), clf.predict_proba(mask.astype(np.uint8) * 255), atol=1e-6)
+    for bad, words in ((np.zeros((0, 0, 3), np.uint8), "empty"), (np.zeros(10, np.uint8), "got shape"),
+                       (np.zeros((8, 8, 2), np.uint8), "1, 3 or 4 channels")):
+        with pytest.raises(InvalidImageError, match=words):
+            clf.predict_proba(bad)
+
+
 def test_tampered_model_refused(tiny_bundle, tmp_path):
     b = tmp_path / "t"
     shutil.copytree(tiny_bundle, b)
