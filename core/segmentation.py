@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from core.preprocessing import model_input
+from core.preprocessing import ensure_rgb_uint8, model_input
 
 
 def largest_region(mask: np.ndarray) -> np.ndarray:
@@ -95,10 +95,9 @@ class Segmenter:
                 for p, (h, w) in zip(probs, shapes)]
 
     def predict_proba_map(self, image: np.ndarray) -> np.ndarray:
-        """Lesion probability per pixel, float32 (H, W) in [0, 1], for a uint8 RGB image (H, W, 3)."""
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"Expected an RGB image (H, W, 3), got shape {image.shape}")
+        """Lesion probability per pixel, float32 (H, W) in [0, 1], for a uint8 RGB image (H, W, 3); a grey,
+        one-channel, RGBA or 16-bit scan is converted by `ensure_rgb_uint8` (InvalidImageError if unusable)."""
+        image = ensure_rgb_uint8(image)
         x = model_input(image, self.input_size, self.clahe)[None]
         return self.proba_maps_from_inputs(x, [image.shape[:2]])[0]
 

@@ -52,8 +52,10 @@ def test_segmenter_bundle_predicts_a_mask_of_the_input_shape(tiny_segmenter):
     mask = seg.predict_mask(img)
     assert mask.shape == (45, 70) and mask.dtype == bool
     assert np.array_equal(mask, postprocess(p, seg.threshold, seg.largest_region_only))
-    with pytest.raises(ValueError, match="RGB"):
-        seg.predict_proba_map(img[..., 0])
+    grey = img[..., 0]  # ultrasound scans are often saved grey: the same map as their RGB form
+    np.testing.assert_allclose(seg.predict_proba_map(grey), seg.predict_proba_map(np.dstack([grey] * 3)), atol=1e-6)
+    with pytest.raises(ValueError, match="1, 3 or 4 channels"):
+        seg.predict_proba_map(img[..., :2])
 
 
 def test_segmenter_and_classifier_bundles_are_kept_apart(tiny_segmenter, tiny_bundle):
