@@ -274,6 +274,24 @@ def _compile(model, lr: float, soft: bool = False) -> None:
                       metrics=["accuracy"])
 
 
+#: Smallest input side each backbone can read (Keras applications need 32 px; the 16/32/64 CNN pools three times).
+MIN_INPUT_SIZE = {"simple_cnn": 8}
+
+
+def check_inputs(cfg: TrainConfig, segmentation: bool = False) -> None:
+    """Refuse an input size the network cannot read, or a weights file that is not there, before any image is
+    decoded (instead of a Keras traceback or a minute of decoding)."""
+    low = MIN_INPUT_SIZE.get(cfg.backbone, 32)
+    if cfg.input_size < low:
+        raise ConfigError(f"--input-size {cfg.input_size} is too small for {cfg.backbone}: use {low} px or more.")
+    if segmentation and cfg.input_size % 32:
+        raise ConfigError(f"--input-size must be a multiple of 32 for the segmenter's five 2x steps, not "
+                          f"{cfg.input_size} (try {max(32, round(cfg.input_size / 32) * 32)}).")
+    if cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
+        raise ConfigError(f"Weights file not found: {cfg.weights}. Use --weights imagenet (online), none, or a path "
+                          "to an existing .weights.h5 file.")
+
+
 def check_mixup(cfg: TrainConfig) -> None:
     """Refuse --mixup settings it cannot honour (with --logistic-c, `plan_phases` refuses it)."""
     if cfg.mixup < 0:
@@ -1113,6 +1131,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
             log.info("Multi-worker training runs a plain model.fit on images (no activation cache).")
             cfg = replace(cfg, cache=False)
     plan_phases(cfg)  # impossible settings are refused before any image is decoded
+    check_inputs(cfg)
     check_mixup(cfg)
     check_aux_mask(cfg)
     set_seeds(cfg.seed)

@@ -25,8 +25,8 @@ from core.data.loaders import CITATIONS
 from core.errors import DatasetError
 from core.evaluation import mean_ci
 from core.preprocessing import load_mask, model_input
-from core.training.classify import (TrainConfig, config_differences, config_json, cv_work_dir, fit_callbacks,
-                                    group_folds, load_manifest)
+from core.training.classify import (TrainConfig, check_inputs, config_differences, config_json, cv_work_dir,
+                                    fit_callbacks, group_folds, load_manifest)
 from core.training.common import (git_commit, joint_geometry, quote_arg, resolve_precision, run_phase, run_record,
                                   set_seeds)
 
@@ -341,6 +341,7 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
     from core.segmentation import Segmenter
 
     t_start = time.time()
+    check_inputs(cfg, segmentation=True)
     set_seeds(cfg.seed)
     manifest = load_manifest(cfg)
     check_masks(manifest)

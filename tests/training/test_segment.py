@@ -99,3 +99,20 @@ def test_busi_masks_are_read_as_the_union_and_normals_are_empty():
     double = next(i for i, s in enumerate(m.samples) if len(s.mask_paths) > 1)
     _, y = load_seg_arrays(m.subset(pick + [double]), 64)
     assert y[0].any() and y[1].any() and not y[2].any() and y[3].any()
+
+
+@pytest.mark.parametrize("task,extra,words", [
+    ("binary", ["--backbone", "densenet121", "--input-size", "7"], "too small for densenet121: use 32 px"),
+    ("binary", ["--backbone", "simple_cnn", "--input-size", "4"], "too small for simple_cnn: use 8 px"),
+    ("segmentation", ["--input-size", "200"], "multiple of 32"),
+    ("binary", ["--backbone", "simple_cnn", "--input-size", "16", "--weights", "missing.weights.h5"],
+     "Weights file not found"),
+])
+def test_impossible_input_size_or_missing_weights_refused_before_decoding(tmp_path, capsys, task, extra, words):
+    """A DATA folder that does not exist shows the refusal comes first: no image is read (it was a Keras
+    traceback after decoding every image)."""
+    args = ["--task", task, "--dataset", "busi", "--data-dir", str(tmp_path / "no_data"), "--weights", "none",
+            "--out-dir", str(tmp_path / "out"), "--quiet", *extra]
+    rc = train.main(args)
+    out = capsys.readouterr().out
+    assert rc == 2 and words in out and "folder not found" not in out
