@@ -74,13 +74,12 @@ def _integer_to_8bit(arr: np.ndarray, notes: list[str]) -> np.ndarray:
 
     Scanners often store 10-, 12- or 14-bit data in a 16-bit file: dividing by 257 would leave such an image
     nearly black (a 12-bit maximum of 4095 becomes 16 of 255). Values that fit b bits are scaled by
-    255 / (2^b - 1), b the smallest of 8, 10, 12, 14, 16; wider integers from their own range. Relative
+    255 / (2^b - 1), b the smallest of 8, 10, 12, 14, 16; wider integers by their maximum. Relative
     intensities are kept in every case."""
     top = float(arr.max(initial=0))
-    lo = max(float(arr.min(initial=0)), 0.0)
     if top > 65535:
-        notes.append(f"32-bit integer image was scaled to 8 bits from its own range ({lo:.0f}-{top:.0f}).")
-        return (np.clip(arr, lo, top) - lo) / (top - lo) * 255.0
+        notes.append(f"32-bit integer image was scaled to 8 bits by its maximum (value x 255 / {top:.0f}).")
+        return np.clip(arr, 0, None) * (255.0 / top)
     bits = next(b for b in (8, 10, 12, 14, 16) if top <= 2 ** b - 1)
     if bits == 16:
         notes.append("16-bit image was scaled to 8 bits (value / 257).")
