@@ -46,6 +46,29 @@ OV_HINT = "LATENCY"
 BATCH_HINT = "THROUGHPUT"
 
 
+#: CPU features that decide how fast a forward pass runs here (bfloat16 natively with AVX512-BF16 or AMX).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def machine_summary() -> dict:
+    """Where timings were taken: {"platform", "cpu" (model name or null), "cores", "cpu_features"} (Linux reads
+    /proc/cpuinfo; elsewhere cpu and features stay empty). Seconds recorded beside it mean little without it."""
+    import platform
+
+    cpu, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu is None:
+                cpu = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu or platform.processor() or None, "cores": os.cpu_count(),
+            "cpu_features": [f for f in CPU_FEATURES if f in flags]}
+
+
 def warm(key: Optional[str]) -> Optional[tuple[int, int]]:
     """(input side, outputs) of model sha256 `key` when its converted model and Keras probe outputs are cached (then
     OpenVINO can predict before TensorFlow is even imported), else None."""

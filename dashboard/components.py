@@ -813,6 +813,18 @@ def effect_note(e) -> None:
         st.caption(moved)
 
 
+def timed_on(machine) -> str:
+    """' Seconds timed on AMD EPYC, 2 cores (openvino float32; perturbations openvino-bf16).' from an
+    explanations.json `machine` record; '' for files that predate it."""
+    if not machine:
+        return ""
+    cpu = machine.get("cpu") or machine.get("platform") or "an unrecorded CPU"
+    feats = [f for f in machine.get("cpu_features", []) if f in ("avx512_bf16", "amx_bf16")]
+    return (f" Seconds timed on {cpu}" + (f" ({', '.join(feats).upper()})" if feats else "")
+            + f", {machine.get('cores', '?')} cores, forward {machine.get('forward', '?')}; perturbed images on "
+            f"{machine.get('perturbation_forward', '?')}.")
+
+
 def effect_caption(e) -> str:
     """A short tail for an image caption: how far a perturbation method moved p(explained class); '' otherwise."""
     r = e.perturbed_range

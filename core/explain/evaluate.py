@@ -120,6 +120,7 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
              log=print, address: Optional[str] = None, workers: int = 2) -> dict:
     """Score every method on the checkpoint's test cases; `address` ("local", "auto" or ray://HOST:10001) spreads
     the cases over Ray actors (`workers` of them when Ray starts here) with the same numbers as the serial run."""
+    from core.backends import machine_summary
     from core.checkpoints import load_classifier
     from core.explain import EXPLAINERS, explain
     from core.explain import metrics as M
@@ -175,6 +176,8 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
                                  else "test images (the dataset has no lesion masks: localisation scores are not "
                                       "computed), balanced across classes"), "classes": {c: sum(x.class_name == c for x in cases)
                                                           for c in clf.class_names}},
+        "machine": {**machine_summary(), "forward": clf.backend_info.get("backend", clf.backend),
+                    "perturbation_forward": clf.perturbation},
         "settings": {"params": {m: DEFAULT_PARAMS.get(m, {}) for m in methods}, "curve_steps": steps,
                      "curve_baseline": "blur", "top_k_percent": 15, "resolution": "work image (model input; the tile grid for patch models)",
                      "target": "predicted class"},

@@ -920,7 +920,9 @@ def test_evaluation_shows_the_share_of_maps_with_a_weak_effect(tiny_bundle, tmp_
         "checkpoint": "tiny", "images": {"n": 2, "classes": {"benign": 1, "malignant": 1}, "with_masks": False},
         "methods": {"gradcam": {"deletion_auc": two}, "occlusion": {"deletion_auc": two,
                                                                      "weak_effect": {**two, "mean": 0.5, "ci95": [0.0, 1.0]}}},
-        "agreement": [], "seed_stability": {}}))
+        "agreement": [], "seed_stability": {},
+        "machine": {"cpu": "Test CPU 9000", "cores": 2, "cpu_features": ["avx2", "avx512_bf16"],
+                    "forward": "openvino float32", "perturbation_forward": "openvino-bf16"}}))
     serve_from(monkeypatch, bundle.parent, tmp_path / "nodata")
     at = app("pages/4_Evaluation.py")
     no_exception(at)
@@ -928,6 +930,8 @@ def test_evaluation_shows_the_share_of_maps_with_a_weak_effect(tiny_bundle, tmp_
              in d.value.columns][0]
     assert list(table["share of maps with a weak effect"].fillna("")) == ["", "0.500 [0.000, 1.000]"]
     assert any("A map has a weak effect when hiding parts of the image" in c.value for c in at.caption)
+    assert any("Seconds timed on Test CPU 9000 (AVX512_BF16), 2 cores, forward openvino float32; perturbed images on "
+               "openvino-bf16." in c.value for c in at.caption)
 
 
 def test_overlays_are_remembered_per_map_and_setting(app_env):

@@ -64,6 +64,10 @@ def test_evaluate_writes_explanations_json(tmp_path):
     for m in ("occlusion", "lime"):  # perturbation methods: the share of maps with a weak effect
         assert 0.0 <= saved["methods"][m]["weak_effect"]["mean"] <= 1.0 and saved["methods"][m]["weak_effect"]["n"] == 4
     assert "weak_effect" not in saved["methods"]["gradcam"]
+    m = saved["machine"]  # where the seconds were timed
+    assert m["cores"] >= 1 and m["platform"] and set(m["cpu_features"]) <= {"avx2", "avx512f", "avx512_vnni",
+                                                                           "avx512_bf16", "amx_bf16"}
+    assert m["forward"] and m["perturbation_forward"] in ("float32", "openvino-bf16")
 
 
 def test_evaluate_without_masks_reports_faithfulness_agreement_and_stability(tiny_idc_bundle):
