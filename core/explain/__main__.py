@@ -10,12 +10,17 @@ from typing import Optional, Sequence
 
 
 def parse_params(items: Sequence[str]) -> dict:
-    """['n_segments=80', 'hide_color=blur'] -> {'n_segments': 80, 'hide_color': 'blur'}."""
+    """['n_segments=80', 'hide_color=blur', 'positive_only=true'] -> {'n_segments': 80, 'hide_color': 'blur',
+    'positive_only': True}: Python literals, true / false / yes / no / none in any case, else the text."""
+    words = {"true": True, "yes": True, "false": False, "no": False, "none": None, "null": None}
     out = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--param expects key=value, got {item!r}")
         k, v = item.split("=", 1)
+        if v.strip().lower() in words:
+            out[k.strip()] = words[v.strip().lower()]
+            continue
         try:
             out[k.strip()] = ast.literal_eval(v)
         except (ValueError, SyntaxError):

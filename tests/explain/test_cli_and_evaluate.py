@@ -13,6 +13,9 @@ from core.explain.__main__ import main as cli_main, parse_params
 def test_parse_params():
     assert parse_params(["n_segments=80", "hide_color=blur", "positive_only=True", "kernel_width=0.3"]) == {
         "n_segments": 80, "hide_color": "blur", "positive_only": True, "kernel_width": 0.3}
+    # shell-style booleans: 'false' was the text 'false', which Python reads as true
+    assert parse_params(["positive_only=false", "relu=Yes", "batch_size=none"]) == {
+        "positive_only": False, "relu": True, "batch_size": None}
     with pytest.raises(ValueError):
         parse_params(["oops"])
 
