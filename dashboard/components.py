@@ -814,11 +814,13 @@ def effect_note(e) -> None:
 
 
 def timed_on(machine) -> str:
-    """' Seconds timed on AMD EPYC, 2 cores (openvino float32; perturbations openvino-bf16).' from an
-    explanations.json `machine` record; '' for files that predate it."""
+    """' Seconds timed on AMD EPYC (AVX512_BF16), 2 cores, forward openvino float32; perturbed images on
+    openvino-bf16.' from an explanations.json `machine` record; '' for files that predate it."""
     if not machine:
         return ""
     cpu = machine.get("cpu") or machine.get("platform") or "an unrecorded CPU"
+    if machine.get("ray"):
+        return f" Seconds timed on Ray workers (the run was started on {cpu})."
     feats = [f for f in machine.get("cpu_features", []) if f in ("avx512_bf16", "amx_bf16")]
     return (f" Seconds timed on {cpu}" + (f" ({', '.join(feats).upper()})" if feats else "")
             + f", {machine.get('cores', '?')} cores, forward {machine.get('forward', '?')}; perturbed images on "

@@ -177,7 +177,9 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
                                       "computed), balanced across classes"), "classes": {c: sum(x.class_name == c for x in cases)
                                                           for c in clf.class_names}},
         "machine": {**machine_summary(), "forward": clf.backend_info.get("backend", clf.backend),
-                    "perturbation_forward": clf.perturbation},
+                    "perturbation_forward": clf.perturbation,
+                    **({"ray": f"this machine started the run; the seconds are the Ray workers' ({address})"}
+                       if address else {})},
         "settings": {"params": {m: DEFAULT_PARAMS.get(m, {}) for m in methods}, "curve_steps": steps,
                      "curve_baseline": "blur", "top_k_percent": 15, "resolution": "work image (model input; the tile grid for patch models)",
                      "target": "predicted class"},

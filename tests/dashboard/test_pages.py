@@ -1085,3 +1085,17 @@ def test_every_parameter_the_ui_offers_is_one_the_explainer_accepts():
                 assert (options[0] > lo if meta["above"] else options[0] >= lo) and options[1] <= hi, (method, name)
             else:
                 assert kind == "bool" and isinstance(spec[name].default, bool)
+
+
+def test_timed_on_names_the_machine_or_the_ray_workers():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "dashboard"))
+    from components import timed_on
+
+    assert timed_on(None) == "" and timed_on({}) == ""  # files written before the record
+    local = {"cpu": "CPU X", "cores": 16, "cpu_features": ["avx2", "amx_bf16"], "forward": "openvino float32",
+             "perturbation_forward": "float32"}
+    assert timed_on(local) == (" Seconds timed on CPU X (AMX_BF16), 16 cores, forward openvino float32; perturbed "
+                               "images on float32.")
+    assert timed_on({**local, "ray": "auto"}) == " Seconds timed on Ray workers (the run was started on CPU X)."
