@@ -183,7 +183,9 @@ else:
              "pointing_game": "pointing game", "energy_in_mask": "share of evidence in the lesion",
              "mask_iou_top15": "top-15% region overlap with the lesion (IoU)",
              "weak_effect": "share of maps with a weak effect", "seconds": "seconds per image"}
-    table = [{"method": ui.METHOD_LABELS.get(mm, mm), **{plain.get(k, k): cell_fmt(v) for k, v in r.items()}}
+    keys = list(dict.fromkeys(k for r in ej["methods"].values() for k in r))  # a gradient method has no weak effect
+    table = [{"method": ui.METHOD_LABELS.get(mm, mm), **{plain.get(k, k): cell_fmt(r[k]) if k in r else "n/a"
+                                                          for k in keys}}
              for mm, r in ej["methods"].items()]
     st.dataframe(table, width="stretch")
     masks = ej["images"].get("with_masks", True)

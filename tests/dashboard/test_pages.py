@@ -928,7 +928,7 @@ def test_evaluation_shows_the_share_of_maps_with_a_weak_effect(tiny_bundle, tmp_
     no_exception(at)
     table = [d.value for d in at.dataframe if "method" in d.value.columns and "deletion AUC (lower is better)"
              in d.value.columns][0]
-    assert list(table["share of maps with a weak effect"].fillna("")) == ["", "0.500 [0.000, 1.000]"]
+    assert list(table["share of maps with a weak effect"]) == ["n/a", "0.500 [0.000, 1.000]"]  # not "None"
     assert any("A map has a weak effect when hiding parts of the image" in c.value for c in at.caption)
     assert any("Seconds timed on Test CPU 9000 (AVX512_BF16), 2 cores, forward openvino float32; perturbed images on "
                "openvino-bf16." in c.value for c in at.caption)
