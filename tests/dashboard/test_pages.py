@@ -541,6 +541,9 @@ def test_out_of_distribution_upload_gets_no_verdict_but_can_be_explained(app_env
     heads = [s.value for s in at.subheader]
     assert heads[0] == "Out of distribution: no verdict" and not any(h.startswith("Prediction:") for h in heads)
     assert any("not a prediction" in e.value for e in at.error)
+    # one message, no second box asking to treat the (withheld) prediction with caution
+    assert not any("prediction" in w.value for w in at.warning)
+    assert any(c.value.startswith("Out-of-distribution distance ") and "> threshold" in c.value for c in at.caption)
     at.multiselect(key="ex_methods").set_value(["gradcam"])
     at.button(key="FormSubmitter:ex_form-Explain").click()
     at.run()
