@@ -112,6 +112,8 @@ if dist:
                          f"at temperature {dist.get('temperature'):g} + {1 - dist.get('weight'):g} × the true labels; "
                          "one forward pass per prediction")
 st.table({"": list(rows.keys()), "value": list(rows.values())})
+for note in split.get("warnings", []):  # a class one split lacks (train.py recorded why)
+    st.warning(note, icon=":material/warning:")
 ui.ensemble_members(meta)
 if ds.get("kind") == "busi":
     audit = meta.get("near_duplicate_audit") or {}

@@ -292,6 +292,27 @@ def check_inputs(cfg: TrainConfig, segmentation: bool = False) -> None:
                           "to an existing .weights.h5 file.")
 
 
+def check_class_coverage(splits: dict, totals: dict[str, int]) -> list[str]:
+    """Warn about classes a split lacks (a class with one image, or one patient when patients are kept together,
+    lands in one split only): without training images the checkpoint cannot learn the class; without validation
+    or test images its recall and ROC AUC there are undefined. Returns the warnings (metadata records them)."""
+    counts = {s: splits[s].class_counts() for s in ("train", "val", "test")}
+    notes = []
+    missing = [c for c, n in counts["train"].items() if n == 0]
+    if missing:
+        notes.append("No training images of " + ", ".join(f"{c} ({totals.get(c, 0)} image(s) in all)" for c in missing)
+                     + ": this checkpoint cannot learn " + ("it" if len(missing) == 1 else "them") + "; add images "
+                     "(or patients) of it, or remove its folder.")
+    for s in ("val", "test"):
+        absent = [c for c, n in counts[s].items() if n == 0]
+        if absent:
+            notes.append(f"The {s} split has no images of {', '.join(absent)}: recall and ROC AUC of "
+                         f"{'it' if len(absent) == 1 else 'them'} there are undefined.")
+    for n in notes:
+        log.warning(n)
+    return notes
+
+
 def check_mixup(cfg: TrainConfig) -> None:
     """Refuse --mixup settings it cannot honour (with --logistic-c, `plan_phases` refuses it)."""
     if cfg.mixup < 0:
@@ -1144,6 +1165,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
     for s in ("train", "val", "test"):
         if len(splits[s]) == 0:
             raise DatasetError(f"The {s} split is empty; the dataset is too small for a {cfg.split} split.")
+    coverage_notes = check_class_coverage(splits, manifest.class_counts())
     k = len(manifest.class_names)
     log.info("Dataset %s at %s: %d images, classes %s", manifest.name, manifest.root, len(manifest),
              manifest.class_counts())
@@ -1221,7 +1243,8 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
                   "file": "split.csv", "reused_from": cfg.split_file,
                   "feedback_images_added_to_train": n_feedback, "feedback_db": cfg.feedback,
                   "counts": {s: len(splits[s]) for s in ("train", "val", "test")},
-                  "class_counts": {s: splits[s].class_counts() for s in ("train", "val", "test")}},
+                  "class_counts": {s: splits[s].class_counts() for s in ("train", "val", "test")},
+                  **({"warnings": coverage_notes} if coverage_notes else {})},
         "class_names": list(manifest.class_names),
         "input_size": cfg.input_size,
         "backbone": cfg.backbone,

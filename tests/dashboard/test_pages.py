@@ -1102,3 +1102,20 @@ def test_timed_on_names_the_machine_or_the_ray_workers():
     assert timed_on(local) == (" Seconds timed on CPU X (AMX_BF16), 16 cores, forward openvino float32; perturbed "
                                "images on float32.")
     assert timed_on({**local, "ray": "auto"}) == " Seconds timed on Ray workers (the run was started on CPU X)."
+
+
+def test_home_warns_about_a_class_a_split_lacks(tiny_bundle, tmp_path, monkeypatch):
+    from core.checkpoints import read_metadata, update_metadata
+
+    bundle = tmp_path / "ck" / "tiny"
+    shutil.copytree(tiny_bundle, bundle)
+    note = "No training images of rare (1 image(s) in all): this checkpoint cannot learn it; ..."
+    update_metadata(bundle, {"split": {**read_metadata(bundle)["split"], "warnings": [note]}})
+    serve_from(monkeypatch, bundle.parent)
+    at = app()
+    no_exception(at)
+    assert any(w.value == note for w in at.warning)
+    shutil.copytree(tiny_bundle, tmp_path / "plain" / "tiny")  # no warnings recorded: none shown
+    serve_from(monkeypatch, tmp_path / "plain")
+    at = app()
+    assert not any("No training images" in w.value for w in at.warning)

@@ -498,3 +498,44 @@ def test_aux_mask_needs_masks(tiny_tree, tmp_path, capsys):
     assert train.main(args) == 2
     err = capsys.readouterr()
     assert "No lesion masks" in err.out + err.err
+
+
+def test_classes_a_split_lacks_are_warned_and_recorded(tmp_path, monkeypatch):
+    """A class folder with one image lands in one split only: the checkpoint cannot learn it (it used to be written
+    without a word). train.py warns and records why in metadata split.warnings; a class absent from validation or
+    test is warned too (its recall and ROC AUC there are undefined)."""
+    from core.training.classify import check_class_coverage
+    from tests.conftest import write_class_tree
+
+    data = write_class_tree(tmp_path / "d", n_per_class=6, size=32)
+    (tmp_path / "d" / "rare").mkdir()
+    next((tmp_path / "d" / "benign").glob("*.png")).rename(tmp_path / "d" / "rare" / "only.png")
+    rc = train.main(["--dataset", "folder", "--data-dir", str(data), "--backbone", "simple_cnn", "--weights", "none",
+                     "--input-size", "16", "--head-epochs", "1", "--fine-tune-epochs", "0", "--name", "rare",
+                     "--out-dir", str(tmp_path / "out"), "--quiet"])
+    assert rc == 0
+    meta = json.loads((tmp_path / "out" / "rare" / "metadata.json").read_text())
+    rare_split = next(s for s, c in meta["split"]["class_counts"].items() if c["rare"] == 1)
+    notes = meta["split"]["warnings"]
+    assert (rare_split != "train") == any(n.startswith("No training images of rare (1 image(s) in all)") for n in notes)
+    for part in ("val", "test"):  # the one image is in one split: every other one is named
+        lacks = [n for n in notes if n.startswith(f"The {part} split has no images of ")]
+        assert (part != rare_split) == bool(lacks and "rare" in lacks[0].split(":")[0])
+
+    class Part:  # what check_class_coverage reads of a split
+        def __init__(self, counts):
+            self.counts = counts
+
+        def class_counts(self):
+            return self.counts
+
+    warned = []
+    monkeypatch.setattr(T.log, "warning", lambda msg, *args: warned.append(msg % args if args else msg))
+    full = check_class_coverage({"train": Part({"a": 4, "b": 3}), "val": Part({"a": 1, "b": 1}),
+                                 "test": Part({"a": 2, "b": 1})}, {"a": 7, "b": 5})
+    assert full == [] and warned == []
+    notes = check_class_coverage({"train": Part({"a": 4, "b": 0}), "val": Part({"a": 1, "b": 1}),
+                                  "test": Part({"a": 2, "b": 0})}, {"a": 7, "b": 1})
+    assert notes == warned == ["No training images of b (1 image(s) in all): this checkpoint cannot learn it; add "
+                               "images (or patients) of it, or remove its folder.",
+                               "The test split has no images of b: recall and ROC AUC of it there are undefined."]
