@@ -16,24 +16,33 @@ import services as svc
 from core.data.split import describe_groups
 from core.evaluation import operating_point_source, subtype_caution as subtype_caution_of, weak_subgroups
 from core.explain import EXPLAINERS, FAST_PARAMS, MAX_PERTURBATION_TILES, PERTURBATION_METHODS
+from core.explain.base import param_choices
 from core.explain.visualise import boundaries, colorize, mask_outline, overlay
 
 METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "lime": "LIME", "shap": "SHAP (partition)",
                  "occlusion": "Occlusion", "integrated_gradients": "Integrated gradients"}
-# Which parameters the UI exposes per method: name -> (kind, options or (min, max, step)).
+
+
+def _choices(method: str, name: str) -> list[str]:
+    return list(param_choices(EXPLAINERS[method].Params, name))
+
+
+# Which parameters the UI exposes per method: name -> (kind, options or (min, max, step)); the choices are the
+# explainer's own (core.explain.base.one_of), the numeric ranges lie inside its checked ones (tested).
 PARAM_UI = {
     "gradcam": {"relu": ("bool", None)},
     "gradcam++": {"relu": ("bool", None)},
-    "lime": {"segmentation": ("choice", ["slic", "quickshift", "felzenszwalb"]),
+    "lime": {"segmentation": ("choice", _choices("lime", "segmentation")),
              "n_segments": ("int", (5, 300, 5)), "num_samples": ("int", (50, 5000, 50)),
-             "kernel_width": ("float", (0.05, 2.0, 0.05)), "hide_color": ("choice", ["mean", "black", "blur"]),
+             "kernel_width": ("float", (0.05, 2.0, 0.05)), "hide_color": ("choice", _choices("lime", "hide_color")),
              "num_features": ("int", (1, 300, 1)), "positive_only": ("bool", None),
              "random_seed": ("int", (0, 10_000, 1))},
-    "shap": {"masker": ("choice", ["blur", "inpaint_telea", "inpaint_ns"]),
+    "shap": {"masker": ("choice", _choices("shap", "masker")),
              "blur_kernel": ("int", (4, 128, 4)), "max_evals": ("int", (50, 5000, 50)), "seed": ("int", (0, 10_000, 1))},
     "occlusion": {"window": ("int", (4, 128, 4)), "stride": ("int", (2, 128, 2)),
-                  "baseline": ("choice", ["blur", "mean", "black"])},
-    "integrated_gradients": {"steps": ("int", (4, 256, 4)), "baseline": ("choice", ["black", "blur", "mean"])},
+                  "baseline": ("choice", _choices("occlusion", "baseline"))},
+    "integrated_gradients": {"steps": ("int", (4, 256, 4)), "baseline": ("choice", _choices("integrated_gradients",
+                                                                                              "baseline"))},
 }
 #: Methods that re-classify many perturbed copies of the image, and the largest tile grid they run on.
 FAST_DEFAULTS = FAST_PARAMS

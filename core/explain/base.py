@@ -116,6 +116,11 @@ def one_of(default: str, *others: str):
     return field(default=default, metadata={"choices": (default, *others)})
 
 
+def param_choices(params_cls: type, name: str) -> tuple[str, ...]:
+    """The values a `one_of` field of a Params dataclass accepts (what a UI offers)."""
+    return next(f for f in fields(params_cls) if f.name == name).metadata["choices"]
+
+
 def checked_params(method: str, params: Any) -> Any:
     """`params` (a frozen Params dataclass) with every `bounded` / `one_of` / bool field checked and whole-number
     floats of int fields made ints. Raises ValueError naming the method, the parameter and what it accepts, so a

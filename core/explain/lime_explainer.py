@@ -13,7 +13,7 @@ SEGMENTERS = ("slic", "quickshift", "felzenszwalb")
 
 @dataclass(frozen=True)
 class LimeParams:
-    segmentation: str = one_of("slic", "quickshift", "felzenszwalb")
+    segmentation: str = one_of(*SEGMENTERS)
     n_segments: int = bounded(50, 2, 2000)  # SLIC: the "segment count"
     compactness: float = bounded(10.0, 0, 1000, float, above=True)  # SLIC
     kernel_size: float = bounded(4.0, 0, 100, float, above=True)  # quickshift
@@ -92,9 +92,7 @@ class LimeExplainer(Explainer):
         import lime.lime_image as lime_image
 
         lime_image.tqdm = _no_bar  # lime 0.2 always draws a tqdm bar on stderr; we report progress ourselves
-        p = self.params
-        if p.hide_color not in ("mean", "black", "blur"):
-            raise ValueError("hide_color must be 'mean', 'black' or 'blur'")
+        p = self.params  # checked on construction (checked_params)
         work = self.work_image(image)
         segments = segment(work, p)
         hide = None if p.hide_color == "mean" else baseline_image(work, p.hide_color)

@@ -51,12 +51,8 @@ class ShapExplainer(Explainer):
 
         p = self.params
         work = self.work_image(image).astype(np.float32)
-        if p.masker == "blur":
-            mask_value = f"blur({int(p.blur_kernel)},{int(p.blur_kernel)})"
-        elif p.masker in ("inpaint_telea", "inpaint_ns"):
-            mask_value = p.masker
-        else:
-            raise ValueError("masker must be 'blur', 'inpaint_telea' or 'inpaint_ns'")
+        # masker is one of ShapParams' choices (checked on construction): blur, or an inpainting name shap knows
+        mask_value = f"blur({int(p.blur_kernel)},{int(p.blur_kernel)})" if p.masker == "blur" else p.masker
         masker = image_masker(mask_value, work.shape)
         predict = self.predict_fn()
         batch = int(p.batch_size or 4 * getattr(self.classifier, "batch_size", 32))
