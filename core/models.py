@@ -146,6 +146,16 @@ def _simple_cnn(x):
     return x
 
 
+def weights_file(weights: str) -> Path:
+    """The trunk weights file `weights` names; WeightsUnavailableError, saying what to pass instead, if it is not
+    there."""
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"Weights file not found: {path}. Use --weights imagenet "
+                                      "(online), none, or a path to an existing .weights.h5 file.")
+    return path
+
+
 def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
     """Build the flat classifier; returns (model, weights provenance dict).
 
@@ -175,10 +185,7 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
                           "path": str(cached) if cached else None,
                           "sha256": _file_sha256(str(cached), _stamp(cached)) if cached else None}
         else:
-            path = Path(cfg.weights)
-            if not path.is_file():
-                raise WeightsUnavailableError(f"Weights file not found: {path}. Use --weights imagenet "
-                                              "(online), none, or a path to an existing .weights.h5 file.")
+            path = weights_file(cfg.weights)
             stamp = _stamp(path)
             ref = _trunk_weights(cfg.backbone, str(path), stamp)
             provenance = {"source": "file", "path": str(path), "sha256": _file_sha256(str(path), stamp)}
@@ -442,6 +449,8 @@ SEG_OUTPUT_NAME = "seg_mask"
 #: Encoder feature maps the U-Net decoder joins, deepest first (Keras DenseNet121 layer names):
 #: 7x7x1024, 14x14x1024, 28x28x512, 56x56x256 and 112x112x64 at a 224 px input.
 DENSENET121_SKIPS = ("relu", "pool4_relu", "pool3_relu", "pool2_relu", "conv1_relu")
+#: The segmenter's input side must divide by this: its encoder halves the image five times.
+SEGMENTER_MULTIPLE = 32
 
 
 @dataclass(frozen=True)
@@ -462,8 +471,9 @@ def build_segmenter(cfg: SegmenterConfig) -> tuple[keras.Model, dict]:
     apply); decoder layers are named `seg_*`. Each decoder step: 2x bilinear upsampling, concatenation
     with the encoder map of that scale, two 3x3 conv + BatchNorm + ReLU.
     """
-    if cfg.input_size % 32:
-        raise ValueError(f"The segmenter's input size must be a multiple of 32, not {cfg.input_size}.")
+    if cfg.input_size % SEGMENTER_MULTIPLE:
+        raise ValueError(f"The segmenter's input size must be a multiple of {SEGMENTER_MULTIPLE}, "
+                         f"not {cfg.input_size}.")
     if len(cfg.decoder_filters) != len(DENSENET121_SKIPS):
         raise ValueError(f"decoder_filters needs {len(DENSENET121_SKIPS)} entries, one per upsampling step.")
     trunk, provenance = build_model(ModelConfig(backbone="densenet121", num_classes=2, input_size=cfg.input_size,

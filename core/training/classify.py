@@ -281,15 +281,16 @@ MIN_INPUT_SIZE = {"simple_cnn": 8}
 def check_inputs(cfg: TrainConfig, segmentation: bool = False) -> None:
     """Refuse an input size the network cannot read, or a weights file that is not there, before any image is
     decoded (instead of a Keras traceback or a minute of decoding)."""
+    from core.models import SEGMENTER_MULTIPLE as M, weights_file
+
     low = MIN_INPUT_SIZE.get(cfg.backbone, 32)
     if cfg.input_size < low:
         raise ConfigError(f"--input-size {cfg.input_size} is too small for {cfg.backbone}: use {low} px or more.")
-    if segmentation and cfg.input_size % 32:
-        raise ConfigError(f"--input-size must be a multiple of 32 for the segmenter's five 2x steps, not "
-                          f"{cfg.input_size} (try {max(32, round(cfg.input_size / 32) * 32)}).")
-    if cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
-        raise ConfigError(f"Weights file not found: {cfg.weights}. Use --weights imagenet (online), none, or a path "
-                          "to an existing .weights.h5 file.")
+    if segmentation and cfg.input_size % M:
+        raise ConfigError(f"--input-size must be a multiple of {M} for the segmenter's five 2x steps, not "
+                          f"{cfg.input_size} (try {max(M, round(cfg.input_size / M) * M)}).")
+    if cfg.weights not in ("imagenet", "none"):
+        weights_file(cfg.weights)  # WeightsUnavailableError with what to pass instead
 
 
 def check_class_coverage(splits: dict, totals: dict[str, int]) -> list[str]:
