@@ -17,6 +17,7 @@ The displayed prediction always comes from the float32 forward pass.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -46,8 +47,30 @@ OV_HINT = "LATENCY"
 BATCH_HINT = "THROUGHPUT"
 
 
-#: CPU features that decide how fast a forward pass runs here (bfloat16 natively with AVX512-BF16 or AMX).
+#: CPU features that decide how fast a forward pass runs here; bfloat16 runs natively with either of BF16_FEATURES.
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+BF16_FEATURES = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[Optional[str], frozenset]:
+    """(model name or None, flags) of the first CPU in /proc/cpuinfo (Linux); (None, empty) elsewhere."""
+    cpu, flags = None, frozenset()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu is None:
+                cpu = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = frozenset(value.split())
+    except OSError:
+        pass
+    return cpu, flags
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere it would be emulated."""
+    return any(f in _cpuinfo()[1] for f in BF16_FEATURES)
 
 
 def machine_summary() -> dict:
@@ -55,16 +78,7 @@ def machine_summary() -> dict:
     /proc/cpuinfo; elsewhere cpu and features stay empty). Seconds recorded beside it mean little without it."""
     import platform
 
-    cpu, flags = None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu is None:
-                cpu = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
+    cpu, flags = _cpuinfo()
     return {"platform": platform.platform(), "cpu": cpu or platform.processor() or None, "cores": os.cpu_count(),
             "cpu_features": [f for f in CPU_FEATURES if f in flags]}
 

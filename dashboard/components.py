@@ -13,6 +13,7 @@ import streamlit as st
 from PIL import Image
 
 import services as svc
+from core.backends import BF16_FEATURES
 from core.data.split import describe_groups
 from core.evaluation import operating_point_source, subtype_caution as subtype_caution_of, weak_subgroups
 from core.explain import EXPLAINERS, FAST_PARAMS, MAX_PERTURBATION_TILES, PERTURBATION_METHODS
@@ -829,7 +830,7 @@ def timed_on(machine) -> str:
     cpu = machine.get("cpu") or machine.get("platform") or "an unrecorded CPU"
     if machine.get("ray"):
         return f" Seconds timed on Ray workers (the run was started on {cpu})."
-    feats = [f for f in machine.get("cpu_features", []) if f in ("avx512_bf16", "amx_bf16")]
+    feats = [f for f in machine.get("cpu_features", []) if f in BF16_FEATURES]
     return (f" Seconds timed on {cpu}" + (f" ({', '.join(feats).upper()})" if feats else "")
             + f", {machine.get('cores', '?')} cores, forward {machine.get('forward', '?')}; perturbed images on "
             f"{machine.get('perturbation_forward', '?')}.")

@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from core.backends import cpu_has_bf16
+
 log = logging.getLogger("breastxai.train")
 
 #: `TrainConfig.flip` values (Keras RandomFlip modes, plus "none").
@@ -34,15 +36,6 @@ def available_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 1 << 62
-
-
-def cpu_has_bf16() -> bool:
-    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere it would be emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_precision(requested: str) -> str:
