@@ -258,7 +258,7 @@ def ensure_rgb_uint8(image: np.ndarray) -> np.ndarray:
         arr = np.repeat(arr, 3, axis=2)
     elif arr.shape[2] == 4:
         arr = arr[..., :3]
-    if arr.dtype.kind in "iu" and arr.dtype.itemsize > 1 and arr.size and int(arr.max()) > 255:
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize > 1 and int(arr.max()) > 255:  # not empty: checked above
         arr = _integer_to_8bit(arr.astype(np.float64), [])  # 16-bit data by its bit depth, as decode_image does
     if arr.dtype != np.uint8:
         arr = np.clip(np.nan_to_num(arr.astype(np.float32)), 0, 255).round().astype(np.uint8)

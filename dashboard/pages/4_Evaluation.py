@@ -194,7 +194,7 @@ else:
                + (", pointing game, energy and IoU" if masks else "") + ": higher is better. Mean [95% bootstrap "
                "interval]." + ("" if masks else " The dataset has no lesion masks, so localisation is not scored.")
                + (f" A map has a weak effect when {WEAK_EFFECT_MEANING} (LIME, SHAP and occlusion; lower is better)."
-                  if any("weak_effect" in r for r in ej["methods"].values()) else "")
+                  if "weak_effect" in keys else "")
                + ui.timed_on(ej.get("machine")))
     if ej.get("agreement"):
         st.dataframe([{"methods": f"{ui.METHOD_LABELS.get(a['a'], a['a'])} vs {ui.METHOD_LABELS.get(a['b'], a['b'])}",
