@@ -21,7 +21,7 @@ DEFAULT_INPUT_SIZE = {"breakhis": 150, "busi": 224, "ucsb": 224, "idc": 50, "fol
 
 def build_parser() -> argparse.ArgumentParser:
     from core.models import BACKBONES
-    from core.training import FLIPS, PRECISIONS, TrainConfig
+    from core.training import FLIPS, PRECISIONS, SEG_DICE, TrainConfig
     from core.training.classify import CALIBRATIONS
     from core.training.common import DISTRIBUTE
 
@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ultrasound with lesion masks (BUSI): also train a lesion map on the last feature map "
                         "against the masks, its loss weighted W (training only: the saved classifier is unchanged "
                         "in shape); 0: off")
+    g.add_argument("--seg-dice", default=d.seg_dice, choices=SEG_DICE,
+                   help="segmentation: the soft Dice term of the loss averaged over every image (an image without a "
+                        "lesion scores 0 only when nothing is predicted) or over the images with a lesion only "
+                        "(binary cross-entropy alone then teaches the empty scans)")
     g.add_argument("--stain-standardise", action="store_true",
                    help="H&E: standardise each image's colour in-graph (per-image optical-density mean and spread "
                         "mapped to the training set's), so stain strength and colour cast matter less")
@@ -178,7 +182,7 @@ def config_from_args(args: argparse.Namespace):
         augment_copies=args.augment_copies, cache=args.cache, limit=args.limit, feedback=args.feedback,
         patches=args.patches, patch_size=args.patch_size, patch_stride=args.patch_stride, cv_folds=args.cv_folds,
         cv_scope=args.cv_scope, calibration=args.calibration, patch_scale_jitter=args.patch_scale_jitter,
-        colour_jitter=args.colour_jitter, mixup=args.mixup, aux_mask=args.aux_mask,
+        colour_jitter=args.colour_jitter, mixup=args.mixup, aux_mask=args.aux_mask, seg_dice=args.seg_dice,
         flip=args.flip, rotation=args.rotation, precision=args.precision, stain_standardise=args.stain_standardise,
         external=tuple(args.external), distribute=args.distribute, distil_from=args.distil_from,
         distil_weight=args.distil_weight, distil_temperature=args.distil_temperature, verbose=0 if args.quiet else 1)

@@ -22,7 +22,7 @@ import numpy as np
 
 from core.data import Manifest, read_split, split_manifest, write_split
 from core.data.loaders import CITATIONS
-from core.errors import DatasetError
+from core.errors import ConfigError, DatasetError
 from core.evaluation import mean_ci
 from core.preprocessing import load_mask, model_input
 from core.training.classify import (TrainConfig, check_inputs, config_differences, config_json, cv_work_dir,
@@ -93,29 +93,49 @@ def make_joint_augmenter(seed: int, flip: str = "horizontal", rotation: float = 
     return augment
 
 
-def dice_loss(y_true, y_pred, smooth: float = 1.0):
-    """1 - soft Dice over each image, averaged over the batch (an empty mask and empty prediction give 0)."""
+def dice_loss(y_true, y_pred, smooth: float = 1.0, lesion_images_only: bool = False):
+    """1 - soft Dice over each image, averaged over the batch (an empty mask and empty prediction give 0).
+
+    `lesion_images_only`: average over the images whose mask is not empty (0 for a batch without one), so
+    an empty scan's stray pixels cost only their cross-entropy, not a whole image's Dice."""
     import keras
 
     ops = keras.ops
     axes = (1, 2, 3)
     inter = ops.sum(y_true * y_pred, axis=axes)
-    total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
-    return ops.mean(1.0 - (2.0 * inter + smooth) / (total + smooth))
+    truth = ops.sum(y_true, axis=axes)
+    loss = 1.0 - (2.0 * inter + smooth) / (truth + ops.sum(y_pred, axis=axes) + smooth)
+    if not lesion_images_only:
+        return ops.mean(loss)
+    has = ops.cast(truth > 0, loss.dtype)
+    return ops.sum(loss * has) / ops.maximum(ops.sum(has), 1.0)
 
 
-def bce_dice_loss(y_true, y_pred):
-    """Binary cross-entropy (pixel mean) + soft Dice loss: the usual U-Net objective for small lesions."""
+#: Where the loss's soft Dice term is averaged (`TrainConfig.seg_dice`, `train.py --seg-dice`).
+SEG_DICE = {"every_image": "binary cross-entropy + soft Dice",
+            "lesion_images": "binary cross-entropy + soft Dice over the images with a lesion"}
+
+
+def segmentation_loss(seg_dice: str = "every_image"):
+    """The training loss: binary cross-entropy (pixel mean) + soft Dice, the usual U-Net objective for small
+    lesions; `seg_dice` (a key of `SEG_DICE`) says which images the Dice term averages over."""
     import keras
 
-    bce = keras.ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
-    return bce + dice_loss(y_true, y_pred)
+    if seg_dice not in SEG_DICE:
+        raise ConfigError(f"seg_dice must be one of {', '.join(SEG_DICE)}, not {seg_dice!r}.")
+    lesion_only = seg_dice == "lesion_images"
+
+    def bce_dice_loss(y_true, y_pred):
+        bce = keras.ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
+        return bce + dice_loss(y_true, y_pred, lesion_images_only=lesion_only)
+
+    return bce_dice_loss
 
 
-def _compile(model, lr: float) -> None:
+def _compile(model, lr: float, seg_dice: str = "every_image") -> None:
     import keras
 
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss=bce_dice_loss,
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=segmentation_loss(seg_dice),
                   metrics=[keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou")])
 
 
@@ -150,7 +170,7 @@ def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndar
         n = set_encoder_trainable(model, first)
         log.info("Phase %s: %d encoder layers trainable (of %d), lr %.1e, up to %d epochs", name, n, len(enc), lr,
                  epochs)
-        _compile(model, lr)
+        _compile(model, lr, cfg.seg_dice)
         rows, row = run_phase(model, name, ds, val, epoch0, epochs, fit_callbacks(cfg), precision, verbose,
                               batch_size=cfg.batch_size)
         history += rows
@@ -342,6 +362,7 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
 
     t_start = time.time()
     check_inputs(cfg, segmentation=True)
+    segmentation_loss(cfg.seg_dice)  # an unknown choice is refused before any image is decoded
     set_seeds(cfg.seed)
     manifest = load_manifest(cfg)
     check_masks(manifest)
@@ -387,7 +408,7 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
         "architecture": "U-Net: DenseNet121 encoder (skips conv1_relu, pool2_relu, pool3_relu, pool4_relu, relu), "
                         "5 decoder steps of bilinear 2x upsampling + concatenation + 2 x (3x3 conv, BatchNorm, "
                         "ReLU) with 256/128/64/32/16 filters, sigmoid output",
-        "loss": "binary cross-entropy + soft Dice",
+        "loss": SEG_DICE[cfg.seg_dice],
         "weights": provenance,
         "preprocessing": {"decoder": "core.preprocessing.load_image", "resize": "to the square input; the "
                           "probability map is resized back to the image (bilinear)", "clahe": cfg.clahe,

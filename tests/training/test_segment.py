@@ -8,7 +8,8 @@ import pytest
 
 import train
 from core.checkpoints import read_csv
-from core.training.segment import choose_postprocessing, dice_iou, load_seg_arrays, segmentation_metrics
+from core.training.segment import (choose_postprocessing, dice_iou, dice_loss, load_seg_arrays, segmentation_loss,
+                                   segmentation_metrics)
 from tests.conftest import BUSI, needs_shared, write_class_tree
 
 
@@ -24,6 +25,24 @@ def test_dice_and_iou_against_hand_computed_values():
     assert dice_iou(np.zeros_like(a), np.zeros_like(a)) == (None, None)  # undefined, not perfect
     with pytest.raises(ValueError, match="shapes"):
         dice_iou(a, np.zeros((3, 3), bool))
+
+
+def test_soft_dice_loss_over_every_image_or_lesion_images_only():
+    """Hand-computed: a 2x2 lesion half found (Dice (2*2+1)/(4+2+1) = 5/7) and an empty scan with one stray
+    pixel (Dice 1/2). Every image: the mean of both losses; lesion images only: the lesion's alone."""
+    y = np.zeros((2, 4, 4, 1), np.float32)
+    p = np.zeros_like(y)
+    y[0, :2, :2] = 1.0
+    p[0, :1, :2] = 1.0
+    p[1, 3, 3] = 1.0
+    lesion, empty = 1 - 5 / 7, 1 - 1 / 2
+    assert float(dice_loss(y, p)) == pytest.approx((lesion + empty) / 2)
+    assert float(dice_loss(y, p, lesion_images_only=True)) == pytest.approx(lesion)
+    assert float(dice_loss(y[1:], p[1:], lesion_images_only=True)) == 0.0  # a batch of empty scans: BCE alone
+    bce = float(np.mean(-np.log(1 - np.clip(p, 1e-7, 1 - 1e-7)) * (1 - y) - np.log(np.clip(p, 1e-7, 1)) * y))
+    assert float(segmentation_loss("lesion_images")(y, p)) == pytest.approx(bce + lesion, rel=1e-4)
+    with pytest.raises(ValueError, match="seg_dice must be one of"):
+        segmentation_loss("batch")
 
 
 def test_segmentation_metrics_by_class_and_false_positive_area():
