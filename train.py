@@ -135,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "against the masks, its loss weighted W (training only: the saved classifier is unchanged "
                         "in shape); 0: off")
     g.add_argument("--seg-dice", default=d.seg_dice, choices=SEG_DICE,
-                   help="segmentation: the soft Dice term of the loss averaged over every image (an image without a "
-                        "lesion scores 0 only when nothing is predicted) or over the images with a lesion only "
-                        "(binary cross-entropy alone then teaches the empty scans)")
+                   help="segmentation: the loss's soft Dice term averaged over every image (a few stray pixels on a "
+                        "scan without a lesion then cost nearly a whole image's Dice) or over the images with a "
+                        "lesion only (binary cross-entropy alone then teaches the empty scans)")
     g.add_argument("--stain-standardise", action="store_true",
                    help="H&E: standardise each image's colour in-graph (per-image optical-density mean and spread "
                         "mapped to the training set's), so stain strength and colour cast matter less")
