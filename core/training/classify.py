@@ -294,11 +294,11 @@ def check_inputs(cfg: TrainConfig, segmentation: bool = False) -> None:
         weights_file(cfg.weights)  # WeightsUnavailableError with what to pass instead
 
 
-def check_class_coverage(splits: dict, totals: dict[str, int]) -> list[str]:
+def check_class_coverage(counts: dict[str, dict[str, int]], totals: dict[str, int]) -> list[str]:
     """Warn about classes a split lacks (a class with one image, or one patient when patients are kept together,
     lands in one split only): without training images the checkpoint cannot learn the class; without validation
-    or test images its recall and ROC AUC there are undefined. Returns the warnings (metadata records them)."""
-    counts = {s: splits[s].class_counts() for s in ("train", "val", "test")}
+    or test images its recall and ROC AUC there are undefined. `counts`: {split: {class: images}} (what metadata
+    records as split.class_counts). Returns the warnings (metadata records them)."""
     notes = []
     missing = [c for c, n in counts["train"].items() if n == 0]
     if missing:
@@ -1167,7 +1167,8 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
     for s in ("train", "val", "test"):
         if len(splits[s]) == 0:
             raise DatasetError(f"The {s} split is empty; the dataset is too small for a {cfg.split} split.")
-    coverage_notes = check_class_coverage(splits, manifest.class_counts())
+    split_counts = {s: splits[s].class_counts() for s in ("train", "val", "test")}
+    coverage_notes = check_class_coverage(split_counts, manifest.class_counts())
     k = len(manifest.class_names)
     log.info("Dataset %s at %s: %d images, classes %s", manifest.name, manifest.root, len(manifest),
              manifest.class_counts())
@@ -1245,7 +1246,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
                   "file": "split.csv", "reused_from": cfg.split_file,
                   "feedback_images_added_to_train": n_feedback, "feedback_db": cfg.feedback,
                   "counts": {s: len(splits[s]) for s in ("train", "val", "test")},
-                  "class_counts": {s: splits[s].class_counts() for s in ("train", "val", "test")},
+                  "class_counts": split_counts,
                   **({"warnings": coverage_notes} if coverage_notes else {})},
         "class_names": list(manifest.class_names),
         "input_size": cfg.input_size,

@@ -522,20 +522,13 @@ def test_classes_a_split_lacks_are_warned_and_recorded(tmp_path, monkeypatch):
         lacks = [n for n in notes if n.startswith(f"The {part} split has no images of ")]
         assert (part != rare_split) == bool(lacks and "rare" in lacks[0].split(":")[0])
 
-    class Part:  # what check_class_coverage reads of a split
-        def __init__(self, counts):
-            self.counts = counts
-
-        def class_counts(self):
-            return self.counts
-
     warned = []
     monkeypatch.setattr(T.log, "warning", lambda msg, *args: warned.append(msg % args if args else msg))
-    full = check_class_coverage({"train": Part({"a": 4, "b": 3}), "val": Part({"a": 1, "b": 1}),
-                                 "test": Part({"a": 2, "b": 1})}, {"a": 7, "b": 5})
+    full = check_class_coverage({"train": {"a": 4, "b": 3}, "val": {"a": 1, "b": 1}, "test": {"a": 2, "b": 1}},
+                                {"a": 7, "b": 5})
     assert full == [] and warned == []
-    notes = check_class_coverage({"train": Part({"a": 4, "b": 0}), "val": Part({"a": 1, "b": 1}),
-                                  "test": Part({"a": 2, "b": 0})}, {"a": 7, "b": 1})
+    notes = check_class_coverage({"train": {"a": 4, "b": 0}, "val": {"a": 1, "b": 1}, "test": {"a": 2, "b": 0}},
+                                 {"a": 7, "b": 1})
     assert notes == warned == ["No training images of b (1 image(s) in all): this checkpoint cannot learn it; add "
                                "images (or patients) of it, or remove its folder.",
                                "The test split has no images of b: recall and ROC AUC of it there are undefined."]
