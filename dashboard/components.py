@@ -543,17 +543,26 @@ def _plain(key: str) -> str:
     return key.replace("_", " ")
 
 
+def selection_rows(ms: dict) -> list[dict]:
+    """The candidates of a recorded model selection as table rows: every row has the same columns (the candidate,
+    its metrics, the settings text last); a column that some candidate did not record reads "—" there (and holds
+    text throughout) instead of a blank "None"."""
+    raw = [{"candidate": c.get("candidate") or c.get("name"),
+            **{_plain(k): (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()
+               if k not in ("candidate", "name", "settings", "command")}, "settings": c.get("settings")}
+           for c in ms.get("candidates", [])]
+    cols = [k for k in dict.fromkeys(k for r in raw for k in r) if k != "settings"] + ["settings"]
+    gaps = {k for k in cols if any(r.get(k) is None for r in raw)}
+    return [{k: ("—" if r.get(k) is None else str(r[k])) if k in gaps else r[k] for k in cols} for r in raw]
+
+
 def model_selection(ms: dict | None) -> None:
     """How the checkpoint was chosen among its training candidates (validation split only)."""
     if not ms:
         return
     with st.expander(f"How this checkpoint was chosen ({len(ms.get('candidates', []))} candidates; the test split was not used)"):
         st.write(f"Rule: {ms.get('rule') or ms.get('criterion')}.")
-        rows = [{"candidate": c.get("candidate") or c.get("name"),  # metrics first, the long settings text last
-                 **{_plain(k): (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()
-                    if k not in ("candidate", "name", "settings", "command")}, "settings": c.get("settings")}
-                for c in ms.get("candidates", [])]
-        st.dataframe(rows, hide_index=True)
+        st.dataframe(selection_rows(ms), hide_index=True)
         st.write(f"Chosen: **{ms.get('chosen')}**")
         if ms.get("note"):
             st.caption(ms["note"])

@@ -361,6 +361,24 @@ def test_model_card_shows_how_the_checkpoint_was_chosen(tiny_bundle, tmp_path, m
     assert any("candB" in m.value for m in at.markdown)
 
 
+def test_model_selection_rows_show_a_dash_where_a_candidate_recorded_no_value():
+    """Every candidate row has every column; a metric one candidate lacks reads "—" (not "None"), settings last."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "dashboard"))
+    from components import selection_rows
+
+    rows = selection_rows({"candidates": [
+        {"candidate": "224 px", "val_dice": 0.70537, "minutes": 39.1, "settings": "decoder 8 epochs", "command": "x"},
+        {"candidate": "mean of two maps", "val_dice": 0.7003},
+        {"name": "288 px", "val_dice": 0.68, "minutes": 30.0, "settings": "288 px"}]})
+    assert [list(r) for r in rows] == [["candidate", "validation dice", "minutes", "settings"]] * 3
+    assert [r["candidate"] for r in rows] == ["224 px", "mean of two maps", "288 px"]
+    assert [r["validation dice"] for r in rows] == [0.7054, 0.7003, 0.68]  # complete column: numbers
+    assert [r["minutes"] for r in rows] == ["39.1", "—", "30.0"]  # a gap: text, with a dash in it
+    assert [r["settings"] for r in rows] == ["decoder 8 epochs", "—", "288 px"]
+
+
 def test_model_card_shows_cross_validation_and_near_duplicate_audit(tiny_bundle, tmp_path, monkeypatch):
     """Recorded group-wise CV (pooled recall, changed settings, command) and the repeat-scan audit are shown."""
     cv = {"method": "StratifiedGroupKFold(n_splits=2)", "accuracy_mean": 0.75, "accuracy_min": 0.7,
