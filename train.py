@@ -21,7 +21,7 @@ DEFAULT_INPUT_SIZE = {"breakhis": 150, "busi": 224, "ucsb": 224, "idc": 50, "fol
 
 def build_parser() -> argparse.ArgumentParser:
     from core.models import BACKBONES
-    from core.training import FLIPS, PRECISIONS, SEG_DICE, TrainConfig
+    from core.training import FLIPS, PRECISIONS, SEG_DECODERS, SEG_DICE, TrainConfig
     from core.training.classify import CALIBRATIONS
     from core.training.common import DISTRIBUTE
 
@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segmentation: the loss's soft Dice term averaged over every image (a few stray pixels on a "
                         "scan without a lesion then cost nearly a whole image's Dice) or over the images with a "
                         "lesion only (binary cross-entropy alone then teaches the empty scans)")
+    g.add_argument("--seg-decoder", default=d.seg_decoder, choices=SEG_DECODERS,
+                   help="segmentation: the U-Net's skip connections concatenated as they are (unet) or each first "
+                        "weighted pixel by pixel by an attention gate the decoder computes (attention: Attention "
+                        "U-Net, Oktay et al. 2018)")
     g.add_argument("--stain-standardise", action="store_true",
                    help="H&E: standardise each image's colour in-graph (per-image optical-density mean and spread "
                         "mapped to the training set's), so stain strength and colour cast matter less")
@@ -183,7 +187,8 @@ def config_from_args(args: argparse.Namespace):
         patches=args.patches, patch_size=args.patch_size, patch_stride=args.patch_stride, cv_folds=args.cv_folds,
         cv_scope=args.cv_scope, calibration=args.calibration, patch_scale_jitter=args.patch_scale_jitter,
         colour_jitter=args.colour_jitter, mixup=args.mixup, aux_mask=args.aux_mask, seg_dice=args.seg_dice,
-        flip=args.flip, rotation=args.rotation, precision=args.precision, stain_standardise=args.stain_standardise,
+        seg_decoder=args.seg_decoder, flip=args.flip, rotation=args.rotation, precision=args.precision,
+        stain_standardise=args.stain_standardise,
         external=tuple(args.external), distribute=args.distribute, distil_from=args.distil_from,
         distil_weight=args.distil_weight, distil_temperature=args.distil_temperature, verbose=0 if args.quiet else 1)
 

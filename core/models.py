@@ -461,6 +461,18 @@ class SegmenterConfig:
     decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
     weights: str = "none"  # "imagenet", "none" or a path to a DenseNet121 trunk weights file
     dropout: float = 0.0  # spatial dropout on the bottleneck
+    attention: bool = False  # gate each skip connection by the decoder (Attention U-Net, Oktay et al. 2018)
+
+
+def attention_gate(skip, gate, channels: int, prefix: str):
+    """Additive attention gate (Oktay et al. 2018): `skip` (N, H, W, C) times alpha (N, H, W, 1) in 0-1, where
+    alpha = sigmoid(psi(ReLU(theta(skip) + phi(gate)))), theta / phi 1x1 convolutions to `channels`, psi a 1x1
+    convolution to one channel; `gate` is the decoder map at the skip's resolution."""
+    theta = layers.Conv2D(channels, 1, use_bias=False, name=prefix + "skip")(skip)
+    phi = layers.Conv2D(channels, 1, name=prefix + "decoder")(gate)
+    a = layers.ReLU(name=prefix + "relu")(layers.Add(name=prefix + "add")([theta, phi]))
+    alpha = layers.Conv2D(1, 1, activation="sigmoid", name=prefix + "alpha")(a)
+    return layers.Multiply(name=prefix + "apply")([skip, alpha])
 
 
 def build_segmenter(cfg: SegmenterConfig) -> tuple[keras.Model, dict]:
@@ -469,7 +481,10 @@ def build_segmenter(cfg: SegmenterConfig) -> tuple[keras.Model, dict]:
     Input float32 RGB 0-255 (S, S, 3), S divisible by 32; output float32 lesion probability (S, S, 1).
     Encoder layers keep their Keras names (so `set_trainable`-style freezing and the trunk weights file
     apply); decoder layers are named `seg_*`. Each decoder step: 2x bilinear upsampling, concatenation
-    with the encoder map of that scale, two 3x3 conv + BatchNorm + ReLU.
+    with the encoder map of that scale, two 3x3 conv + BatchNorm + ReLU. With `cfg.attention` the encoder map
+    is first multiplied by an additive attention gate (Oktay et al. 2018): sigmoid(1x1 conv(ReLU(1x1 conv(skip)
+    + 1x1 conv(upsampled decoder map)))), one weight in 0-1 per pixel, so the decoder can mute skip features
+    away from the lesion.
     """
     if cfg.input_size % SEGMENTER_MULTIPLE:
         raise ValueError(f"The segmenter's input size must be a multiple of {SEGMENTER_MULTIPLE}, "
@@ -485,7 +500,9 @@ def build_segmenter(cfg: SegmenterConfig) -> tuple[keras.Model, dict]:
     for i, filters in enumerate(cfg.decoder_filters):
         x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{SEG_PREFIX}up{i + 1}")(x)
         if i + 1 < len(skips):
-            x = layers.Concatenate(name=f"{SEG_PREFIX}concat{i + 1}")([x, skips[i + 1]])
+            skip = attention_gate(skips[i + 1], x, max(filters // 2, 8), f"{SEG_PREFIX}gate{i + 1}_") \
+                if cfg.attention else skips[i + 1]
+            x = layers.Concatenate(name=f"{SEG_PREFIX}concat{i + 1}")([x, skip])
         for j in (1, 2):
             x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{SEG_PREFIX}conv{i + 1}_{j}")(x)
             x = layers.BatchNormalization(name=f"{SEG_PREFIX}bn{i + 1}_{j}")(x)

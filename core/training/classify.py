@@ -90,6 +90,7 @@ class TrainConfig:
     mixup: float = 0.0  # >0: mixup (Zhang et al. 2018), each batch mixed with itself shuffled, lambda ~ Beta(a, a)
     aux_mask: float = 0.0  # >0: the lesion masks as a second training target, with this weight (see `with_mask_head`)
     seg_dice: str = "every_image"  # segmentation: the soft Dice term over every image or only "lesion_images"
+    seg_decoder: str = "unet"  # segmentation: "unet" (skips concatenated) or "attention" (skips gated first)
     verbose: int = 1
 
     @property

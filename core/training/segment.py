@@ -116,6 +116,25 @@ SEG_DICE = {"every_image": "binary cross-entropy + soft Dice",
             "lesion_images": "binary cross-entropy + soft Dice over the images with a lesion"}
 
 
+_UNET = ("U-Net: DenseNet121 encoder (skips conv1_relu, pool2_relu, pool3_relu, pool4_relu, relu), 5 decoder steps of "
+         "bilinear 2x upsampling + concatenation + 2 x (3x3 conv, BatchNorm, ReLU) with 256/128/64/32/16 filters, "
+         "sigmoid output")
+
+#: The decoder's skip connections (`TrainConfig.seg_decoder`, `train.py --seg-decoder`) -> metadata's architecture.
+SEG_DECODERS = {"unet": _UNET,
+                "attention": _UNET.replace("U-Net:", "Attention U-Net:").replace(
+                    "upsampling + concatenation", "upsampling + concatenation with the encoder map times an "
+                    "additive attention gate (Oktay et al. 2018; one 0-1 weight per pixel from the encoder and "
+                    "decoder maps)")}
+
+
+def check_seg_choices(cfg: TrainConfig) -> None:
+    """ConfigError for an unknown `seg_dice` or `seg_decoder`, before any image is decoded."""
+    segmentation_loss(cfg.seg_dice)
+    if cfg.seg_decoder not in SEG_DECODERS:
+        raise ConfigError(f"seg_decoder must be one of {', '.join(SEG_DECODERS)}, not {cfg.seg_decoder!r}.")
+
+
 def segmentation_loss(seg_dice: str = "every_image"):
     """The training loss: binary cross-entropy (pixel mean) + soft Dice, the usual U-Net objective for small
     lesions; `seg_dice` (a key of `SEG_DICE`) says which images the Dice term averages over."""
@@ -261,7 +280,7 @@ def train_fold_model(cfg: TrainConfig, train_xy: tuple, val_xy: tuple):
     from core.models import SegmenterConfig, build_segmenter
 
     model, provenance = build_segmenter(SegmenterConfig(input_size=cfg.input_size, weights=cfg.weights,
-                                                        dropout=cfg.dropout))
+                                                        dropout=cfg.dropout, attention=cfg.seg_decoder == "attention"))
     log.info("Segmenter %s: %d layers, %d parameters; weights: %s", model.name, len(model.layers),
              model.count_params(), provenance["source"])
     history, timing = fit_segmenter(model, cfg, *train_xy, *val_xy)
@@ -362,7 +381,7 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
 
     t_start = time.time()
     check_inputs(cfg, segmentation=True)
-    segmentation_loss(cfg.seg_dice)  # an unknown choice is refused before any image is decoded
+    check_seg_choices(cfg)  # an unknown choice is refused before any image is decoded
     set_seeds(cfg.seed)
     manifest = load_manifest(cfg)
     check_masks(manifest)
@@ -405,9 +424,7 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
         "class_names": list(manifest.class_names),
         "input_size": cfg.input_size,
         "backbone": "densenet121",
-        "architecture": "U-Net: DenseNet121 encoder (skips conv1_relu, pool2_relu, pool3_relu, pool4_relu, relu), "
-                        "5 decoder steps of bilinear 2x upsampling + concatenation + 2 x (3x3 conv, BatchNorm, "
-                        "ReLU) with 256/128/64/32/16 filters, sigmoid output",
+        "architecture": SEG_DECODERS[cfg.seg_decoder],
         "loss": SEG_DICE[cfg.seg_dice],
         "weights": provenance,
         "preprocessing": {"decoder": "core.preprocessing.load_image", "resize": "to the square input; the "

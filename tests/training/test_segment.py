@@ -8,9 +8,9 @@ import pytest
 
 import train
 from core.checkpoints import read_csv
-from core.training.segment import (choose_postprocessing, dice_iou, dice_loss, load_seg_arrays, segmentation_loss,
-                                   segmentation_metrics)
-from tests.conftest import BUSI, needs_shared, write_class_tree
+from core.training.segment import (SEG_DECODERS, check_seg_choices, choose_postprocessing, dice_iou, dice_loss,
+                                   load_seg_arrays, segmentation_loss, segmentation_metrics)
+from tests.conftest import BUSI, ROOT, needs_shared, write_class_tree
 
 
 def test_dice_and_iou_against_hand_computed_values():
@@ -100,6 +100,22 @@ def test_segmenter_cross_validation_is_recorded(tiny_segmenter, tiny_busi_tree, 
     assert cv["differs_from_checkpoint"]["fine_tune_epochs"] == {"checkpoint": 1, "cross_validation": 0}
     assert len(read_csv(bundle / "cv_predictions.csv")) == 30
     assert not (tmp_path / ".seg_tiny.cv").exists()
+
+
+def test_seg_decoder_names_its_architecture_and_an_unknown_one_is_refused():
+    """The default decoder's architecture text is the committed segmenter's (its recipe is unchanged); the attention
+    decoder says so; an unknown decoder or Dice choice is a ConfigError."""
+    from core.errors import ConfigError
+    from core.training import TrainConfig
+
+    committed = json.loads((ROOT / "checkpoints/busi_unet_densenet121/metadata.json").read_text())
+    assert SEG_DECODERS["unet"] == committed["architecture"] and TrainConfig().seg_decoder == "unet"
+    assert SEG_DECODERS["attention"].startswith("Attention U-Net:") and "attention gate" in SEG_DECODERS["attention"]
+    check_seg_choices(TrainConfig(seg_decoder="attention"))
+    with pytest.raises(ConfigError, match="seg_decoder must be one of unet, attention"):
+        check_seg_choices(TrainConfig(seg_decoder="transformer"))
+    with pytest.raises(ConfigError, match="seg_dice"):
+        check_seg_choices(TrainConfig(seg_dice="some_images"))
 
 
 def test_segmentation_without_masks_is_a_clear_error(tmp_path, capsys):
