@@ -103,13 +103,17 @@ def test_segmenter_cross_validation_is_recorded(tiny_segmenter, tiny_busi_tree, 
 
 
 def test_seg_decoder_names_its_architecture_and_an_unknown_one_is_refused():
-    """The default decoder's architecture text is the committed segmenter's (its recipe is unchanged); the attention
-    decoder says so; an unknown decoder or Dice choice is a ConfigError."""
+    """Each decoder's architecture text: the committed segmenter's metadata says the one it was trained with, the
+    plain U-Net's text is the one every bundle before the option recorded; an unknown decoder or Dice choice is a
+    ConfigError."""
     from core.errors import ConfigError
     from core.training import TrainConfig
 
     committed = json.loads((ROOT / "checkpoints/busi_unet_densenet121/metadata.json").read_text())
-    assert SEG_DECODERS["unet"] == committed["architecture"] and TrainConfig().seg_decoder == "unet"
+    assert committed["architecture"] == SEG_DECODERS[committed["config"].get("seg_decoder", "unet")]
+    assert TrainConfig().seg_decoder == "unet" and SEG_DECODERS["unet"].startswith(
+        "U-Net: DenseNet121 encoder (skips conv1_relu, pool2_relu, pool3_relu, pool4_relu, relu), 5 decoder steps "
+        "of bilinear 2x upsampling + concatenation + 2 x (3x3 conv, BatchNorm, ReLU)")
     assert SEG_DECODERS["attention"].startswith("Attention U-Net:") and "attention gate" in SEG_DECODERS["attention"]
     check_seg_choices(TrainConfig(seg_decoder="attention"))
     with pytest.raises(ConfigError, match="seg_decoder must be one of unet, attention"):
