@@ -833,16 +833,18 @@ def effect_note(e) -> None:
 
 def timed_on(machine) -> str:
     """' Seconds timed on AMD EPYC (AVX512_BF16), 2 cores, forward openvino float32; perturbed images on
-    openvino-bf16.' from an explanations.json `machine` record; '' for files that predate it."""
+    openvino-bf16.' from an explanations.json `machine` record, then its `note` (e.g. that the CPU was shared while
+    timing); '' for files that predate it."""
     if not machine:
         return ""
     cpu = machine.get("cpu") or machine.get("platform") or "an unrecorded CPU"
+    note = f" {machine['note']}" if machine.get("note") else ""
     if machine.get("ray"):
-        return f" Seconds timed on Ray workers (the run was started on {cpu})."
+        return f" Seconds timed on Ray workers (the run was started on {cpu}).{note}"
     feats = [f for f in machine.get("cpu_features", []) if f in BF16_FEATURES]
     return (f" Seconds timed on {cpu}" + (f" ({', '.join(feats).upper()})" if feats else "")
             + f", {machine.get('cores', '?')} cores, forward {machine.get('forward', '?')}; perturbed images on "
-            f"{machine.get('perturbation_forward', '?')}.")
+            f"{machine.get('perturbation_forward', '?')}.{note}")
 
 
 def effect_caption(e) -> str:
