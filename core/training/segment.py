@@ -465,6 +465,7 @@ def add_segmenter_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str
     """Cross-validate `cfg` and record it in the existing segmenter bundle (model and test metrics unchanged)."""
     from core.checkpoints import read_metadata, update_metadata
 
+    check_seg_choices(cfg)  # as in train_segmenter: an unknown decoder would otherwise build the plain U-Net
     bundle = Path(cfg.out_dir) / cfg.bundle_name
     if not (bundle / "metadata.json").is_file():
         raise DatasetError(f"No segmenter at {bundle} to add cross-validation to.")

@@ -1120,7 +1120,8 @@ def test_timed_on_names_the_machine_or_the_ray_workers():
     assert timed_on(local) == (" Seconds timed on CPU X (AMX_BF16), 16 cores, forward openvino float32; perturbed "
                                "images on float32.")
     assert timed_on({**local, "ray": "auto"}) == " Seconds timed on Ray workers (the run was started on CPU X)."
-    assert timed_on({**local, "note": "The CPU was shared."}).endswith("perturbed images on float32. The CPU was shared.")
+    assert timed_on({**local, "note": "The CPU was shared."}).endswith(
+        "perturbed images on float32. The CPU was shared.")
 
 
 def test_home_warns_about_a_class_a_split_lacks(tiny_bundle, tmp_path, monkeypatch):

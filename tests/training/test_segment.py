@@ -120,6 +120,10 @@ def test_seg_decoder_names_its_architecture_and_an_unknown_one_is_refused():
         check_seg_choices(TrainConfig(seg_decoder="transformer"))
     with pytest.raises(ConfigError, match="seg_dice"):
         check_seg_choices(TrainConfig(seg_dice="some_images"))
+    from core.training import add_segmenter_cross_validation
+
+    with pytest.raises(ConfigError, match="seg_decoder"):  # --cv-only refuses it too, before looking for the bundle
+        add_segmenter_cross_validation(TrainConfig(seg_decoder="transformer", out_dir=str(ROOT / "no_such_folder")))
 
 
 def test_segmentation_without_masks_is_a_clear_error(tmp_path, capsys):
