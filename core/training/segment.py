@@ -239,13 +239,31 @@ def segmentation_metrics(rows: Sequence[dict], class_names: Sequence[str], n_boo
     return out
 
 
+#: The predicted lesion's shape in each per-image row (`core.segmentation.lesion_measurements` of the predicted
+#: mask's largest region; empty when nothing is predicted): what a classifier could read off the outline.
+SHAPE_COLUMNS = ("pred_regions", "pred_width_to_depth", "pred_margin_irregularity", "pred_circularity")
+
+
+def predicted_shape(pred: np.ndarray) -> dict:
+    """`SHAPE_COLUMNS` of one predicted bool mask (None for each where nothing is predicted; 0 regions)."""
+    from core.segmentation import lesion_measurements
+
+    m = lesion_measurements(pred)
+    if m is None:
+        return {"pred_regions": 0, **{c: None for c in SHAPE_COLUMNS[1:]}}
+    return {"pred_regions": m["n_regions"], "pred_width_to_depth": m["width_to_depth"],
+            "pred_margin_irregularity": m["margin_irregularity"], "pred_circularity": m["circularity"]}
+
+
 def score_masks(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], manifest: Manifest) -> list[dict]:
-    """Per-image rows for `segmentation_metrics`: path, class, dice, iou, true/predicted area fractions."""
+    """Per-image rows for `segmentation_metrics`: path, class, dice, iou, true/predicted area fractions, and the
+    predicted lesion's shape (`SHAPE_COLUMNS`)."""
     rows = []
     for s, p, t in zip(manifest.samples, preds, truths):
         d, j = dice_iou(p, t)
         rows.append({"path": os.path.relpath(s.path, manifest.root), "class": s.class_name, "group": s.group,
-                     "dice": d, "iou": j, "true_area": float(t.mean()), "pred_area": float(p.mean())})
+                     "dice": d, "iou": j, "true_area": float(t.mean()), "pred_area": float(p.mean()),
+                     **predicted_shape(p)})
     return rows
 
 
@@ -348,11 +366,14 @@ def cross_validate_segmenter(cfg: TrainConfig, manifest: Manifest, work_dir: Opt
 def _write_rows(path: Path, rows: Sequence[dict], split_of: Optional[str] = None) -> None:
     from core.checkpoints import write_csv
 
-    header = ["split", "fold", "path", "class", "group", "dice", "iou", "true_area", "pred_area"]
+    def num(v, fmt: str) -> str:
+        return "" if v is None else format(v, fmt)
+
+    header = ["split", "fold", "path", "class", "group", "dice", "iou", "true_area", "pred_area", *SHAPE_COLUMNS]
     write_csv(path, header, [[r.get("split", split_of), r.get("fold", ""), r["path"], r["class"], r["group"],
-                              "" if r["dice"] is None else f"{r['dice']:.4f}",
-                              "" if r["iou"] is None else f"{r['iou']:.4f}",
-                              f"{r['true_area']:.5f}", f"{r['pred_area']:.5f}"] for r in rows])
+                              num(r["dice"], ".4f"), num(r["iou"], ".4f"), f"{r['true_area']:.5f}",
+                              f"{r['pred_area']:.5f}", r.get("pred_regions", ""),
+                              *(num(r.get(c), ".4f") for c in SHAPE_COLUMNS[1:])] for r in rows])
 
 
 def export_model(model):

@@ -8,8 +8,9 @@ import pytest
 
 import train
 from core.checkpoints import read_csv
-from core.training.segment import (SEG_DECODERS, check_seg_choices, choose_postprocessing, dice_iou, dice_loss,
-                                   load_seg_arrays, segmentation_loss, segmentation_metrics)
+from core.training.segment import (SEG_DECODERS, SHAPE_COLUMNS, check_seg_choices, choose_postprocessing, dice_iou,
+                                   dice_loss, load_seg_arrays, predicted_shape, segmentation_loss,
+                                   segmentation_metrics)
 from tests.conftest import BUSI, ROOT, needs_shared, write_class_tree
 
 
@@ -25,6 +26,21 @@ def test_dice_and_iou_against_hand_computed_values():
     assert dice_iou(np.zeros_like(a), np.zeros_like(a)) == (None, None)  # undefined, not perfect
     with pytest.raises(ValueError, match="shapes"):
         dice_iou(a, np.zeros((3, 3), bool))
+
+
+def test_predicted_shape_against_hand_computed_values():
+    """The per-image rows' shape columns: a 20 x 10 px rectangle is twice as wide as deep with a convex (0) margin;
+    two separate regions are counted; nothing predicted gives 0 regions and no shape."""
+    m = np.zeros((40, 60), bool)
+    m[5:15, 10:30] = True
+    s = predicted_shape(m)
+    assert s["pred_regions"] == 1 and s["pred_width_to_depth"] == pytest.approx(2.0)
+    assert s["pred_margin_irregularity"] == pytest.approx(0.0) and 0.5 < s["pred_circularity"] <= 1.0
+    m[30:35, 50:55] = True
+    assert predicted_shape(m)["pred_regions"] == 2
+    m[12:15, 12:28] = False  # a notch cut into the largest region: no longer convex
+    assert predicted_shape(m)["pred_margin_irregularity"] > 0.1
+    assert predicted_shape(np.zeros((8, 8), bool)) == {"pred_regions": 0, **{c: None for c in SHAPE_COLUMNS[1:]}}
 
 
 def test_soft_dice_loss_over_every_image_or_lesion_images_only():
@@ -98,7 +114,11 @@ def test_segmenter_cross_validation_is_recorded(tiny_segmenter, tiny_busi_tree, 
     cv = json.loads((bundle / "metadata.json").read_text())["cross_validation"]
     assert len(cv["folds"]) == 2 and sum(f["n_test"] for f in cv["folds"]) == 30
     assert cv["differs_from_checkpoint"]["fine_tune_epochs"] == {"checkpoint": 1, "cross_validation": 0}
-    assert len(read_csv(bundle / "cv_predictions.csv")) == 30
+    cv_rows = read_csv(bundle / "cv_predictions.csv")
+    assert len(cv_rows) == 30 and all(c in cv_rows[0] for c in SHAPE_COLUMNS)
+    # an image with a predicted lesion has its shape; one without has 0 regions and empty shape columns
+    assert all((r["pred_width_to_depth"] == "") == (float(r["pred_area"]) == 0) for r in cv_rows)
+    assert all((int(r["pred_regions"]) == 0) == (float(r["pred_area"]) == 0) for r in cv_rows)
     assert not (tmp_path / ".seg_tiny.cv").exists()
 
 
