@@ -122,6 +122,23 @@ def test_segmenter_cross_validation_is_recorded(tiny_segmenter, tiny_busi_tree, 
     assert not (tmp_path / ".seg_tiny.cv").exists()
 
 
+def test_committed_segmenter_rows_carry_the_predicted_shape():
+    """The committed segmenter's validation and test rows (and its CV rows) carry the predicted lesion's shape:
+    an image with no predicted lesion has 0 regions and no shape, every other a positive width-to-depth and a
+    margin irregularity in [0, 1)."""
+    bundle = ROOT / "checkpoints" / "busi_unet_densenet121"
+    for name in ("predictions.csv", "cv_predictions.csv"):
+        rows = read_csv(bundle / name)
+        assert rows and all(c in rows[0] for c in SHAPE_COLUMNS)
+        for r in rows:
+            found = float(r["pred_area"]) > 0
+            assert (int(r["pred_regions"]) > 0) == found, r["path"]
+            if found:
+                assert float(r["pred_width_to_depth"]) > 0 and 0 <= float(r["pred_margin_irregularity"]) < 1
+            else:
+                assert r["pred_width_to_depth"] == r["pred_margin_irregularity"] == r["pred_circularity"] == ""
+
+
 def test_seg_decoder_names_its_architecture_and_an_unknown_one_is_refused():
     """Each decoder's architecture text: the committed segmenter's metadata says the one it was trained with, the
     plain U-Net's text is the one every bundle before the option recorded; an unknown decoder or Dice choice is a
