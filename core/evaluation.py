@@ -8,11 +8,15 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-from sklearn import metrics as skm
+
+# scikit-learn is imported inside the functions that use it: it takes about a second to import, and loading a model
+# or showing a prediction needs none of it.
 
 
 def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> list[dict]:
     """One row per class: TP, TN, FP, FN, precision, recall (sensitivity), specificity, F1, support."""
+    from sklearn import metrics as skm
+
     k = len(class_names)
     cm = skm.confusion_matrix(y_true, y_pred, labels=list(range(k)))
     p, r, f, s = skm.precision_recall_fscore_support(y_true, y_pred, labels=list(range(k)), zero_division=0)
@@ -66,6 +70,8 @@ def _auc_defined(present, k: int):
 
 
 def _auc(y_true: np.ndarray, probs: np.ndarray, k: int) -> Optional[float]:
+    from sklearn import metrics as skm
+
     if not _auc_defined(len(np.unique(y_true)), k):
         return None
     if k == 2:
@@ -91,6 +97,8 @@ def _ranked_auc_rows(y_true: np.ndarray, probs: np.ndarray, k: int) -> np.ndarra
 
 
 def _pr_auc(y_true: np.ndarray, probs: np.ndarray, k: int) -> Optional[float]:
+    from sklearn import metrics as skm
+
     if len(np.unique(y_true)) < 2:
         return None
     if k == 2:
@@ -147,6 +155,8 @@ def binomial_ci(correct: int, n: int, level: float = 0.95) -> Optional[list[floa
 def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str],
                            n_boot: int = 1000, seed: int = 0) -> dict:
     """Every headline metric for true labels (N,) and probabilities (N, K), JSON-ready."""
+    from sklearn import metrics as skm
+
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
     probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)  # float32 softmax rounding
@@ -273,6 +283,8 @@ def misread_as(rows: Sequence[dict], predicted: str, class_names: Sequence[str],
 
 def curves(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str]) -> dict:
     """One-vs-rest ROC and PR curve points per class (for plotting)."""
+    from sklearn import metrics as skm
+
     y_true = np.asarray(y_true, dtype=int)
     out = {}
     for i, name in enumerate(class_names):

@@ -103,12 +103,15 @@ def classifier(path: Path):
 def warm_up(path: Path) -> None:
     """Once per checkpoint version: load the Keras model (a warm start predicted without it), trace the gradient
     graph with one Grad-CAM of a blank image and compile the perturbation forward pass (OpenVINO bfloat16 where the
-    bundle allows it: 0.4 s here) with one blank perturbed image, so the first real explanation pays for none."""
+    bundle allows it: 0.4 s here) with one blank perturbed image, and import LIME (with scikit-learn, about 1 s here;
+    the prediction itself needs neither), so the first real explanation pays for none."""
     _warm_up(str(path), _mtime(Path(path)))
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
 def _warm_up(path: str, mtime: float) -> bool:
+    import lime.lime_image  # noqa: F401  (the default methods are Grad-CAM + LIME)
+
     from core.explain import explain as core_explain
 
     clf = _classifier(path, mtime)

@@ -133,3 +133,20 @@ def test_warm_start_predicts_on_openvino_while_keras_loads_behind(tiny_bundle, t
     # A warm cache does not let a bundle whose metadata disagrees with the model through.
     with pytest.raises(CheckpointError, match="3"):
         load_classifier(three_class_copy(tiny_bundle, tmp_path / "t"))
+
+
+def test_the_path_to_a_prediction_imports_no_explainer_library():
+    """Loading a model imports no explainer, and the dashboard's page modules import neither scikit-learn, LIME nor
+    SHAP (about 1, 1 and 2.4 s to import on a 2-core CPU): the first prediction on screen waits for none of them."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys; sys.path.insert(0, 'dashboard'); import core.checkpoints; "
+            "assert not [m for m in sys.modules if m.startswith('core.explain')], 'an explainer is imported'; "
+            "import components, services; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'lime', 'shap'}); "
+            "assert not bad, bad")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]

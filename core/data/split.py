@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, train_test_split
 
 from core.data.manifest import Manifest, Sample
 from core.errors import DatasetError
@@ -23,6 +22,9 @@ def describe_groups(groups: Sequence[str], show: int = 3) -> str:
 
 def _holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of a held-out part of about `fraction`, stratified, never splitting a group."""
+    # imported here: scikit-learn costs about a second to import, and loading a model needs none of it
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, train_test_split
+
     n = len(labels)
     idx = np.arange(n)
     if len(np.unique(groups)) == n:  # no grouping: exact stratified fraction
