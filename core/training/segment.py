@@ -239,9 +239,12 @@ def segmentation_metrics(rows: Sequence[dict], class_names: Sequence[str], n_boo
     return out
 
 
-#: The predicted lesion's shape in each per-image row (`core.segmentation.lesion_measurements` of the predicted
-#: mask's largest region; empty when nothing is predicted): what a classifier could read off the outline.
-SHAPE_COLUMNS = ("pred_regions", "pred_width_to_depth", "pred_margin_irregularity", "pred_circularity")
+#: The predicted lesion's shape in each per-image row -> its key in `core.segmentation.lesion_measurements` of the
+#: predicted mask (the number of regions; the others describe the largest; empty when nothing is predicted): what a
+#: classifier could read off the outline.
+_SHAPE_KEYS = {"pred_regions": "n_regions", "pred_width_to_depth": "width_to_depth",
+               "pred_margin_irregularity": "margin_irregularity", "pred_circularity": "circularity"}
+SHAPE_COLUMNS = tuple(_SHAPE_KEYS)
 
 
 def predicted_shape(pred: np.ndarray) -> dict:
@@ -251,8 +254,7 @@ def predicted_shape(pred: np.ndarray) -> dict:
     m = lesion_measurements(pred)
     if m is None:
         return {"pred_regions": 0, **{c: None for c in SHAPE_COLUMNS[1:]}}
-    return {"pred_regions": m["n_regions"], "pred_width_to_depth": m["width_to_depth"],
-            "pred_margin_irregularity": m["margin_irregularity"], "pred_circularity": m["circularity"]}
+    return {c: m[k] for c, k in _SHAPE_KEYS.items()}
 
 
 def score_masks(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], manifest: Manifest) -> list[dict]:
