@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from core.preprocessing import ensure_rgb_uint8, model_input
+from core.preprocessing import ensure_rgb_uint8, load_mask, model_input
 
 
 def largest_region(mask: np.ndarray) -> np.ndarray:
@@ -121,6 +121,9 @@ def outline(mask: np.ndarray) -> list[np.ndarray]:
 #: that precise (test Dice 0.76), and taller-than-wide is a suspicious sign not to call on a few pixels' difference.
 ORIENTATION_TOLERANCE = 0.1
 
+#: Margin irregularity below SMOOTH_MARGIN reads "smooth" in `describe_lesion`, from IRREGULAR_MARGIN "irregular".
+SMOOTH_MARGIN, IRREGULAR_MARGIN = 0.05, 0.15
+
 
 def orientation(width: float, depth: float) -> str:
     """"wider than tall" / "taller than wide" when one extent exceeds the other by more than ORIENTATION_TOLERANCE,
@@ -172,8 +175,8 @@ def describe_lesion(m: Optional[dict]) -> str:
         return "No lesion predicted in this image."
     size = (f"{m['width_mm']:.1f} x {m['depth_mm']:.1f} mm" if "width_mm" in m
             else f"{m['width_px']} x {m['depth_px']} px (width x depth)")
-    margin = ("smooth" if m["margin_irregularity"] < 0.05 else "slightly irregular" if m["margin_irregularity"] < 0.15
-              else "irregular")
+    margin = ("smooth" if m["margin_irregularity"] < SMOOTH_MARGIN
+              else "slightly irregular" if m["margin_irregularity"] < IRREGULAR_MARGIN else "irregular")
     extra = f"; {m['n_regions']} separate regions, the largest described" if m["n_regions"] > 1 else ""
     return (f"Predicted lesion: {m['area_fraction']:.1%} of the image, {size}, {m['orientation']}, "
             f"{margin} margin (irregularity {m['margin_irregularity']:.2f}){extra}.")
@@ -222,3 +225,79 @@ def read_missed_lesions(bundle: str | Path, split: str = "test") -> Optional[Mis
         return None
     with open(path, newline="") as fh:
         return missed_lesions(list(csv.DictReader(fh)), split)
+
+#: The predicted lesion's shape in a segmenter's per-image rows (`predictions.csv`, `cv_predictions.csv`) -> its key
+#: in `lesion_measurements` of the predicted mask (the number of regions; the others describe the largest; empty
+#: when nothing is predicted): what a classifier or a reader could take from the outline.
+_SHAPE_KEYS = {"pred_regions": "n_regions", "pred_width_to_depth": "width_to_depth",
+               "pred_margin_irregularity": "margin_irregularity", "pred_circularity": "circularity"}
+SHAPE_COLUMNS = tuple(_SHAPE_KEYS)
+#: The shape columns `shape_by_class` summarises -> what they are called.
+SHAPE_DESCRIPTORS = {c: _SHAPE_KEYS[c].replace("_", " ") for c in SHAPE_COLUMNS[1:]}
+
+
+def predicted_shape(mask: np.ndarray) -> dict:
+    """`SHAPE_COLUMNS` of one bool lesion mask (None for each where the mask is empty; 0 regions)."""
+    m = lesion_measurements(mask)
+    if m is None:
+        return {"pred_regions": 0, **{c: None for c in SHAPE_COLUMNS[1:]}}
+    return {c: m[k] for c, k in _SHAPE_KEYS.items()}
+
+
+def true_shape_rows(split_rows: Sequence[dict], root: str | Path) -> list[dict]:
+    """The same shape columns measured on the radiologists' masks: for each row of a bundle's `split.csv` (dicts with
+    path, class_name, mask_paths separated by ';' relative to `root`), {path, class, true_area, *SHAPE_COLUMNS}; rows
+    without a mask file get true_area 0. Compare with `shape_by_class` of the predicted rows."""
+    out = []
+    for r in split_rows:
+        paths = [Path(root) / q for q in (r.get("mask_paths") or "").split(";") if q]
+        mask = load_mask(paths) if paths else np.zeros((1, 1), bool)
+        out.append({"path": r["path"], "class": r.get("class_name"), "true_area": float(mask.mean()),
+                    **predicted_shape(mask)})
+    return out
+
+
+def _float(v) -> Optional[float]:
+    return None if v in (None, "") else float(v)
+
+
+def shape_by_class(rows: Sequence[dict], class_names: Sequence[str], positive: str = "malignant") -> Optional[dict]:
+    """The segmenter's predicted lesion shape by true class, over rows of its `predictions.csv` or
+    `cv_predictions.csv` (dicts with class, true_area, pred_regions and the `SHAPE_DESCRIPTORS` columns) of images
+    with a true lesion: what the outlines Explain describes look like, class by class.
+
+    Returns None when no row has the shape columns; else {"n_lesions", "n_outlined", "classes": [{class, lesions,
+    outlined (a lesion predicted), median of each descriptor, taller_than_wide and irregular (shares of the
+    outlined, by `orientation` and IRREGULAR_MARGIN)}], "separation": {descriptor: ROC AUC of it for `positive`
+    against the other lesion classes (above 0.5: higher values mean `positive`), or None where undefined}}.
+    """
+    lesions = [r for r in rows if (_float(r.get("true_area")) or 0) > 0 and r.get("pred_regions") not in (None, "")]
+    if not lesions:
+        return None
+    outlined = [r for r in lesions if int(float(r["pred_regions"])) > 0]
+    classes = []
+    for c in class_names:
+        rc = [r for r in outlined if r.get("class") == c]
+        n_les = sum(r.get("class") == c for r in lesions)
+        if not n_les:
+            continue
+        wd = [_float(r["pred_width_to_depth"]) for r in rc]
+        irr = [_float(r["pred_margin_irregularity"]) for r in rc]
+        row = {"class": c, "lesions": n_les, "outlined": len(rc)}
+        for col, name in SHAPE_DESCRIPTORS.items():
+            vals = [_float(r[col]) for r in rc]
+            row[f"median {name}"] = float(np.median(vals)) if vals else None
+        row["taller_than_wide"] = float(np.mean([orientation(w, 1.0) == "taller than wide" for w in wd])) if rc else None
+        row["irregular"] = float(np.mean([v >= IRREGULAR_MARGIN for v in irr])) if rc else None
+        classes.append(row)
+    separation = {}
+    y = np.array([r.get("class") == positive for r in outlined])
+    for col, name in SHAPE_DESCRIPTORS.items():
+        if y.all() or not y.any():
+            separation[name] = None
+            continue
+        from sklearn.metrics import roc_auc_score  # scikit-learn stays off the path to a prediction
+
+        separation[name] = float(roc_auc_score(y, [_float(r[col]) for r in outlined]))
+    return {"n_lesions": len(lesions), "n_outlined": len(outlined), "positive": positive, "classes": classes,
+            "separation": separation}

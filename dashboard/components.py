@@ -14,6 +14,7 @@ from PIL import Image
 
 import services as svc
 from core.backends import BF16_FEATURES
+from core.data.roots import resolve_data_root
 from core.data.split import describe_groups
 from core.evaluation import operating_point_source, subtype_caution as subtype_caution_of, weak_subgroups
 from core.explain import EXPLAINERS, FAST_PARAMS, MAX_PERTURBATION_TILES, PERTURBATION_METHODS
@@ -961,6 +962,110 @@ def segmenter_card(ckpt: Path) -> None:
                        + (f"; settings that differ from the checkpoint: {cvm['differs_from_checkpoint']}"
                           if cvm.get("differs_from_checkpoint") else "") + "\n" if cvm else "")
                     + f"- **Command:** `{meta.get('command')}`\n- **Git commit:** {meta.get('git_commit')}")
+
+
+def dataset_thumbnails(ckpt: Path, root: Path, items: list[tuple[str, str, str]], key: str,
+                       draw=None, columns: int = 6) -> None:
+    """A grid of dataset images, each with "Open in Explain" (the image becomes the current one, with its true class
+    and the lesion masks `ckpt`'s split.csv lists). items: (path relative to `root`, true class, caption);
+    `draw(image, path)` may draw on a thumbnail (uint8 RGB in, uint8 RGB out)."""
+    here = [it for it in items if (root / it[0]).is_file()]
+    if len(here) < len(items):
+        st.caption(f"{len(items) - len(here)} of these {len(items)} images are not in {root} here.")
+    cols = st.columns(columns)
+    for i, (rel, true_class, caption) in enumerate(here):
+        path = root / rel
+        col = cols[i % columns]
+        thumb = svc.decode(svc.read_file(str(path))).array
+        col.image(draw(thumb, rel) if draw else thumb, caption=caption, width="stretch")
+        if col.button("Open in Explain", key=f"{key}_{i}"):
+            split_rows = {x["path"]: x for x in svc.read_csv(ckpt / "split.csv")}
+            masks = tuple(str(root / q) for q in split_rows.get(rel, {}).get("mask_paths", "").split(";") if q)
+            st.session_state["selected_example_info"] = {"path": str(path), "class_name": true_class,
+                                                         "mask_paths": masks}
+            st.switch_page("pages/1_Explain.py")
+
+
+def segmenter_evaluation(ckpt: Path, split: str) -> None:
+    """On Evaluation (ultrasound checkpoints with a segmenter, test or validation split): the Dice of every lesion,
+    the lesions it missed with both outlines, and the predicted lesion shape by class beside the radiologists'."""
+    from core.segmentation import MISSED_DICE, missed_lesions, shape_by_class
+
+    seg = svc.segmenter_for(ckpt)
+    rows = svc.segmenter_rows(seg, split) if seg is not None and split in ("test", "val") else []
+    lesions = sorted((r for r in rows if float(r.get("true_area") or 0) > 0 and r.get("dice") not in (None, "")),
+                     key=lambda r: float(r["dice"]))
+    if not lesions:
+        return
+    where = {"val": "validation"}.get(split, split)
+    st.subheader(f"Lesion segmenter · {seg.name} on the {where} split")
+    dice = np.array([float(r["dice"]) for r in lesions])
+    fig = go.Figure(go.Histogram(x=dice, xbins=dict(start=0.0, end=1.0001, size=0.05), marker_color="#7b3fa0",
+                                 hovertemplate="Dice %{x}<br>%{y} lesions<extra></extra>"))
+    fig.add_vline(x=MISSED_DICE, line_dash="dot", line_color="grey", annotation_text="missed below",
+                  annotation_position="top right")
+    fig.update_layout(xaxis=dict(title="Dice of the predicted and the radiologists' outline", range=[0, 1]),
+                      yaxis_title="lesions", height=300, margin=dict(l=10, r=10, t=30, b=10), bargap=0.05)
+    st.plotly_chart(fig, width="stretch", key="ev_seg_dice")
+    missed = missed_lesions(rows, split)
+    st.caption(f"Each of the {len(lesions)} {where} images with a lesion: mean Dice {dice.mean():.3f}, median "
+               f"{np.median(dice):.3f}. " + (missed.sentence() if missed else ""))
+    root = resolve_data_root(svc.metadata(seg), seg)
+    worst = [r for r in lesions if float(r["dice"]) < MISSED_DICE] or lesions[:6]
+    st.markdown(("**The lesions it missed**" if float(worst[-1]["dice"]) < MISSED_DICE else "**Its lowest Dice**")
+                + " · cyan: the radiologists' outline, magenta: the predicted one")
+    if not root.is_dir():
+        st.info(f"The dataset folder {root} is not available here, so images cannot be shown.")
+    else:
+        split_rows = {x["path"]: x for x in svc.read_csv(seg / "split.csv")}
+
+        def draw(image: np.ndarray, rel: str) -> np.ndarray:
+            masks = [str(root / q) for q in split_rows.get(rel, {}).get("mask_paths", "").split(";") if q]
+            true = svc.mask_for(tuple(masks), image.shape[:2]) if masks else None
+            lesion = svc.predicted_lesion(ckpt, image, svc.sha256(image.tobytes()))
+            out = mask_outline(image, lesion.mask, PREDICTED_OUTLINE) if lesion and lesion.mask.any() else image
+            return mask_outline(out, true, TRUE_OUTLINE) if true is not None else out
+
+        dataset_thumbnails(ckpt, root, [(r["path"], r["class"], f"{Path(r['path']).name} · Dice {float(r['dice']):.2f}")
+                                        for r in worst[:12]], "ev_seg_open", draw)
+    names = svc.metadata(seg)["class_names"]
+    pred = shape_by_class(rows, names)
+    if pred is None:
+        return
+    true_rows = svc.true_shapes(seg, split)
+    true = shape_by_class(true_rows, names) if true_rows else None
+    st.markdown("**Predicted lesion shape by class**, as Explain describes it, beside the same measures of the "
+                "radiologists' outlines")
+    table = []
+    for source, summary in (("predicted", pred), ("radiologists'", true)):
+        for c in (summary or {}).get("classes", []):
+            table.append({"outline": source, "class": c["class"], "lesions outlined": c["outlined"],
+                          "median width / depth": _r(c["median width to depth"]),
+                          "taller than wide": _pct(c["taller_than_wide"]), "irregular margin": _pct(c["irregular"]),
+                          "median margin irregularity": _r(c["median margin irregularity"]),
+                          "median circularity": _r(c["median circularity"])})
+    st.dataframe(table, width="stretch", hide_index=True)
+    st.caption(shape_separation_sentence(pred, true)
+               + " Margins are called irregular from an irregularity (1 − area / convex-hull area) of 0.15.")
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{v:.0%}"
+
+
+def shape_separation_sentence(pred: dict, true: Optional[dict]) -> str:
+    """How well each shape measure tells the positive class from the other lesions, on the predicted outlines and,
+    where measured, the radiologists' (ROC AUC, direction-free: 0.5 = no information, 1 = perfect)."""
+    def auc(summary: Optional[dict], name: str) -> str:
+        a = (summary or {}).get("separation", {}).get(name)
+        if a is None:
+            return "n/a"
+        return f"{max(a, 1 - a):.2f} ({'higher' if a >= 0.5 else 'lower'} in {summary['positive']})"
+
+    parts = [f"{name}: {auc(pred, name)} predicted" + (f", {auc(true, name)} radiologists'" if true else "")
+             for name in pred["separation"]]
+    return (f"How well each measure tells {pred['positive']} from the other lesions (ROC AUC, 0.5 = no information): "
+            + "; ".join(parts) + ".")
 
 
 def fmt_metric(v) -> str:

@@ -20,13 +20,13 @@ import numpy as np
 import streamlit as st
 
 from core import gallery, tiles
-from core.data.roots import bundle_splits
-from core.checkpoints import (CHECKPOINTS_DIR, list_bundles, load_classifier, load_segmenter, read_metadata,
-                              verify_bundle)
+from core.data.roots import bundle_splits, resolve_data_root
+from core.checkpoints import (CHECKPOINTS_DIR, list_bundles, load_classifier, load_segmenter, read_csv,
+                              read_metadata, verify_bundle)
 from core.checkpoints import segmenter_for as find_segmenter
 from core.errors import BreastXAIError, CheckpointError, InvalidImageError
 from core.preprocessing import DecodedImage, decode_image, load_mask
-from core.segmentation import MissedLesions
+from core.segmentation import MissedLesions, true_shape_rows
 
 
 def _keep_keras_session() -> None:
@@ -308,6 +308,35 @@ def _missed(seg: str, mtime: float, split: str):
     from core.segmentation import read_missed_lesions
 
     return read_missed_lesions(seg, split)
+
+
+def segmenter_rows(seg: Path, split: str) -> list[dict]:
+    """The rows of a segmenter bundle's `predictions.csv` for `split` ("test" or "val"; cached on its mtime)."""
+    return _seg_rows(str(seg), _mtime(seg), split)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _seg_rows(seg: str, mtime: float, split: str) -> list[dict]:
+    path = Path(seg) / "predictions.csv"
+    return [r for r in read_csv(path) if r.get("split") == split] if path.is_file() else []
+
+
+def true_shapes(seg: Path, split: str) -> Optional[list[dict]]:
+    """`core.segmentation.true_shape_rows` of the split's images (the radiologists' outlines measured like the
+    predicted ones), or None when the dataset or a mask file is not here."""
+    return _true_shapes(str(seg), _mtime(seg), split)
+
+
+@st.cache_data(max_entries=8, show_spinner="Measuring the radiologists' outlines…")
+def _true_shapes(seg: str, mtime: float, split: str) -> Optional[list[dict]]:
+    root = resolve_data_root(metadata(Path(seg)), Path(seg))
+    rows = [r for r in read_csv(Path(seg) / "split.csv") if r.get("split") == split]
+    if not root.is_dir() or not rows:
+        return None
+    try:
+        return true_shape_rows(rows, root)
+    except (OSError, ValueError):  # a mask file missing or unreadable here
+        return None
 
 
 def predicted_lesion(ckpt: Path, image: np.ndarray, image_sha: str) -> Optional[PredictedLesion]:

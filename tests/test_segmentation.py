@@ -91,3 +91,35 @@ def test_missed_lesions_counts_near_total_misses_of_one_split(tmp_path):
     r = read_missed_lesions(tmp_path)
     assert (r.lesions, r.missed, r.outlined_elsewhere) == (2, 1, 1)
     assert read_missed_lesions(tmp_path / "nowhere") is None
+
+
+def test_shape_by_class_summarises_the_outlines_class_by_class():
+    from core.segmentation import shape_by_class
+
+    def row(cls, wd, irr, circ=0.8, regions=1, true_area="0.1"):
+        return {"class": cls, "true_area": true_area, "pred_regions": str(regions),
+                "pred_width_to_depth": "" if regions == 0 else str(wd),
+                "pred_margin_irregularity": "" if regions == 0 else str(irr),
+                "pred_circularity": "" if regions == 0 else str(circ)}
+
+    rows = [row("benign", 2.0, 0.01), row("benign", 1.5, 0.02), row("benign", 0.8, 0.20),  # one taller than wide
+            row("benign", 0, 0, regions=0),  # a benign lesion the segmenter missed: counted, not described
+            row("malignant", 0.7, 0.30, 0.5), row("malignant", 1.2, 0.25, 0.6),
+            row("normal", 0, 0, regions=0, true_area="0")]  # no lesion: not in the summary
+    s = shape_by_class(rows, ["benign", "malignant", "normal"])
+    assert (s["n_lesions"], s["n_outlined"]) == (6, 5)
+    b, m = s["classes"]
+    assert [c["class"] for c in s["classes"]] == ["benign", "malignant"]  # normal has no lesion
+    assert (b["lesions"], b["outlined"], m["lesions"], m["outlined"]) == (4, 3, 2, 2)
+    assert b["median width to depth"] == 1.5 and m["median width to depth"] == pytest.approx(0.95)
+    assert b["taller_than_wide"] == pytest.approx(1 / 3) and m["taller_than_wide"] == 0.5  # 0.8 and 0.7 < 1 / 1.1
+    assert b["irregular"] == pytest.approx(1 / 3) and m["irregular"] == 1.0
+    # ROC AUC = share of (malignant, benign) pairs where the malignant outline's value is higher: irregularity
+    # 0.30, 0.25 against 0.01, 0.02, 0.20 in 6 of 6 pairs; width to depth 0.7, 1.2 against 2.0, 1.5, 0.8 in 1 of 6.
+    assert s["separation"]["margin irregularity"] == 1.0
+    assert s["separation"]["width to depth"] == pytest.approx(1 / 6)
+    assert s["separation"]["circularity"] == 0.0
+    assert shape_by_class([{k: v for k, v in r.items() if not k.startswith("pred_")} for r in rows],
+                          ["benign", "malignant"]) is None  # rows without the shape columns
+    only_benign = shape_by_class(rows[:3], ["benign", "malignant"])
+    assert only_benign["separation"]["margin irregularity"] is None

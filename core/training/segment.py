@@ -25,6 +25,7 @@ from core.data.loaders import CITATIONS
 from core.errors import ConfigError, DatasetError
 from core.evaluation import mean_ci
 from core.preprocessing import load_mask, model_input
+from core.segmentation import SHAPE_COLUMNS, predicted_shape
 from core.training.classify import (TrainConfig, check_inputs, config_differences, config_json, cv_work_dir,
                                     fit_callbacks, group_folds, load_manifest)
 from core.training.common import (git_commit, joint_geometry, quote_arg, resolve_precision, run_phase, run_record,
@@ -237,24 +238,6 @@ def segmentation_metrics(rows: Sequence[dict], class_names: Sequence[str], n_boo
                                    "false_positive_area_max": float(fp.max()),
                                    "share_with_no_predicted_lesion": float(np.mean(fp == 0))}
     return out
-
-
-#: The predicted lesion's shape in each per-image row -> its key in `core.segmentation.lesion_measurements` of the
-#: predicted mask (the number of regions; the others describe the largest; empty when nothing is predicted): what a
-#: classifier could read off the outline.
-_SHAPE_KEYS = {"pred_regions": "n_regions", "pred_width_to_depth": "width_to_depth",
-               "pred_margin_irregularity": "margin_irregularity", "pred_circularity": "circularity"}
-SHAPE_COLUMNS = tuple(_SHAPE_KEYS)
-
-
-def predicted_shape(pred: np.ndarray) -> dict:
-    """`SHAPE_COLUMNS` of one predicted bool mask (None for each where nothing is predicted; 0 regions)."""
-    from core.segmentation import lesion_measurements
-
-    m = lesion_measurements(pred)
-    if m is None:
-        return {"pred_regions": 0, **{c: None for c in SHAPE_COLUMNS[1:]}}
-    return {c: m[k] for c, k in _SHAPE_KEYS.items()}
 
 
 def score_masks(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], manifest: Manifest) -> list[dict]:

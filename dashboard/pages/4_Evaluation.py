@@ -64,20 +64,8 @@ st.write(f"**{len(hits)}** {split} image(s) with true class *{t_name}* predicted
 if hits and not root.is_dir():
     st.info(f"The dataset folder {root} is not available here, so images cannot be shown.")
 elif hits:
-    cols = st.columns(6)
-    for i, r in enumerate(hits[:18]):
-        path = root / r["path"]
-        col = cols[i % 6]
-        if path.is_file():
-            thumb = svc.decode(svc.read_file(str(path))).array
-            col.image(thumb, caption=f"{Path(r['path']).name} · p({p_name}) {float(r['p_' + p_name]):.2f}",
-                      width="stretch")
-            if col.button("Open in Explain", key=f"ev_open_{i}"):
-                split_rows = {x["path"]: x for x in read_csv(ckpt / "split.csv")}
-                masks = tuple(str(root / q) for q in split_rows.get(r["path"], {}).get("mask_paths", "").split(";") if q)
-                st.session_state["selected_example_info"] = {"path": str(path), "class_name": t_name,
-                                                             "mask_paths": masks}
-                st.switch_page("pages/1_Explain.py")
+    ui.dataset_thumbnails(ckpt, root, [(r["path"], t_name, f"{Path(r['path']).name} · p({p_name}) "
+                                       f"{float(r['p_' + p_name]):.2f}") for r in hits[:18]], "ev_open")
 
 if split in ("test", "val"):
     groups = {x["path"]: x["group"] for x in read_csv(ckpt / "split.csv") if x["split"] == split}
@@ -167,6 +155,8 @@ st.write(f"Macro avg: precision {m['macro_avg']['precision']:.3f}, recall {m['ma
          f"F1 {m['macro_avg']['f1-score']:.3f} · weighted avg F1 {m['weighted_avg']['f1-score']:.3f}")
 
 ui.small_data_evidence(meta, ckpt)
+
+ui.segmenter_evaluation(ckpt, split)
 
 st.subheader("Explanation quality")
 ej = svc.explanations_json(ckpt)

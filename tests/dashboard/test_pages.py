@@ -797,16 +797,22 @@ def test_lime_lab_estimate_lands_near_a_real_run(app_env):
     assert est > 0 and 0.33 * took <= est <= 3 * took, (est, took)
 
 
-@pytest.fixture
-def ultrasound_env(tiny_bundle, tiny_segmenter, tmp_path, monkeypatch):
-    """An ultrasound (BUSI) classifier and a BUSI segmenter whose threshold 0 marks the whole image as lesion,
-    so the predicted-lesion paths run whatever the tiny segmenter learned."""
-    ckpts = tmp_path / "ckpts"
+def ultrasound_pair(tiny_bundle, tiny_segmenter, ckpts):
+    """A checkpoints folder with the tiny classifier as an ultrasound (BUSI) one, `us_tiny`, and the tiny BUSI
+    segmenter, `seg_tiny`."""
     shutil.copytree(tiny_bundle, ckpts / "us_tiny")
     shutil.copytree(tiny_segmenter, ckpts / "seg_tiny")
     meta = json.loads((ckpts / "us_tiny" / "metadata.json").read_text())
     meta["dataset"]["kind"] = "busi"
     (ckpts / "us_tiny" / "metadata.json").write_text(json.dumps(meta))
+    return ckpts
+
+
+@pytest.fixture
+def ultrasound_env(tiny_bundle, tiny_segmenter, tmp_path, monkeypatch):
+    """An ultrasound (BUSI) classifier and a BUSI segmenter whose threshold 0 marks the whole image as lesion,
+    so the predicted-lesion paths run whatever the tiny segmenter learned."""
+    ckpts = ultrasound_pair(tiny_bundle, tiny_segmenter, tmp_path / "ckpts")
     seg = json.loads((ckpts / "seg_tiny" / "metadata.json").read_text())
     seg["postprocessing"] = {"threshold": 0.0, "largest_region_only": False}
     seg["model_selection"] = {"rule": "highest validation Dice", "chosen": "224 px",
@@ -1139,3 +1145,54 @@ def test_home_warns_about_a_class_a_split_lacks(tiny_bundle, tmp_path, monkeypat
     serve_from(monkeypatch, tmp_path / "plain")
     at = app()
     assert not any("No training images" in w.value for w in at.warning)
+
+
+def test_evaluation_shows_the_segmenter_s_dice_misses_and_shape_by_class(tiny_bundle, tiny_segmenter, tiny_busi_tree,
+                                                                         tmp_path, monkeypatch):
+    from core.checkpoints import read_csv
+    from core.segmentation import MISSED_DICE
+
+    ckpts = ultrasound_pair(tiny_bundle, tiny_segmenter, tmp_path / "ckpts")
+    seg = json.loads((ckpts / "seg_tiny" / "metadata.json").read_text())
+    seg["dataset"]["root"] = str(tiny_busi_tree)
+    (ckpts / "seg_tiny" / "metadata.json").write_text(json.dumps(seg))
+    serve_from(monkeypatch, ckpts, tiny_busi_tree)
+    rows = [r for r in read_csv(ckpts / "seg_tiny" / "predictions.csv") if r["split"] == "test"]
+    lesions = [r for r in rows if float(r["true_area"]) > 0]
+    dice = [float(r["dice"]) for r in lesions]
+    assert lesions and all(r["pred_regions"] != "" for r in lesions)  # the bundle's rows carry the shape
+
+    at = app("pages/4_Evaluation.py")
+    no_exception(at)
+    assert any(h.value == "Lesion segmenter · seg_tiny on the test split" for h in at.subheader)
+    assert any(c.value.startswith(f"Each of the {len(lesions)} test images with a lesion: mean Dice "
+                                  f"{np.mean(dice):.3f}, median {np.median(dice):.3f}.") for c in at.caption)
+    shown = sum(d < MISSED_DICE for d in dice) or min(6, len(lesions))  # the misses, else the lowest Dice
+    assert sum(b.label == "Open in Explain" for b in at.button) == shown
+    table = next(d.value for d in at.dataframe if "outline" in d.value.columns)
+    truth = table[table["outline"] == "radiologists'"]
+    assert truth["lesions outlined"].sum() == len(lesions)  # every true lesion measured on its own mask
+    assert (table[table["outline"] == "predicted"]["lesions outlined"].sum()
+            == sum(int(r["pred_regions"]) > 0 for r in lesions))
+    assert any(c.value.startswith("How well each measure tells malignant from the other lesions") for c in at.caption)
+
+    at.button(key="ev_seg_open_0").click().run()  # the worst lesion opens on Explain as the current image
+    no_exception(at)
+    worst = min(lesions, key=lambda r: float(r["dice"]))
+    assert at.session_state["current_image"]["name"] == worst["path"].rsplit("/", 1)[-1]
+
+
+def test_evaluation_segmenter_view_without_the_dataset_or_shape_columns(ultrasound_env):
+    at = app("pages/4_Evaluation.py")
+    no_exception(at)
+    assert any(h.value == "Lesion segmenter · seg_tiny on the test split" for h in at.subheader)
+    assert any(c.value.startswith("Each of the 2 test images with a lesion: mean Dice 0.410, median 0.410. It missed "
+                                  "1 of 2") for c in at.caption)
+    assert any(re.match(r"1 of these 1 images are not in .* here\.", c.value) for c in at.caption)  # a.png
+    assert not any("outline" in d.value.columns for d in at.dataframe)  # rows without shape columns: no table
+    seg = json.loads((ultrasound_env / "seg_tiny" / "metadata.json").read_text())
+    seg["dataset"]["root"] = str(ultrasound_env / "gone")
+    (ultrasound_env / "seg_tiny" / "metadata.json").write_text(json.dumps(seg))
+    at = app("pages/4_Evaluation.py")
+    no_exception(at)
+    assert any("is not available here, so images cannot be shown" in i.value for i in at.info)
