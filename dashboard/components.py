@@ -939,7 +939,8 @@ def segmenter_card(ckpt: Path) -> None:
     st.caption(f"Test Dice {fmt_metric(d.get('mean'))}{_ci(d.get('ci95'))} over the images with a lesion"
                + (f"; on the {fp['n']} scans without a lesion, {fp['false_positive_area_mean']:.1%} of the image is "
                   f"called lesion on average and {fp['share_with_no_predicted_lesion']:.0%} get no outline at all"
-                  if fp else "") + "." + (f" {missed.sentence()}" if missed is not None else ""))
+                  if fp else "") + "." + (f" {missed.sentence()}" if missed is not None else "")
+               + " Evaluation shows each lesion's Dice, the lesions it missed and the predicted shape by class.")
     rows = [{"class": c, "Dice (test)": fmt_metric(v["dice"]["mean"]), "95% CI": "–".join(f"{x:.3f}" for x in v["dice"].get("ci95") or []),
              "IoU (test)": fmt_metric(v["iou"]["mean"]), "lesions": v["dice"]["n"],
              **({"Dice (cross-validated)": fmt_metric(cv["by_class"][c]["dice"]["mean"])}

@@ -879,7 +879,8 @@ def test_model_card_shows_the_lesion_segmenter(ultrasound_env):
     labels = [m.label for m in at.metric]
     assert any(l.startswith("Dice, test split (n = ") for l in labels) and "IoU, test split" in labels
     assert any("scans without a lesion" in c.value and c.value.endswith(
-        "It missed 1 of 2 test lesions almost entirely (Dice < 0.1), 1 of them by outlining something else.")
+        "It missed 1 of 2 test lesions almost entirely (Dice < 0.1), 1 of them by outlining something else. "
+        "Evaluation shows each lesion's Dice, the lesions it missed and the predicted shape by class.")
         for c in at.caption)
     chosen = [e for e in at.expander if e.label.startswith("How this checkpoint was chosen (2 candidates")]
     assert chosen and "288 px" in chosen[-1].dataframe[0].value["candidate"].tolist()
