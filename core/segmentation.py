@@ -226,6 +226,7 @@ def read_missed_lesions(bundle: str | Path, split: str = "test") -> Optional[Mis
     with open(path, newline="") as fh:
         return missed_lesions(list(csv.DictReader(fh)), split)
 
+
 #: The predicted lesion's shape in a segmenter's per-image rows (`predictions.csv`, `cv_predictions.csv`) -> its key
 #: in `lesion_measurements` of the predicted mask (the number of regions; the others describe the largest; empty
 #: when nothing is predicted): what a classifier or a reader could take from the outline.
@@ -287,17 +288,16 @@ def shape_by_class(rows: Sequence[dict], class_names: Sequence[str], positive: s
         for col, name in SHAPE_DESCRIPTORS.items():
             vals = [_float(r[col]) for r in rc]
             row[f"median {name}"] = float(np.median(vals)) if vals else None
-        row["taller_than_wide"] = float(np.mean([orientation(w, 1.0) == "taller than wide" for w in wd])) if rc else None
-        row["irregular"] = float(np.mean([v >= IRREGULAR_MARGIN for v in irr])) if rc else None
+        if rc:
+            row["taller_than_wide"] = float(np.mean([orientation(w, 1.0) == "taller than wide" for w in wd]))
+            row["irregular"] = float(np.mean([v >= IRREGULAR_MARGIN for v in irr]))
+        else:
+            row["taller_than_wide"] = row["irregular"] = None
         classes.append(row)
-    separation = {}
-    y = np.array([r.get("class") == positive for r in outlined])
-    for col, name in SHAPE_DESCRIPTORS.items():
-        if y.all() or not y.any():
-            separation[name] = None
-            continue
-        from sklearn.metrics import roc_auc_score  # scikit-learn stays off the path to a prediction
+    from sklearn.metrics import roc_auc_score  # here, not at the top: scikit-learn stays off the path to a prediction
 
-        separation[name] = float(roc_auc_score(y, [_float(r[col]) for r in outlined]))
+    y = np.array([r.get("class") == positive for r in outlined])
+    separation = {name: None if y.all() or not y.any() else float(roc_auc_score(y, [_float(r[col]) for r in outlined]))
+                  for col, name in SHAPE_DESCRIPTORS.items()}
     return {"n_lesions": len(lesions), "n_outlined": len(outlined), "positive": positive, "classes": classes,
             "separation": separation}

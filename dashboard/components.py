@@ -990,7 +990,7 @@ def dataset_thumbnails(ckpt: Path, root: Path, items: list[tuple[str, str, str]]
 def segmenter_evaluation(ckpt: Path, split: str) -> None:
     """On Evaluation (ultrasound checkpoints with a segmenter, test or validation split): the Dice of every lesion,
     the lesions it missed with both outlines, and the predicted lesion shape by class beside the radiologists'."""
-    from core.segmentation import MISSED_DICE, missed_lesions, shape_by_class
+    from core.segmentation import IRREGULAR_MARGIN, MISSED_DICE, missed_lesions, shape_by_class
 
     seg = svc.segmenter_for(ckpt)
     rows = svc.segmenter_rows(seg, split) if seg is not None and split in ("test", "val") else []
@@ -1027,8 +1027,8 @@ def segmenter_evaluation(ckpt: Path, split: str) -> None:
             out = mask_outline(image, lesion.mask, PREDICTED_OUTLINE) if lesion and lesion.mask.any() else image
             return mask_outline(out, true, TRUE_OUTLINE) if true is not None else out
 
-        dataset_thumbnails(ckpt, root, [(r["path"], r["class"], f"{Path(r['path']).name} · Dice {float(r['dice']):.2f}")
-                                        for r in worst[:12]], "ev_seg_open", draw)
+        dataset_thumbnails(ckpt, root, [(r["path"], r["class"], f"{Path(r['path']).name} · Dice "
+                                         f"{float(r['dice']):.2f}") for r in worst[:12]], "ev_seg_open", draw)
     names = svc.metadata(seg)["class_names"]
     pred = shape_by_class(rows, names)
     if pred is None:
@@ -1047,7 +1047,8 @@ def segmenter_evaluation(ckpt: Path, split: str) -> None:
                           "median circularity": _r(c["median circularity"])})
     st.dataframe(table, width="stretch", hide_index=True)
     st.caption(shape_separation_sentence(pred, true)
-               + " Margins are called irregular from an irregularity (1 − area / convex-hull area) of 0.15.")
+               + f" Margins are called irregular from an irregularity (1 − area / convex-hull area) of "
+                 f"{IRREGULAR_MARGIN}.")
 
 
 def _pct(v) -> str:
