@@ -90,7 +90,8 @@ def test_the_request_pool_serves_batches_at_the_same_time(tiny_bundle, isolated_
     assert out.shape == (4, 2) and B.REQUEST_POOL >= 2
 
 
-def test_perturbation_forward_is_bfloat16_only_where_explanations_agree(tiny_bundle, isolated_cache, tmp_path):
+def test_perturbation_forward_is_bfloat16_only_where_explanations_agree(tiny_bundle, isolated_cache, tmp_path,
+                                                                        monkeypatch):
     import json
     import shutil
 
@@ -109,6 +110,9 @@ def test_perturbation_forward_is_bfloat16_only_where_explanations_agree(tiny_bun
     assert res["passed"] == all(r["spearman"] is not None and r["spearman"] >= 0.95 and r.get("lime_top5_same", True)
                                 for r in res["rows"])
     (bundle / "fast_forward.json").write_text(json.dumps({**res, "passed": True}))
+    monkeypatch.setattr(B, "cpu_has_bf16", lambda: False)  # emulated bfloat16 is slower than float32: not used
+    assert load_classifier(bundle).perturbation == "float32"
+    monkeypatch.setattr(B, "cpu_has_bf16", lambda: True)
     fast = load_classifier(bundle)
     assert fast.perturbation == "openvino-bf16"
     np.testing.assert_allclose(fast.predict_proba(imgs[0]), clf.predict_proba(imgs[0]), atol=1e-6)  # display: float32
