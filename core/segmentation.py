@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from core.data.split import mask_paths
 from core.preprocessing import ensure_rgb_uint8, load_mask, model_input
 
 
@@ -251,7 +252,7 @@ def true_shape_rows(split_rows: Sequence[dict], root: str | Path) -> list[dict]:
     without a mask file get true_area 0. Compare with `shape_by_class` of the predicted rows."""
     out = []
     for r in split_rows:
-        paths = [Path(root) / q for q in (r.get("mask_paths") or "").split(";") if q]
+        paths = mask_paths(r, root)
         mask = load_mask(paths) if paths else np.zeros((1, 1), bool)
         out.append({"path": r["path"], "class": r.get("class_name"), "true_area": float(mask.mean()),
                     **predicted_shape(mask)})

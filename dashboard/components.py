@@ -15,7 +15,7 @@ from PIL import Image
 import services as svc
 from core.backends import BF16_FEATURES
 from core.data.roots import resolve_data_root
-from core.data.split import describe_groups
+from core.data.split import describe_groups, mask_paths
 from core.evaluation import operating_point_source, subtype_caution as subtype_caution_of, weak_subgroups
 from core.explain import EXPLAINERS, FAST_PARAMS, MAX_PERTURBATION_TILES, PERTURBATION_METHODS
 from core.explain.base import param_choices
@@ -981,7 +981,7 @@ def dataset_thumbnails(ckpt: Path, root: Path, items: list[tuple[str, str, str]]
         col.image(draw(thumb, rel) if draw else thumb, caption=caption, width="stretch")
         if col.button("Open in Explain", key=f"{key}_{i}"):
             split_rows = {x["path"]: x for x in svc.read_csv(ckpt / "split.csv")}
-            masks = tuple(str(root / q) for q in split_rows.get(rel, {}).get("mask_paths", "").split(";") if q)
+            masks = mask_paths(split_rows.get(rel, {}), root)
             st.session_state["selected_example_info"] = {"path": str(path), "class_name": true_class,
                                                          "mask_paths": masks}
             st.switch_page("pages/1_Explain.py")
@@ -1021,8 +1021,7 @@ def segmenter_evaluation(ckpt: Path, split: str) -> None:
         split_rows = {x["path"]: x for x in svc.read_csv(seg / "split.csv")}
 
         def draw(image: np.ndarray, rel: str) -> np.ndarray:
-            masks = [str(root / q) for q in split_rows.get(rel, {}).get("mask_paths", "").split(";") if q]
-            true = svc.mask_for(tuple(masks), image.shape[:2]) if masks else None
+            true = svc.mask_for(mask_paths(split_rows.get(rel, {}), root), image.shape[:2])
             lesion = svc.predicted_lesion(ckpt, image, svc.sha256(image.tobytes()))
             out = mask_outline(image, lesion.mask, PREDICTED_OUTLINE) if lesion and lesion.mask.any() else image
             return mask_outline(out, true, TRUE_OUTLINE) if true is not None else out

@@ -80,6 +80,12 @@ def write_split(splits: dict[str, Manifest], path: str | Path) -> None:
                             *(s.position or ("", ""))])
 
 
+def mask_paths(row: dict, root: str | Path) -> tuple[str, ...]:
+    """The lesion mask files of one `split.csv` row (its `mask_paths`, ';'-separated, relative to the dataset `root`)
+    as paths under `root`; () for a row without any."""
+    return tuple(str(Path(root) / p) for p in (row.get("mask_paths") or "").split(";") if p)
+
+
 def read_split(path: str | Path, root: str | Path, class_names: Sequence[str], name: str = "dataset",
                patch_side: int | None = None) -> dict[str, Manifest]:
     """Read `split.csv` back into manifests, resolving paths against the dataset `root`
@@ -89,7 +95,7 @@ def read_split(path: str | Path, root: str | Path, class_names: Sequence[str], n
         for r in csv.DictReader(fh):
             rows[r["split"]].append(Sample(
                 path=str(Path(root) / r["path"]), label=int(r["label"]), class_name=r["class_name"],
-                group=r["group"], mask_paths=tuple(str(Path(root) / p) for p in r["mask_paths"].split(";") if p),
+                group=r["group"], mask_paths=mask_paths(r, root),
                 magnification=int(r["magnification"]) if r["magnification"] else None,
                 subtype=r["subtype"] or None,
                 position=(int(r["x"]), int(r["y"])) if r.get("x") else None))
