@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seg-dice", default=d.seg_dice, choices=SEG_DICE,
                    help="segmentation: the loss's soft Dice term averaged over every image (a few stray pixels on a "
                         "scan without a lesion then cost nearly a whole image's Dice) or over the images with a "
-                        "lesion only (binary cross-entropy alone then teaches the empty scans)")
+                        "lesion only (binary cross-entropy alone then teaches the empty scans), or the Tversky index "
+                        "(tversky: a missed lesion pixel weighted 0.7, a stray one 0.3)")
     g.add_argument("--seg-decoder", default=d.seg_decoder, choices=SEG_DECODERS,
                    help="segmentation: the U-Net's skip connections concatenated as they are (unet) or each first "
                         "weighted pixel by pixel by an attention gate the decoder computes (attention: Attention "

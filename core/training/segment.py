@@ -112,9 +112,24 @@ def dice_loss(y_true, y_pred, smooth: float = 1.0, lesion_images_only: bool = Fa
     return ops.sum(loss * has) / ops.maximum(ops.sum(has), 1.0)
 
 
-#: Where the loss's soft Dice term is averaged (`TrainConfig.seg_dice`, `train.py --seg-dice`).
+def tversky_loss(y_true, y_pred, fp_weight: float = 0.3, fn_weight: float = 0.7, smooth: float = 1.0):
+    """1 - soft Tversky index (TP + s) / (TP + a FP + b FN + s) over each image, averaged over the batch
+    (Salehi et al. 2017). With b > a a missed lesion pixel costs more than a stray one; a = b = 0.5 is Dice."""
+    import keras
+
+    ops = keras.ops
+    axes = (1, 2, 3)
+    tp = ops.sum(y_true * y_pred, axis=axes)
+    fp = ops.sum((1.0 - y_true) * y_pred, axis=axes)
+    fn = ops.sum(y_true * (1.0 - y_pred), axis=axes)
+    return ops.mean(1.0 - (tp + smooth) / (tp + fp_weight * fp + fn_weight * fn + smooth))
+
+
+#: The loss's overlap term (`TrainConfig.seg_dice`, `train.py --seg-dice`): soft Dice averaged over every image
+#: or over the images with a lesion only, or the Tversky index weighting missed lesion pixels 0.7, stray ones 0.3.
 SEG_DICE = {"every_image": "binary cross-entropy + soft Dice",
-            "lesion_images": "binary cross-entropy + soft Dice over the images with a lesion"}
+            "lesion_images": "binary cross-entropy + soft Dice over the images with a lesion",
+            "tversky": "binary cross-entropy + soft Tversky (false positives weighted 0.3, false negatives 0.7)"}
 
 
 _UNET = ("U-Net: DenseNet121 encoder (skips conv1_relu, pool2_relu, pool3_relu, pool4_relu, relu), 5 decoder steps of "
@@ -147,6 +162,8 @@ def segmentation_loss(seg_dice: str = "every_image"):
 
     def bce_dice_loss(y_true, y_pred):
         bce = keras.ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
+        if seg_dice == "tversky":
+            return bce + tversky_loss(y_true, y_pred)
         return bce + dice_loss(y_true, y_pred, lesion_images_only=lesion_only)
 
     return bce_dice_loss

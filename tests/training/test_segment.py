@@ -9,7 +9,7 @@ import pytest
 import train
 from core.checkpoints import read_csv
 from core.training.segment import (SEG_DECODERS, SHAPE_COLUMNS, check_seg_choices, choose_postprocessing, dice_iou,
-                                   dice_loss, load_seg_arrays, predicted_shape, segmentation_loss,
+                                   dice_loss, load_seg_arrays, predicted_shape, segmentation_loss, tversky_loss,
                                    segmentation_metrics)
 from tests.conftest import BUSI, ROOT, needs_shared, write_class_tree
 
@@ -59,6 +59,28 @@ def test_soft_dice_loss_over_every_image_or_lesion_images_only():
     assert float(segmentation_loss("lesion_images")(y, p)) == pytest.approx(bce + lesion, rel=1e-4)
     with pytest.raises(ValueError, match="seg_dice must be one of"):
         segmentation_loss("batch")
+
+
+def test_tversky_loss_weighs_missed_lesion_pixels_above_stray_ones():
+    """Hand-computed: a 2x2 lesion half found (TP 2, FN 2) and an empty scan with one stray pixel (FP 1).
+    Tversky index (TP + 1) / (TP + 0.3 FP + 0.7 FN + 1): 3 / 4.4 and 1 / 1.3; at 0.5 / 0.5 (smoothing 1/2) it is
+    Dice."""
+    y = np.zeros((2, 4, 4, 1), np.float32)
+    p = np.zeros_like(y)
+    y[0, :2, :2] = 1.0
+    p[0, :1, :2] = 1.0
+    p[1, 3, 3] = 1.0
+    assert float(tversky_loss(y, p)) == pytest.approx(((1 - 3 / 4.4) + (1 - 1 / 1.3)) / 2)
+    assert float(tversky_loss(y, p, 0.5, 0.5, smooth=0.5)) == pytest.approx(float(dice_loss(y, p)))  # = Dice
+    # Same Dice (5/7), different Tversky: 2 of 4 lesion pixels missed (3 / 4.4) against a 2-pixel lesion found
+    # with 2 stray pixels beside it (3 / 3.6).
+    small = np.zeros_like(y[:1])
+    small[0, :1, :2] = 1.0
+    assert float(dice_loss(y[:1], p[:1])) == pytest.approx(float(dice_loss(small, y[:1])))
+    assert float(tversky_loss(y[:1], p[:1])) == pytest.approx(1 - 3 / 4.4)
+    assert float(tversky_loss(small, y[:1])) == pytest.approx(1 - 3 / 3.6)
+    bce = float(np.mean(-np.log(1 - np.clip(p, 1e-7, 1 - 1e-7)) * (1 - y) - np.log(np.clip(p, 1e-7, 1)) * y))
+    assert float(segmentation_loss("tversky")(y, p)) == pytest.approx(bce + float(tversky_loss(y, p)), rel=1e-4)
 
 
 def test_segmentation_metrics_by_class_and_false_positive_area():
