@@ -91,6 +91,7 @@ class TrainConfig:
     aux_mask: float = 0.0  # >0: the lesion masks as a second training target, with this weight (see `with_mask_head`)
     seg_dice: str = "every_image"  # segmentation: the soft Dice term over every image or only "lesion_images"
     seg_decoder: str = "unet"  # segmentation: "unet" (skips concatenated) or "attention" (skips gated first)
+    ema: float = 0.0  # segmentation: >0 keeps an exponential moving average of the weights (this momentum per step)
     verbose: int = 1
 
     @property
@@ -291,6 +292,8 @@ def check_inputs(cfg: TrainConfig, segmentation: bool = False) -> None:
     if segmentation and cfg.input_size % M:
         raise ConfigError(f"--input-size must be a multiple of {M} for the segmenter's five 2x steps, not "
                           f"{cfg.input_size} (try {max(M, round(cfg.input_size / M) * M)}).")
+    if cfg.ema and not segmentation:
+        raise ConfigError("--ema (a moving average of the weights) is for segmentation training (--task segmentation).")
     if cfg.weights not in ("imagenet", "none"):
         weights_file(cfg.weights)  # WeightsUnavailableError with what to pass instead
 

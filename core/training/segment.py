@@ -145,10 +145,13 @@ SEG_DECODERS = {"unet": _UNET,
 
 
 def check_seg_choices(cfg: TrainConfig) -> None:
-    """ConfigError for an unknown `seg_dice` or `seg_decoder`, before any image is decoded."""
+    """ConfigError for an unknown `seg_dice` or `seg_decoder` or an `ema` momentum outside [0, 1), before any image
+    is decoded."""
     segmentation_loss(cfg.seg_dice)
     if cfg.seg_decoder not in SEG_DECODERS:
         raise ConfigError(f"seg_decoder must be one of {', '.join(SEG_DECODERS)}, not {cfg.seg_decoder!r}.")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise ConfigError(f"--ema is a momentum in [0, 1) (0: off), not {cfg.ema}.")
 
 
 def segmentation_loss(seg_dice: str = "every_image"):
@@ -169,11 +172,23 @@ def segmentation_loss(seg_dice: str = "every_image"):
     return bce_dice_loss
 
 
-def _compile(model, lr: float, seg_dice: str = "every_image") -> None:
+def _compile(model, lr: float, seg_dice: str = "every_image", ema: float = 0.0) -> None:
+    """Adam (with an exponential moving average of the weights where `ema` > 0) + `segmentation_loss`."""
     import keras
 
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss=segmentation_loss(seg_dice),
+    opt = keras.optimizers.Adam(lr, use_ema=True, ema_momentum=ema) if ema > 0 else keras.optimizers.Adam(lr)
+    model.compile(optimizer=opt, loss=segmentation_loss(seg_dice),
                   metrics=[keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou")])
+
+
+def phase_callbacks(cfg: TrainConfig) -> list:
+    """`fit_callbacks` (early stopping with the best weights restored, LR reduction); with `cfg.ema` first
+    Keras's SwapEMAWeights, so that validation, early stopping and the restored best weights all use the
+    weights' moving average (Polyak averaging) rather than the last step's weights."""
+    import keras
+
+    swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema > 0 else []
+    return swap + fit_callbacks(cfg)
 
 
 def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
@@ -207,8 +222,8 @@ def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndar
         n = set_encoder_trainable(model, first)
         log.info("Phase %s: %d encoder layers trainable (of %d), lr %.1e, up to %d epochs", name, n, len(enc), lr,
                  epochs)
-        _compile(model, lr, cfg.seg_dice)
-        rows, row = run_phase(model, name, ds, val, epoch0, epochs, fit_callbacks(cfg), precision, verbose,
+        _compile(model, lr, cfg.seg_dice, cfg.ema)
+        rows, row = run_phase(model, name, ds, val, epoch0, epochs, phase_callbacks(cfg), precision, verbose,
                               batch_size=cfg.batch_size)
         history += rows
         timing["phases"].append(row)
@@ -449,6 +464,8 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
         "backbone": "densenet121",
         "architecture": SEG_DECODERS[cfg.seg_decoder],
         "loss": SEG_DICE[cfg.seg_dice],
+        **({"weight_averaging": f"exponential moving average of the weights, momentum {cfg.ema} per step; "
+                                "validated, early-stopped and saved on the average"} if cfg.ema > 0 else {}),
         "weights": provenance,
         "preprocessing": {"decoder": "core.preprocessing.load_image", "resize": "to the square input; the "
                           "probability map is resized back to the image (bilinear)", "clahe": cfg.clahe,

@@ -83,6 +83,44 @@ def test_tversky_loss_weighs_missed_lesion_pixels_above_stray_ones():
     assert float(segmentation_loss("tversky")(y, p)) == pytest.approx(bce + float(tversky_loss(y, p)), rel=1e-4)
 
 
+def test_ema_validates_stops_and_keeps_the_weights_moving_average():
+    """With --ema the weights a phase ends with are the moving average of every step's weights (recorded here
+    after each step and averaged by hand), restored by early stopping: not the last step's weights."""
+    import keras
+
+    from core.errors import ConfigError
+    from core.training.classify import TrainConfig, check_inputs
+    from core.training.segment import _compile, phase_callbacks
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4, 4, 1)).astype(np.float32)
+    y = (x > 0.3).astype(np.float32)
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(1, 1, activation="sigmoid")])
+    momentum = 0.8
+    _compile(model, 0.05, ema=momentum)
+    steps = [[w.copy() for w in model.get_weights()]]  # then the weights after every step
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            steps.append([w.copy() for w in self.model.get_weights()])
+
+    cbs = phase_callbacks(TrainConfig(ema=momentum, patience=50, lr_patience=50))
+    assert isinstance(cbs[0], keras.callbacks.SwapEMAWeights)  # before EarlyStopping: it stores the average
+    model.fit(x, y, validation_data=(x, y), batch_size=8, epochs=3, shuffle=False, verbose=0,
+              callbacks=[Record(), *cbs])
+    best = cbs[1].best_epoch
+    average = steps[1]  # Keras starts the average at the first step's weights
+    for w in steps[2:(best + 1) * 4 + 1]:  # 4 steps an epoch
+        average = [momentum * a + (1 - momentum) * v for a, v in zip(average, w)]
+    np.testing.assert_allclose(model.get_weights()[0], average[0], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(model.get_weights()[0], steps[(best + 1) * 4][0], atol=1e-4)
+    with pytest.raises(ConfigError, match="--ema"):
+        check_seg_choices(TrainConfig(ema=1.0))
+    with pytest.raises(ConfigError, match="--ema .* segmentation"):
+        check_inputs(TrainConfig(ema=0.99))  # a classifier
+
+
 def test_segmentation_metrics_by_class_and_false_positive_area():
     rows = [{"class": "benign", "dice": 0.8, "iou": 0.7, "true_area": 0.1, "pred_area": 0.1},
             {"class": "malignant", "dice": 0.4, "iou": 0.25, "true_area": 0.2, "pred_area": 0.1},
