@@ -250,6 +250,9 @@ def ensemble_options(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
+    from core.training.common import git_commit
+
+    git_commit()  # the code this run starts from, recorded in every bundle it writes (read once per process)
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
         return refresh_all(ROOT / "checkpoints")

@@ -1,6 +1,7 @@
 """Helpers every training task shares: seeds, precision, memory, provenance, epoch timing."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -75,7 +76,11 @@ def set_seeds(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> Optional[str]:
+    """This checkout's HEAD commit, "+dirty" when tracked files have uncommitted changes, or None outside git.
+    Read once per process: `train.py` reads it as it starts, so a bundle records the code its run started from
+    even when commits land while it trains."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parents[2])

@@ -92,3 +92,23 @@ def test_the_training_sequences_say_their_batch_without_drawing():
     spec = res.batch_spec()
     assert not calls and spec[0].shape.as_list() == [None, 8, 8, 3] and spec[0].dtype == "float32"
     assert res[0][0].shape[1:] == (8, 8, 3) and calls == [1]
+
+
+def test_the_commit_is_read_once_so_a_run_records_the_code_it_started_from(monkeypatch):
+    """A commit landing while a run trains must not become the bundle's git_commit: the first answer stays."""
+    import subprocess
+    import types
+
+    heads = iter(["a" * 40, "b" * 40])
+
+    def fake_run(cmd, **kw):
+        out = next(heads) if "rev-parse" in cmd else ""
+        return types.SimpleNamespace(returncode=0, stdout=out + "\n")
+
+    common.git_commit.cache_clear()
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    try:
+        assert common.git_commit() == "a" * 40
+        assert common.git_commit() == "a" * 40  # HEAD has moved on to b...: still the run's starting commit
+    finally:
+        common.git_commit.cache_clear()
