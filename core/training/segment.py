@@ -8,6 +8,7 @@ with `--cv-folds`, a group-wise K-fold cross-validation of the recipe.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -155,19 +156,18 @@ def check_seg_choices(cfg: TrainConfig) -> None:
 
 
 def segmentation_loss(seg_dice: str = "every_image"):
-    """The training loss: binary cross-entropy (pixel mean) + soft Dice, the usual U-Net objective for small
-    lesions; `seg_dice` (a key of `SEG_DICE`) says which images the Dice term averages over."""
+    """The training loss: binary cross-entropy (pixel mean) + an overlap term, the usual U-Net objective for small
+    lesions; `seg_dice` (a key of `SEG_DICE`) picks the term: soft Dice over every image or over the images with a
+    lesion, or the Tversky index."""
     import keras
 
     if seg_dice not in SEG_DICE:
         raise ConfigError(f"seg_dice must be one of {', '.join(SEG_DICE)}, not {seg_dice!r}.")
-    lesion_only = seg_dice == "lesion_images"
+    overlap = tversky_loss if seg_dice == "tversky" else functools.partial(
+        dice_loss, lesion_images_only=seg_dice == "lesion_images")
 
     def bce_dice_loss(y_true, y_pred):
-        bce = keras.ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
-        if seg_dice == "tversky":
-            return bce + tversky_loss(y_true, y_pred)
-        return bce + dice_loss(y_true, y_pred, lesion_images_only=lesion_only)
+        return keras.ops.mean(keras.losses.binary_crossentropy(y_true, y_pred)) + overlap(y_true, y_pred)
 
     return bce_dice_loss
 
