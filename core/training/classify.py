@@ -92,6 +92,7 @@ class TrainConfig:
     seg_dice: str = "every_image"  # segmentation: the soft Dice term over every image or only "lesion_images"
     seg_decoder: str = "unet"  # segmentation: "unet" (skips concatenated) or "attention" (skips gated first)
     ema: float = 0.0  # segmentation: >0 keeps an exponential moving average of the weights (this momentum per step)
+    deep_supervision: float = 0.0  # segmentation: >0 trains auxiliary maps of decoder steps 1-4, each weighted this
     verbose: int = 1
 
     @property
@@ -294,6 +295,9 @@ def check_inputs(cfg: TrainConfig, segmentation: bool = False) -> None:
                           f"{cfg.input_size} (try {max(M, round(cfg.input_size / M) * M)}).")
     if cfg.ema and not segmentation:
         raise ConfigError("--ema (a moving average of the weights) is for segmentation training (--task segmentation).")
+    if cfg.deep_supervision and not segmentation:
+        raise ConfigError("--deep-supervision (auxiliary maps of the decoder) is for segmentation training "
+                          "(--task segmentation).")
     if cfg.weights not in ("imagenet", "none"):
         weights_file(cfg.weights)  # WeightsUnavailableError with what to pass instead
 

@@ -146,13 +146,15 @@ SEG_DECODERS = {"unet": _UNET,
 
 
 def check_seg_choices(cfg: TrainConfig) -> None:
-    """ConfigError for an unknown `seg_dice` or `seg_decoder` or an `ema` momentum outside [0, 1), before any image
-    is decoded."""
+    """ConfigError for an unknown `seg_dice` or `seg_decoder`, an `ema` momentum outside [0, 1) or a negative
+    `deep_supervision` weight, before any image is decoded."""
     segmentation_loss(cfg.seg_dice)
     if cfg.seg_decoder not in SEG_DECODERS:
         raise ConfigError(f"seg_decoder must be one of {', '.join(SEG_DECODERS)}, not {cfg.seg_decoder!r}.")
     if not 0.0 <= cfg.ema < 1.0:
         raise ConfigError(f"--ema is a momentum in [0, 1) (0: off), not {cfg.ema}.")
+    if cfg.deep_supervision < 0:
+        raise ConfigError(f"--deep-supervision is a loss weight (0: off), not {cfg.deep_supervision}.")
 
 
 def segmentation_loss(seg_dice: str = "every_image"):
@@ -172,23 +174,64 @@ def segmentation_loss(seg_dice: str = "every_image"):
     return bce_dice_loss
 
 
-def _compile(model, lr: float, seg_dice: str = "every_image", ema: float = 0.0) -> None:
-    """Adam (with an exponential moving average of the weights where `ema` > 0) + `segmentation_loss`."""
+#: Decoder steps that get an auxiliary output under deep supervision (`train.py --deep-supervision`): the first four
+#: of the five, at 1/16, 1/8, 1/4 and 1/2 of the input side (the fifth is the checkpoint's own output).
+DEEP_SUPERVISION_STEPS = (1, 2, 3, 4)
+
+
+def deep_supervision_outputs(model) -> dict:
+    """The outputs of the training-only network of deep supervision (Lee et al. 2015; as in UNet++ and nnU-Net):
+    `model`'s lesion map under its own name and, for each decoder step in `DEEP_SUPERVISION_STEPS`, a 1x1-convolution
+    sigmoid map of that step's features upsampled (bilinear) to the input side, named `ds<step>`, each trained
+    against the full-size mask. The coarse steps see the whole lesion in a few cells, so they are taught to find
+    it before the fine steps draw its edge. The checkpoint keeps `model` alone (one output, the same forward pass).
+    Returns {output name: tensor}."""
+    from keras import layers
+
+    from core.models import SEG_OUTPUT_NAME, SEG_PREFIX
+
+    side = int(model.output.shape[1])
+    outs = {SEG_OUTPUT_NAME: model.output}
+    for step in DEEP_SUPERVISION_STEPS:
+        fmap = model.get_layer(f"{SEG_PREFIX}relu{step}_2").output
+        aux = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name=f"ds{step}_conv")(fmap)
+        outs[f"ds{step}"] = layers.UpSampling2D(side // int(fmap.shape[1]), interpolation="bilinear", dtype="float32",
+                                                name=f"ds{step}")(aux)
+    return outs
+
+
+def _compile(model, lr: float, seg_dice: str = "every_image", ema: float = 0.0,
+             deep_supervision: float = 0.0) -> None:
+    """Adam (with an exponential moving average of the weights where `ema` > 0) + `segmentation_loss`; for the
+    network of `deep_supervision_outputs` (`deep_supervision` > 0) the same loss on every output, the auxiliary ones
+    weighted `deep_supervision` each, and the IoU metric on the lesion map alone."""
     import keras
 
+    from core.models import SEG_OUTPUT_NAME
+
     opt = keras.optimizers.Adam(lr, use_ema=True, ema_momentum=ema) if ema > 0 else keras.optimizers.Adam(lr)
-    model.compile(optimizer=opt, loss=segmentation_loss(seg_dice),
-                  metrics=[keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou")])
+    iou = keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou")
+    if deep_supervision <= 0:
+        model.compile(optimizer=opt, loss=segmentation_loss(seg_dice), metrics=[iou])
+        return
+    names = list(model.output_names)
+    model.compile(optimizer=opt, loss={n: segmentation_loss(seg_dice) for n in names},
+                  loss_weights={n: 1.0 if n == SEG_OUTPUT_NAME else deep_supervision for n in names},
+                  metrics={SEG_OUTPUT_NAME: [iou]})
 
 
 def phase_callbacks(cfg: TrainConfig) -> list:
-    """`fit_callbacks` (early stopping with the best weights restored, LR reduction); with `cfg.ema` first
-    Keras's SwapEMAWeights, so that validation, early stopping and the restored best weights all use the
-    weights' moving average (Polyak averaging) rather than the last step's weights."""
+    """`fit_callbacks` (early stopping with the best weights restored, LR reduction) on the validation loss, with
+    `cfg.deep_supervision` on the lesion map's own loss (the auxiliary outputs are not the checkpoint); with
+    `cfg.ema` first Keras's SwapEMAWeights, so that validation, early stopping and the restored best weights all use
+    the weights' moving average (Polyak averaging) rather than the last step's weights."""
     import keras
 
+    from core.models import SEG_OUTPUT_NAME
+
     swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema > 0 else []
-    return swap + fit_callbacks(cfg)
+    monitor = f"val_{SEG_OUTPUT_NAME}_loss" if cfg.deep_supervision > 0 else "val_loss"
+    return swap + fit_callbacks(cfg, monitor)
 
 
 def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
@@ -204,8 +247,20 @@ def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndar
     ds = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
         len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
     ds = ds.map(lambda x, y: augment(tf.cast(x, tf.float32), y) if augment else (tf.cast(x, tf.float32), y),
-                num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+                num_parallel_calls=tf.data.AUTOTUNE)
     val = (x_val.astype(np.float32), y_val)
+    deep = cfg.deep_supervision > 0
+    target = model
+    if deep:  # every output learns the same full-size mask; the saved model is `model` alone
+        import keras
+
+        from core.models import SEG_OUTPUT_NAME
+
+        outs = deep_supervision_outputs(model)
+        target = keras.Model(model.input, outs, name=f"{model.name}_deep_supervision")
+        ds = ds.map(lambda x, y: (x, {n: y for n in outs}))
+        val = (val[0], {n: y_val for n in outs})
+    ds = ds.prefetch(tf.data.AUTOTUNE)
     enc = [l.name for l in encoder_layers(model)]
     phases = []
     if cfg.head_epochs > 0:
@@ -222,9 +277,11 @@ def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndar
         n = set_encoder_trainable(model, first)
         log.info("Phase %s: %d encoder layers trainable (of %d), lr %.1e, up to %d epochs", name, n, len(enc), lr,
                  epochs)
-        _compile(model, lr, cfg.seg_dice, cfg.ema)
-        rows, row = run_phase(model, name, ds, val, epoch0, epochs, phase_callbacks(cfg), precision, verbose,
+        _compile(target, lr, cfg.seg_dice, cfg.ema, cfg.deep_supervision)
+        rows, row = run_phase(target, name, ds, val, epoch0, epochs, phase_callbacks(cfg), precision, verbose,
                               batch_size=cfg.batch_size)
+        if deep:  # Keras logs the lesion map's IoU as <output>_iou: history.csv keeps the usual name
+            rows = [{k.replace(f"{SEG_OUTPUT_NAME}_iou", "iou"): v for k, v in r.items()} for r in rows]
         history += rows
         timing["phases"].append(row)
         epoch0 += row["epochs"]
@@ -464,6 +521,11 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
         "backbone": "densenet121",
         "architecture": SEG_DECODERS[cfg.seg_decoder],
         "loss": SEG_DICE[cfg.seg_dice],
+        **({"deep_supervision": f"training only: a 1x1-convolution sigmoid map on each of decoder steps "
+                                f"{', '.join(map(str, DEEP_SUPERVISION_STEPS))} (upsampled to the input side) trained "
+                                f"on the same loss against the full-size mask, weighted {cfg.deep_supervision} each; "
+                                "early stopping on the lesion map's own validation loss; the checkpoint is the "
+                                "single-output U-Net"} if cfg.deep_supervision > 0 else {}),
         **({"weight_averaging": f"exponential moving average of the weights, momentum {cfg.ema} per step; "
                                 "validated, early-stopped and saved on the average"} if cfg.ema > 0 else {}),
         "weights": provenance,

@@ -256,3 +256,61 @@ def test_impossible_input_size_or_missing_weights_refused_before_decoding(tmp_pa
     rc = train.main(args)
     out = capsys.readouterr().out
     assert rc == 2 and words in out and "folder not found" not in out
+
+
+def _mini_unet(side: int = 32):
+    """A few-layer stand-in for the U-Net with its decoder's layer names: an 'encoder' convolution to side/16, then
+    four `seg_relu<step>_2` steps doubling the side, and the `seg_mask` sigmoid output at the input side."""
+    import keras
+    from keras import layers
+
+    inp = keras.Input((side, side, 3), name="image")
+    x = layers.Conv2D(4, 16, strides=16, name="enc")(inp)
+    for step in (1, 2, 3, 4):
+        if step > 1:
+            x = layers.UpSampling2D(2, name=f"seg_up{step}")(x)
+        x = layers.Conv2D(4, 3, padding="same", name=f"seg_conv{step}_2")(x)
+        x = layers.ReLU(name=f"seg_relu{step}_2")(x)
+    x = layers.UpSampling2D(2, name="seg_up5")(x)
+    return keras.Model(inp, layers.Conv2D(1, 1, activation="sigmoid", name="seg_mask")(x))
+
+
+def test_deep_supervision_adds_weighted_side_outputs_for_training_only():
+    """--deep-supervision: one full-size auxiliary map per decoder step 1-4; the training loss is the lesion map's
+    loss + W x each auxiliary map's (checked against the loss computed by hand on the outputs); early stopping follows
+    the lesion map's own loss; the model trained and kept has its one output."""
+    import keras
+
+    from core.errors import ConfigError
+    from core.training.classify import TrainConfig, check_inputs
+    from core.training.segment import _compile, deep_supervision_outputs, fit_segmenter, phase_callbacks
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (8, 32, 32, 3)).astype(np.float32)
+    y = np.zeros((8, 32, 32, 1), np.float32)
+    y[:4, 8:20, 10:24] = 1.0  # four lesion images, four empty
+    model = _mini_unet()
+    outs = deep_supervision_outputs(model)
+    assert list(outs) == ["seg_mask", "ds1", "ds2", "ds3", "ds4"]
+    assert all(tuple(t.shape) == (None, 32, 32, 1) for t in outs.values())
+    net = keras.Model(model.input, outs)
+    _compile(net, 1e-3, deep_supervision=0.3)
+    logs = net.evaluate(x, {n: y for n in outs}, batch_size=8, verbose=0, return_dict=True)
+    pred = net.predict(x, verbose=0)
+    each = {n: float(segmentation_loss()(y, pred[n])) for n in outs}
+    assert logs["seg_mask_loss"] == pytest.approx(each["seg_mask"], rel=1e-4)
+    assert logs["loss"] == pytest.approx(each["seg_mask"] + 0.3 * sum(each[f"ds{s}"] for s in (1, 2, 3, 4)), rel=1e-4)
+
+    cfg = TrainConfig(deep_supervision=0.3, head_epochs=2, fine_tune_epochs=0, batch_size=4, patience=5, augment=False,
+                      precision="float32", verbose=0)
+    assert [c.monitor for c in phase_callbacks(cfg)] == ["val_seg_mask_loss"] * 2
+    before = model.get_layer("seg_conv1_2").get_weights()[0].copy()
+    history, _ = fit_segmenter(model, cfg, x.astype(np.uint8), y, x[:4].astype(np.uint8), y[:4])
+    assert len(history) == 2 and {"iou", "val_iou", "val_seg_mask_loss", "val_ds1_loss"} <= set(history[0])
+    assert not np.allclose(model.get_layer("seg_conv1_2").get_weights()[0], before)  # trained through the wrapper
+    assert len(model.outputs) == 1 and not any(l.name.startswith("ds") for l in model.layers)
+    with pytest.raises(ConfigError, match="--deep-supervision"):
+        check_seg_choices(TrainConfig(deep_supervision=-1.0))
+    with pytest.raises(ConfigError, match="--deep-supervision .* segmentation"):
+        check_inputs(TrainConfig(deep_supervision=0.5))  # a classifier
