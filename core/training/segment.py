@@ -239,9 +239,10 @@ def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndar
     """Phase "decoder" (encoder frozen, lr `cfg.lr`, `cfg.head_epochs`), then "fine_tune" (the encoder's last
     `cfg.fine_tune_layers` layers or all with -1, lr `cfg.fine_tune_lr`, `cfg.fine_tune_epochs`); each with
     early stopping on validation loss (best weights restored) and LR reduction. Returns (history, timing)."""
+    import keras
     import tensorflow as tf
 
-    from core.models import encoder_layers, set_encoder_trainable
+    from core.models import SEG_OUTPUT_NAME, encoder_layers, set_encoder_trainable
 
     augment = make_joint_augmenter(cfg.seed, cfg.flip, cfg.rotation) if cfg.augment else None
     ds = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
@@ -252,10 +253,6 @@ def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndar
     deep = cfg.deep_supervision > 0
     target = model
     if deep:  # every output learns the same full-size mask; the saved model is `model` alone
-        import keras
-
-        from core.models import SEG_OUTPUT_NAME
-
         outs = deep_supervision_outputs(model)
         target = keras.Model(model.input, outs, name=f"{model.name}_deep_supervision")
         ds = ds.map(lambda x, y: (x, {n: y for n in outs}))
