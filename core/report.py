@@ -60,7 +60,7 @@ class Case:
     mask: Optional[np.ndarray] = None  # bool (H, W): true lesion mask
     predicted_lesion: Optional[np.ndarray] = None  # bool (H, W): the segmenter's lesion
     lesion_text: Optional[str] = None
-    lesion_caveat: Optional[str] = None  # how often the segmenter misses a lesion (MissedLesions.sentence)
+    lesion_caveat: Optional[str] = None  # what to keep in mind about the outline (core.segmentation.lesion_caveat)
     ood: Optional[dict] = None
 
     @property
@@ -77,7 +77,8 @@ def build_case(clf, image: np.ndarray, methods: Sequence[str], params: Optional[
                mask: Optional[np.ndarray] = None, progress: Optional[Callable[[float], None]] = None) -> Case:
     """Predict, check and explain one image (the CLI's path; the dashboard passes what it already computed)."""
     from core.explain import explain
-    from core.segmentation import describe_lesion, lesion_measurements, read_missed_lesions
+    from core.segmentation import (describe_lesion, lesion_caveat, lesion_measurements, read_missed_lesions,
+                                   read_outline_on_negative)
 
     params = params or {}
     probs = clf.predict_proba(image)[0]
@@ -92,7 +93,9 @@ def build_case(clf, image: np.ndarray, methods: Sequence[str], params: Optional[
         lesion = segmenter.predict_mask(image)
         text = describe_lesion(lesion_measurements(lesion))
         missed = read_missed_lesions(segmenter.path) if segmenter.path is not None else None
-        caveat = missed.sentence("The segmenter") if missed is not None else None
+        on_negative = read_outline_on_negative(clf.path, segmenter.path) \
+            if clf.path is not None and segmenter.path is not None else None
+        caveat = lesion_caveat(missed, on_negative, clf.class_names[int(np.argmax(probs))], lesion)
     return Case(image=image, probabilities=probs, explanations=exps, name=name, true_class=true_class, mask=mask,
                 predicted_lesion=lesion, lesion_text=text, lesion_caveat=caveat, ood=ood)
 

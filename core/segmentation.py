@@ -228,6 +228,85 @@ def read_missed_lesions(bundle: str | Path, split: str = "test") -> Optional[Mis
         return missed_lesions(list(csv.DictReader(fh)), split)
 
 
+@dataclass(frozen=True)
+class OutlineOnNegative:
+    """What a predicted outline meant on scans the classifier called `negative` (e.g. normal), counted over images
+    neither model trained on: both bundles' cross-validation on the same folds, else their validation split."""
+
+    negative: str  # the classifier's no-lesion class, e.g. "normal"
+    positive: str  # e.g. "malignant"
+    source: str  # "5-fold cross-validation" or "validation"
+    outlined: int  # scans called `negative` that got an outline
+    on_lesion: int  # of them, outline on a true lesion (Dice >= MISSED_DICE)
+    on_positive: int  # of those, lesions of the `positive` class
+    no_lesion: int  # scans called `negative` with an outline and no true lesion at all
+
+    def summary(self) -> str:
+        """e.g. 'In the 5-fold cross-validation on both model cards, 113 scans the classifier called normal got an outline: it marked
+        a real lesion in 24 (10 malignant), and in 89 it marked no lesion (84 of these scans had none).'"""
+        where = (f"In the {self.source} on both model cards" if "cross" in self.source
+                 else f"On both checkpoints' {self.source} images")
+        return (f"{where}, {self.outlined} scans the classifier called {self.negative} got an outline: it marked a real lesion in "
+                f"{self.on_lesion} ({self.on_positive} {self.positive}), and in {self.outlined - self.on_lesion} it "
+                f"marked no lesion ({self.no_lesion} of these scans had none).")
+
+    def sentence(self) -> str:
+        """For one scan called `negative` with an outline: `summary` between a statement and advice."""
+        return (f"The classifier calls this scan {self.negative}, yet the segmenter outlines a region. {self.summary()} "
+                "Look at the region before trusting either.")
+
+
+def outline_on_negative(classifier_rows: Sequence[dict], segmenter_rows: Sequence[dict], negative: str = "normal",
+                        positive: str = "malignant", source: str = "validation") -> Optional[OutlineOnNegative]:
+    """Join a classifier's per-image rows (dicts with path, predicted) with a segmenter's (path, class, dice,
+    true_area, pred_area) by path and count the scans called `negative` that got an outline; None when none did."""
+    called = {r["path"] for r in classifier_rows if r.get("predicted") == negative}
+    rows = [r for r in segmenter_rows if r.get("path") in called and float(r.get("pred_area") or 0) > 0]
+    if not rows:
+        return None
+    hits = [r for r in rows if float(r.get("true_area") or 0) > 0 and r.get("dice") not in (None, "")
+            and float(r["dice"]) >= MISSED_DICE]
+    return OutlineOnNegative(negative, positive, source, len(rows), len(hits),
+                             sum(r.get("class") == positive for r in hits),
+                             sum(float(r.get("true_area") or 0) == 0 for r in rows))
+
+
+def read_outline_on_negative(classifier_bundle: str | Path, segmenter_bundle: str | Path, negative: str = "normal",
+                             positive: str = "malignant") -> Optional[OutlineOnNegative]:
+    """`outline_on_negative` from two bundles' files: their `cv_predictions.csv` when both hold one on the same folds
+    (every image in the same fold), else the `val` rows of their `predictions.csv`; None when neither pair is there,
+    the classifier has no `negative` class, or no scan called `negative` got an outline."""
+    import csv
+
+    def rows(bundle, name: str) -> list[dict]:
+        path = Path(bundle) / name
+        if not path.is_file():
+            return []
+        with open(path, newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    c_cv, s_cv = rows(classifier_bundle, "cv_predictions.csv"), rows(segmenter_bundle, "cv_predictions.csv")
+    folds = {r["path"]: r.get("fold") for r in c_cv}
+    if c_cv and s_cv and all(folds.get(r["path"]) == r.get("fold") for r in s_cv):
+        k = len({r.get("fold") for r in c_cv})
+        return outline_on_negative(c_cv, s_cv, negative, positive, f"{k}-fold cross-validation")
+    c_val = [r for r in rows(classifier_bundle, "predictions.csv") if r.get("split") == "val"]
+    s_val = [r for r in rows(segmenter_bundle, "predictions.csv") if r.get("split") == "val"]
+    return outline_on_negative(c_val, s_val, negative, positive, "validation") if c_val and s_val else None
+
+
+def lesion_caveat(missed: Optional[MissedLesions], on_negative: Optional[OutlineOnNegative], predicted_class: str,
+                  mask: Optional[np.ndarray]) -> Optional[str]:
+    """What a reader of a predicted outline should keep in mind: the segmenter's misses and, when the classifier
+    called the scan `on_negative.negative` and an outline is drawn (`mask` bool (H, W)), what such outlines meant."""
+    parts = []
+    if on_negative is not None and predicted_class == on_negative.negative and mask is not None and mask.any():
+        parts.append(on_negative.sentence())
+    if missed is not None:
+        parts.append(missed.sentence("The segmenter"))
+    return " ".join(parts) or None
+
+
 #: The predicted lesion's shape in a segmenter's per-image rows (`predictions.csv`, `cv_predictions.csv`) -> its key
 #: in `lesion_measurements` of the predicted mask (the number of regions; the others describe the largest; empty
 #: when nothing is predicted): what a classifier or a reader could take from the outline.

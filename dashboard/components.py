@@ -429,7 +429,8 @@ def outline_legend(true_mask: bool, predicted: bool) -> str:
 
 
 def predicted_lesion_view(ckpt: Path, inp: "ImageInput", prefix: str, ood: bool = False):
-    """Toggle and describe the segmenter's predicted lesion (ultrasound checkpoints with a segmenter).
+    """Toggle and describe the segmenter's predicted lesion (ultrasound checkpoints with a segmenter), with a warning
+    when the classifier calls the scan normal and an outline is drawn anyway (the prediction is cached).
 
     Returns the PredictedLesion when the user shows it (None otherwise, or when no segmenter suits the image).
     """
@@ -453,6 +454,10 @@ def predicted_lesion_view(ckpt: Path, inp: "ImageInput", prefix: str, ood: bool 
                + (f" {missed.sentence('The segmenter')[:-1]}: check that the outline is on the lesion, and look for one "
                   "it missed."
                   if missed is not None and missed.missed else ""))
+    on_negative = svc.outline_on_negative(ckpt)
+    if on_negative is not None and les.mask.any() and svc.classifier(ckpt).class_names[
+            int(svc.predict(ckpt, inp.image, inp.sha).argmax())] == on_negative.negative:
+        st.warning(on_negative.sentence(), icon="⚠️")
     return les
 
 
@@ -936,10 +941,12 @@ def segmenter_card(ckpt: Path) -> None:
     c3.metric("IoU, test split", fmt_metric((test.get("iou") or {}).get("mean")))
     fp = test.get("no_lesion_images") or {}
     missed = svc.missed_lesions(seg)
+    on_negative = svc.outline_on_negative(ckpt)
     st.caption(f"Test Dice {fmt_metric(d.get('mean'))}{_ci(d.get('ci95'))} over the images with a lesion"
                + (f"; on the {fp['n']} scans without a lesion, {fp['false_positive_area_mean']:.1%} of the image is "
                   f"called lesion on average and {fp['share_with_no_predicted_lesion']:.0%} get no outline at all"
                   if fp else "") + "." + (f" {missed.sentence()}" if missed is not None else "")
+               + (f" {on_negative.summary()}" if on_negative is not None else "")
                + " Evaluation shows each lesion's Dice, the lesions it missed and the predicted shape by class.")
     rows = [{"class": c, "Dice (test)": fmt_metric(v["dice"]["mean"]), "95% CI": "–".join(f"{x:.3f}" for x in v["dice"].get("ci95") or []),
              "IoU (test)": fmt_metric(v["iou"]["mean"]), "lesions": v["dice"]["n"],

@@ -310,6 +310,20 @@ def _missed(seg: str, mtime: float, split: str):
     return read_missed_lesions(seg, split)
 
 
+def outline_on_negative(ckpt: Path):
+    """core.segmentation.OutlineOnNegative of the checkpoint and its modality's segmenter (what an outline meant on
+    scans the classifier called normal; cached on both bundles' file times), or None."""
+    seg = segmenter_for(ckpt)
+    return None if seg is None else _on_negative(str(ckpt), _mtime(Path(ckpt)), str(seg), _mtime(seg))
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _on_negative(ckpt: str, ckpt_mtime: float, seg: str, seg_mtime: float):
+    from core.segmentation import read_outline_on_negative
+
+    return read_outline_on_negative(ckpt, seg)
+
+
 def segmenter_rows(seg: Path, split: str) -> list[dict]:
     """The rows of a segmenter bundle's `predictions.csv` for `split` ("test" or "val"; cached on its mtime)."""
     return _seg_rows(str(seg), _mtime(seg), split)
@@ -354,15 +368,17 @@ def case_report(ckpt: Path, image: np.ndarray, image_sha: str, results: dict, le
     import zipfile
 
     from core.report import Case, ReportOptions, make_report, pdf_pages_png
-    from core.segmentation import describe_lesion
+    from core.segmentation import describe_lesion, lesion_caveat
     from core.training.common import git_commit
 
-    case = Case(image=image, probabilities=predict(ckpt, image, image_sha), explanations=list(results.values()),
+    probs = predict(ckpt, image, image_sha)
+    case = Case(image=image, probabilities=probs, explanations=list(results.values()),
                 name=name, true_class=true_class, mask=mask, ood=ood_check(ckpt, image, image_sha),
                 predicted_lesion=lesion.mask if lesion is not None else None,
                 lesion_text=describe_lesion(lesion.measurements) if lesion is not None else None,
-                lesion_caveat=lesion.test_missed.sentence("The segmenter")
-                if lesion is not None and lesion.test_missed is not None else None)
+                lesion_caveat=lesion_caveat(lesion.test_missed, outline_on_negative(ckpt),
+                                            classifier(ckpt).class_names[int(np.argmax(probs))], lesion.mask)
+                if lesion is not None else None)
     seg = segmenter_for(ckpt)
     pdf = make_report(classifier(ckpt), [case], ReportOptions(include_names=name is not None), explanations_json(ckpt),
                       git_commit(), read_metadata(seg) if seg is not None and lesion is not None else None)

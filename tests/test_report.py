@@ -131,3 +131,43 @@ def test_model_summary_names_the_subtypes_cross_validation_gets_wrong_most(tmp_p
     assert len(model_summary(meta)) == 1  # no bundle: no subtype line
     (tmp_path / "cv_predictions.csv").unlink()
     assert len(model_summary(meta, tmp_path)) == 1
+
+
+def test_report_says_what_an_outline_meant_on_a_scan_called_normal(tiny_bundle, tiny_segmenter, tmp_path):
+    """A scan the classifier calls normal with a predicted outline: the caveat gives the two bundles' validation
+    counts before the segmenter's misses; called anything else, only the misses."""
+    import json
+
+    from core.checkpoints import load_segmenter
+
+    img = make_class_image(1, np.random.default_rng(3), 48)
+    clf_dir, seg_dir = tmp_path / "clf", tmp_path / "seg"
+    shutil.copytree(tiny_bundle, clf_dir)
+    shutil.copytree(tiny_segmenter, seg_dir)
+    k = int(load_classifier(clf_dir).predict_proba(img)[0].argmax())
+    (clf_dir / "predictions.csv").write_text("split,path,true,predicted\nval,a.png,normal,normal\n"
+                                             "val,b.png,malignant,normal\n")
+    (seg_dir / "predictions.csv").write_text("split,fold,path,class,group,dice,iou,true_area,pred_area\n"
+                                             "val,,a.png,normal,a.png,,,0.0,0.03\nval,,b.png,malignant,b.png,0.6,0.4,0.1,0.1\n"
+                                             "test,,c.png,benign,c.png,0.02,0.01,0.1,0.05\n")
+    meta = json.loads((clf_dir / "metadata.json").read_text())
+    missed = "The segmenter missed 1 of 1 test lesions almost entirely (Dice < 0.1), 1 of them by outlining something else."
+    for normal in (k, 1 - k):
+        names = ["benign", "malignant"]
+        names[normal] = "normal"
+        (clf_dir / "metadata.json").write_text(json.dumps({**meta, "class_names": names}))
+        clf = load_classifier(clf_dir)
+        clf.ood = None  # no out-of-distribution verdict: the segmenter always runs
+        seg = load_segmenter(seg_dir)
+        seg.threshold = 0.0  # an outline whatever the tiny segmenter learned
+        case = build_case(clf, img, ["gradcam"], segmenter=seg)
+        if normal == k:
+            assert case.lesion_caveat == (
+                "The classifier calls this scan normal, yet the segmenter outlines a region. On both checkpoints' "
+                "validation images, 2 scans the classifier called normal got an outline: it marked a real lesion in 1 "
+                "(1 malignant), and in 1 it marked no lesion (1 of these scans had none). Look at the region before "
+                "trusting either. " + missed)
+            text = " ".join(pdf_text(make_report(clf, [case], ReportOptions(), None, app_commit="abc")).split())
+            assert "The classifier calls this scan normal, yet the segmenter outlines a region." in text
+        else:
+            assert case.lesion_caveat == missed

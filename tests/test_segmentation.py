@@ -93,6 +93,62 @@ def test_missed_lesions_counts_near_total_misses_of_one_split(tmp_path):
     assert read_missed_lesions(tmp_path / "nowhere") is None
 
 
+def test_outline_on_negative_counts_what_outlines_meant_on_scans_called_normal(tmp_path):
+    from core.segmentation import MISSED_DICE, lesion_caveat, outline_on_negative, read_outline_on_negative
+
+    clf_rows = [{"path": p, "predicted": c} for p, c in
+                [("n1", "normal"), ("n2", "normal"), ("n3", "normal"), ("m1", "normal"), ("b1", "normal"),
+                 ("b2", "normal"), ("m2", "malignant"), ("b3", "benign")]]
+    seg_rows = [{"path": "n1", "class": "normal", "dice": "", "true_area": "0", "pred_area": "0.02"},  # false outline
+                {"path": "n2", "class": "normal", "dice": "", "true_area": "0", "pred_area": "0.01"},  # false outline
+                {"path": "n3", "class": "normal", "dice": "", "true_area": "0", "pred_area": "0"},  # no outline
+                {"path": "m1", "class": "malignant", "dice": "0.7", "true_area": "0.1", "pred_area": "0.1"},  # a cancer
+                {"path": "b1", "class": "benign", "dice": str(MISSED_DICE), "true_area": "0.1", "pred_area": "0.1"},
+                {"path": "b2", "class": "benign", "dice": "0.01", "true_area": "0.1", "pred_area": "0.1"},  # elsewhere
+                {"path": "m2", "class": "malignant", "dice": "0.9", "true_area": "0.1", "pred_area": "0.1"},  # not normal
+                {"path": "b3", "class": "benign", "dice": "0.0", "true_area": "0.1", "pred_area": "0.1"}]
+    o = outline_on_negative(clf_rows, seg_rows, source="validation")
+    assert (o.outlined, o.on_lesion, o.on_positive, o.no_lesion) == (5, 2, 1, 2)
+    assert o.summary() == ("On both checkpoints' validation images, 5 scans the classifier called normal got an outline: "
+                           "it marked a real lesion in 2 (1 malignant), and in 3 it marked no lesion (2 of these scans "
+                           "had none).")
+    assert o.sentence().startswith("The classifier calls this scan normal, yet the segmenter outlines a region. On both")
+    assert outline_on_negative(clf_rows[6:], seg_rows) is None  # nothing called normal
+    b = outline_on_negative(clf_rows, seg_rows, negative="benign")  # b3: outlined, but not on its lesion
+    assert (b.outlined, b.on_lesion, b.no_lesion) == (1, 0, 0)
+
+    # from two bundles: cross-validation when both hold it on the same folds, else their validation rows
+    cdir, sdir = tmp_path / "clf", tmp_path / "seg"
+    cdir.mkdir(), sdir.mkdir()
+    write = lambda path, header, rows: path.write_text(  # noqa: E731
+        ",".join(header) + "\n" + "".join(",".join(str(r.get(h, "")) for h in header) + "\n" for r in rows))
+    seg_header = ["split", "fold", "path", "class", "dice", "true_area", "pred_area"]
+    write(cdir / "predictions.csv", ["split", "path", "predicted"], [{"split": "val", **r} for r in clf_rows[:2]]
+          + [{"split": "test", **r} for r in clf_rows[2:]])
+    write(sdir / "predictions.csv", seg_header, [{"split": "val", **r} for r in seg_rows[:2]]
+          + [{"split": "test", **r} for r in seg_rows[2:]])
+    v = read_outline_on_negative(cdir, sdir)
+    assert (v.source, v.outlined, v.on_lesion, v.no_lesion) == ("validation", 2, 0, 2)
+    folds = {r["path"]: 1 + i % 2 for i, r in enumerate(clf_rows)}
+    write(cdir / "cv_predictions.csv", ["fold", "path", "predicted"], [{"fold": folds[r["path"]], **r} for r in clf_rows])
+    write(sdir / "cv_predictions.csv", seg_header, [{"split": "cv", "fold": folds[r["path"]], **r} for r in seg_rows])
+    cv = read_outline_on_negative(cdir, sdir)
+    assert (cv.source, cv.outlined, cv.on_lesion, cv.on_positive) == ("2-fold cross-validation", 5, 2, 1)
+    assert cv.summary().startswith("In the 2-fold cross-validation on both model cards, 5 scans")
+    write(sdir / "cv_predictions.csv", seg_header, [{"split": "cv", "fold": 3 - folds[r["path"]], **r} for r in seg_rows])
+    assert read_outline_on_negative(cdir, sdir).source == "validation"  # other folds: not one out-of-fold pass
+    assert read_outline_on_negative(cdir, tmp_path / "nowhere") is None
+
+    # the caveat: the outline's meaning only on a scan called normal that got one; the misses always
+    from core.segmentation import MissedLesions
+    missed = MissedLesions("test", 4, 1, 1)
+    outline = np.ones((4, 4), bool)
+    assert lesion_caveat(missed, o, "normal", outline) == o.sentence() + " " + missed.sentence("The segmenter")
+    assert lesion_caveat(missed, o, "benign", outline) == missed.sentence("The segmenter")
+    assert lesion_caveat(None, o, "normal", ~outline) is None
+    assert lesion_caveat(None, None, "normal", outline) is None
+
+
 def test_shape_by_class_summarises_the_outlines_class_by_class():
     from core.segmentation import shape_by_class
 

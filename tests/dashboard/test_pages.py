@@ -866,6 +866,39 @@ def test_predicted_lesion_outlined_measured_and_used_for_localisation(ultrasound
     assert any("use the *predicted* lesion (segmenter)" in c.value for c in at.caption)
 
 
+def test_outline_on_a_scan_called_normal_says_what_such_outlines_meant(ultrasound_env):
+    """The classifier calls the upload normal, the segmenter outlines a region: Explain warns, with the counts of the
+    two bundles' validation rows; the same upload called anything else gets no warning. The model card sums it up."""
+    from core.checkpoints import load_classifier
+    from tests.conftest import make_class_image
+
+    img = make_class_image(0, np.random.default_rng(0), 48)
+    k = int(load_classifier(ultrasound_env / "us_tiny").predict_proba(img)[0].argmax())
+    meta_path = ultrasound_env / "us_tiny" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    (ultrasound_env / "us_tiny" / "predictions.csv").write_text(  # validation: 3 scans called normal
+        "split,path,true,predicted\nval,a.png,normal,normal\nval,b.png,malignant,normal\nval,c.png,benign,normal\n"
+        "val,d.png,malignant,malignant\n")
+    with open(ultrasound_env / "seg_tiny" / "predictions.csv", "a") as fh:  # outlines: none, a cancer, elsewhere
+        fh.write("val,,a.png,normal,a.png,,,0.0,0.0\nval,,b.png,malignant,b.png,0.85,0.74,0.1,0.1\n"
+                 "val,,c.png,benign,c.png,0.0,0.0,0.1,0.2\nval,,d.png,malignant,d.png,0.9,0.8,0.1,0.1\n")
+    warning = ("The classifier calls this scan normal, yet the segmenter outlines a region. On both checkpoints' "
+               "validation images, 2 scans the classifier called normal got an outline: it marked a real lesion in 1 "
+               "(1 malignant), and in 1 it marked no lesion (0 of these scans had none). Look at the region before "
+               "trusting either.")
+    for normal in (k, 1 - k):
+        names = ["benign", "malignant"]
+        names[normal] = "normal"
+        meta_path.write_text(json.dumps({**meta, "class_names": names}))
+        at = upload_on_explain(img, "scan.png")
+        assert at.checkbox(key="ex_pred_lesion").value is True
+        shown = [w.value for w in at.warning]
+        assert (warning in shown) == (normal == k), shown
+    home = app()
+    no_exception(home)
+    assert any(warning.split(". ", 1)[1].split(" Look")[0] in c.value for c in home.caption)
+
+
 def test_no_predicted_lesion_on_an_out_of_distribution_upload(ultrasound_env):
     at = upload_on_explain(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8), "noise.png")
     assert any("No predicted lesion outline: the image is out of distribution" in c.value for c in at.caption)
