@@ -287,7 +287,7 @@ def read_outline_on_negative(classifier_bundle: str | Path, segmenter_bundle: st
 
     c_cv, s_cv = rows(classifier_bundle, "cv_predictions.csv"), rows(segmenter_bundle, "cv_predictions.csv")
     folds = {r["path"]: r.get("fold") for r in c_cv}
-    if c_cv and s_cv and all(folds.get(r["path"]) == r.get("fold") for r in s_cv):
+    if c_cv and s_cv and all(r.get("fold") and folds.get(r["path"]) == r["fold"] for r in s_cv):
         k = len({r.get("fold") for r in c_cv})
         return outline_on_negative(c_cv, s_cv, negative, positive, f"{k}-fold cross-validation")
     c_val = [r for r in rows(classifier_bundle, "predictions.csv") if r.get("split") == "val"]
