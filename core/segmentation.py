@@ -242,18 +242,19 @@ class OutlineOnNegative:
     no_lesion: int  # scans called `negative` with an outline and no true lesion at all
 
     def summary(self) -> str:
-        """e.g. 'In the 5-fold cross-validation on both model cards, 113 scans the classifier called normal got an outline: it marked
-        a real lesion in 24 (10 malignant), and in 89 it marked no lesion (84 of these scans had none).'"""
+        """e.g. 'In the 5-fold cross-validation on both model cards, 113 scans the classifier called normal got an
+        outline: it marked a real lesion in 24 (10 malignant), and in 89 it marked no lesion (84 of these scans had
+        none).'"""
         where = (f"In the {self.source} on both model cards" if "cross" in self.source
                  else f"On both checkpoints' {self.source} images")
-        return (f"{where}, {self.outlined} scans the classifier called {self.negative} got an outline: it marked a real lesion in "
-                f"{self.on_lesion} ({self.on_positive} {self.positive}), and in {self.outlined - self.on_lesion} it "
-                f"marked no lesion ({self.no_lesion} of these scans had none).")
+        return (f"{where}, {self.outlined} scans the classifier called {self.negative} got an outline: it marked a "
+                f"real lesion in {self.on_lesion} ({self.on_positive} {self.positive}), and in "
+                f"{self.outlined - self.on_lesion} it marked no lesion ({self.no_lesion} of these scans had none).")
 
     def sentence(self) -> str:
         """For one scan called `negative` with an outline: `summary` between a statement and advice."""
-        return (f"The classifier calls this scan {self.negative}, yet the segmenter outlines a region. {self.summary()} "
-                "Look at the region before trusting either.")
+        return (f"The classifier calls this scan {self.negative}, yet the segmenter outlines a region. "
+                f"{self.summary()} Look at the region before trusting either.")
 
 
 def outline_on_negative(classifier_rows: Sequence[dict], segmenter_rows: Sequence[dict], negative: str = "normal",
