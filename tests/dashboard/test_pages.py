@@ -894,6 +894,11 @@ def test_outline_on_a_scan_called_normal_says_what_such_outlines_meant(ultrasoun
         assert at.checkbox(key="ex_pred_lesion").value is True
         shown = [w.value for w in at.warning]
         assert (warning in shown) == (normal == k), shown
+        if normal == k:  # the same upload on Compare and Annotate
+            for page in ("pages/3_Compare.py", "pages/5_Annotate.py"):
+                at.switch_page(page).run()
+                no_exception(at)
+                assert warning in [w.value for w in at.warning], page
     home = app()
     no_exception(home)
     assert any(warning.split(". ", 1)[1].split(" Look")[0] in c.value for c in home.caption)
