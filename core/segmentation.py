@@ -219,13 +219,10 @@ def missed_lesions(rows: Sequence[dict], split: str = "test") -> Optional[Missed
 
 def read_missed_lesions(bundle: str | Path, split: str = "test") -> Optional[MissedLesions]:
     """`missed_lesions` of a segmenter bundle's predictions.csv; None when it has none."""
-    import csv
+    from core.checkpoints import read_csv
 
     path = Path(bundle) / "predictions.csv"
-    if not path.is_file():
-        return None
-    with open(path, newline="") as fh:
-        return missed_lesions(list(csv.DictReader(fh)), split)
+    return missed_lesions(read_csv(path), split) if path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -277,14 +274,11 @@ def read_outline_on_negative(classifier_bundle: str | Path, segmenter_bundle: st
     """`outline_on_negative` from two bundles' files: their `cv_predictions.csv` when both hold one on the same folds
     (every image in the same fold), else the `val` rows of their `predictions.csv`; None when neither pair is there,
     the classifier has no `negative` class, or no scan called `negative` got an outline."""
-    import csv
+    from core.checkpoints import read_csv
 
     def rows(bundle, name: str) -> list[dict]:
         path = Path(bundle) / name
-        if not path.is_file():
-            return []
-        with open(path, newline="") as fh:
-            return list(csv.DictReader(fh))
+        return read_csv(path) if path.is_file() else []
 
     c_cv, s_cv = rows(classifier_bundle, "cv_predictions.csv"), rows(segmenter_bundle, "cv_predictions.csv")
     folds = {r["path"]: r.get("fold") for r in c_cv}
