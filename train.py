@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segmentation: during training also map the lesion from decoder steps 1-4 (1/16 to 1/2 of "
                         "the input side, upsampled) against the same mask, each such loss weighted W (deep "
                         "supervision; the saved segmenter is unchanged in shape); 0: off")
+    g.add_argument("--seg-classify", type=float, default=d.seg_classify, metavar="W",
+                   help="segmentation: during training also predict the image's class (e.g. benign / malignant / "
+                        "normal) from the encoder's last features, its cross-entropy weighted W (multi-task: the "
+                        "encoder learns what tells a lesion scan from a normal one; the saved segmenter is unchanged "
+                        "in shape); 0: off")
     g.add_argument("--stain-standardise", action="store_true",
                    help="H&E: standardise each image's colour in-graph (per-image optical-density mean and spread "
                         "mapped to the training set's), so stain strength and colour cast matter less")
@@ -195,7 +200,8 @@ def config_from_args(args: argparse.Namespace):
         patches=args.patches, patch_size=args.patch_size, patch_stride=args.patch_stride, cv_folds=args.cv_folds,
         cv_scope=args.cv_scope, calibration=args.calibration, patch_scale_jitter=args.patch_scale_jitter,
         colour_jitter=args.colour_jitter, mixup=args.mixup, aux_mask=args.aux_mask, seg_dice=args.seg_dice,
-        seg_decoder=args.seg_decoder, ema=args.ema, deep_supervision=args.deep_supervision, flip=args.flip,
+        seg_decoder=args.seg_decoder, ema=args.ema, deep_supervision=args.deep_supervision,
+        seg_classify=args.seg_classify, flip=args.flip,
         rotation=args.rotation, precision=args.precision, stain_standardise=args.stain_standardise,
         external=tuple(args.external), distribute=args.distribute, distil_from=args.distil_from,
         distil_weight=args.distil_weight, distil_temperature=args.distil_temperature, verbose=0 if args.quiet else 1)

@@ -147,7 +147,7 @@ SEG_DECODERS = {"unet": _UNET,
 
 def check_seg_choices(cfg: TrainConfig) -> None:
     """ConfigError for an unknown `seg_dice` or `seg_decoder`, an `ema` momentum outside [0, 1) or a negative
-    `deep_supervision` weight, before any image is decoded."""
+    `deep_supervision` or `seg_classify` weight, before any image is decoded."""
     segmentation_loss(cfg.seg_dice)
     if cfg.seg_decoder not in SEG_DECODERS:
         raise ConfigError(f"seg_decoder must be one of {', '.join(SEG_DECODERS)}, not {cfg.seg_decoder!r}.")
@@ -155,6 +155,8 @@ def check_seg_choices(cfg: TrainConfig) -> None:
         raise ConfigError(f"--ema is a momentum in [0, 1) (0: off), not {cfg.ema}.")
     if cfg.deep_supervision < 0:
         raise ConfigError(f"--deep-supervision is a loss weight (0: off), not {cfg.deep_supervision}.")
+    if cfg.seg_classify < 0:
+        raise ConfigError(f"--seg-classify is a loss weight (0: off), not {cfg.seg_classify}.")
 
 
 def segmentation_loss(seg_dice: str = "every_image"):
@@ -200,29 +202,53 @@ def deep_supervision_outputs(model) -> dict:
     return outs
 
 
+#: Name of the training-only image-class output of `train.py --seg-classify` (multi-task segmentation).
+CLASS_OUTPUT_NAME = "cls"
+
+
+def class_head_output(model, n_classes: int, dropout: float = 0.3):
+    """The training-only image-class output of multi-task segmentation (`train.py --seg-classify`): the encoder's
+    last feature map (DenseNet121's `relu`, 7 x 7 x 1024 at 224 px, the U-Net's bottleneck) averaged over space,
+    dropout, and a softmax over `n_classes`, named `CLASS_OUTPUT_NAME`. Its cross-entropy reaches the lesion map
+    only through the shared encoder, which learns what tells a lesion scan (and a malignant one) from a normal
+    one; the checkpoint keeps `model` alone. Returns the tensor (N, n_classes)."""
+    from keras import layers
+
+    from core.models import DENSENET121_SKIPS
+
+    x = layers.GlobalAveragePooling2D(name="cls_pool")(model.get_layer(DENSENET121_SKIPS[0]).output)
+    x = layers.Dropout(dropout, name="cls_dropout")(x)
+    return layers.Dense(n_classes, activation="softmax", dtype="float32", name=CLASS_OUTPUT_NAME)(x)
+
+
 def _compile(model, lr: float, seg_dice: str = "every_image", ema: float = 0.0,
-             deep_supervision: float = 0.0) -> None:
-    """Adam (with an exponential moving average of the weights where `ema` > 0) + `segmentation_loss`; for the
-    network of `deep_supervision_outputs` (`deep_supervision` > 0) the same loss on every output, the auxiliary ones
-    weighted `deep_supervision` each, and the IoU metric on the lesion map alone."""
+             deep_supervision: float = 0.0, seg_classify: float = 0.0) -> None:
+    """Adam (with an exponential moving average of the weights where `ema` > 0) + `segmentation_loss`. For a
+    training network with auxiliary outputs: the same loss on the maps of `deep_supervision_outputs`, each weighted
+    `deep_supervision`; sparse categorical cross-entropy on the `class_head_output`, weighted `seg_classify`
+    (and its accuracy); the IoU metric on the lesion map alone."""
     import keras
 
     from core.models import SEG_OUTPUT_NAME
 
     opt = keras.optimizers.Adam(lr, use_ema=True, ema_momentum=ema) if ema > 0 else keras.optimizers.Adam(lr)
     iou = keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou")
-    if deep_supervision <= 0:
+    names = list(getattr(model, "output_names", None) or [SEG_OUTPUT_NAME])  # a Sequential has one output
+    if len(names) == 1:
         model.compile(optimizer=opt, loss=segmentation_loss(seg_dice), metrics=[iou])
         return
-    names = list(model.output_names)
-    model.compile(optimizer=opt, loss={n: segmentation_loss(seg_dice) for n in names},
-                  loss_weights={n: 1.0 if n == SEG_OUTPUT_NAME else deep_supervision for n in names},
-                  metrics={SEG_OUTPUT_NAME: [iou]})
+    loss = {n: keras.losses.SparseCategoricalCrossentropy() if n == CLASS_OUTPUT_NAME else segmentation_loss(seg_dice)
+            for n in names}
+    weights = {n: 1.0 if n == SEG_OUTPUT_NAME else seg_classify if n == CLASS_OUTPUT_NAME else deep_supervision
+               for n in names}
+    metrics = {SEG_OUTPUT_NAME: [iou], **({CLASS_OUTPUT_NAME: ["accuracy"]} if CLASS_OUTPUT_NAME in names else {})}
+    model.compile(optimizer=opt, loss=loss, loss_weights=weights, metrics=metrics)
 
 
 def phase_callbacks(cfg: TrainConfig) -> list:
     """`fit_callbacks` (early stopping with the best weights restored, LR reduction) on the validation loss, with
-    `cfg.deep_supervision` on the lesion map's own loss (the auxiliary outputs are not the checkpoint); with
+    `cfg.deep_supervision` or `cfg.seg_classify` on the lesion map's own loss (the auxiliary outputs are not the
+    checkpoint); with
     `cfg.ema` first Keras's SwapEMAWeights, so that validation, early stopping and the restored best weights all use
     the weights' moving average (Polyak averaging) rather than the last step's weights."""
     import keras
@@ -230,33 +256,51 @@ def phase_callbacks(cfg: TrainConfig) -> list:
     from core.models import SEG_OUTPUT_NAME
 
     swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema > 0 else []
-    monitor = f"val_{SEG_OUTPUT_NAME}_loss" if cfg.deep_supervision > 0 else "val_loss"
+    monitor = f"val_{SEG_OUTPUT_NAME}_loss" if cfg.deep_supervision > 0 or cfg.seg_classify > 0 else "val_loss"
     return swap + fit_callbacks(cfg, monitor)
 
 
 def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-                  y_val: np.ndarray) -> tuple[list[dict], dict]:
+                  y_val: np.ndarray, labels: Optional[tuple[np.ndarray, np.ndarray]] = None,
+                  n_classes: int = 0) -> tuple[list[dict], dict]:
     """Phase "decoder" (encoder frozen, lr `cfg.lr`, `cfg.head_epochs`), then "fine_tune" (the encoder's last
     `cfg.fine_tune_layers` layers or all with -1, lr `cfg.fine_tune_lr`, `cfg.fine_tune_epochs`); each with
-    early stopping on validation loss (best weights restored) and LR reduction. Returns (history, timing)."""
+    early stopping on validation loss (best weights restored) and LR reduction. With `cfg.seg_classify` > 0,
+    `labels` (train, val: int class indices, (N,)) and `n_classes` feed the training-only `class_head_output`.
+    Returns (history, timing)."""
     import keras
     import tensorflow as tf
 
     from core.models import SEG_OUTPUT_NAME, encoder_layers, set_encoder_trainable
 
+    classify = cfg.seg_classify > 0
+    if classify and (labels is None or n_classes < 2):
+        raise ValueError("--seg-classify needs each training and validation image's class (labels, n_classes >= 2).")
     augment = make_joint_augmenter(cfg.seed, cfg.flip, cfg.rotation) if cfg.augment else None
-    ds = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
+    l_train, l_val = (np.asarray(labels[0], np.int32), np.asarray(labels[1], np.int32)) if classify else (None, None)
+    tensors = (x_train, y_train, l_train) if classify else (x_train, y_train)
+    ds = tf.data.Dataset.from_tensor_slices(tensors).shuffle(
         len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
-    ds = ds.map(lambda x, y: augment(tf.cast(x, tf.float32), y) if augment else (tf.cast(x, tf.float32), y),
-                num_parallel_calls=tf.data.AUTOTUNE)
+
+    def prepare(x, y, *label):
+        x, y = augment(tf.cast(x, tf.float32), y) if augment else (tf.cast(x, tf.float32), y)
+        return (x, y, *label)
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     val = (x_val.astype(np.float32), y_val)
     deep = cfg.deep_supervision > 0
     target = model
-    if deep:  # every output learns the same full-size mask; the saved model is `model` alone
-        outs = deep_supervision_outputs(model)
-        target = keras.Model(model.input, outs, name=f"{model.name}_deep_supervision")
-        ds = ds.map(lambda x, y: (x, {n: y for n in outs}))
-        val = (val[0], {n: y_val for n in outs})
+    if deep or classify:  # training-only outputs beside the lesion map; the saved model is `model` alone
+        outs = deep_supervision_outputs(model) if deep else {SEG_OUTPUT_NAME: model.output}
+        if classify:
+            outs[CLASS_OUTPUT_NAME] = class_head_output(model, n_classes)
+        target = keras.Model(model.input, outs, name=f"{model.name}_training")
+
+        def targets(y, label=None):  # every map learns the same full-size mask; the class head the image's class
+            return {n: label if n == CLASS_OUTPUT_NAME else y for n in outs}
+
+        ds = ds.map(lambda x, y, *label: (x, targets(y, *label)))
+        val = (val[0], targets(y_val, l_val))
     ds = ds.prefetch(tf.data.AUTOTUNE)
     enc = [l.name for l in encoder_layers(model)]
     phases = []
@@ -274,10 +318,10 @@ def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndar
         n = set_encoder_trainable(model, first)
         log.info("Phase %s: %d encoder layers trainable (of %d), lr %.1e, up to %d epochs", name, n, len(enc), lr,
                  epochs)
-        _compile(target, lr, cfg.seg_dice, cfg.ema, cfg.deep_supervision)
+        _compile(target, lr, cfg.seg_dice, cfg.ema, cfg.deep_supervision, cfg.seg_classify)
         rows, row = run_phase(target, name, ds, val, epoch0, epochs, phase_callbacks(cfg), precision, verbose,
                               batch_size=cfg.batch_size)
-        if deep:  # Keras logs the lesion map's IoU as <output>_iou: history.csv keeps the usual name
+        if target is not model:  # Keras logs the lesion map's IoU as <output>_iou: history.csv keeps the usual name
             rows = [{k.replace(f"{SEG_OUTPUT_NAME}_iou", "iou"): v for k, v in r.items()} for r in rows]
         history += rows
         timing["phases"].append(row)
@@ -364,15 +408,18 @@ def _segment_split(seg, manifest: Manifest, x: np.ndarray) -> tuple[list[np.ndar
     return maps, truths
 
 
-def train_fold_model(cfg: TrainConfig, train_xy: tuple, val_xy: tuple):
-    """Build the U-Net from `cfg` and fit it -> (model, weights provenance, history, timing)."""
+def train_fold_model(cfg: TrainConfig, train_xy: tuple, val_xy: tuple, parts: Optional[dict] = None):
+    """Build the U-Net from `cfg` and fit it -> (model, weights provenance, history, timing). `parts` (the "train"
+    and "val" manifests) gives the image classes `cfg.seg_classify` trains on."""
     from core.models import SegmenterConfig, build_segmenter
 
     model, provenance = build_segmenter(SegmenterConfig(input_size=cfg.input_size, weights=cfg.weights,
                                                         dropout=cfg.dropout, attention=cfg.seg_decoder == "attention"))
     log.info("Segmenter %s: %d layers, %d parameters; weights: %s", model.name, len(model.layers),
              model.count_params(), provenance["source"])
-    history, timing = fit_segmenter(model, cfg, *train_xy, *val_xy)
+    labels = (parts["train"].labels, parts["val"].labels) if parts is not None else None
+    n_classes = len(parts["train"].class_names) if parts is not None else 0
+    history, timing = fit_segmenter(model, cfg, *train_xy, *val_xy, labels=labels, n_classes=n_classes)
     return model, provenance, history, timing
 
 
@@ -402,7 +449,7 @@ def cross_validate_segmenter(cfg: TrainConfig, manifest: Manifest, work_dir: Opt
             set_seeds(cfg.seed)
             t0 = time.time()
             data = {k: load_seg_arrays(v, cfg.input_size, cfg.clahe) for k, v in parts.items()}
-            model, _, hist, _ = train_fold_model(quiet, data["train"], data["val"])
+            model, _, hist, _ = train_fold_model(quiet, data["train"], data["val"], parts)
             seg = Segmenter(model=model, input_size=cfg.input_size, clahe=cfg.clahe)
             vmaps, vtruth = _segment_split(seg, parts["val"], data["val"][0])
             post = choose_postprocessing(vmaps, vtruth)
@@ -489,7 +536,7 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
         cv = cross_validate_segmenter(cfg, manifest, cv_work_dir(cfg))
         set_seeds(cfg.seed)
     data = {s: load_seg_arrays(splits[s], cfg.input_size, cfg.clahe) for s in ("train", "val", "test")}
-    model, provenance, history, timing = train_fold_model(cfg, data["train"], data["val"])
+    model, provenance, history, timing = train_fold_model(cfg, data["train"], data["val"], splits)
     seg = Segmenter(model=model, input_size=cfg.input_size, clahe=cfg.clahe)
     vmaps, vtruth = _segment_split(seg, splits["val"], data["val"][0])
     post = choose_postprocessing(vmaps, vtruth)
@@ -523,6 +570,11 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
                                 f"on the same loss against the full-size mask, weighted {cfg.deep_supervision} each; "
                                 "early stopping on the lesion map's own validation loss; the checkpoint is the "
                                 "single-output U-Net"} if cfg.deep_supervision > 0 else {}),
+        **({"image_class_head": f"training only: the encoder's last feature map averaged, dropout 0.3 and a "
+                                f"softmax over the {len(manifest.class_names)} image classes, its cross-entropy "
+                                f"weighted {cfg.seg_classify} beside the lesion map's loss; early stopping on the "
+                                "lesion map's own validation loss; the checkpoint is the single-output U-Net"}
+           if cfg.seg_classify > 0 else {}),
         **({"weight_averaging": f"exponential moving average of the weights, momentum {cfg.ema} per step; "
                                 "validated, early-stopped and saved on the average"} if cfg.ema > 0 else {}),
         "weights": provenance,

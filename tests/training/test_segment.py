@@ -265,7 +265,7 @@ def _mini_unet(side: int = 32):
     from keras import layers
 
     inp = keras.Input((side, side, 3), name="image")
-    x = layers.Conv2D(4, 16, strides=16, name="enc")(inp)
+    x = layers.ReLU(name="relu")(layers.Conv2D(4, 16, strides=16, name="enc")(inp))  # the encoder's last map
     for step in (1, 2, 3, 4):
         if step > 1:
             x = layers.UpSampling2D(2, name=f"seg_up{step}")(x)
@@ -314,3 +314,63 @@ def test_deep_supervision_adds_weighted_side_outputs_for_training_only():
         check_seg_choices(TrainConfig(deep_supervision=-1.0))
     with pytest.raises(ConfigError, match="--deep-supervision .* segmentation"):
         check_inputs(TrainConfig(deep_supervision=0.5))  # a classifier
+
+
+def test_seg_classify_trains_an_image_class_head_for_training_only():
+    """--seg-classify: a softmax over the image classes on the encoder's last map beside the lesion map; the training
+    loss is the lesion map's loss + W x the class cross-entropy (checked by hand on the outputs); early stopping
+    follows the lesion map's own loss; the class loss reaches the encoder; the model kept has its one output."""
+    import keras
+
+    from core.errors import ConfigError
+    from core.training.classify import TrainConfig, check_inputs
+    from core.training.segment import _compile, class_head_output, fit_segmenter, phase_callbacks
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 255, (9, 32, 32, 3)).astype(np.float32)
+    y = np.zeros((9, 32, 32, 1), np.float32)
+    y[:6, 8:20, 10:24] = 1.0  # six lesion images (benign, malignant), three normal
+    labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    model = _mini_unet()
+    head = class_head_output(model, 3)
+    assert tuple(head.shape) == (None, 3)
+    net = keras.Model(model.input, {"seg_mask": model.output, "cls": head})
+    _compile(net, 1e-3, seg_classify=0.4)
+    small = x / 255.0  # moderate logits, so the cross-entropy by hand needs no clipping
+    logs = net.evaluate(small, {"seg_mask": y, "cls": labels}, batch_size=9, verbose=0, return_dict=True)
+    pred = net.predict(small, verbose=0)
+    seg = float(segmentation_loss()(y, pred["seg_mask"]))
+    ce = float(-np.mean(np.log(pred["cls"][np.arange(9), labels])))
+    assert logs["seg_mask_loss"] == pytest.approx(seg, rel=1e-4)
+    assert logs["loss"] == pytest.approx(seg + 0.4 * ce, rel=1e-4)
+
+    cfg = TrainConfig(seg_classify=0.4, head_epochs=2, fine_tune_epochs=0, batch_size=3, patience=5, augment=False,
+                      precision="float32", verbose=0)
+    assert [c.monitor for c in phase_callbacks(cfg)] == ["val_seg_mask_loss"] * 2
+    model = _mini_unet()
+    with pytest.raises(ValueError, match="--seg-classify needs"):
+        fit_segmenter(model, cfg, x.astype(np.uint8), y, x[:3].astype(np.uint8), y[:3])
+    history, _ = fit_segmenter(model, cfg, x.astype(np.uint8), y, x[::3].astype(np.uint8), y[::3],
+                               labels=(labels, labels[::3]), n_classes=3)
+    assert len(history) == 2 and {"iou", "val_iou", "val_seg_mask_loss", "val_cls_loss", "cls_accuracy"} <= set(
+        history[0])
+    assert len(model.outputs) == 1 and not any(l.name.startswith("cls") for l in model.layers)
+
+    # the class loss reaches the encoder when it is fine-tuned: the same start and batches move it differently
+    tune = TrainConfig(**{**cfg.__dict__, "head_epochs": 0, "fine_tune_epochs": 2, "fine_tune_layers": -1})
+    seg_only, with_cls = _mini_unet(), _mini_unet()
+    with_cls.set_weights(seg_only.get_weights())
+    enc0 = seg_only.get_layer("enc").get_weights()[0].copy()
+    keras.utils.set_random_seed(0)
+    fit_segmenter(seg_only, TrainConfig(**{**tune.__dict__, "seg_classify": 0.0}), x.astype(np.uint8), y,
+                  x[::3].astype(np.uint8), y[::3])
+    keras.utils.set_random_seed(0)
+    fit_segmenter(with_cls, tune, x.astype(np.uint8), y, x[::3].astype(np.uint8), y[::3],
+                  labels=(labels, labels[::3]), n_classes=3)
+    moved = [np.abs(m.get_layer("enc").get_weights()[0] - enc0).sum() for m in (seg_only, with_cls)]
+    assert moved[0] > 0 and moved[1] > 0 and not np.isclose(moved[0], moved[1])
+    with pytest.raises(ConfigError, match="--seg-classify"):
+        check_seg_choices(TrainConfig(seg_classify=-0.1))
+    with pytest.raises(ConfigError, match="--seg-classify .* segmentation"):
+        check_inputs(TrainConfig(seg_classify=0.5))  # a classifier
