@@ -248,9 +248,8 @@ def _compile(model, lr: float, seg_dice: str = "every_image", ema: float = 0.0,
 def phase_callbacks(cfg: TrainConfig) -> list:
     """`fit_callbacks` (early stopping with the best weights restored, LR reduction) on the validation loss, with
     `cfg.deep_supervision` or `cfg.seg_classify` on the lesion map's own loss (the auxiliary outputs are not the
-    checkpoint); with
-    `cfg.ema` first Keras's SwapEMAWeights, so that validation, early stopping and the restored best weights all use
-    the weights' moving average (Polyak averaging) rather than the last step's weights."""
+    checkpoint); with `cfg.ema` first Keras's SwapEMAWeights, so that validation, early stopping and the restored
+    best weights all use the weights' moving average (Polyak averaging) rather than the last step's weights."""
     import keras
 
     from core.models import SEG_OUTPUT_NAME
