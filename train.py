@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "normal) from the encoder's last features, its cross-entropy weighted W (multi-task: the "
                         "encoder learns what tells a lesion scan from a normal one; the saved segmenter is unchanged "
                         "in shape); 0: off")
+    g.add_argument("--elastic", type=float, default=d.elastic, metavar="S",
+                   help="segmentation: also deform about half the training images and their masks elastically "
+                        "(as in the original U-Net) with magnitude S in (0, 1]: at 0.5 a smooth displacement of "
+                        "1.6%% of the image side on average; 0: off")
     g.add_argument("--stain-standardise", action="store_true",
                    help="H&E: standardise each image's colour in-graph (per-image optical-density mean and spread "
                         "mapped to the training set's), so stain strength and colour cast matter less")
@@ -201,7 +205,7 @@ def config_from_args(args: argparse.Namespace):
         cv_scope=args.cv_scope, calibration=args.calibration, patch_scale_jitter=args.patch_scale_jitter,
         colour_jitter=args.colour_jitter, mixup=args.mixup, aux_mask=args.aux_mask, seg_dice=args.seg_dice,
         seg_decoder=args.seg_decoder, ema=args.ema, deep_supervision=args.deep_supervision,
-        seg_classify=args.seg_classify, flip=args.flip,
+        seg_classify=args.seg_classify, elastic=args.elastic, flip=args.flip,
         rotation=args.rotation, precision=args.precision, stain_standardise=args.stain_standardise,
         external=tuple(args.external), distribute=args.distribute, distil_from=args.distil_from,
         distil_weight=args.distil_weight, distil_temperature=args.distil_temperature, verbose=0 if args.quiet else 1)

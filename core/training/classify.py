@@ -94,6 +94,7 @@ class TrainConfig:
     ema: float = 0.0  # segmentation: >0 keeps an exponential moving average of the weights (this momentum per step)
     deep_supervision: float = 0.0  # segmentation: >0 trains auxiliary maps of decoder steps 1-4, each weighted this
     seg_classify: float = 0.0  # segmentation: >0 also trains an image-class head on the encoder, loss weighted this
+    elastic: float = 0.0  # segmentation: >0 random elastic deformation of image and mask, this magnitude
     verbose: int = 1
 
     @property
@@ -298,6 +299,9 @@ def check_inputs(cfg: TrainConfig, segmentation: bool = False) -> None:
         raise ConfigError("--ema (a moving average of the weights) is for segmentation training (--task segmentation).")
     if cfg.deep_supervision and not segmentation:
         raise ConfigError("--deep-supervision (auxiliary maps of the decoder) is for segmentation training "
+                          "(--task segmentation).")
+    if cfg.elastic and not segmentation:
+        raise ConfigError("--elastic (elastic deformation of image and mask) is for segmentation training "
                           "(--task segmentation).")
     if cfg.seg_classify and not segmentation:
         raise ConfigError("--seg-classify (an image-class head beside the lesion map) is for segmentation training "

@@ -76,9 +76,12 @@ def lesion_masks(manifest: Manifest, size: int) -> np.ndarray:
     return out
 
 
-def make_joint_augmenter(seed: int, flip: str = "horizontal", rotation: float = 0.05):
-    """Random geometry applied identically to image and mask (flip, rotation, zoom, shift; black fill),
-    then brightness and contrast on the image only. Input: image (B, S, S, 3) 0-255, mask (B, S, S, 1)."""
+def make_joint_augmenter(seed: int, flip: str = "horizontal", rotation: float = 0.05, elastic: float = 0.0):
+    """Random geometry applied identically to image and mask (flip, rotation, zoom, shift; black fill; with
+    `elastic` in (0, 1] an elastic deformation as in the original U-Net, Ronneberger et al. 2015: Keras's
+    RandomElasticTransform, a smooth random displacement field growing with `elastic`, at 0.5 a mean 1.6% and a
+    95th percentile 4% of the image side, on about half the images), then brightness and contrast on the image
+    only. Input: image (B, S, S, 3) 0-255, mask (B, S, S, 1)."""
     from keras import layers
 
     geo = [layers.RandomFlip(flip, seed=seed)] if flip != "none" else []
@@ -86,6 +89,9 @@ def make_joint_augmenter(seed: int, flip: str = "horizontal", rotation: float = 
         geo.append(layers.RandomRotation(rotation, fill_mode="constant", seed=seed + 1))
     geo += [layers.RandomZoom((-0.15, 0.15), fill_mode="constant", seed=seed + 2),
             layers.RandomTranslation(0.08, 0.08, fill_mode="constant", seed=seed + 3)]
+    if elastic > 0:
+        geo.append(layers.RandomElasticTransform(factor=1.0, scale=(elastic, elastic), fill_mode="constant",
+                                                 seed=seed + 6))
     photometric = [layers.RandomBrightness(0.15, value_range=(0, 255), seed=seed + 4),
                    layers.RandomContrast(0.2, seed=seed + 5)]
 
@@ -146,8 +152,9 @@ SEG_DECODERS = {"unet": _UNET,
 
 
 def check_seg_choices(cfg: TrainConfig) -> None:
-    """ConfigError for an unknown `seg_dice` or `seg_decoder`, an `ema` momentum outside [0, 1) or a negative
-    `deep_supervision` or `seg_classify` weight, before any image is decoded."""
+    """ConfigError for an unknown `seg_dice` or `seg_decoder`, an `ema` momentum outside [0, 1), a negative
+    `deep_supervision` or `seg_classify` weight or an `elastic` magnitude outside [0, 1], before any image is
+    decoded."""
     segmentation_loss(cfg.seg_dice)
     if cfg.seg_decoder not in SEG_DECODERS:
         raise ConfigError(f"seg_decoder must be one of {', '.join(SEG_DECODERS)}, not {cfg.seg_decoder!r}.")
@@ -157,6 +164,8 @@ def check_seg_choices(cfg: TrainConfig) -> None:
         raise ConfigError(f"--deep-supervision is a loss weight (0: off), not {cfg.deep_supervision}.")
     if cfg.seg_classify < 0:
         raise ConfigError(f"--seg-classify is a loss weight (0: off), not {cfg.seg_classify}.")
+    if not 0.0 <= cfg.elastic <= 1.0:
+        raise ConfigError(f"--elastic is a deformation magnitude in [0, 1] (0: off), not {cfg.elastic}.")
 
 
 def segmentation_loss(seg_dice: str = "every_image"):
@@ -275,7 +284,7 @@ def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndar
     classify = cfg.seg_classify > 0
     if classify and (labels is None or n_classes < 2):
         raise ValueError("--seg-classify needs each training and validation image's class (labels, n_classes >= 2).")
-    augment = make_joint_augmenter(cfg.seed, cfg.flip, cfg.rotation) if cfg.augment else None
+    augment = make_joint_augmenter(cfg.seed, cfg.flip, cfg.rotation, cfg.elastic) if cfg.augment else None
     l_train, l_val = (np.asarray(labels[0], np.int32), np.asarray(labels[1], np.int32)) if classify else (None, None)
     tensors = (x_train, y_train, l_train) if classify else (x_train, y_train)
     ds = tf.data.Dataset.from_tensor_slices(tensors).shuffle(
@@ -576,6 +585,9 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
            if cfg.seg_classify > 0 else {}),
         **({"weight_averaging": f"exponential moving average of the weights, momentum {cfg.ema} per step; "
                                 "validated, early-stopped and saved on the average"} if cfg.ema > 0 else {}),
+        **({"elastic_deformation": f"training only: keras.layers.RandomElasticTransform with scale {cfg.elastic} "
+                                   "(at 0.5 a mean displacement of 1.6% of the image side, 95th percentile 4%) on "
+                                   "about half the training images, image and mask alike"} if cfg.elastic > 0 else {}),
         "weights": provenance,
         "preprocessing": {"decoder": "core.preprocessing.load_image", "resize": "to the square input; the "
                           "probability map is resized back to the image (bilinear)", "clahe": cfg.clahe,

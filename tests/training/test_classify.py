@@ -413,10 +413,10 @@ def test_mixup_refuses_what_it_cannot_honour_before_decoding(tiny_tree, tmp_path
     assert says in text and "Traceback" not in text and "Decoded" not in text and "Dataset folder" not in text
 
 
-@pytest.mark.parametrize("joint", ["classifier", "segmenter"])
+@pytest.mark.parametrize("joint", ["classifier", "segmenter", "segmenter_elastic"])
 def test_augmenter_pair_moves_each_mask_with_its_image(joint):
-    """--aux-mask and segmentation training: the random geometry of an image is its mask's too; brightness/contrast
-    leave the mask binary (both go through core.training.common.joint_geometry)."""
+    """--aux-mask and segmentation training (with --elastic too): the random geometry of an image is its mask's too;
+    brightness/contrast leave the mask binary (both go through core.training.common.joint_geometry)."""
     from core.training.segment import make_joint_augmenter
 
     img = np.full((16, 32, 32, 3), 40.0, np.float32)
@@ -424,7 +424,8 @@ def test_augmenter_pair_moves_each_mask_with_its_image(joint):
     img[:, 4:14, 6:20] = 220.0  # a bright lesion off-centre, its mask beneath it
     masks[:, 4:14, 6:20] = 1.0
     pair = (T.make_augmenter(3, flip="horizontal_and_vertical", rotation=0.1).pair if joint == "classifier"
-            else make_joint_augmenter(3, flip="horizontal_and_vertical", rotation=0.1))
+            else make_joint_augmenter(3, flip="horizontal_and_vertical", rotation=0.1,
+                                      elastic=1.0 if joint == "segmenter_elastic" else 0.0))
     out, m = (np.asarray(a) for a in pair(img, masks))
     assert out.shape == img.shape and m.shape == masks.shape and np.all(np.isin(m, (0.0, 1.0)))
     assert not np.array_equal(m, masks)  # the geometry did move them

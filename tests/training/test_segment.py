@@ -374,3 +374,37 @@ def test_seg_classify_trains_an_image_class_head_for_training_only():
         check_seg_choices(TrainConfig(seg_classify=-0.1))
     with pytest.raises(ConfigError, match="--seg-classify .* segmentation"):
         check_inputs(TrainConfig(seg_classify=0.5))  # a classifier
+
+
+def test_elastic_deformation_bends_the_mask_with_the_image():
+    """--elastic: without rotation, zoom and shift keep a rectangular lesion's mask a filled axis-aligned rectangle;
+    the elastic deformation bends it (mask area differs from its bounding box) on some images, the image alike;
+    a negative magnitude and a classifier run are refused."""
+    from core.errors import ConfigError
+    from core.training.classify import TrainConfig, check_inputs
+    from core.training.segment import make_joint_augmenter
+
+    img = np.full((16, 64, 64, 3), 40.0, np.float32)
+    masks = np.zeros((16, 64, 64, 1), np.float32)
+    img[:, 16:44, 12:50] = 220.0
+    masks[:, 16:44, 12:50] = 1.0
+
+    def bent(elastic: float) -> int:
+        augment = make_joint_augmenter(5, flip="none", rotation=0.0, elastic=elastic)
+        out, m = (np.asarray(a) for a in augment(img, masks))
+        n = 0
+        for o, k in zip(out, m[..., 0] > 0):
+            rows, cols = np.where(k)
+            box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+            n += k.sum() < 0.97 * box
+            assert o[k].mean() > 150 > o[~k].mean()  # the lesion is still where its mask says
+        return n
+
+    assert bent(0.0) == 0
+    assert bent(1.0) >= 3
+    with pytest.raises(ConfigError, match="--elastic"):
+        check_seg_choices(TrainConfig(elastic=-1.0))
+    with pytest.raises(ConfigError, match="--elastic"):
+        check_seg_choices(TrainConfig(elastic=1.5))  # Keras's elastic transform takes magnitudes up to 1
+    with pytest.raises(ConfigError, match="--elastic .* segmentation"):
+        check_inputs(TrainConfig(elastic=1.0))  # a classifier
