@@ -153,8 +153,8 @@ SEG_DECODERS = {"unet": _UNET,
 
 def check_seg_choices(cfg: TrainConfig) -> None:
     """ConfigError for an unknown `seg_dice` or `seg_decoder`, an `ema` momentum outside [0, 1), a negative
-    `deep_supervision` or `seg_classify` weight or an `elastic` magnitude outside [0, 1], before any image is
-    decoded."""
+    `deep_supervision` or `seg_classify` weight, an `elastic` magnitude outside [0, 1] or `elastic` without
+    augmentation, before any image is decoded."""
     segmentation_loss(cfg.seg_dice)
     if cfg.seg_decoder not in SEG_DECODERS:
         raise ConfigError(f"seg_decoder must be one of {', '.join(SEG_DECODERS)}, not {cfg.seg_decoder!r}.")
@@ -166,6 +166,8 @@ def check_seg_choices(cfg: TrainConfig) -> None:
         raise ConfigError(f"--seg-classify is a loss weight (0: off), not {cfg.seg_classify}.")
     if not 0.0 <= cfg.elastic <= 1.0:
         raise ConfigError(f"--elastic is a deformation magnitude in [0, 1] (0: off), not {cfg.elastic}.")
+    if cfg.elastic > 0 and not cfg.augment:
+        raise ConfigError("--elastic is an augmentation: it cannot run with --no-augment.")
 
 
 def segmentation_loss(seg_dice: str = "every_image"):

@@ -379,7 +379,7 @@ def test_seg_classify_trains_an_image_class_head_for_training_only():
 def test_elastic_deformation_bends_the_mask_with_the_image():
     """--elastic: without rotation, zoom and shift keep a rectangular lesion's mask a filled axis-aligned rectangle;
     the elastic deformation bends it (mask area differs from its bounding box) on some images, the image alike;
-    a negative magnitude and a classifier run are refused."""
+    a magnitude outside [0, 1], --no-augment and a classifier run are refused."""
     from core.errors import ConfigError
     from core.training.classify import TrainConfig, check_inputs
     from core.training.segment import make_joint_augmenter
@@ -406,5 +406,7 @@ def test_elastic_deformation_bends_the_mask_with_the_image():
         check_seg_choices(TrainConfig(elastic=-1.0))
     with pytest.raises(ConfigError, match="--elastic"):
         check_seg_choices(TrainConfig(elastic=1.5))  # Keras's elastic transform takes magnitudes up to 1
+    with pytest.raises(ConfigError, match="--no-augment"):
+        check_seg_choices(TrainConfig(elastic=0.5, augment=False))  # would be silently off
     with pytest.raises(ConfigError, match="--elastic .* segmentation"):
         check_inputs(TrainConfig(elastic=1.0))  # a classifier
