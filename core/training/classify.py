@@ -284,6 +284,12 @@ def _compile(model, lr: float, soft: bool = False) -> None:
 MIN_INPUT_SIZE = {"simple_cnn": 8}
 
 
+#: TrainConfig options that only segmentation training reads -> what they are (for the refusal's message).
+SEGMENTATION_ONLY = {"ema": "a moving average of the weights", "deep_supervision": "auxiliary maps of the decoder",
+                     "elastic": "elastic deformation of image and mask",
+                     "seg_classify": "an image-class head beside the lesion map"}
+
+
 def check_inputs(cfg: TrainConfig, segmentation: bool = False) -> None:
     """Refuse an input size the network cannot read, or a weights file that is not there, before any image is
     decoded (instead of a Keras traceback or a minute of decoding)."""
@@ -295,17 +301,10 @@ def check_inputs(cfg: TrainConfig, segmentation: bool = False) -> None:
     if segmentation and cfg.input_size % M:
         raise ConfigError(f"--input-size must be a multiple of {M} for the segmenter's five 2x steps, not "
                           f"{cfg.input_size} (try {max(M, round(cfg.input_size / M) * M)}).")
-    if cfg.ema and not segmentation:
-        raise ConfigError("--ema (a moving average of the weights) is for segmentation training (--task segmentation).")
-    if cfg.deep_supervision and not segmentation:
-        raise ConfigError("--deep-supervision (auxiliary maps of the decoder) is for segmentation training "
-                          "(--task segmentation).")
-    if cfg.elastic and not segmentation:
-        raise ConfigError("--elastic (elastic deformation of image and mask) is for segmentation training "
-                          "(--task segmentation).")
-    if cfg.seg_classify and not segmentation:
-        raise ConfigError("--seg-classify (an image-class head beside the lesion map) is for segmentation training "
-                          "(--task segmentation).")
+    for option, what in SEGMENTATION_ONLY.items():
+        if getattr(cfg, option) and not segmentation:
+            raise ConfigError(f"--{option.replace('_', '-')} ({what}) is for segmentation training "
+                              "(--task segmentation).")
     if cfg.weights not in ("imagenet", "none"):
         weights_file(cfg.weights)  # WeightsUnavailableError with what to pass instead
 

@@ -215,9 +215,17 @@ def deep_supervision_outputs(model) -> dict:
 
 #: Name of the training-only image-class output of `train.py --seg-classify` (multi-task segmentation).
 CLASS_OUTPUT_NAME = "cls"
+#: Dropout before that head's softmax.
+CLASS_HEAD_DROPOUT = 0.3
 
 
-def class_head_output(model, n_classes: int, dropout: float = 0.3):
+def has_training_outputs(cfg: TrainConfig) -> bool:
+    """Whether `cfg` trains outputs beside the lesion map (deep supervision, the image-class head): then the
+    training network is a wrapper with several outputs and early stopping follows the lesion map's own loss."""
+    return cfg.deep_supervision > 0 or cfg.seg_classify > 0
+
+
+def class_head_output(model, n_classes: int, dropout: float = CLASS_HEAD_DROPOUT):
     """The training-only image-class output of multi-task segmentation (`train.py --seg-classify`): the encoder's
     last feature map (DenseNet121's `relu`, 7 x 7 x 1024 at 224 px, the U-Net's bottleneck) averaged over space,
     dropout, and a softmax over `n_classes`, named `CLASS_OUTPUT_NAME`. Its cross-entropy reaches the lesion map
@@ -266,7 +274,7 @@ def phase_callbacks(cfg: TrainConfig) -> list:
     from core.models import SEG_OUTPUT_NAME
 
     swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema > 0 else []
-    monitor = f"val_{SEG_OUTPUT_NAME}_loss" if cfg.deep_supervision > 0 or cfg.seg_classify > 0 else "val_loss"
+    monitor = f"val_{SEG_OUTPUT_NAME}_loss" if has_training_outputs(cfg) else "val_loss"
     return swap + fit_callbacks(cfg, monitor)
 
 
@@ -298,10 +306,9 @@ def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndar
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     val = (x_val.astype(np.float32), y_val)
-    deep = cfg.deep_supervision > 0
     target = model
-    if deep or classify:  # training-only outputs beside the lesion map; the saved model is `model` alone
-        outs = deep_supervision_outputs(model) if deep else {SEG_OUTPUT_NAME: model.output}
+    if has_training_outputs(cfg):  # training-only outputs beside the lesion map; the saved model is `model` alone
+        outs = deep_supervision_outputs(model) if cfg.deep_supervision > 0 else {SEG_OUTPUT_NAME: model.output}
         if classify:
             outs[CLASS_OUTPUT_NAME] = class_head_output(model, n_classes)
         target = keras.Model(model.input, outs, name=f"{model.name}_training")
@@ -580,10 +587,11 @@ def train_segmenter(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> P
                                 f"on the same loss against the full-size mask, weighted {cfg.deep_supervision} each; "
                                 "early stopping on the lesion map's own validation loss; the checkpoint is the "
                                 "single-output U-Net"} if cfg.deep_supervision > 0 else {}),
-        **({"image_class_head": f"training only: the encoder's last feature map averaged, dropout 0.3 and a "
-                                f"softmax over the {len(manifest.class_names)} image classes, its cross-entropy "
-                                f"weighted {cfg.seg_classify} beside the lesion map's loss; early stopping on the "
-                                "lesion map's own validation loss; the checkpoint is the single-output U-Net"}
+        **({"image_class_head": f"training only: the encoder's last feature map averaged, dropout "
+                                f"{CLASS_HEAD_DROPOUT} and a softmax over the {len(manifest.class_names)} image "
+                                f"classes, its cross-entropy weighted {cfg.seg_classify} beside the lesion map's "
+                                "loss; early stopping on the lesion map's own validation loss; the checkpoint is the "
+                                "single-output U-Net"}
            if cfg.seg_classify > 0 else {}),
         **({"weight_averaging": f"exponential moving average of the weights, momentum {cfg.ema} per step; "
                                 "validated, early-stopped and saved on the average"} if cfg.ema > 0 else {}),
