@@ -14,6 +14,7 @@ import argparse
 import base64
 import functools
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -120,7 +121,8 @@ def create_app(checkpoints: Optional[str | Path] = None, api_key: Optional[str] 
         "diagnostic device."))
 
     def check_key(x_api_key: Optional[str] = Header(default=None)) -> None:
-        if key and x_api_key != key:
+        # constant-time comparison: the response time does not tell how much of a guessed key is right
+        if key and not hmac.compare_digest((x_api_key or "").encode(), key.encode()):
             raise HTTPException(401, "Missing or wrong X-API-Key header.")
 
     @app.exception_handler(InvalidImageError)

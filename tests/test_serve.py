@@ -123,6 +123,8 @@ def test_api_key_required_when_set(tiny_bundle, image):
     assert c.get("/healthz").status_code == 200
     assert c.get("/checkpoints").status_code == 401
     assert c.post("/predict", files={"file": ("a.png", image, "image/png")}).status_code == 401
+    for wrong in ("s3cre", "s3cret!", "S3CRET", b"s3cr\xe9t"):  # a prefix, an extension, another case, Latin-1
+        assert c.get("/checkpoints", headers={"X-API-Key": wrong}).status_code == 401, wrong
     ok = c.post("/predict", files={"file": ("a.png", image, "image/png")}, headers={"X-API-Key": "s3cret"})
     assert ok.status_code == 200
 
