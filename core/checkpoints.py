@@ -590,9 +590,13 @@ def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifi
                       perturbation=perturbation_backend(path, meta, backend))
 
 
-class InstalledClassifiers:
-    """The classifier bundles of one folder (checkpoints/ by default), each loaded on first use and kept; thread-safe.
-    Used by the REST app and batch runs to name the checkpoint made for an out-of-distribution image."""
+class InstalledBundles:
+    """The bundles of one kind in one folder (checkpoints/ by default), each loaded on first use and kept;
+    thread-safe. `InstalledClassifiers` and `InstalledSegmenters` name the kind and its loader."""
+
+    kind = "classifier"
+    #: how `python train.py` makes one, for the message when the folder has none
+    how_to_train = "`python train.py`"
 
     def __init__(self, root: str | Path = CHECKPOINTS_DIR):
         self.root = Path(root)
@@ -605,20 +609,33 @@ class InstalledClassifiers:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["root"])
 
+    def _load(self, path: Path):
+        raise NotImplementedError
+
     def names(self) -> list[str]:
-        return [p.name for p in list_bundles(self.root, kind="classifier")]
+        return [p.name for p in list_bundles(self.root, kind=self.kind)]
 
     def get(self, name: Optional[str]):
+        """The named bundle loaded (default: the first by name); CheckpointNotFoundError if there is none such."""
         names = self.names()
+        what = "checkpoint" if self.kind == "classifier" else f"{self.kind} checkpoint"
         if not names:
-            raise CheckpointNotFoundError(f"No checkpoint in {self.root.name}/: train one with `python train.py`.")
+            raise CheckpointNotFoundError(f"No {what} in {self.root.name}/: train one with {self.how_to_train}.")
         name = name or names[0]
         if name not in names:
-            raise CheckpointNotFoundError(f"Unknown checkpoint {name!r}; available: {', '.join(names)}.")
+            raise CheckpointNotFoundError(f"Unknown {what} {name!r}; available: {', '.join(names)}.")
         with self._lock:
             if name not in self._loaded:
-                self._loaded[name] = load_classifier(self.root / name)
+                self._loaded[name] = self._load(self.root / name)
             return self._loaded[name]
+
+
+class InstalledClassifiers(InstalledBundles):
+    """The classifier bundles of one folder. Used by the REST app and batch runs to name the checkpoint made for
+    an out-of-distribution image."""
+
+    def _load(self, path: Path):
+        return load_classifier(path)
 
     def fitting(self, image: np.ndarray, exclude: Optional[str] = None) -> list[str]:
         """The checkpoints (but `exclude`) whose out-of-distribution detector accepts `image`, best fit first (see
@@ -677,6 +694,16 @@ def segmenter_for(classifier_meta: dict, root: str | Path = CHECKPOINTS_DIR) -> 
     if want is None:
         return None
     return next((p for p in list_bundles(root, kind="segmenter") if MODALITY.get(bundle_summary(p)[1]) == want), None)
+
+
+class InstalledSegmenters(InstalledBundles):
+    """The lesion segmenter bundles of one folder (the REST app's /segment)."""
+
+    kind = "segmenter"
+    how_to_train = "`python train.py --task segmentation`"
+
+    def _load(self, path: Path):
+        return load_segmenter(path)
 
 
 def load_segmenter(path: str | Path, backend: Optional[str] = None):

@@ -5,7 +5,9 @@
 GET /healthz, GET /checkpoints (model cards), POST /predict (multipart `file` -> calibrated probabilities,
 out-of-distribution check, operating point; for an out-of-distribution image, `suitable_checkpoints`: the other
 checkpoints whose detector accepts it), POST /explain (`file`, `method`, `params` JSON -> heatmap PNG and
-float16 attribution `.npy`, both base64, with parameters, seeds and timings). OpenAPI docs at /docs.
+float16 attribution `.npy`, both base64, with parameters, seeds and timings), POST /segment (`file` -> the lesion
+segmenter's predicted lesion: mask PNG, outline, size and shape, what the segmenter's test split says of it; no mask
+for an image the same modality's classifier finds unlike its training data). OpenAPI docs at /docs.
 Uploads pass the dashboard's checks (`core.preprocessing.decode_image`: formats, 50 MB and 40 MP caps); bad
 input gets a 4xx JSON error. With $BREASTXAI_API_KEY set, every endpoint but /healthz needs the header
 `X-API-Key`. The service listens on localhost unless told otherwise.
@@ -26,7 +28,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 
-from core.checkpoints import CHECKPOINTS_DIR, InstalledClassifiers, read_metadata
+from core.checkpoints import CHECKPOINTS_DIR, InstalledClassifiers, InstalledSegmenters, read_metadata
 from core.errors import BreastXAIError, CheckpointError, CheckpointNotFoundError, InvalidImageError
 
 API_KEY_ENV = "BREASTXAI_API_KEY"
@@ -104,6 +106,28 @@ def _npy_b64(array: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def lesion_result(seg, image: np.ndarray, mm_per_pixel: Optional[float] = None, predicted_class: Optional[str] = None,
+                  on_negative=None) -> dict:
+    """The segmenter's predicted lesion on one image: mask (bool (H, W) -> PNG, 255 = lesion), the outline of its
+    largest region as (x, y) points, `core.segmentation.lesion_measurements` and its sentence, and the caveat the
+    Explain page shows (`lesion_caveat`: the segmenter's test misses and, when the classifier called the scan normal
+    (`predicted_class`), what outlines on such scans meant, `on_negative`)."""
+    from core.segmentation import describe_lesion, lesion_caveat, lesion_measurements, outline, read_missed_lesions
+
+    mask = seg.predict_mask(image)
+    m = lesion_measurements(mask, mm_per_pixel)
+    dice = (seg.metadata.get("metrics", {}).get("test", {}).get("dice") or {}).get("mean")
+    missed = read_missed_lesions(seg.path, "test") if seg.path is not None else None
+    caveat = " ".join(filter(None, [
+        "A model's prediction, not a ground truth.",
+        f"On its test split it outlined lesions with mean Dice {dice:.2f}." if dice is not None else None,
+        lesion_caveat(missed, on_negative, predicted_class or "", mask)]))
+    return {"mask_png": _png_b64(mask.astype(np.uint8) * 255), "mask_shape": list(mask.shape),
+            "outline": outline(mask)[0].tolist() if m is not None else [],
+            "lesion": m, "description": describe_lesion(m), "caveat": caveat,
+            "threshold": seg.threshold, "test_dice": dice}
+
+
 def create_app(checkpoints: Optional[str | Path] = None, api_key: Optional[str] = None):
     """The FastAPI app over the classifier bundles in `checkpoints` (default: $BREASTXAI_CHECKPOINTS or
     checkpoints/); `api_key` (default: $BREASTXAI_API_KEY) makes every endpoint but /healthz need it."""
@@ -114,6 +138,7 @@ def create_app(checkpoints: Optional[str | Path] = None, api_key: Optional[str] 
     root = Path(checkpoints or os.environ.get("BREASTXAI_CHECKPOINTS") or CHECKPOINTS_DIR)
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
     models = InstalledClassifiers(root)
+    segmenters = InstalledSegmenters(root)
     subtype_rows = functools.lru_cache(maxsize=64)(subtypes_from_bundle)  # the bundles' CSVs, read once each
     app = FastAPI(title="BreastXAI", version="1", description=(
         "Predictions with calibrated probabilities and explanations (Grad-CAM, Grad-CAM++, LIME, SHAP, occlusion, "
@@ -216,6 +241,61 @@ def create_app(checkpoints: Optional[str | Path] = None, api_key: Optional[str] 
                 "seeds": {k: v for k, v in plain.items() if "seed" in k}, "seconds": round(e.seconds, 4),
                 "heatmap_png": _png_b64(overlay(image, e.heatmap(), 0.5)),
                 "attribution_npy": _npy_b64(e.attribution), "attribution_shape": list(e.attribution.shape)}
+
+    @functools.lru_cache(maxsize=16)
+    def negative_outlines(classifier: str, segmenter: str):
+        """What outlines meant on scans the classifier called normal (the two bundles' files, read once)."""
+        from core.segmentation import read_outline_on_negative
+
+        return read_outline_on_negative(root / classifier, root / segmenter)
+
+    def modality_classifier(seg_name: str) -> Optional[str]:
+        """The first classifier under `root` whose modality's segmenter is `seg_name` (its detector checks uploads)."""
+        from core.checkpoints import segmenter_for
+
+        return next((n for n in models.names() if (segmenter_for(read_metadata(root / n), root) or Path()).name
+                     == seg_name), None)
+
+    @app.get("/segmenters", dependencies=[Depends(check_key)])
+    def segmenters_() -> list[dict]:
+        """Every lesion segmenter: name, input size, test Dice on lesion images, and the classifier that vets uploads."""
+        out = []
+        for n in segmenters.names():
+            meta = read_metadata(root / n)
+            out.append({"name": n, "input_size": meta.get("input_size"), "model_sha256": meta.get("model_sha256"),
+                        "dataset": (meta.get("dataset") or {}).get("kind"),
+                        "test_dice": ((meta.get("metrics", {}).get("test", {}).get("dice")) or {}).get("mean"),
+                        "checked_by": modality_classifier(n)})
+        return out
+
+    @app.post("/segment", dependencies=[Depends(check_key)])
+    def segment(file: UploadFile = File(..., description="breast ultrasound image"),
+                segmenter: Optional[str] = Form(default=None, description="segmenter bundle (default: the first)"),
+                mm_per_pixel: Optional[float] = Form(default=None, gt=0, description="pixel size, for sizes in mm"),
+                ) -> dict:
+        """The predicted lesion (a model's outline, not a ground truth). When a classifier of the segmenter's
+        modality is installed, its out-of-distribution check runs first and an image unlike its training data gets
+        no mask (`mask_png` null, `note` says why); otherwise its predicted class is `classifier_prediction` and the
+        caveat says what outlines meant on scans it called normal."""
+        data = _read(file)
+        seg = segmenters.get(segmenter)
+        image = _decode(data)
+        t0 = time.perf_counter()
+        vetter = modality_classifier(seg.name)
+        out = {"segmenter": seg.name, "model_sha256": seg.metadata.get("model_sha256"),
+               "image_sha256": hashlib.sha256(data).hexdigest(), "checked_by": vetter, "out_of_distribution": None,
+               "classifier_prediction": None}
+        predicted = on_negative = None
+        if vetter:
+            clf = models.get(vetter)
+            out["out_of_distribution"] = (clf.ood_check([image]) or [None])[0]
+            if (out["out_of_distribution"] or {}).get("out_of_distribution", False):
+                return {**out, "mask_png": None, "lesion": None, "seconds": round(time.perf_counter() - t0, 4),
+                        "note": f"The image does not resemble {vetter}'s training data: no lesion outlined."}
+            predicted = out["classifier_prediction"] = clf.class_names[int(np.argmax(clf.predict_proba(image)[0]))]
+            on_negative = negative_outlines(vetter, seg.name)
+        return {**out, **lesion_result(seg, image, mm_per_pixel, predicted, on_negative), "note": None,
+                "seconds": round(time.perf_counter() - t0, 4)}
 
     return app
 

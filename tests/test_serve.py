@@ -223,3 +223,51 @@ def test_predict_cautions_a_call_the_cross_validation_often_gave_other_subtypes(
         body = client.post("/predict", files={"file": ("x.png", png(img), "image/png")}).json()
         assert body["predicted"] in expected, body
         assert body["caution"] == expected[body["predicted"]]
+
+
+def test_segment_outlines_the_lesion_unless_the_modality_classifier_rejects_the_scan(tiny_segmenter, tiny_bundle,
+                                                                                     tmp_path):
+    """POST /segment: the mask load_segmenter predicts, with its outline, size in mm and caveat; no mask when an
+    ultrasound classifier is installed and its detector rejects the image; 4xx for a bad name or pixel size."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from core.checkpoints import load_segmenter
+    from core.serve import create_app
+    from tests.conftest import install_copies
+
+    root = tmp_path / "ck"
+    root.mkdir()
+    empty = TestClient(create_app(root, api_key=""), raise_server_exceptions=False)
+    scan_arr = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    scan = png(scan_arr)
+    r = empty.post("/segment", files={"file": ("s.png", scan, "image/png")})
+    assert r.status_code == 404 and "--task segmentation" in r.json()["detail"]
+
+    shutil.copytree(tiny_segmenter, root / "seg")
+    c = TestClient(create_app(root, api_key=""), raise_server_exceptions=False)
+    assert [s["name"] for s in c.get("/segmenters").json()] == ["seg"]
+    body = c.post("/segment", files={"file": ("s.png", scan, "image/png")}, data={"mm_per_pixel": "0.1"}).json()
+    expected = load_segmenter(root / "seg").predict_mask(scan_arr)
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"])))) == 255
+    assert mask.shape == (60, 80) and body["mask_shape"] == [60, 80] and np.array_equal(mask, expected)
+    assert body["checked_by"] is None and body["note"] is None and body["caveat"].startswith("A model's prediction")
+    assert (body["lesion"] is None) == (not expected.any())
+    if expected.any():
+        assert body["lesion"]["width_mm"] == pytest.approx(body["lesion"]["width_px"] * 0.1)
+        assert all(expected[y, x] for x, y in body["outline"])
+    assert c.post("/segment", files={"file": ("s.png", scan, "image/png")},
+                  data={"segmenter": "nope"}).status_code == 404
+    assert c.post("/segment", files={"file": ("s.png", scan, "image/png")},
+                  data={"mm_per_pixel": "-1"}).status_code == 422
+
+    install_copies(tiny_bundle, root, ("us",), kinds={"us": "busi"})  # an ultrasound classifier that rejects noise
+    body = c.post("/segment", files={"file": ("s.png", scan, "image/png")}).json()
+    assert body["checked_by"] == "us" and body["out_of_distribution"]["out_of_distribution"]
+    assert body["mask_png"] is None and "does not resemble us's training data" in body["note"]
+    shutil.rmtree(root / "us")
+    install_copies(tiny_bundle, root, ("us_lenient",), accept_all=("us_lenient",), kinds={"us_lenient": "busi"})
+    body = c.post("/segment", files={"file": ("s.png", scan, "image/png")}).json()
+    assert body["checked_by"] == "us_lenient" and body["mask_png"] is not None
+    assert body["classifier_prediction"] in ("benign", "malignant") and body["note"] is None
