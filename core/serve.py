@@ -258,7 +258,7 @@ def create_app(checkpoints: Optional[str | Path] = None, api_key: Optional[str] 
 
     @app.get("/segmenters", dependencies=[Depends(check_key)])
     def segmenters_() -> list[dict]:
-        """Every lesion segmenter: name, input size, test Dice on lesion images, and the classifier that vets uploads."""
+        """Every lesion segmenter: name, input size, test Dice on lesion images, the classifier that vets uploads."""
         out = []
         for n in segmenters.names():
             meta = read_metadata(root / n)
