@@ -29,6 +29,20 @@ def largest_region(mask: np.ndarray) -> np.ndarray:
     return lab == k
 
 
+def dice_iou(pred: np.ndarray, true: np.ndarray) -> tuple[Optional[float], Optional[float]]:
+    """Dice 2|P∩T|/(|P|+|T|) and IoU |P∩T|/|P∪T| of two bool masks of one shape; (None, None) when both
+    are empty (nothing to find and nothing found: the score is undefined, not perfect)."""
+    pred, true = np.asarray(pred, bool), np.asarray(true, bool)
+    if pred.shape != true.shape:
+        raise ValueError(f"Mask shapes differ: {pred.shape} vs {true.shape}")
+    inter = np.logical_and(pred, true).sum()
+    total = pred.sum() + true.sum()
+    if total == 0:
+        return None, None
+    union = np.logical_or(pred, true).sum()
+    return float(2 * inter / total), float(inter / union)
+
+
 def postprocess(proba: np.ndarray, threshold: float = 0.5, largest_region_only: bool = False) -> np.ndarray:
     """Lesion probability map (H, W) -> bool mask: pixels >= threshold, optionally only the largest region."""
     mask = np.asarray(proba) >= threshold

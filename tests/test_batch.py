@@ -94,3 +94,58 @@ def test_cli_errors_are_messages(tiny_bundle, tmp_path, capsys):
     assert "No folder" in capsys.readouterr().err
     assert main([str(tiny_bundle), str(tmp_path), "--methods", "magic", "--out", str(tmp_path / "o")]) == 2
     assert list_images(tmp_path) == []
+
+
+def test_lesions_of_an_ultrasound_folder_with_the_masks_beside_the_scans(tiny_bundle, tiny_segmenter, tmp_path):
+    """With a segmenter of the checkpoint's modality beside it: each accepted scan's predicted lesion (PNG equal to
+    load_segmenter's mask), its size columns, Dice against the BUSI masks beside it computed by hand; none for a
+    scan the check rejects; --no-lesions skips it all."""
+    import shutil
+
+    from core.checkpoints import load_segmenter
+    from core.preprocessing import load_image, load_mask
+    from core.segmentation import dice_iou, lesion_measurements
+    from tests.conftest import install_copies, write_busi_tree
+
+    scans = write_busi_tree(tmp_path / "scans", n_per_class=2, size=48, seed=11)
+    noise = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(scans / "noise.png")  # no mask beside it
+    ck = install_copies(tiny_bundle, tmp_path / "ck", ("us", "us_strict"), accept_all=("us",),
+                        kinds={"us": "busi", "us_strict": "busi"})
+    shutil.copytree(tiny_segmenter, ck / "seg")
+    seg = load_segmenter(ck / "seg")
+    s = explain_folder(ck / "us", scans, ["gradcam"], tmp_path / "o", serial=True, log=lambda *_: None)
+    assert s["segmenter"] == "seg" and s["images"] == 7
+    r = {x["path"]: x for x in rows(tmp_path / "o" / "results.csv")}
+    scored = []
+    for rel, x in r.items():
+        img = load_image(scans / rel)
+        pred = seg.predict_mask(img)
+        saved = np.asarray(Image.open(tmp_path / "o" / "lesions" / rel)) == 255
+        assert np.array_equal(saved, pred), rel
+        m = lesion_measurements(pred)
+        assert float(x["lesion_area_fraction"]) == pytest.approx(m["area_fraction"] if m else 0.0, abs=1e-6)
+        assert x["lesion_orientation"] == (m["orientation"] if m else "")
+        if rel == "noise.png":
+            assert x["lesion_true_area_fraction"] == "" and x["lesion_dice"] == ""
+            continue
+        truth = load_mask([str(scans / rel).replace(".png", "_mask.png")], pred.shape)
+        assert float(x["lesion_true_area_fraction"]) == pytest.approx(truth.mean(), abs=1e-6)
+        if truth.any():
+            d, j = dice_iou(pred, truth)
+            assert float(x["lesion_dice"]) == pytest.approx(d) and float(x["lesion_iou"]) == pytest.approx(j)
+            scored.append(d)
+        else:  # a normal scan: no Dice to compute
+            assert rel.startswith("normal") and x["lesion_dice"] == ""
+    assert len(scored) == 4 and s["lesion_images_scored"] == 4
+    assert s["lesion_dice_mean"] == pytest.approx(np.mean(scored))
+    assert s["lesions_outlined"] == sum(float(x["lesion_area_fraction"]) > 0 for x in r.values())
+
+    strict = explain_folder(ck / "us_strict", scans, ["gradcam"], tmp_path / "st", serial=True, log=lambda *_: None)
+    x = next(x for x in rows(tmp_path / "st" / "results.csv") if x["path"] == "noise.png")
+    assert x["out_of_distribution"] == "True" and x.get("lesion_area_fraction", "") == ""
+    assert not (tmp_path / "st" / "lesions" / "noise.png").exists() and strict["segmenter"] == "seg"
+    assert main([str(ck / "us"), str(scans), "--methods", "gradcam", "--out", str(tmp_path / "n"), "--serial",
+                 "--no-lesions"]) == 0
+    assert not any(k.startswith("lesion") for k in rows(tmp_path / "n" / "results.csv")[0])
+    assert not (tmp_path / "n" / "lesions").exists()

@@ -37,6 +37,16 @@ _UCSB_RE = re.compile(r"^(?P<group>ytma\d+_\d+)_(?P<cls>benign|malignant)(?P<k>\
 _BUSI_MASK_RE = re.compile(r"_mask(_\d+)?$")
 
 
+def masks_beside(image: str | Path) -> tuple[str, ...]:
+    """The lesion mask files next to an image in BUSI's layout (`X.png` -> `X_mask.png`, `X_mask_1.png`, ...)."""
+    image = Path(image)
+    if not image.parent.is_dir():
+        return ()
+    prefix = image.stem + "_mask"
+    return tuple(str(p) for p in sorted(image.parent.iterdir()) if p.stem.startswith(prefix) and p.is_file()
+                 and p.suffix.lower() in IMAGE_SUFFIXES and _BUSI_MASK_RE.fullmatch(p.stem[len(image.stem):]))
+
+
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 

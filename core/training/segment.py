@@ -26,7 +26,7 @@ from core.data.loaders import CITATIONS
 from core.errors import ConfigError, DatasetError
 from core.evaluation import mean_ci
 from core.preprocessing import load_mask, model_input
-from core.segmentation import SHAPE_COLUMNS, predicted_shape
+from core.segmentation import SHAPE_COLUMNS, dice_iou, predicted_shape  # noqa: F401 (dice_iou: re-exported)
 from core.training.classify import (TrainConfig, check_inputs, config_differences, config_json, cv_work_dir,
                                     fit_callbacks, group_folds, load_manifest)
 from core.training.common import (git_commit, joint_geometry, quote_arg, resolve_precision, run_phase, run_record,
@@ -344,20 +344,6 @@ def fit_segmenter(model, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndar
         timing["phases"].append(row)
         epoch0 += row["epochs"]
     return history, timing
-
-
-def dice_iou(pred: np.ndarray, true: np.ndarray) -> tuple[Optional[float], Optional[float]]:
-    """Dice 2|P∩T|/(|P|+|T|) and IoU |P∩T|/|P∪T| of two bool masks of one shape; (None, None) when both
-    are empty (nothing to find and nothing found: the score is undefined, not perfect)."""
-    pred, true = np.asarray(pred, bool), np.asarray(true, bool)
-    if pred.shape != true.shape:
-        raise ValueError(f"Mask shapes differ: {pred.shape} vs {true.shape}")
-    inter = np.logical_and(pred, true).sum()
-    total = pred.sum() + true.sum()
-    if total == 0:
-        return None, None
-    union = np.logical_or(pred, true).sum()
-    return float(2 * inter / total), float(inter / union)
 
 
 def segmentation_metrics(rows: Sequence[dict], class_names: Sequence[str], n_boot: int = 1000,
