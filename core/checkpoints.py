@@ -428,12 +428,15 @@ class Classifier:
         return self._mean_per_image(self._chunked(self._features, x, width=0), counts)
 
     def ood_check(self, images) -> Optional[list[dict]]:
-        """Per image: {'score', 'threshold', 'out_of_distribution'}; None if the bundle has no detector."""
+        """Per image: {'score', 'threshold', 'out_of_distribution', 'training_copy'} (a copy of a training image is
+        never out of distribution, see core.ood); None if the bundle has no detector."""
         if self.ood is None:
             return None
-        scores = self.ood.score(self.features(images))
-        return [{"score": float(s), "threshold": self.ood.threshold, "out_of_distribution": bool(s > self.ood.threshold)}
-                for s in scores]
+        feats = self.features(images)
+        scores, copies = self.ood.score(feats), self.ood.training_copy(feats)
+        return [{"score": float(s), "threshold": self.ood.threshold, "out_of_distribution": bool(s > self.ood.threshold
+                                                                                                 and not c),
+                 "training_copy": bool(c)} for s, c in zip(scores, copies)]
 
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
         return apply_temperature(probs, self.temperature)

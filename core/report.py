@@ -263,10 +263,12 @@ def make_report(clf, cases: Sequence[Case], opts: ReportOptions = ReportOptions(
         if case.ood is None:
             lines.append("Out-of-distribution check: the checkpoint has none.")
         else:
+            copy = not ood and case.ood.get("training_copy") and case.ood["score"] > case.ood["threshold"]
             lines.append(f"Out-of-distribution check: distance {case.ood['score']:.0f} "
-                         f"{'>' if ood else '<='} threshold {case.ood['threshold']:.0f}: "
+                         f"{'>' if ood or copy else '<='} threshold {case.ood['threshold']:.0f}: "
                          + ("the image does not resemble the training data; the output is not a prediction."
-                            if ood else "the image resembles the training data."))
+                            if ood else "the image is (a near-copy of) a training image." if copy
+                            else "the image resembles the training data."))
         op = operating_point_text(meta, case.probabilities, names)
         if op and not ood:
             lines.append(op)

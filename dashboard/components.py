@@ -284,6 +284,11 @@ def ood_notice(ckpt: Path, inp: "ImageInput") -> None:
     elif res["out_of_distribution"]:  # the headline already says so and gives no verdict: only the measurement
         st.caption(f"Out-of-distribution distance {res['score']:.0f} > threshold {res['threshold']:.0f} (about 5% of "
                    "genuine validation images exceed it): it may be a different modality, magnification or scanner.")
+    elif res.get("training_copy") and res["score"] > res["threshold"]:
+        st.success(f"The image is one of the images {ckpt.name} was trained on, or a near-copy of one: it resembles "
+                   f"the training data, although its distance {res['score']:.0f} is above the threshold "
+                   f"{res['threshold']:.0f} new images are held to (training images score higher than new ones).",
+                   icon=":material/check_circle:")
     else:
         st.success(f"The image resembles the training data (distance {res['score']:.0f} ≤ threshold "
                    f"{res['threshold']:.0f}; about 5% of genuine validation images exceed it).",

@@ -27,14 +27,19 @@ def test_detector_on_synthetic_features(tmp_path):
     np.testing.assert_allclose(back.score(val), det.score(val))
 
 
-def test_bundle_has_detector(tiny_bundle):
-    from core.checkpoints import load_classifier
+def test_bundle_has_detector(tiny_bundle, tiny_tree):
+    from core.checkpoints import load_classifier, read_csv
+    from core.preprocessing import load_image
 
     clf = load_classifier(tiny_bundle)
     meta = json.loads((tiny_bundle / "metadata.json").read_text())
     assert (tiny_bundle / "ood.npz").is_file() and meta["ood"]["false_alarm_rate_val"] == 0.05
+    assert meta["ood"]["copy_radius"] > 0 and 0 <= meta["ood"]["train_above_threshold_rate"] <= 1
     res = clf.ood_check([np.zeros((40, 40, 3), np.uint8)])
-    assert set(res[0]) == {"score", "threshold", "out_of_distribution"}
+    assert set(res[0]) == {"score", "threshold", "out_of_distribution", "training_copy"}
+    train = [load_image(tiny_tree / r["path"]) for r in read_csv(tiny_bundle / "split.csv") if r["split"] == "train"]
+    checks = clf.ood_check(train)  # every training image, read back from disk, is a copy and never flagged
+    assert all(c["training_copy"] and not c["out_of_distribution"] for c in checks)
 
 
 def test_find_fitting_probes_each_checkpoint_once_and_leaves_out_one_that_fails_to_load():
@@ -154,3 +159,31 @@ def test_committed_checkpoints_point_an_image_to_its_own_modality():
     print("BreakHis", bh)
     assert all("busi_densenet121" not in f for f in bh), bh
     assert sum(bool(f) and f[0] == "breakhis_densenet121" for f in bh) >= 5, bh
+
+
+def test_a_copy_of_a_training_image_is_never_flagged_and_old_detectors_still_load(tmp_path):
+    """Training images that score above the validation threshold (here 10 outliers) are accepted as copies, a new
+    image beside one of them is not, validation's false-alarm rate is unchanged; a detector saved without training
+    points loads and flags by the threshold alone."""
+    rng = np.random.default_rng(1)
+    inliers = np.concatenate([rng.normal(0, 1, (200, 16)), rng.normal(3, 1, (200, 16))])
+    outliers = rng.normal(0, 1, (10, 16)) + 9.0 * np.eye(16)[rng.integers(0, 16, 10)]
+    train = np.concatenate([inliers, outliers])
+    labels = np.concatenate([np.repeat([0, 1], 200), np.zeros(10, int)])
+    val = np.concatenate([rng.normal(0, 1, (100, 16)), rng.normal(3, 1, (100, 16))])
+    det = fit(train, labels, val, false_alarm_rate=0.05)
+    assert det.copy_radius == pytest.approx(0.5 * det.copy_distance(val).min())
+    assert (det.score(outliers) > det.threshold).all()  # the threshold alone would flag them
+    assert not det.flag(outliers).any() and det.training_copy(outliers).all()
+    jitter = outliers + rng.normal(0, 1e-3, outliers.shape)  # re-encoded copies
+    assert not det.flag(jitter).any()
+    beside = outliers + 3.0 * rng.normal(0, 1, outliers.shape)  # new images near, not copies
+    assert (det.copy_distance(beside) > det.copy_radius).all() and det.flag(beside).mean() >= 0.8
+    assert det.flag(val).mean() == pytest.approx(0.05, abs=0.01) and not det.training_copy(val).any()
+    det.save(tmp_path / "ood.npz")
+    back = OODDetector.load(tmp_path / "ood.npz")
+    assert back.copy_radius == det.copy_radius and np.array_equal(back.flag(outliers), det.flag(outliers))
+    np.savez(tmp_path / "old.npz", mean=det.mean, components=det.components, class_means=det.class_means,
+             precision=det.precision, threshold=det.threshold, false_alarm_rate=det.false_alarm_rate)
+    old = OODDetector.load(tmp_path / "old.npz")
+    assert old.train_points is None and old.flag(outliers).all() and not old.training_copy(outliers).any()

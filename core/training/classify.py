@@ -1240,7 +1240,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
     fl = ood_mod.feature_layer(model)
     feats = {s: clf.features(data[s][0]) for s in ("train", "val", "test")}
     detector = ood_mod.fit(feats["train"], data["train"][1], feats["val"])
-    ood_info = ood_mod.summary(detector, fl, feats["test"])
+    ood_info = ood_mod.summary(detector, fl, feats["test"], feats["train"])
     clf.ood = detector
 
     cv_data = manifest if cfg.cv_scope == "all" else splits["train"].extend(splits["val"].samples)
