@@ -127,6 +127,9 @@ def test_checkpoints_that_fit_orders_whole_image_models_first_then_nearest():
     assert checkpoints_that_fit(checks, {"patches"}, kinds) == ["near"]  # only the best fit's modality
     kinds["near"] = "histopathology"
     assert checkpoints_that_fit(checks, {"patches"}, kinds) == ["near", "far", "patches"]
+    copy = {"score": 150.0, "threshold": 100.0, "out_of_distribution": False, "training_copy": True}
+    assert checkpoints_that_fit({**checks, "trained_on_it": copy}, {"patches"}) == ["trained_on_it", "near", "far",
+                                                                                    "patches"]
 
 
 @needs_shared
