@@ -148,8 +148,8 @@ def checkpoints_that_fit(checks: Mapping[str, Optional[dict]], patch_models: Col
     (`checks`: name -> `Classifier.ood_check` result, None for a checkpoint without a detector, which is left out).
     Whole-image models come before patch models (a patch model's detector scores the mean of its tiles, so it accepts
     most fields of its stain at any magnification, and now and then an ultrasound scan), each group nearest its
-    training data first (score / threshold; a checkpoint the image is a training copy of, first). With `modality` (name -> imaging modality), only checkpoints of the first
-    one's modality are kept.
+    training data first (score / threshold; a checkpoint the image is a training copy of, first). With `modality`
+    (name -> imaging modality), only checkpoints of the first one's modality are kept.
     """
     fit = [n for n, r in checks.items() if r is not None and not r["out_of_distribution"]]
     fit.sort(key=lambda n: (n in patch_models, 0.0 if checks[n].get("training_copy") else  # its own training image
