@@ -7,6 +7,7 @@ Layer naming convention: `preprocess` (normalisation), backbone layers (Keras na
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -152,8 +153,34 @@ def weights_file(weights: str) -> Path:
     path = Path(weights)
     if not path.is_file():
         raise WeightsUnavailableError(f"Weights file not found: {path}. Use --weights imagenet "
-                                      "(online), none, or a path to an existing .weights.h5 file.")
+                                      "(online), none, a path to an existing .weights.h5 file, or a lesion segmenter "
+                                      "bundle (its encoder).")
     return path
+
+
+def segmenter_bundle(weights: str) -> Optional[Path]:
+    """The lesion segmenter bundle `weights` names (a folder whose metadata.json has kind "segmenter"), else None."""
+    meta = Path(weights) / "metadata.json"
+    try:
+        return Path(weights) if meta.is_file() and json.loads(meta.read_text()).get("kind") == "segmenter" else None
+    except (OSError, ValueError):
+        return None
+
+
+def _encoder_weights(backbone: str, bundle: Path) -> tuple[list[np.ndarray], ...]:
+    """A segmenter bundle's DenseNet121 encoder weights (verified bundle, Keras safe mode), in the order of a fresh
+    `backbone` trunk's weighted layers (matched by name)."""
+    from core.checkpoints import load_segmenter
+
+    if backbone != "densenet121":
+        raise WeightsUnavailableError(f"A lesion segmenter's encoder is a DenseNet121 trunk: use --backbone "
+                                      f"densenet121 with --weights {bundle}, not {backbone}.")
+    seg = load_segmenter(bundle, backend="keras").keras_model()
+    ref = getattr(keras.applications, _APPS[backbone][0])(include_top=False, weights=None)
+    try:
+        return tuple([np.asarray(w) for w in seg.get_layer(l.name).get_weights()] for l in ref.layers if l.weights)
+    except ValueError as exc:
+        raise WeightsUnavailableError(f"{bundle.name} has no DenseNet121 encoder layer {exc}") from exc
 
 
 def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
@@ -184,6 +211,12 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
             provenance = {"source": "imagenet (keras.applications download)",
                           "path": str(cached) if cached else None,
                           "sha256": _file_sha256(str(cached), _stamp(cached)) if cached else None}
+        elif segmenter_bundle(cfg.weights) is not None:
+            bundle = Path(cfg.weights)
+            ref = _encoder_weights(cfg.backbone, bundle)
+            seg_meta = json.loads((bundle / "metadata.json").read_text())
+            provenance = {"source": "segmenter encoder", "path": str(bundle), "sha256": seg_meta.get("model_sha256"),
+                          "segmenter": bundle.name, "segmenter_weights": seg_meta.get("weights")}
         else:
             path = weights_file(cfg.weights)
             stamp = _stamp(path)

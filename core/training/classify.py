@@ -293,7 +293,7 @@ SEGMENTATION_ONLY = {"ema": "a moving average of the weights", "deep_supervision
 def check_inputs(cfg: TrainConfig, segmentation: bool = False) -> None:
     """Refuse an input size the network cannot read, or a weights file that is not there, before any image is
     decoded (instead of a Keras traceback or a minute of decoding)."""
-    from core.models import SEGMENTER_MULTIPLE as M, weights_file
+    from core.models import SEGMENTER_MULTIPLE as M, segmenter_bundle, weights_file
 
     low = MIN_INPUT_SIZE.get(cfg.backbone, 32)
     if cfg.input_size < low:
@@ -306,7 +306,49 @@ def check_inputs(cfg: TrainConfig, segmentation: bool = False) -> None:
             raise ConfigError(f"--{option.replace('_', '-')} ({what}) is for segmentation training "
                               "(--task segmentation).")
     if cfg.weights not in ("imagenet", "none"):
-        weights_file(cfg.weights)  # WeightsUnavailableError with what to pass instead
+        if segmenter_bundle(cfg.weights) is not None:
+            check_encoder_source(cfg, segmentation)
+        else:
+            weights_file(cfg.weights)  # WeightsUnavailableError with what to pass instead
+
+
+def check_encoder_source(cfg: TrainConfig, segmentation: bool = False) -> None:
+    """Refuse what a classifier on a lesion segmenter's encoder (`--weights SEGMENTER_BUNDLE`) cannot do honestly:
+    the encoder learned from the lesion masks of the segmenter's training images, so cross-validation (and the
+    out-of-fold inner-CV calibration) would score images it trained on; `check_encoder_split` guards the split."""
+    where = f"--weights {cfg.weights} (a lesion segmenter's encoder)"
+    if segmentation:
+        raise ConfigError(f"{where} starts a classifier; a segmenter starts from a trunk weights file.")
+    if cfg.cv_folds > 1:
+        raise ConfigError(f"{where}: cross-validation would hold out images whose lesion masks trained the encoder; "
+                          "retraining the segmenter in every fold is not supported yet, so it is refused.")
+    if cfg.calibration == "inner-cv":
+        raise ConfigError(f"{where}: --calibration inner-cv scores training images the encoder learned from; use "
+                          "the validation split (--calibration val).")
+
+
+def check_encoder_split(cfg: TrainConfig, splits: dict, root: str | Path) -> None:
+    """With a segmenter's encoder as the trunk: every image the segmenter's split.csv names must be in the same split
+    here (a validation or test image it trained on, or chose its threshold on, would score too well)."""
+    import csv
+
+    from core.models import segmenter_bundle
+
+    bundle = segmenter_bundle(cfg.weights)
+    if bundle is None:
+        return
+    try:
+        with open(bundle / "split.csv", newline="") as fh:
+            theirs = {r["path"]: r["split"] for r in csv.DictReader(fh)}
+    except (OSError, KeyError) as exc:
+        raise ConfigError(f"{bundle.name} has no readable split.csv ({exc}): its encoder's training images are "
+                          "unknown, so it cannot start a classifier.") from exc
+    moved = [(os.path.relpath(x.path, root), s, theirs[os.path.relpath(x.path, root)]) for s in ("train", "val", "test")
+             for x in splits[s].samples if theirs.get(os.path.relpath(x.path, root), s) != s]
+    if moved:
+        raise ConfigError(f"{len(moved)} images are in another split than for the segmenter {bundle.name} (e.g. "
+                          f"{moved[0][0]}: {moved[0][1]} here, {moved[0][2]} there). Pass its split: --split-file "
+                          f"{bundle / 'split.csv'}.")
 
 
 def check_class_coverage(counts: dict[str, dict[str, int]], totals: dict[str, int]) -> list[str]:
@@ -1024,6 +1066,7 @@ def add_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str]] = None)
 
     if cfg.cv_folds < 2:
         raise DatasetError("--cv-only needs --cv-folds K with K >= 2.")
+    check_inputs(cfg)  # e.g. a segmenter's encoder, whose training images cross-validation would hold out
     bundle = Path(cfg.out_dir) / cfg.bundle_name
     if not (bundle / "metadata.json").is_file():
         raise DatasetError(f"No checkpoint at {bundle} to add cross-validation to; pass the --out-dir and --name "
@@ -1182,6 +1225,7 @@ def train(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Optional[Pa
     for s in ("train", "val", "test"):
         if len(splits[s]) == 0:
             raise DatasetError(f"The {s} split is empty; the dataset is too small for a {cfg.split} split.")
+    check_encoder_split(cfg, splits, manifest.root)
     split_counts = {s: splits[s].class_counts() for s in ("train", "val", "test")}
     coverage_notes = check_class_coverage(split_counts, manifest.class_counts())
     k = len(manifest.class_names)

@@ -410,3 +410,38 @@ def test_elastic_deformation_bends_the_mask_with_the_image():
         check_seg_choices(TrainConfig(elastic=0.5, augment=False))  # would be silently off
     with pytest.raises(ConfigError, match="--elastic .* segmentation"):
         check_inputs(TrainConfig(elastic=1.0))  # a classifier
+
+
+def test_a_classifier_starts_from_a_segmenters_encoder_on_its_split_only(tiny_segmenter, tiny_busi_tree, tmp_path,
+                                                                          capsys):
+    """--weights SEGMENTER_BUNDLE: the classifier's DenseNet121 trunk holds the segmenter's encoder weights layer by
+    layer and its provenance names the bundle and model hash; a split that moves the segmenter's images,
+    cross-validation and inner-CV calibration are refused (they would score images the encoder trained on)."""
+    from dataclasses import replace
+
+    import train
+    from core.checkpoints import load_classifier, load_segmenter, read_metadata
+    from core.errors import ConfigError
+    from core.training.classify import check_inputs
+
+    base = ["--dataset", "busi", "--data-dir", str(tiny_busi_tree), "--backbone", "densenet121",
+            "--weights", str(tiny_segmenter), "--input-size", "32", "--trunk-layer", "pool4_relu", "--head-units", "0",
+            "--logistic-c", "0.01", "--fine-tune-epochs", "0", "--no-augment", "--out-dir", str(tmp_path), "--quiet"]
+    assert train.main(base + ["--split-file", str(tiny_segmenter / "split.csv"), "--name", "enc"]) == 0
+    meta, seg_meta = read_metadata(tmp_path / "enc"), read_metadata(tiny_segmenter)
+    assert meta["weights"]["source"] == "segmenter encoder" and meta["weights"]["sha256"] == seg_meta["model_sha256"]
+    clf, seg = load_classifier(tmp_path / "enc", backend="keras"), load_segmenter(tiny_segmenter, backend="keras")
+    for name in ("conv1_conv", "conv3_block12_2_conv", "conv4_block24_2_conv"):
+        for a, b in zip(clf.model.get_layer(name).get_weights(), seg.keras_model().get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+
+    assert train.main(base + ["--name", "moved", "--seed", "7"]) == 2  # another split than the segmenter's
+    out = capsys.readouterr()
+    assert "in another split than for the segmenter" in out.out + out.err
+    cfg = train.config_from_args(train.build_parser().parse_args(base + ["--name", "x"]))
+    with pytest.raises(ConfigError, match="cross-validation would hold out"):
+        check_inputs(replace(cfg, cv_folds=3))
+    with pytest.raises(ConfigError, match="inner-cv"):
+        check_inputs(replace(cfg, calibration="inner-cv"))
+    with pytest.raises(ConfigError, match="starts a classifier"):
+        check_inputs(cfg, segmentation=True)
