@@ -432,11 +432,9 @@ class Classifier:
         never out of distribution, see core.ood); None if the bundle has no detector."""
         if self.ood is None:
             return None
-        feats = self.features(images)
-        scores, copies = self.ood.score(feats), self.ood.training_copy(feats)
-        return [{"score": float(s), "threshold": self.ood.threshold, "out_of_distribution": bool(s > self.ood.threshold
-                                                                                                 and not c),
-                 "training_copy": bool(c)} for s, c in zip(scores, copies)]
+        scores, copies, flagged = self.ood.check(self.features(images))
+        return [{"score": float(s), "threshold": self.ood.threshold, "out_of_distribution": bool(f),
+                 "training_copy": bool(c)} for s, c, f in zip(scores, copies, flagged)]
 
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
         return apply_temperature(probs, self.temperature)

@@ -7,7 +7,6 @@ Layer naming convention: `preprocess` (normalisation), backbone layers (Keras na
 from __future__ import annotations
 
 import functools
-import json
 import os
 import socket
 from dataclasses import dataclass
@@ -160,27 +159,28 @@ def weights_file(weights: str) -> Path:
 
 def segmenter_bundle(weights: str) -> Optional[Path]:
     """The lesion segmenter bundle `weights` names (a folder whose metadata.json has kind "segmenter"), else None."""
-    meta = Path(weights) / "metadata.json"
-    try:
-        return Path(weights) if meta.is_file() and json.loads(meta.read_text()).get("kind") == "segmenter" else None
-    except (OSError, ValueError):
-        return None
+    from core.checkpoints import bundle_kind
+
+    path = Path(weights)
+    return path if (path / "metadata.json").is_file() and bundle_kind(path) == "segmenter" else None
 
 
-def _encoder_weights(backbone: str, bundle: Path) -> tuple[list[np.ndarray], ...]:
+def _encoder_weights(backbone: str, bundle: Path) -> tuple[tuple[list[np.ndarray], ...], dict]:
     """A segmenter bundle's DenseNet121 encoder weights (verified bundle, Keras safe mode), in the order of a fresh
-    `backbone` trunk's weighted layers (matched by name)."""
+    `backbone` trunk's weighted layers (matched by name), and the bundle's metadata."""
     from core.checkpoints import load_segmenter
 
     if backbone != "densenet121":
         raise WeightsUnavailableError(f"A lesion segmenter's encoder is a DenseNet121 trunk: use --backbone "
                                       f"densenet121 with --weights {bundle}, not {backbone}.")
-    seg = load_segmenter(bundle, backend="keras").keras_model()
+    seg_bundle = load_segmenter(bundle, backend="keras")
+    seg = seg_bundle.keras_model()
     ref = getattr(keras.applications, _APPS[backbone][0])(include_top=False, weights=None)
     try:
-        return tuple([np.asarray(w) for w in seg.get_layer(l.name).get_weights()] for l in ref.layers if l.weights)
+        weights = tuple([np.asarray(w) for w in seg.get_layer(l.name).get_weights()] for l in ref.layers if l.weights)
     except ValueError as exc:
         raise WeightsUnavailableError(f"{bundle.name} has no DenseNet121 encoder layer {exc}") from exc
+    return weights, seg_bundle.metadata
 
 
 def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
@@ -213,8 +213,7 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
                           "sha256": _file_sha256(str(cached), _stamp(cached)) if cached else None}
         elif segmenter_bundle(cfg.weights) is not None:
             bundle = Path(cfg.weights)
-            ref = _encoder_weights(cfg.backbone, bundle)
-            seg_meta = json.loads((bundle / "metadata.json").read_text())
+            ref, seg_meta = _encoder_weights(cfg.backbone, bundle)
             provenance = {"source": "segmenter encoder", "path": str(bundle), "sha256": seg_meta.get("model_sha256"),
                           "segmenter": bundle.name, "segmenter_weights": seg_meta.get("weights")}
         else:

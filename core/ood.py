@@ -66,9 +66,15 @@ class OODDetector:
         return self.copy_distance(features) <= self.copy_radius if self.copy_radius > 0 else \
             np.zeros(len(np.atleast_2d(features)), bool)
 
+    def check(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, training copies, flagged) of pooled features (N, D): flagged = score above the threshold and
+        not a copy of a training image."""
+        scores, copies = self.score(features), self.training_copy(features)
+        return scores, copies, (scores > self.threshold) & ~copies
+
     def flag(self, features: np.ndarray) -> np.ndarray:
-        """Out of distribution: score above the threshold and not a copy of a training image."""
-        return (self.score(features) > self.threshold) & ~self.training_copy(features)
+        """Out of distribution (see `check`)."""
+        return self.check(features)[2]
 
     def save(self, path: Path) -> None:
         extra = {} if self.train_points is None else {"train_points": np.asarray(self.train_points, np.float32),

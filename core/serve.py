@@ -250,11 +250,14 @@ def create_app(checkpoints: Optional[str | Path] = None, api_key: Optional[str] 
         return read_outline_on_negative(root / classifier, root / segmenter)
 
     def modality_classifier(seg_name: str) -> Optional[str]:
-        """The first classifier under `root` whose modality's segmenter is `seg_name` (its detector checks uploads)."""
-        from core.checkpoints import segmenter_for
+        """The first classifier under `root` of the segmenter `seg_name`'s imaging modality (its detector checks
+        uploads); from the bundles' cached summaries, so a request parses no metadata.json."""
+        from core.checkpoints import bundle_summary
+        from core.gallery import MODALITY
 
-        return next((n for n in models.names() if (segmenter_for(read_metadata(root / n), root) or Path()).name
-                     == seg_name), None)
+        modality = lambda name: MODALITY.get(bundle_summary(root / name)[1])  # noqa: E731
+        want = modality(seg_name)
+        return next((n for n in models.names() if want is not None and modality(n) == want), None)
 
     @app.get("/segmenters", dependencies=[Depends(check_key)])
     def segmenters_() -> list[dict]:

@@ -330,21 +330,23 @@ def check_encoder_source(cfg: TrainConfig, segmentation: bool = False) -> None:
 def check_encoder_split(cfg: TrainConfig, splits: dict, root: str | Path) -> None:
     """With a segmenter's encoder as the trunk: every image the segmenter's split.csv names must be in the same split
     here (a validation or test image it trained on, or chose its threshold on, would score too well)."""
-    import csv
-
+    from core.checkpoints import read_csv
     from core.models import segmenter_bundle
 
     bundle = segmenter_bundle(cfg.weights)
     if bundle is None:
         return
     try:
-        with open(bundle / "split.csv", newline="") as fh:
-            theirs = {r["path"]: r["split"] for r in csv.DictReader(fh)}
+        theirs = {r["path"]: r["split"] for r in read_csv(bundle / "split.csv")}
     except (OSError, KeyError) as exc:
         raise ConfigError(f"{bundle.name} has no readable split.csv ({exc}): its encoder's training images are "
                           "unknown, so it cannot start a classifier.") from exc
-    moved = [(os.path.relpath(x.path, root), s, theirs[os.path.relpath(x.path, root)]) for s in ("train", "val", "test")
-             for x in splits[s].samples if theirs.get(os.path.relpath(x.path, root), s) != s]
+    moved = []
+    for s in ("train", "val", "test"):
+        for x in splits[s].samples:
+            rel = os.path.relpath(x.path, root)
+            if theirs.get(rel, s) != s:
+                moved.append((rel, s, theirs[rel]))
     if moved:
         raise ConfigError(f"{len(moved)} images are in another split than for the segmenter {bundle.name} (e.g. "
                           f"{moved[0][0]}: {moved[0][1]} here, {moved[0][2]} there). Pass its split: --split-file "

@@ -26,7 +26,7 @@ from core.data.loaders import CITATIONS
 from core.errors import ConfigError, DatasetError
 from core.evaluation import mean_ci
 from core.preprocessing import load_mask, model_input
-from core.segmentation import SHAPE_COLUMNS, dice_iou, predicted_shape  # noqa: F401 (dice_iou: re-exported)
+from core.segmentation import SHAPE_COLUMNS, dice_iou, predicted_shape
 from core.training.classify import (TrainConfig, check_inputs, config_differences, config_json, cv_work_dir,
                                     fit_callbacks, group_folds, load_manifest)
 from core.training.common import (git_commit, joint_geometry, quote_arg, resolve_precision, run_phase, run_record,
