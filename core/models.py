@@ -165,22 +165,40 @@ def segmenter_bundle(weights: str) -> Optional[Path]:
     return path if (path / "metadata.json").is_file() and bundle_kind(path) == "segmenter" else None
 
 
+def encoder_weights(seg: keras.Model, backbone: str = "densenet121") -> tuple[list[np.ndarray], ...]:
+    """A DenseNet121 U-Net's encoder weights, in the order of a fresh `backbone` trunk's weighted layers (matched by
+    name); WeightsUnavailableError if `seg` lacks one of them."""
+    if backbone != "densenet121":
+        raise WeightsUnavailableError(f"A lesion segmenter's encoder is a DenseNet121 trunk: use --backbone "
+                                      f"densenet121, not {backbone}.")
+    ref = getattr(keras.applications, _APPS[backbone][0])(include_top=False, weights=None)
+    try:
+        return tuple([np.asarray(w) for w in seg.get_layer(l.name).get_weights()] for l in ref.layers if l.weights)
+    except ValueError as exc:
+        raise WeightsUnavailableError(f"{seg.name} has no DenseNet121 encoder layer {exc}") from exc
+
+
+def save_encoder(seg: keras.Model, path: Path) -> Path:
+    """Write a U-Net's DenseNet121 encoder as a trunk weights file (`*.weights.h5`, what `--weights PATH` reads)."""
+    trunk = keras.applications.DenseNet121(include_top=False, weights=None)
+    _copy_weights(encoder_weights(seg), trunk)
+    trunk.save_weights(str(path))
+    return Path(path)
+
+
 def _encoder_weights(backbone: str, bundle: Path) -> tuple[tuple[list[np.ndarray], ...], dict]:
-    """A segmenter bundle's DenseNet121 encoder weights (verified bundle, Keras safe mode), in the order of a fresh
-    `backbone` trunk's weighted layers (matched by name), and the bundle's metadata."""
+    """A segmenter bundle's DenseNet121 encoder weights (verified bundle, Keras safe mode; see `encoder_weights`)
+    and the bundle's metadata."""
     from core.checkpoints import load_segmenter
 
     if backbone != "densenet121":
         raise WeightsUnavailableError(f"A lesion segmenter's encoder is a DenseNet121 trunk: use --backbone "
                                       f"densenet121 with --weights {bundle}, not {backbone}.")
     seg_bundle = load_segmenter(bundle, backend="keras")
-    seg = seg_bundle.keras_model()
-    ref = getattr(keras.applications, _APPS[backbone][0])(include_top=False, weights=None)
     try:
-        weights = tuple([np.asarray(w) for w in seg.get_layer(l.name).get_weights()] for l in ref.layers if l.weights)
-    except ValueError as exc:
-        raise WeightsUnavailableError(f"{bundle.name} has no DenseNet121 encoder layer {exc}") from exc
-    return weights, seg_bundle.metadata
+        return encoder_weights(seg_bundle.keras_model(), backbone), seg_bundle.metadata
+    except WeightsUnavailableError as exc:
+        raise WeightsUnavailableError(f"{bundle.name}: {exc}") from exc
 
 
 def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:

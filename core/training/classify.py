@@ -14,7 +14,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -313,18 +313,12 @@ def check_inputs(cfg: TrainConfig, segmentation: bool = False) -> None:
 
 
 def check_encoder_source(cfg: TrainConfig, segmentation: bool = False) -> None:
-    """Refuse what a classifier on a lesion segmenter's encoder (`--weights SEGMENTER_BUNDLE`) cannot do honestly:
-    the encoder learned from the lesion masks of the segmenter's training images, so cross-validation (and the
-    out-of-fold inner-CV calibration) would score images it trained on; `check_encoder_split` guards the split."""
-    where = f"--weights {cfg.weights} (a lesion segmenter's encoder)"
+    """A lesion segmenter's encoder (`--weights SEGMENTER_BUNDLE`) starts a classifier only. Its training images are
+    guarded by `check_encoder_split`; cross-validation (and inner-CV calibration) retrain the segmenter's recipe in
+    every fold (`core.training.segment.fold_encoder`), so no held-out image's mask trained the trunk that scores it."""
     if segmentation:
-        raise ConfigError(f"{where} starts a classifier; a segmenter starts from a trunk weights file.")
-    if cfg.cv_folds > 1:
-        raise ConfigError(f"{where}: cross-validation would hold out images whose lesion masks trained the encoder; "
-                          "retraining the segmenter in every fold is not supported yet, so it is refused.")
-    if cfg.calibration == "inner-cv":
-        raise ConfigError(f"{where}: --calibration inner-cv scores training images the encoder learned from; use "
-                          "the validation split (--calibration val).")
+        raise ConfigError(f"--weights {cfg.weights} (a lesion segmenter's encoder) starts a classifier; a segmenter "
+                          "starts from a trunk weights file.")
 
 
 def check_encoder_split(cfg: TrainConfig, splits: dict, root: str | Path) -> None:
@@ -892,14 +886,20 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
     reports accuracy and ROC AUC on its held-out groups. Pooled over folds: accuracy, balanced accuracy,
     ROC AUC, per-class recall, and patient-level results where each patient has one class.
 
-    With `work_dir`, each finished fold's predictions are saved there (`fold_<k>.npz`) and a rerun with
-    the same configuration and data resumes after the last finished fold. Returns the metadata entry;
+    With `--weights SEGMENTER_BUNDLE` each fold's trunk is that segmenter's recipe retrained on the fold's training
+    masks (`core.training.segment.fold_encoder`), never the bundle's own encoder, which learned from held-out masks.
+
+    With `work_dir`, each finished fold's predictions are saved there (`fold_<k>.npz`) and a rerun with the same
+    configuration and data resumes after the last finished fold; retrained encoders are kept in
+    `<out_dir>/.<segmenter>.fold-encoders`, where any later cross-validation on the same folds reuses them. Returns the metadata entry;
     its "predictions" list (path, group, fold, true label, probabilities) is written to `cv_predictions.csv`.
     """
     import json
+    import tempfile
 
     from core.data.split import describe_groups
     from core.evaluation import classification_metrics
+    from core.models import segmenter_bundle
 
     groups = np.asarray(manifest.groups)
     k = len(manifest.class_names)
@@ -914,6 +914,13 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
             for f in work_dir.glob("fold_*.npz"):
                 f.unlink()
         (work_dir / "key.json").write_text(key)
+    encoder = segmenter_bundle(cfg.weights) if cfg.weights not in ("imagenet", "none") else None
+    enc_dir = None
+    if encoder is not None:  # kept beside the work folder: another head setting on the same folds reuses them
+        enc_dir = (Path(cfg.out_dir) / f".{encoder.name}.fold-encoders" if work_dir is not None
+                   else Path(tempfile.mkdtemp(prefix="cv-encoders-")))
+        log.info("Cross-validation retrains %s's recipe in every fold; the encoders are kept in %s (delete it when "
+                 "done choosing)", encoder.name, enc_dir)
     folds, pooled_idx, pooled_p, pooled_fold, t0 = [], [], [], [], time.time()
     for f, parts, held in group_folds(cfg, manifest):
         saved = work_dir / f"fold_{f + 1}.npz" if work_dir is not None else None
@@ -922,16 +929,21 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
             p, row = z["probs"], json.loads(str(z["row"]))
             log.info("CV fold %d/%d: resumed from %s", f + 1, cfg.cv_folds, saved)
         else:
+            t_fold = time.time()
+            fold_cfg = quiet
+            if encoder is not None:  # the segmenter's recipe on this fold's training masks, its encoder the trunk
+                from core.training.segment import fold_encoder
+
+                fold_cfg = replace(quiet, weights=str(fold_encoder(encoder, parts, enc_dir, f + 1)))
             set_seeds(cfg.seed)
             data = {s: decode_split(parts[s], quiet) for s in parts}
-            t_fold = time.time()
             soft = None
             if cfg.distil_from:
                 from core.training.distil import fold_soft_targets
 
                 soft = fold_soft_targets(quiet, data["train"], data["val"], manifest.class_names)
                 set_seeds(cfg.seed)
-            model, _, hist, _ = train_model(quiet, k, data["train"], data["val"], soft_targets=soft,
+            model, _, hist, _ = train_model(fold_cfg, k, data["train"], data["val"], soft_targets=soft,
                                             masks=split_masks(quiet, parts["train"], parts["val"]))
             p = in_memory_classifier(model, quiet, manifest.class_names).raw_proba(data["test"][0])
             m = classification_metrics(data["test"][1], p, manifest.class_names, n_boot=0)
@@ -959,6 +971,13 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
     method = (f"group-wise {cfg.cv_folds}-fold cross-validation over {scope} ({len(set(groups.tolist()))} groups; "
               f"stratified, shuffled with seed {cfg.seed}); per fold a group-aware validation part for early "
               "stopping; same configuration; uncalibrated")
+    if encoder is not None:
+        from core.training.segment import encoder_recipe
+
+        method += (f"; in every fold the trunk is a segmenter encoder retrained on that fold's training masks by "
+                   f"{encoder.name}'s recipe ({encoder_recipe(encoder)[1]}), so no held-out image's mask trained it")
+    if encoder is not None and work_dir is None:
+        shutil.rmtree(enc_dir, ignore_errors=True)
     out = summarise_cv(manifest, folds, idx, probs, fold_of, method, cfg.seed)
     out["scope"] = cfg.cv_scope
     out["seconds"] = round(sum(r.get("seconds", 0) for r in folds) or time.time() - t0, 1)
@@ -1043,6 +1062,13 @@ def write_cv_predictions(cv: dict, path: Path, class_names: Sequence[str]) -> No
 def config_json(cfg: TrainConfig) -> dict:
     """`cfg` as recorded in metadata.json["config"] (tuples as lists)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+
+
+def config_from_json(recorded: dict) -> TrainConfig:
+    """The TrainConfig recorded in a bundle's metadata["config"] (lists back to tuples; unknown keys dropped,
+    options newer than the record at their defaults)."""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items() if k in known})
 
 
 def config_differences(recorded: dict, cfg: TrainConfig) -> dict:

@@ -12,7 +12,7 @@ that labels the student's training images.
 from __future__ import annotations
 
 import logging
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -38,20 +38,11 @@ def soft_targets(teacher_probs: np.ndarray, labels: np.ndarray, weight: float, t
     return (weight * soft + (1.0 - weight) * onehot).astype(np.float32)
 
 
-def config_from_json(recorded: dict):
-    """The TrainConfig recorded in a bundle's metadata["config"] (lists back to tuples; unknown keys dropped,
-    options newer than the record at their defaults)."""
-    from core.training.classify import TrainConfig
-
-    known = {f.name for f in fields(TrainConfig)}
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items() if k in known}
-    return TrainConfig(**kw)
-
-
 def teacher_recipes(bundle: str | Path) -> list:
     """The training configurations that rebuild the teacher: one per ensemble member (its recorded "config", or its
     own bundle's metadata where the ensemble's record lacks it), or the bundle's own for a single model."""
     from core.checkpoints import read_metadata
+    from core.training.classify import config_from_json
 
     bundle = Path(bundle)
     meta = read_metadata(bundle)

@@ -16,6 +16,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -424,6 +425,57 @@ def train_fold_model(cfg: TrainConfig, train_xy: tuple, val_xy: tuple, parts: Op
     n_classes = len(parts["train"].class_names) if parts is not None else 0
     history, timing = fit_segmenter(model, cfg, *train_xy, *val_xy, labels=labels, n_classes=n_classes)
     return model, provenance, history, timing
+
+
+def encoder_recipe(bundle: Path) -> tuple[TrainConfig, str]:
+    """The recipe that retrains a segmenter bundle's encoder in a classifier's cross-validation -> (config, what it
+    is): the bundle's recorded configuration with the schedule its own card's cross-validation used (where that
+    differs from the checkpoint's: a shorter schedule, so the check fits the time), else the configuration itself."""
+    from core.checkpoints import read_metadata
+    from core.training.classify import config_from_json
+
+    meta = read_metadata(bundle)
+    if not meta.get("config"):
+        raise ConfigError(f"{bundle}: its metadata records no training configuration, so its encoder cannot be "
+                          "retrained in each cross-validation fold.")
+    diffs = (meta.get("cross_validation") or {}).get("differs_from_checkpoint") or {}
+    changes = {k: v["cross_validation"] for k, v in diffs.items() if isinstance(v, dict) and "cross_validation" in v}
+    recipe = replace(config_from_json(meta["config"]), **changes, verbose=0, cv_folds=0, external=())
+    what = ("the schedule of its card's cross-validation: " + ", ".join(f"{k} {v}" for k, v in sorted(
+        changes.items())) if changes else "its checkpoint's configuration")
+    return recipe, what
+
+
+def fold_encoder(bundle: Path, parts: dict, folder: Path, fold: int) -> Path:
+    """Train `bundle`'s segmenter recipe (`encoder_recipe`) on a cross-validation fold's "train" masks (early stopping
+    on its "val" part) and write its encoder as a DenseNet121 trunk weights file in `folder` -> that file. The file
+    is named by the fold, the recipe and the fold's images, so a resumed cross-validation reuses it."""
+    import hashlib
+
+    import keras
+
+    from core.models import save_encoder
+
+    recipe, _ = encoder_recipe(bundle)
+    key = json.dumps({"recipe": config_json(recipe), **{s: [os.path.relpath(x.path, parts[s].root)
+                                                           for x in parts[s].samples] for s in ("train", "val")}},
+                     sort_keys=True)
+    dest = Path(folder) / f"fold_{fold}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.weights.h5"
+    if dest.is_file():
+        log.info("CV fold %d: segmenter encoder reused from %s", fold, dest)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    set_seeds(recipe.seed)
+    data = {s: load_seg_arrays(parts[s], recipe.input_size, recipe.clahe) for s in ("train", "val")}
+    model, _, hist, _ = train_fold_model(recipe, data["train"], data["val"], parts)
+    tmp = dest.with_name("partial-" + dest.name)
+    save_encoder(model, tmp)
+    os.replace(tmp, dest)
+    keras.backend.clear_session()
+    log.info("CV fold %d: %s's recipe retrained on %d training masks (%d epochs, %.0f s); its encoder is the trunk",
+             fold, bundle.name, len(parts["train"]), len(hist), time.time() - t0)
+    return dest
 
 
 def cross_validate_segmenter(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path] = None) -> dict:

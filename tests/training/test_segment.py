@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -439,9 +440,58 @@ def test_a_classifier_starts_from_a_segmenters_encoder_on_its_split_only(tiny_se
     out = capsys.readouterr()
     assert "in another split than for the segmenter" in out.out + out.err
     cfg = train.config_from_args(train.build_parser().parse_args(base + ["--name", "x"]))
-    with pytest.raises(ConfigError, match="cross-validation would hold out"):
-        check_inputs(replace(cfg, cv_folds=3))
-    with pytest.raises(ConfigError, match="inner-cv"):
-        check_inputs(replace(cfg, calibration="inner-cv"))
+    check_inputs(replace(cfg, cv_folds=3))  # cross-validation retrains the encoder per fold (next test)
     with pytest.raises(ConfigError, match="starts a classifier"):
         check_inputs(cfg, segmentation=True)
+
+
+def test_cross_validation_retrains_the_segmenters_encoder_in_every_fold(tiny_segmenter, tiny_busi_tree, tmp_path,
+                                                                       monkeypatch):
+    """With --weights SEGMENTER_BUNDLE each fold's trunk is the segmenter's recipe retrained on that fold's training
+    masks (never the bundle's encoder, which learned from held-out masks); a resumed run reuses the fold's encoder
+    file; the recorded method says so."""
+    import keras
+
+    import train
+    from core.checkpoints import load_segmenter
+    from core.models import encoder_weights
+    from core.training import classify
+    from core.training.segment import encoder_recipe
+
+    seen = []
+    real = classify.train_model
+
+    def spy(cfg, *args, **kwargs):
+        seen.append(cfg.weights)
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(classify, "train_model", spy)
+    argv = ["--dataset", "busi", "--data-dir", str(tiny_busi_tree), "--backbone", "densenet121",
+            "--weights", str(tiny_segmenter), "--input-size", "32", "--trunk-layer", "pool4_relu", "--head-units",
+            "0", "--logistic-c", "0.01", "--fine-tune-epochs", "0", "--no-augment", "--out-dir", str(tmp_path),
+            "--name", "encv", "--cv-folds", "2", "--quiet"]
+    cfg = train.config_from_args(train.build_parser().parse_args(argv))
+    manifest = classify.load_manifest(cfg)
+    cv = classify.cross_validate(cfg, manifest, work_dir=tmp_path / "cv")
+    assert len(seen) == 2 and len(set(seen)) == 2 and str(tiny_segmenter) not in seen
+    files = sorted((tmp_path / ".seg_tiny.fold-encoders").glob("*.weights.h5"))
+    assert [Path(w) for w in seen] == files and [f.name[:7] for f in files] == ["fold_1_", "fold_2_"]
+    assert "retrained on that fold's training masks by seg_tiny's recipe (its checkpoint's configuration)" in \
+        cv["method"]
+    assert len(cv["predictions"]) == len(manifest.samples)
+    recipe, _ = encoder_recipe(tiny_segmenter)
+    assert recipe.task == "segmentation" and recipe.cv_folds == 0 and recipe.verbose == 0
+
+    trunk = keras.applications.DenseNet121(include_top=False, weights=None)
+    trunk.load_weights(str(files[0]))
+    bundle = encoder_weights(load_segmenter(tiny_segmenter, backend="keras").keras_model())
+    mine = [l.get_weights() for l in trunk.layers if l.weights]
+    assert len(mine) == len(bundle)
+    assert not all(np.array_equal(a, b) for m, r in zip(mine, bundle) for a, b in zip(m, r))
+
+    stamps = [f.stat().st_mtime_ns for f in files]
+    for f in (tmp_path / "cv").glob("fold_*.npz"):
+        f.unlink()  # the folds' predictions are redone; their encoders are reused
+    seen.clear()
+    classify.cross_validate(cfg, manifest, work_dir=tmp_path / "cv")
+    assert [Path(w) for w in seen] == files and [f.stat().st_mtime_ns for f in files] == stamps
