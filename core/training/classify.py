@@ -891,7 +891,8 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
 
     With `work_dir`, each finished fold's predictions are saved there (`fold_<k>.npz`) and a rerun with the same
     configuration and data resumes after the last finished fold; retrained encoders are kept in
-    `<out_dir>/.<segmenter>.fold-encoders`, where any later cross-validation on the same folds reuses them. Returns the metadata entry;
+    `<out_dir>/.fold-encoders`, where any later cross-validation of the same segmenter recipe on the same folds
+    reuses them. Returns the metadata entry;
     its "predictions" list (path, group, fold, true label, probabilities) is written to `cv_predictions.csv`.
     """
     import json
@@ -917,7 +918,7 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
     encoder = segmenter_bundle(cfg.weights) if cfg.weights not in ("imagenet", "none") else None
     enc_dir = None
     if encoder is not None:  # kept beside the work folder: another head setting on the same folds reuses them
-        enc_dir = (Path(cfg.out_dir) / f".{encoder.name}.fold-encoders" if work_dir is not None
+        enc_dir = (Path(cfg.out_dir) / ".fold-encoders" if work_dir is not None
                    else Path(tempfile.mkdtemp(prefix="cv-encoders-")))
         log.info("Cross-validation retrains %s's recipe in every fold; the encoders are kept in %s (delete it when "
                  "done choosing)", encoder.name, enc_dir)

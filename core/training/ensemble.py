@@ -13,7 +13,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -134,8 +134,8 @@ def train_ensemble(cfg: EnsembleConfig, argv: Optional[Sequence[str]] = None) ->
     from core.data.roots import bundle_splits
     from core.evaluation import classification_metrics, fit_temperature
     from core.models import HEAD_PREFIX, build_ensemble, ensemble_layer, last_conv_layer, member_prefix
-    from core.training.classify import (TrainConfig, bundle_predictions, config_json, decode_split, external_check,
-                                        in_memory_classifier, load_manifest, write_cv_predictions)
+    from core.training.classify import (bundle_predictions, config_from_json, config_json, decode_split,
+                                        external_check, in_memory_classifier, load_manifest, write_cv_predictions)
     from core.training.common import run_record, set_seeds
 
     t_start = time.time()
@@ -153,13 +153,12 @@ def train_ensemble(cfg: EnsembleConfig, argv: Optional[Sequence[str]] = None) ->
              model.count_params())
 
     first = metas[0]
-    known = set(config_json(TrainConfig()))
-    recorded = {k: tuple(v) if isinstance(v, list) else v for k, v in first.get("config", {}).items() if k in known}
-    tcfg = TrainConfig(**{**recorded, "input_size": size, "data_dir": cfg.data_dir or recorded.get("data_dir"),
-                          "name": cfg.name or first.get("name"), "out_dir": cfg.out_dir, "cv_folds": 0,
-                          "external": tuple(cfg.external), "verbose": 0, "seed": cfg.seed, "patches": 0})
+    recorded = config_from_json(first.get("config", {}))
+    tcfg = replace(recorded, input_size=size, data_dir=cfg.data_dir or recorded.data_dir,
+                   name=cfg.name or first.get("name"), out_dir=cfg.out_dir, cv_folds=0,
+                   external=tuple(cfg.external), verbose=0, seed=cfg.seed, patches=0)
     splits = bundle_splits(paths[0], first, cfg.data_dir)
-    manifest = load_manifest(TrainConfig(**{**recorded, "data_dir": str(splits["train"].root), "limit": None}))
+    manifest = load_manifest(replace(recorded, data_dir=str(splits["train"].root), limit=None))
     data = {s: decode_split(splits[s], tcfg) for s in ("train", "val", "test")}
     clf = in_memory_classifier(model, tcfg, manifest.class_names)
     raw = {s: clf.raw_proba(data[s][0]) for s in ("val", "test")}

@@ -427,6 +427,11 @@ def train_fold_model(cfg: TrainConfig, train_xy: tuple, val_xy: tuple, parts: Op
     return model, provenance, history, timing
 
 
+#: Recorded settings that name or place a run without changing what it trains (left out of `fold_encoder`'s key).
+RECIPE_NAMING = frozenset({"name", "out_dir", "data_dir", "split_file", "verbose", "cv_folds", "cv_scope", "external",
+                           "distribute"})
+
+
 def encoder_recipe(bundle: Path) -> tuple[TrainConfig, str]:
     """The recipe that retrains a segmenter bundle's encoder in a classifier's cross-validation -> (config, what it
     is): the bundle's recorded configuration with the schedule its own card's cross-validation used (where that
@@ -457,9 +462,9 @@ def fold_encoder(bundle: Path, parts: dict, folder: Path, fold: int) -> Path:
     from core.models import save_encoder
 
     recipe, _ = encoder_recipe(bundle)
-    key = json.dumps({"recipe": config_json(recipe), **{s: [os.path.relpath(x.path, parts[s].root)
-                                                           for x in parts[s].samples] for s in ("train", "val")}},
-                     sort_keys=True)
+    training = {k: v for k, v in config_json(recipe).items() if k not in RECIPE_NAMING}
+    key = json.dumps({"recipe": training, **{s: [os.path.relpath(x.path, parts[s].root) for x in parts[s].samples]
+                                             for s in ("train", "val")}}, sort_keys=True)
     dest = Path(folder) / f"fold_{fold}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.weights.h5"
     if dest.is_file():
         log.info("CV fold %d: segmenter encoder reused from %s", fold, dest)

@@ -11,7 +11,8 @@ import core.training.classify as T
 import train
 from core.checkpoints import load_classifier
 from core.errors import ConfigError
-from core.training.distil import config_from_json, soft_targets, teacher_recipes
+from core.training.classify import config_from_json
+from core.training.distil import soft_targets, teacher_recipes
 
 
 def test_soft_targets_by_hand():

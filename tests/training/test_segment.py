@@ -431,6 +431,7 @@ def test_a_classifier_starts_from_a_segmenters_encoder_on_its_split_only(tiny_se
     assert train.main(base + ["--split-file", str(tiny_segmenter / "split.csv"), "--name", "enc"]) == 0
     meta, seg_meta = read_metadata(tmp_path / "enc"), read_metadata(tiny_segmenter)
     assert meta["weights"]["source"] == "segmenter encoder" and meta["weights"]["sha256"] == seg_meta["model_sha256"]
+    assert meta["weights"]["segmenter_command"] == seg_meta["command"]
     clf, seg = load_classifier(tmp_path / "enc", backend="keras"), load_segmenter(tiny_segmenter, backend="keras")
     for name in ("conv1_conv", "conv3_block12_2_conv", "conv4_block24_2_conv"):
         for a, b in zip(clf.model.get_layer(name).get_weights(), seg.keras_model().get_layer(name).get_weights()):
@@ -474,7 +475,7 @@ def test_cross_validation_retrains_the_segmenters_encoder_in_every_fold(tiny_seg
     manifest = classify.load_manifest(cfg)
     cv = classify.cross_validate(cfg, manifest, work_dir=tmp_path / "cv")
     assert len(seen) == 2 and len(set(seen)) == 2 and str(tiny_segmenter) not in seen
-    files = sorted((tmp_path / ".seg_tiny.fold-encoders").glob("*.weights.h5"))
+    files = sorted((tmp_path / ".fold-encoders").glob("*.weights.h5"))
     assert [Path(w) for w in seen] == files and [f.name[:7] for f in files] == ["fold_1_", "fold_2_"]
     assert "retrained on that fold's training masks by seg_tiny's recipe (its checkpoint's configuration)" in \
         cv["method"]
