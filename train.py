@@ -243,9 +243,33 @@ def refresh_all(out_dir: Path) -> int:
                 failures += main([*m["argv"], "--split-file", str(b / "split.csv"), "--out-dir",
                                   str(out_dir / ".members"), "--name", f"{b.name}_member{i}"]) != 0
             argv = ["--ensemble", *paths, *ensemble_options(argv)]
+        argv, failed = encoder_first(meta, argv, out_dir)
+        failures += failed
         print(f"== refreshing {b.name}: python train.py {' '.join(argv)}", flush=True)
         failures += main([*argv, "--out-dir", str(out_dir), "--name", b.name]) != 0
     return 1 if failures else 0
+
+
+def encoder_first(meta: dict, argv: list[str], out_dir: Path) -> tuple[list[str], int]:
+    """For a classifier started from a lesion segmenter's encoder whose bundle is not here: retrain the segmenter
+    from its recorded command into `out_dir/.encoders` first -> (the classifier's argv with --weights pointing
+    there, 1 if that training failed else 0). Any other bundle's argv is returned as it is."""
+    from core.models import segmenter_bundle
+
+    w = meta.get("weights") or {}
+    if w.get("source") != "segmenter encoder" or "--weights" not in argv:
+        return argv, 0
+    i = argv.index("--weights") + 1
+    if segmenter_bundle(argv[i]) is not None:
+        return argv, 0
+    if not w.get("segmenter_argv"):
+        print(f"{meta.get('name')}: its encoder's segmenter {argv[i]} is not here and its command is not recorded")
+        return argv, 1
+    dest = out_dir / ".encoders"
+    print(f"== refreshing {meta.get('name')}'s encoder first: python train.py {' '.join(w['segmenter_argv'])}",
+          flush=True)
+    failed = main([*w["segmenter_argv"], "--out-dir", str(dest), "--name", w["segmenter"]]) != 0
+    return [*argv[:i], str(dest / w["segmenter"]), *argv[i + 1:]], int(failed)
 
 
 def ensemble_options(argv: list[str]) -> list[str]:

@@ -234,6 +234,7 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
             ref, seg_meta = _encoder_weights(cfg.backbone, bundle)
             provenance = {"source": "segmenter encoder", "path": str(bundle), "sha256": seg_meta.get("model_sha256"),
                           "segmenter": bundle.name, "segmenter_command": seg_meta.get("command"),
+                          "segmenter_argv": seg_meta.get("argv"),
                           "segmenter_weights": seg_meta.get("weights")}
         else:
             path = weights_file(cfg.weights)

@@ -414,7 +414,7 @@ def test_elastic_deformation_bends_the_mask_with_the_image():
 
 
 def test_a_classifier_starts_from_a_segmenters_encoder_on_its_split_only(tiny_segmenter, tiny_busi_tree, tmp_path,
-                                                                          capsys):
+                                                                          capsys, monkeypatch):
     """--weights SEGMENTER_BUNDLE: the classifier's DenseNet121 trunk holds the segmenter's encoder weights layer by
     layer and its provenance names the bundle and model hash; a split that moves the segmenter's images,
     cross-validation and inner-CV calibration are refused (they would score images the encoder trained on)."""
@@ -432,6 +432,7 @@ def test_a_classifier_starts_from_a_segmenters_encoder_on_its_split_only(tiny_se
     meta, seg_meta = read_metadata(tmp_path / "enc"), read_metadata(tiny_segmenter)
     assert meta["weights"]["source"] == "segmenter encoder" and meta["weights"]["sha256"] == seg_meta["model_sha256"]
     assert meta["weights"]["segmenter_command"] == seg_meta["command"]
+    assert meta["weights"]["segmenter_argv"] == seg_meta["argv"]
     clf, seg = load_classifier(tmp_path / "enc", backend="keras"), load_segmenter(tiny_segmenter, backend="keras")
     for name in ("conv1_conv", "conv3_block12_2_conv", "conv4_block24_2_conv"):
         for a, b in zip(clf.model.get_layer(name).get_weights(), seg.keras_model().get_layer(name).get_weights()):
@@ -442,6 +443,16 @@ def test_a_classifier_starts_from_a_segmenters_encoder_on_its_split_only(tiny_se
     assert "in another split than for the segmenter" in out.out + out.err
     cfg = train.config_from_args(train.build_parser().parse_args(base + ["--name", "x"]))
     check_inputs(replace(cfg, cv_folds=3))  # cross-validation retrains the encoder per fold (next test)
+
+    # `python train.py` (refresh every checkpoint): the segmenter is retrained first where its bundle is not here
+    calls = []
+    monkeypatch.setattr(train, "main", lambda a: calls.append(a) or 0)
+    assert train.encoder_first(meta, meta["argv"], tmp_path) == (meta["argv"], 0) and not calls  # it is here
+    gone = [a if a != str(tiny_segmenter) else str(tmp_path / "gone") for a in meta["argv"]]
+    argv, failed = train.encoder_first(meta, gone, tmp_path)
+    assert failed == 0 and calls == [[*seg_meta["argv"], "--out-dir", str(tmp_path / ".encoders"), "--name",
+                                      "seg_tiny"]]
+    assert argv[argv.index("--weights") + 1] == str(tmp_path / ".encoders" / "seg_tiny")
     with pytest.raises(ConfigError, match="starts a classifier"):
         check_inputs(cfg, segmentation=True)
 
