@@ -165,13 +165,10 @@ def segmenter_bundle(weights: str) -> Optional[Path]:
     return path if (path / "metadata.json").is_file() and bundle_kind(path) == "segmenter" else None
 
 
-def encoder_weights(seg: keras.Model, backbone: str = "densenet121") -> tuple[list[np.ndarray], ...]:
-    """A DenseNet121 U-Net's encoder weights, in the order of a fresh `backbone` trunk's weighted layers (matched by
-    name); WeightsUnavailableError if `seg` lacks one of them."""
-    if backbone != "densenet121":
-        raise WeightsUnavailableError(f"A lesion segmenter's encoder is a DenseNet121 trunk: use --backbone "
-                                      f"densenet121, not {backbone}.")
-    ref = getattr(keras.applications, _APPS[backbone][0])(include_top=False, weights=None)
+def encoder_weights(seg: keras.Model, trunk: Optional[keras.Model] = None) -> tuple[list[np.ndarray], ...]:
+    """A DenseNet121 U-Net's encoder weights, in the order of `trunk`'s weighted layers (a fresh DenseNet121 trunk if
+    None; matched by name); WeightsUnavailableError if `seg` lacks one of them."""
+    ref = trunk if trunk is not None else keras.applications.DenseNet121(include_top=False, weights=None)
     try:
         return tuple([np.asarray(w) for w in seg.get_layer(l.name).get_weights()] for l in ref.layers if l.weights)
     except ValueError as exc:
@@ -181,7 +178,7 @@ def encoder_weights(seg: keras.Model, backbone: str = "densenet121") -> tuple[li
 def save_encoder(seg: keras.Model, path: Path) -> Path:
     """Write a U-Net's DenseNet121 encoder as a trunk weights file (`*.weights.h5`, what `--weights PATH` reads)."""
     trunk = keras.applications.DenseNet121(include_top=False, weights=None)
-    _copy_weights(encoder_weights(seg), trunk)
+    _copy_weights(encoder_weights(seg, trunk), trunk)
     trunk.save_weights(str(path))
     return Path(path)
 
@@ -196,7 +193,7 @@ def _encoder_weights(backbone: str, bundle: Path) -> tuple[tuple[list[np.ndarray
                                       f"densenet121 with --weights {bundle}, not {backbone}.")
     seg_bundle = load_segmenter(bundle, backend="keras")
     try:
-        return encoder_weights(seg_bundle.keras_model(), backbone), seg_bundle.metadata
+        return encoder_weights(seg_bundle.keras_model()), seg_bundle.metadata
     except WeightsUnavailableError as exc:
         raise WeightsUnavailableError(f"{bundle.name}: {exc}") from exc
 

@@ -915,7 +915,7 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
             for f in work_dir.glob("fold_*.npz"):
                 f.unlink()
         (work_dir / "key.json").write_text(key)
-    encoder = segmenter_bundle(cfg.weights) if cfg.weights not in ("imagenet", "none") else None
+    encoder = segmenter_bundle(cfg.weights)
     enc_dir = None
     if encoder is not None:  # kept beside the work folder: another head setting on the same folds reuses them
         enc_dir = (Path(cfg.out_dir) / ".fold-encoders" if work_dir is not None
@@ -1072,16 +1072,20 @@ def config_from_json(recorded: dict) -> TrainConfig:
     return TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items() if k in known})
 
 
+#: Settings that only name, place or report a run (folds, verbosity, output paths, external checks): what it trains
+#: does not depend on them.
+OUTPUT_ONLY = frozenset({"cv_folds", "cv_scope", "verbose", "out_dir", "name", "external", "distribute"})
+
+
 def config_differences(recorded: dict, cfg: TrainConfig) -> dict:
     """{option: {"checkpoint": recorded value, "cross_validation": value in cfg}} for the settings that differ.
 
     Options newer than the checkpoint count at their default (the behaviour before they existed);
     output-only options (folds, verbosity, paths, external checks) are ignored.
     """
-    ignore = {"cv_folds", "cv_scope", "verbose", "out_dir", "name", "external", "distribute"}
     was = {**config_json(TrainConfig()), **recorded}
     return {k: {"checkpoint": was[k], "cross_validation": v} for k, v in config_json(cfg).items()
-            if k not in ignore and was[k] != v}
+            if k not in OUTPUT_ONLY and was[k] != v}
 
 
 def add_cross_validation(cfg: TrainConfig, argv: Optional[Sequence[str]] = None) -> Path:

@@ -28,8 +28,8 @@ from core.errors import ConfigError, DatasetError
 from core.evaluation import mean_ci
 from core.preprocessing import load_mask, model_input
 from core.segmentation import SHAPE_COLUMNS, dice_iou, predicted_shape
-from core.training.classify import (TrainConfig, check_inputs, config_differences, config_json, cv_work_dir,
-                                    fit_callbacks, group_folds, load_manifest)
+from core.training.classify import (OUTPUT_ONLY, TrainConfig, check_inputs, config_differences, config_json,
+                                    cv_work_dir, fit_callbacks, group_folds, load_manifest)
 from core.training.common import (git_commit, joint_geometry, quote_arg, resolve_precision, run_phase, run_record,
                                   set_seeds)
 
@@ -427,9 +427,9 @@ def train_fold_model(cfg: TrainConfig, train_xy: tuple, val_xy: tuple, parts: Op
     return model, provenance, history, timing
 
 
-#: Recorded settings that name or place a run without changing what it trains (left out of `fold_encoder`'s key).
-RECIPE_NAMING = frozenset({"name", "out_dir", "data_dir", "split_file", "verbose", "cv_folds", "cv_scope", "external",
-                           "distribute"})
+#: Recorded settings that name or place a run without changing what it trains (left out of `fold_encoder`'s key):
+#: the output-only ones and where the data and split were read from (the key holds the fold's images themselves).
+RECIPE_NAMING = OUTPUT_ONLY | {"data_dir", "split_file"}
 
 
 def encoder_recipe(bundle: Path) -> tuple[TrainConfig, str]:
