@@ -239,8 +239,10 @@ def refresh_all(out_dir: Path) -> int:
             paths = []
             for i, m in enumerate(meta["ensemble"]["members"], start=1):
                 paths.append(str(out_dir / ".members" / f"{b.name}_member{i}"))
-                print(f"== refreshing {b.name} member {i}: python train.py {' '.join(m['argv'])}", flush=True)
-                failures += main([*m["argv"], "--split-file", str(b / "split.csv"), "--out-dir",
+                margv, failed = encoder_first(m, m["argv"], out_dir)  # a member on a segmenter's encoder
+                failures += failed
+                print(f"== refreshing {b.name} member {i}: python train.py {' '.join(margv)}", flush=True)
+                failures += main([*margv, "--split-file", str(b / "split.csv"), "--out-dir",
                                   str(out_dir / ".members"), "--name", f"{b.name}_member{i}"]) != 0
             argv = ["--ensemble", *paths, *ensemble_options(argv)]
         argv, failed = encoder_first(meta, argv, out_dir)
@@ -253,7 +255,8 @@ def refresh_all(out_dir: Path) -> int:
 def encoder_first(meta: dict, argv: list[str], out_dir: Path) -> tuple[list[str], int]:
     """For a classifier started from a lesion segmenter's encoder whose bundle is not here: retrain the segmenter
     from its recorded command into `out_dir/.encoders` first -> (the classifier's argv with --weights pointing
-    there, 1 if that training failed else 0). Any other bundle's argv is returned as it is."""
+    there, 1 if that training failed else 0). Any other bundle's argv is returned as it is. `meta`: the
+    classifier's metadata, or an ensemble member's entry in the ensemble's (it keeps the member's weights)."""
     from core.models import segmenter_bundle
 
     w = meta.get("weights") or {}

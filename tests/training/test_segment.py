@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import train
-from core.checkpoints import read_csv
+from core.checkpoints import read_csv, write_json
 from core.training.segment import (SEG_DECODERS, SHAPE_COLUMNS, check_seg_choices, choose_postprocessing, dice_iou,
                                    dice_loss, load_seg_arrays, predicted_shape, segmentation_loss, tversky_loss,
                                    segmentation_metrics)
@@ -416,8 +416,9 @@ def test_elastic_deformation_bends_the_mask_with_the_image():
 def test_a_classifier_starts_from_a_segmenters_encoder_on_its_split_only(tiny_segmenter, tiny_busi_tree, tmp_path,
                                                                           capsys, monkeypatch):
     """--weights SEGMENTER_BUNDLE: the classifier's DenseNet121 trunk holds the segmenter's encoder weights layer by
-    layer and its provenance names the bundle and model hash; a split that moves the segmenter's images,
-    cross-validation and inner-CV calibration are refused (they would score images the encoder trained on)."""
+    layer and its provenance names the bundle and model hash; a split that moves the segmenter's images is refused
+    (it would score images the encoder trained on); `python train.py` retrains a segmenter that is not here first,
+    for such a classifier and for such an ensemble member."""
     from dataclasses import replace
 
     import train
@@ -453,6 +454,19 @@ def test_a_classifier_starts_from_a_segmenters_encoder_on_its_split_only(tiny_se
     assert failed == 0 and calls == [[*seg_meta["argv"], "--out-dir", str(tmp_path / ".encoders"), "--name",
                                       "seg_tiny"]]
     assert argv[argv.index("--weights") + 1] == str(tmp_path / ".encoders" / "seg_tiny")
+    # ... and so is an ensemble member's, before the member is retrained and the ensemble joined again
+    calls.clear()
+    root = tmp_path / "refresh"
+    (root / "ens").mkdir(parents=True)
+    write_json(root / "ens" / "metadata.json", {"name": "ens", "argv": ["--ensemble", "m1", "m2", "--name", "ens"],
+                                                "ensemble": {"members": [
+                                                    {"name": "plain", "argv": ["--name", "plain"], "weights": {}},
+                                                    {"name": "enc", "argv": gone, "weights": meta["weights"]}]}})
+    assert train.refresh_all(root) == 0
+    assert calls[0][:2] == ["--name", "plain"] and len(calls) == 4
+    assert calls[1] == [*seg_meta["argv"], "--out-dir", str(root / ".encoders"), "--name", "seg_tiny"]
+    assert calls[2][calls[2].index("--weights") + 1] == str(root / ".encoders" / "seg_tiny")
+    assert calls[3][:3] == ["--ensemble", str(root / ".members" / "ens_member1"), str(root / ".members" / "ens_member2")]
     with pytest.raises(ConfigError, match="starts a classifier"):
         check_inputs(cfg, segmentation=True)
 
