@@ -284,6 +284,7 @@ class Classifier:
     backend_info: dict = field(default_factory=dict)
     perturbation: str = "float32"  # forward of perturbation explainers: float32 (the same as predictions) |
     # openvino-bf16 (only where the bundle's fast_forward.json records that explanations agree; see core.backends)
+    perturbation_methods: Optional[tuple[str, ...]] = None  # the methods that use it (None: every one)
     _forward: Optional[Callable] = field(default=None, repr=False)
     _perturb_forward: Optional[Callable] = field(default=None, repr=False)
     _features: Optional[Callable] = field(default=None, repr=False)
@@ -483,6 +484,10 @@ class Classifier:
                 return self.forward
         return self._perturb_forward
 
+    def fast_perturbation_allowed(self, method: str) -> bool:
+        """False for a perturbation method whose agreement check failed on this bundle (it perturbs on float32)."""
+        return self.perturbation_methods is None or method in self.perturbation_methods
+
     def predict_perturbed(self, images, progress: Optional[Callable[[float], None]] = None) -> np.ndarray:
         """Like `predict_work` (work-resolution images -> calibrated [N, K]) on the perturbation forward pass;
         LIME, SHAP and occlusion use it. Displayed predictions and metrics stay on `predict_proba` / `predict_work`."""
@@ -588,7 +593,7 @@ def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifi
     return Classifier(model=model, class_names=class_names, input_size=size, metadata=meta, path=path,
                       temperature=float(meta.get("calibration", {}).get("temperature", 1.0)),
                       clahe=bool(prep.get("clahe", False)), ood=ood, patches=patches, backend=backend,
-                      perturbation=perturbation_backend(path, meta, backend))
+                      **dict(zip(("perturbation", "perturbation_methods"), perturbation_backend(path, meta, backend))))
 
 
 class InstalledBundles:
@@ -667,23 +672,30 @@ def _load_keras(path: Path, class_names: tuple[str, ...], size: int):
     return model
 
 
-def perturbation_backend(path: Path, meta: dict, backend: str) -> str:
-    """"openvino-bf16" when the bundle's fast_forward.json says explanations on it agree with float32 for this very
-    model (sha256), this CPU computes bfloat16 natively (`core.backends.cpu_has_bf16`) and neither the backend nor
-    $BREASTXAI_PERTURBATION asks for float32; else "float32". Without native bfloat16 OpenVINO emulates it on AVX512
-    CPUs, slower than float32 (busi_densenet121: 182 against 67 ms per image on a 2-core Xeon without AVX512-BF16)."""
+def perturbation_backend(path: Path, meta: dict, backend: str) -> tuple[str, Optional[tuple[str, ...]]]:
+    """("openvino-bf16", methods) when the bundle's fast_forward.json says explanations on it agree with float32
+    for this very model (sha256): methods None where every checked method agrees, else the methods that do; this CPU
+    must compute bfloat16 natively (`core.backends.cpu_has_bf16`) and neither the backend nor
+    $BREASTXAI_PERTURBATION may ask for float32; else ("float32", None). Without native bfloat16 OpenVINO emulates it
+    on AVX512 CPUs, slower than float32 (busi_densenet121: 182 against 67 ms per image on a 2-core Xeon without
+    AVX512-BF16)."""
     from core.backends import cpu_has_bf16
 
     if (backend == "keras" or os.environ.get("BREASTXAI_PERTURBATION", "").lower() == "float32"
             or not cpu_has_bf16()):
-        return "float32"
+        return "float32", None
     f = Path(path) / "fast_forward.json"
     try:
         rec = json.loads(f.read_text()) if f.is_file() else {}
     except (OSError, json.JSONDecodeError):
-        return "float32"
-    ok = rec.get("passed") and rec.get("model_sha256") == meta.get("model_sha256")
-    return rec.get("backend", "openvino-bf16") if ok else "float32"
+        return "float32", None
+    if rec.get("model_sha256") != meta.get("model_sha256"):
+        return "float32", None
+    if rec.get("passed"):
+        return rec.get("backend", "openvino-bf16"), None
+    if rec.get("passed_methods"):
+        return rec.get("backend", "openvino-bf16"), tuple(rec["passed_methods"])
+    return "float32", None
 
 
 def segmenter_for(classifier_meta: dict, root: str | Path = CHECKPOINTS_DIR) -> Optional[Path]:

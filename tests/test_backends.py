@@ -109,6 +109,14 @@ def test_perturbation_forward_is_bfloat16_only_where_explanations_agree(tiny_bun
     assert {r["method"] for r in res["rows"]} == {"lime", "occlusion", "shap"} and len(res["rows"]) == 6
     assert res["passed"] == all(r["spearman"] is not None and r["spearman"] >= 0.95 and r.get("lime_top5_same", True)
                                 for r in res["rows"])
+    # judged method by method: one image under 0.95 keeps that method (and only that one) on float32
+    rows = [{**r, "spearman": 0.949} if (r["method"], r["image"]) == ("shap", 1) else {**r, "spearman": 0.99}
+            for r in res["rows"]]
+    rows = [{**r, "lime_top5_same": True} if r["method"] == "lime" else r for r in rows]
+    verdict = B.agreement_verdict(rows, ["lime", "occlusion", "shap"])
+    assert verdict["passed"] is False and verdict["passed_methods"] == ["lime", "occlusion"]
+    assert B.agreement_verdict([{**r, "lime_top5_same": False} if r["method"] == "lime" else r for r in rows],
+                               ["lime", "occlusion", "shap"])["passed_methods"] == ["occlusion"]
     (bundle / "fast_forward.json").write_text(json.dumps({**res, "passed": True}))
     monkeypatch.setattr(B, "cpu_has_bf16", lambda: False)  # emulated bfloat16 is slower than float32: not used
     assert load_classifier(bundle).perturbation == "float32"
@@ -120,8 +128,21 @@ def test_perturbation_forward_is_bfloat16_only_where_explanations_agree(tiny_bun
     assert e.probability == pytest.approx(float(clf.predict_proba(imgs[0])[0][e.target]), abs=1e-6)
     (bundle / "fast_forward.json").write_text(json.dumps({**res, "passed": True, "model_sha256": "other"}))
     assert load_classifier(bundle).perturbation == "float32"  # a record of another model does not count
-    (bundle / "fast_forward.json").write_text(json.dumps({**res, "passed": False}))
+    (bundle / "fast_forward.json").write_text(json.dumps({**res, "passed": False, "passed_methods": []}))
     assert load_classifier(bundle).perturbation == "float32"
+    # lime and occlusion agreed, shap did not: shap's perturbed copies go through float32, the others' bfloat16
+    (bundle / "fast_forward.json").write_text(json.dumps({**res, **verdict}))
+    part = load_classifier(bundle)
+    assert part.perturbation == "openvino-bf16" and part.perturbation_methods == ("lime", "occlusion")
+    fast_calls, f32_calls = [], []
+    fast_fn, f32_fn = part.predict_perturbed, part.predict_work
+    monkeypatch.setattr(part, "predict_perturbed", lambda x, *a, **k: fast_calls.append(len(x)) or fast_fn(x, *a, **k))
+    monkeypatch.setattr(part, "predict_work", lambda x, *a, **k: f32_calls.append(len(x)) or f32_fn(x, *a, **k))
+    explain(part, imgs[0], "shap", max_evals=60)
+    assert f32_calls and not fast_calls
+    f32_calls.clear()
+    explain(part, imgs[0], "occlusion")
+    assert fast_calls and not f32_calls
 
 
 def test_openvino_runs_a_batch_in_calls_of_ov_batch_images_with_the_same_result(tiny_bundle, isolated_cache,

@@ -185,11 +185,12 @@ class Explainer:
 
     def predict_fn(self) -> Callable[[np.ndarray], np.ndarray]:
         """Batch of work images (N, H, W, 3) -> calibrated probabilities (N, K) through the perturbation forward pass
-        (float32, or bfloat16 where the bundle records that explanations agree; see core.backends).
+        (float32, or bfloat16 where the bundle records that this method's explanations agree; see core.backends).
 
         Every batch's per-class lowest and highest probabilities are kept, so the explanation can say how far its
         perturbations moved the prediction (`Explanation.perturbed_range`)."""
-        if hasattr(self.classifier, "predict_perturbed"):
+        if (hasattr(self.classifier, "predict_perturbed")
+                and getattr(self.classifier, "fast_perturbation_allowed", lambda _: True)(self.name)):
             fn = self.classifier.predict_perturbed
         elif hasattr(self.classifier, "predict_work"):
             fn = self.classifier.predict_work

@@ -177,7 +177,9 @@ def evaluate(bundle: str | Path, methods: Optional[Sequence[str]] = None, limit:
                                       "computed), balanced across classes"), "classes": {c: sum(x.class_name == c for x in cases)
                                                           for c in clf.class_names}},
         "machine": {**machine_summary(), "forward": clf.backend_info.get("backend", clf.backend),
-                    "perturbation_forward": clf.perturbation,
+                    "perturbation_forward": clf.perturbation + (
+                        f" for {', '.join(clf.perturbation_methods)}; float32 for the other methods"
+                        if clf.perturbation_methods is not None else ""),
                     **({"ray": f"this machine started the run; the seconds are the Ray workers' ({address})"}
                        if address else {})},
         "settings": {"params": {m: DEFAULT_PARAMS.get(m, {}) for m in methods}, "curve_steps": steps,
