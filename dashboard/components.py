@@ -595,8 +595,13 @@ def ensemble_members(meta: dict) -> None:
                 f"Dense {' / '.join(map(str, head.get('units', []))) or 'none'}")
         scales = head.get("scales") or [m.get("input_size")]
         shift = m.get("in_ensemble") or {}
+        w = m.get("weights") or {}
+        trunk = (f"{m.get('backbone')}, the encoder of lesion segmenter {w.get('segmenter')}"
+                 if w.get("source") == "segmenter encoder" else
+                 f"{m.get('backbone')} from {Path(w['path']).name}" if w.get("path") else
+                 f"{m.get('backbone')} ({w.get('source')})")
         rows.append({"member": f"{i}. {m.get('name')}", "bundle it was trained as": m.get("bundle"),
-                     "backbone": m.get("backbone"),
+                     "backbone": trunk + (f", cut at {head['trunk_layer']}" if head.get("trunk_layer") else ""),
                      "input (px)": " + ".join(map(str, scales)), "head": what,
                      "validation accuracy alone": fmt_metric(m.get("val_accuracy")),
                      "validation ROC AUC alone": fmt_metric(m.get("val_roc_auc_macro")),
