@@ -490,7 +490,8 @@ class Classifier:
 
     def predict_perturbed(self, images, progress: Optional[Callable[[float], None]] = None) -> np.ndarray:
         """Like `predict_work` (work-resolution images -> calibrated [N, K]) on the perturbation forward pass;
-        LIME, SHAP and occlusion use it. Displayed predictions and metrics stay on `predict_proba` / `predict_work`."""
+        LIME, SHAP and occlusion use it where `fast_perturbation_allowed`. Displayed predictions and metrics stay on
+        `predict_proba` / `predict_work`."""
         fwd = self.perturbation_forward()
         if fwd is self.forward:
             return self.predict_work(images, progress)
@@ -590,10 +591,11 @@ def load_classifier(path: str | Path, backend: Optional[str] = None) -> Classifi
     side = PATCH_SIDES.get(meta.get("dataset", {}).get("kind"))
     if patches is None and side:  # a patch-set model (IDC): a larger field is read as a grid of its patches
         patches = PatchConfig(side, size, side, min_tissue=0.0)
+    perturbation, fast_methods = perturbation_backend(path, meta, backend)
     return Classifier(model=model, class_names=class_names, input_size=size, metadata=meta, path=path,
                       temperature=float(meta.get("calibration", {}).get("temperature", 1.0)),
                       clahe=bool(prep.get("clahe", False)), ood=ood, patches=patches, backend=backend,
-                      **dict(zip(("perturbation", "perturbation_methods"), perturbation_backend(path, meta, backend))))
+                      perturbation=perturbation, perturbation_methods=fast_methods)
 
 
 class InstalledBundles:
@@ -689,13 +691,9 @@ def perturbation_backend(path: Path, meta: dict, backend: str) -> tuple[str, Opt
         rec = json.loads(f.read_text()) if f.is_file() else {}
     except (OSError, json.JSONDecodeError):
         return "float32", None
-    if rec.get("model_sha256") != meta.get("model_sha256"):
+    if rec.get("model_sha256") != meta.get("model_sha256") or not (rec.get("passed") or rec.get("passed_methods")):
         return "float32", None
-    if rec.get("passed"):
-        return rec.get("backend", "openvino-bf16"), None
-    if rec.get("passed_methods"):
-        return rec.get("backend", "openvino-bf16"), tuple(rec["passed_methods"])
-    return "float32", None
+    return rec.get("backend", "openvino-bf16"), None if rec.get("passed") else tuple(rec["passed_methods"])
 
 
 def segmenter_for(classifier_meta: dict, root: str | Path = CHECKPOINTS_DIR) -> Optional[Path]:
