@@ -7,7 +7,7 @@ Starts the real server (`benchmarks/dashboard_latency.dashboard`) with one commi
 headless Chromium per session. Each session uploads its own BUSI image on Explain and waits for the prediction.
 First one session explains a further image alone (Grad-CAM + LIME 300, the page's default), then every session
 presses Explain at the same moment. Each figure is the time from the click to the session's last page change
-with both overlays on screen. Also the CPU seconds the server and the browsers took during the concurrent part
+with both overlays on screen, and beside it the time until its Grad-CAM map was on screen (drawn while LIME runs). Also the CPU seconds the server and the browsers took during the concurrent part
 (Linux /proc): here the browsers run on the server's cores, which a real deployment's clients do not. Ends with one
 JSON line.
 """
@@ -47,6 +47,10 @@ def cpu_seconds() -> dict:
     return out
 
 
+def secs(t: float | None) -> str:
+    return "n/a" if t is None else f"{t:.1f} s"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=4)
@@ -65,16 +69,17 @@ def main() -> int:
         drivers = [first] + [chromium() for _ in range(args.sessions - 1)]
         try:
             upload(first, url, images[-1])
-            single = explain_now(first)
-            print(f"one session alone: Grad-CAM + LIME 300 in {single:.1f} s")
+            single, single_map = explain_now(first)
+            print(f"one session alone: Grad-CAM + LIME 300 in {single:.1f} s (Grad-CAM map after {secs(single_map)})")
             for drv, image in zip(drivers, images):
                 upload(drv, url, image)
             barrier = threading.Barrier(len(drivers))
             took: list = [None] * len(drivers)
+            maps: list = [None] * len(drivers)
 
             def run(i: int) -> None:
                 barrier.wait()
-                took[i] = explain_now(drivers[i])
+                took[i], maps[i] = explain_now(drivers[i])
 
             threads = [threading.Thread(target=run, args=(i,)) for i in range(len(drivers))]
             t0, cpu0 = time.time(), cpu_seconds()
@@ -86,7 +91,7 @@ def main() -> int:
             cpu = {k: round(v - cpu0[k], 1) for k, v in cpu_seconds().items()}
             for i, (drv, image) in enumerate(zip(drivers, images)):
                 drv.save_screenshot(str(out / f"sessions_{i + 1}.png"))
-                print(f"session {i + 1} ({image.name}): {took[i]:.1f} s")
+                print(f"session {i + 1} ({image.name}): {took[i]:.1f} s (Grad-CAM map after {secs(maps[i])})")
         finally:
             for drv in drivers[1:]:
                 drv.quit()
@@ -97,6 +102,8 @@ def main() -> int:
         print(f"CPU seconds meanwhile: server {cpu['server']}, browsers {cpu['browsers']} "
               f"(of {wall * (os.cpu_count() or 1):.0f} on {os.cpu_count()} cores)")
     print(json.dumps({"checkpoint": args.checkpoint, "sessions": len(drivers), "each_s": [round(t, 2) for t in took],
+                      "each_gradcam_map_s": [None if t is None else round(t, 2) for t in maps],
+                      "single_gradcam_map_s": None if single_map is None else round(single_map, 2),
                       "max_s": round(worst, 2), "single_s": round(single, 2), "max_vs_single": round(worst / single, 2),
                       "server_cpu_s": cpu.get("server"), "browser_cpu_s": cpu.get("browsers")}))
     return 0

@@ -5,7 +5,7 @@ import hashlib
 import io
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import plotly.graph_objects as go
@@ -482,12 +482,22 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def run_methods(ckpt: Path, inp: ImageInput, methods: list[str], params: dict[str, dict],
-                target: Optional[int] = None) -> dict:
-    """Run (or fetch cached) explanations with a progress bar; returns {method: Explanation}.
+def run_order(methods: list[str]) -> list[str]:
+    """`methods` in the order they are computed: the fast ones (gradient maps, a second or so) before the slow
+    perturbation methods (LIME, SHAP: seconds to a minute), each group in the user's order, so a page can show the
+    first maps while the slow ones still run."""
+    return sorted(methods, key=lambda m: bool(getattr(EXPLAINERS.get(m), "slow", False)))
 
-    Perturbation methods on a field of many tiles of a patch model (an H&E region on the 50 px IDC model: every
-    perturbed sample re-classifies every tile) are skipped with a message instead of running for many minutes.
+
+def run_methods(ckpt: Path, inp: ImageInput, methods: list[str], params: dict[str, dict],
+                target: Optional[int] = None, on_result: Optional[Callable[[str, object], None]] = None) -> dict:
+    """Run (or fetch cached) explanations with a progress bar; returns {method: Explanation} in `methods`' order.
+
+    Cached results come first, then the fast methods, then the slow ones (`run_order`); `on_result(method,
+    explanation)` is called as each one is ready, so the page can draw it at once (a Grad-CAM map is on screen while
+    LIME still runs). Perturbation methods on a field of many tiles of a patch model (an H&E region on the 50 px IDC
+    model: every perturbed sample re-classifies every tile) are skipped with a message instead of running for many
+    minutes.
     """
     results, todo = {}, []
     n_tiles = svc.tile_count(ckpt, inp.image)
@@ -499,21 +509,25 @@ def run_methods(ckpt: Path, inp: ImageInput, methods: list[str], params: dict[st
                        "minutes on a CPU). Gradient methods map the whole field; for LIME, SHAP or occlusion upload one "
                        "patch or a small region.", icon=":material/timer:")
         methods = [m for m in methods if m not in PERTURBATION_METHODS]
+    shown = (lambda m, e: None) if on_result is None else on_result
     for m in methods:
         hit = svc.cached_explanation(ckpt, inp.sha, m, params.get(m, {}), target)
         if hit is not None:
             results[m] = hit
+            shown(m, hit)
         else:
             todo.append(m)
     if todo:
         bar = st.progress(0.0, text="Explaining…")
-        for i, m in enumerate(todo):
+        for i, m in enumerate(run_order(todo)):
             def prog(f, i=i, m=m):
                 bar.progress(min(1.0, (i + f) / len(todo)), text=f"{METHOD_LABELS[m]}: {f:.0%}")
             try:
                 results[m] = svc.explain(ckpt, inp.image, inp.sha, m, params.get(m, {}), target, prog)
             except (ValueError, TypeError) as exc:
                 st.error(f"{METHOD_LABELS[m]} could not run with these settings: {exc}")
+                continue
+            shown(m, results[m])
         bar.empty()
     return {m: results[m] for m in methods if m in results}
 

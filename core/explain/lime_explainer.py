@@ -96,15 +96,14 @@ class LimeExplainer(Explainer):
         work = self.work_image(image)
         segments = segment(work, p)
         hide = None if p.hide_color == "mean" else baseline_image(work, p.hide_color)
-        predict = self.predict_fn()
         done = [0]
         batch = int(p.batch_size or 4 * getattr(self.classifier, "batch_size", 32))
 
-        def classifier_fn(images):
-            out = predict(images)
-            done[0] += len(images)
+        def tick(n: int) -> None:
+            done[0] += n
             self.report(0.95 * done[0] / p.num_samples)
-            return out
+
+        classifier_fn = self.predict_fn(done=tick)
 
         explainer = _fast_explainer_class()(kernel_width=p.kernel_width, random_state=p.random_seed)
         exp = explainer.explain_instance(

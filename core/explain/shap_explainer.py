@@ -54,15 +54,17 @@ class ShapExplainer(Explainer):
         # masker is one of ShapParams' choices (checked on construction): blur, or an inpainting name shap knows
         mask_value = f"blur({int(p.blur_kernel)},{int(p.blur_kernel)})" if p.masker == "blur" else p.masker
         masker = image_masker(mask_value, work.shape)
-        predict = self.predict_fn()
         batch = int(p.batch_size or 4 * getattr(self.classifier, "batch_size", 32))
         done = [0]
 
-        def f(x):
-            out = predict(np.asarray(x, np.float32))  # masked images are already model-sized 0-255 floats
-            done[0] += len(x)
+        def tick(n: int) -> None:
+            done[0] += n
             self.report(0.95 * done[0] / max(p.max_evals, 1))
-            return out
+
+        predict = self.predict_fn(done=tick)
+
+        def f(x):
+            return predict(np.asarray(x, np.float32))  # masked images are already model-sized 0-255 floats
 
         state = np.random.get_state()
         np.random.seed(p.seed)

@@ -55,7 +55,6 @@ def explanations(ckpt, clf, inp, lesion, ood: bool) -> None:
 
     _, methods, params, target = req
     t = None if target == "predicted" else list(clf.class_names).index(target)
-    results = ui.run_methods(ckpt, inp, methods, params, t)
     alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="ex_alpha")
     ui.show_legend()
     show_mask = inp.mask is not None and st.checkbox("Outline the lesion mask", value=True, key="ex_mask")
@@ -65,26 +64,35 @@ def explanations(ckpt, clf, inp, lesion, ood: bool) -> None:
     if ood:
         st.warning("The image is out of distribution: these maps show what the model responds to in an image it was not "
                    "made for. They are no evidence for a diagnosis.", icon=":material/warning:")
-    ui.report_download(ckpt, inp, results, "ex", lesion)
-    for m, e in results.items():
-        st.subheader(f"{ui.METHOD_LABELS[m]} · {e.class_name} ({e.probability:.1%}) · {e.seconds:.1f} s")
-        e = ui.evidence_view(e, "ex")
-        pm = lesion.mask if lesion is not None else None
-        over = ui.overlay_for(inp.sha, inp.image, e, alpha, inp.mask if show_mask else None, show_segments=False,
-                              predicted=pm)
-        c1, c2 = st.columns(2)
-        if e.segments is not None:
-            c1.image(over, caption="LIME heatmap (segment weights)", width="stretch")
-            bounds = ui.overlay_for(inp.sha, inp.image, e, 0.0, inp.mask if show_mask else None, show_segments=True,
-                                    predicted=pm)
-            c2.image(bounds, caption="Top positive superpixels (boundaries)", width="stretch")
-        else:
-            c1.image(over, caption=f"{ui.METHOD_LABELS[m]} overlay", width="stretch")
-            c2.image(inp.image, caption="Original", width="stretch")
-        c1.download_button("Download overlay PNG", lambda over=over: ui.png_bytes(over), file_name=f"{inp.name}.{m}.png",
-                           mime="image/png", key=f"ex_dl_{m}")
-        with c2.expander("Parameters used"):
-            st.json(e.params)
+    report = st.container()
+    progress = st.container()
+    slots = {m: st.container() for m in methods}  # in the user's order, each filled as soon as its map is ready
+    pm = lesion.mask if lesion is not None else None
+
+    def show(m, e) -> None:
+        with slots[m]:
+            st.subheader(f"{ui.METHOD_LABELS[m]} · {e.class_name} ({e.probability:.1%}) · {e.seconds:.1f} s")
+            e = ui.evidence_view(e, "ex")
+            over = ui.overlay_for(inp.sha, inp.image, e, alpha, inp.mask if show_mask else None, show_segments=False,
+                                  predicted=pm)
+            c1, c2 = st.columns(2)
+            if e.segments is not None:
+                c1.image(over, caption="LIME heatmap (segment weights)", width="stretch")
+                bounds = ui.overlay_for(inp.sha, inp.image, e, 0.0, inp.mask if show_mask else None,
+                                        show_segments=True, predicted=pm)
+                c2.image(bounds, caption="Top positive superpixels (boundaries)", width="stretch")
+            else:
+                c1.image(over, caption=f"{ui.METHOD_LABELS[m]} overlay", width="stretch")
+                c2.image(inp.image, caption="Original", width="stretch")
+            c1.download_button("Download overlay PNG", lambda over=over: ui.png_bytes(over),
+                               file_name=f"{inp.name}.{m}.png", mime="image/png", key=f"ex_dl_{m}")
+            with c2.expander("Parameters used"):
+                st.json(e.params)
+
+    with progress:
+        results = ui.run_methods(ckpt, inp, methods, params, t, on_result=show)
+    with report:
+        ui.report_download(ckpt, inp, results, "ex", lesion)
 
 
 explanations(ckpt, clf, inp, lesion, ood)

@@ -38,14 +38,17 @@ if not req or req[0] != inp.sha or len(req[1]) < 1:
     st.stop()
 _, methods, k, target = (*req, pred)[:4]
 params = {m: ui.default_params(m) for m in methods}
-res = ui.run_methods(ckpt, inp, methods, params, None if target == pred else target)
 st.markdown(f"These maps explain **{clf.class_names[target]}**"
             + (" (the predicted class)." if target == pred else
                f", not the predicted class {clf.class_names[pred]}: they show evidence for the alternative."))
-cols = st.columns(min(len(res), 3))
-for i, (m, e) in enumerate(res.items()):
-    cols[i % len(cols)].image(ui.render_overlay(inp.image, e, 0.5, inp.mask, predicted=pm), width="stretch",
-                              caption=f"{ui.METHOD_LABELS[m]} · {e.seconds:.1f} s{ui.effect_caption(e)}")
+progress = st.container()
+cols = st.columns(min(len(methods), 3))
+slots = {m: cols[i % len(cols)].empty() for i, m in enumerate(methods)}  # filled as each map is ready
+with progress:
+    res = ui.run_methods(ckpt, inp, methods, params, None if target == pred else target,
+                         on_result=lambda m, e: slots[m].image(
+                             ui.render_overlay(inp.image, e, 0.5, inp.mask, predicted=pm), width="stretch",
+                             caption=f"{ui.METHOD_LABELS[m]} · {e.seconds:.1f} s{ui.effect_caption(e)}"))
 ui.show_legend()
 ui.report_download(ckpt, inp, res, "cmp", lesion)
 legend = ui.outline_legend(inp.mask is not None, pm is not None and pm.any())

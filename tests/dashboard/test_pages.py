@@ -1235,3 +1235,29 @@ def test_evaluation_segmenter_view_without_the_dataset_or_shape_columns(ultrasou
     at = app("pages/4_Evaluation.py")
     no_exception(at)
     assert any("is not available here, so images cannot be shown" in i.value for i in at.info)
+
+
+def test_fast_maps_are_shown_before_the_slow_ones_are_computed(monkeypatch):
+    """run_methods draws each map as it is ready: a cached one at once, then Grad-CAM before LIME starts (whatever
+    order the user picked them in), and returns them in the user's order."""
+    import sys
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "dashboard"))
+    import components as ui
+
+    events = []
+    cached = {"gradcam++": "cached map"}
+    fake = SimpleNamespace(
+        tile_count=lambda ckpt, image: 1,
+        cached_explanation=lambda ckpt, sha, m, params, target: cached.get(m),
+        explain=lambda ckpt, image, sha, m, params, target, progress: events.append(("computed", m)) or f"{m} map")
+    monkeypatch.setattr(ui, "svc", fake)
+    inp = SimpleNamespace(image=np.zeros((8, 8, 3), np.uint8), sha="x")
+    out = ui.run_methods("ckpt", inp, ["lime", "gradcam++", "shap", "gradcam"], {},
+                         on_result=lambda m, e: events.append(("shown", m)))
+    assert events == [("shown", "gradcam++"), ("computed", "gradcam"), ("shown", "gradcam"), ("computed", "lime"),
+                      ("shown", "lime"), ("computed", "shap"), ("shown", "shap")]
+    assert list(out) == ["lime", "gradcam++", "shap", "gradcam"]
+    assert out["gradcam++"] == "cached map" and out["lime"] == "lime map"
+    assert ui.run_order(["occlusion", "lime", "gradcam"]) == ["gradcam", "occlusion", "lime"]

@@ -191,3 +191,23 @@ def test_fast_lime_sampling_matches_lime_exactly():
     np.testing.assert_allclose(l1, l2)
     for a, b in zip(seen["lime"], seen["ours"]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("method,params,n", [("lime", {"num_samples": 300, "n_segments": 12}, 300),
+                                             ("shap", {"max_evals": 300, "blur_kernel": 8}, 300)])
+def test_perturbation_progress_moves_every_classifier_batch_with_the_same_answer(method, params, n, tiny_classifier,
+                                                                              test_image):
+    """LIME and SHAP hand the classifier 4 of its batches at a time; progress is reported after each of its batches
+    (every 32 images, not once per 128), with the same map as when each of their batches goes
+    through in one call."""
+    calls = []
+    e = explain(tiny_classifier, test_image, method, progress=calls.append, batch_size=128, **params)
+    steps = [c for c in calls if 0 < c < 1]
+    assert tiny_classifier.batch_size == 32
+    assert len(steps) >= n // 32 - 1 and steps == sorted(steps), calls
+    try:
+        tiny_classifier.batch_size = 256  # the explainer's chunks now hold a whole LIME / SHAP batch
+        whole = explain(tiny_classifier, test_image, method, batch_size=128, **params)
+    finally:
+        tiny_classifier.batch_size = 32
+    np.testing.assert_allclose(e.attribution, whole.attribution, rtol=1e-5, atol=1e-6)
