@@ -100,24 +100,38 @@ def classifier(path: Path):
     return _classifier(str(path), _mtime(Path(path)))
 
 
-def warm_up(path: Path) -> None:
-    """Once per checkpoint version: load the Keras model (a warm start predicted without it), trace the gradient
-    graph with one Grad-CAM of a blank image and compile the perturbation forward pass (OpenVINO bfloat16 where the
-    bundle allows it: 0.4 s here) with one blank perturbed image, and import LIME (with scikit-learn, about 1 s here;
-    the prediction itself needs neither), so the first real explanation pays for none."""
-    _warm_up(str(path), _mtime(Path(path)))
+def warm_up(path: Path, methods: tuple[str, ...] = ("gradcam", "lime")) -> None:
+    """Once per checkpoint version and method: load the Keras model (a warm start predicted without it) and prepare
+    what the page's default `methods` need, while the user reads the prediction or picks methods, so the first real
+    explanation pays for none of it: Grad-CAM (and Grad-CAM++) trace the gradient graph with one map of a blank
+    image (busi_densenet121 on a 2-core AVX2 CPU: 13 s to load Keras, 16 s to trace); integrated gradients trace
+    their input-gradient function (17 s there); LIME, SHAP and occlusion compile the perturbation forward pass
+    (OpenVINO bfloat16 where the bundle allows it: 0.4 s) with one blank perturbed image, and LIME imports its package
+    (with scikit-learn, about 1 s; the prediction itself needs neither)."""
+    for m in methods:
+        _warm_up(str(path), _mtime(Path(path)), WARM_UP_AS.get(m, m))
 
 
-@st.cache_resource(max_entries=8, show_spinner=False)
-def _warm_up(path: str, mtime: float) -> bool:
-    import lime.lime_image  # noqa: F401  (the default methods are Grad-CAM + LIME)
+#: Methods whose warm-up is another's: they share its traced graph or its forward pass.
+WARM_UP_AS = {"gradcam++": "gradcam", "shap": "occlusion"}
 
+
+@st.cache_resource(max_entries=32, show_spinner=False)
+def _warm_up(path: str, mtime: float, method: str) -> bool:
     from core.explain import explain as core_explain
 
     clf = _classifier(path, mtime)
     blank = np.zeros((clf.input_size, clf.input_size, 3), np.uint8)
-    core_explain(clf, blank, "gradcam")
-    clf.predict_perturbed(blank[None])
+    if method == "gradcam":
+        core_explain(clf, blank, "gradcam")
+    elif method == "integrated_gradients":
+        core_explain(clf, blank, "integrated_gradients", steps=1)
+    elif method in ("lime", "occlusion"):
+        if method == "lime":
+            import lime.lime_image  # noqa: F401
+        _warm_up(path, mtime, "perturbation forward")
+    elif method == "perturbation forward":
+        clf.predict_perturbed(blank[None])
     return True
 
 

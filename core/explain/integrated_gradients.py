@@ -1,6 +1,7 @@
 """Integrated gradients (Sundararajan et al. 2017) of the target's pre-softmax score."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,21 +35,38 @@ class IntegratedGradients(Explainer):
 
     def _integrate(self, x: np.ndarray, target: int, done: float, share: float) -> np.ndarray:
         """IG of one prepared input x (S, S, 3) float32 -> (S, S) float32."""
-        import keras
-        import tensorflow as tf
-
         p = self.params
-        model = self.classifier.model
+        grad_sum = input_gradient_function(self.classifier.model)
         x0 = baseline_image(x.astype(np.uint8), p.baseline).astype(np.float32)
         alphas = (np.arange(p.steps, dtype=np.float32) + 0.5) / p.steps  # midpoint Riemann sum
-        pen_model = keras.Model(model.inputs, model.layers[-1].input)
         total = np.zeros_like(x, dtype=np.float64)
         for start in range(0, p.steps, p.batch_size):
             a = alphas[start:start + p.batch_size][:, None, None, None]
-            batch = tf.convert_to_tensor(x0[None] + a * (x - x0)[None])
+            total += grad_sum(np.asarray(x0[None] + a * (x - x0)[None], np.float32), np.int32(target)).numpy()
+            self.report(done + share * min(start + p.batch_size, p.steps) / p.steps)
+        return ((x - x0) * total / p.steps).sum(axis=-1).astype(np.float32)
+
+
+_INPUT_GRAD_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def input_gradient_function(model):
+    """Compiled f(x (N, S, S, 3) float32, target int32) -> (S, S, 3): the gradient of the target's pre-softmax score
+    with respect to each input, summed over the batch. Traced once per model for every batch size and target (busi_
+    densenet121 on a 2-core CPU: 17 s to trace, then 5.6 s for 16 inputs against 18 s eagerly)."""
+    if model not in _INPUT_GRAD_FNS:
+        import keras
+        import tensorflow as tf
+
+        pen_model = keras.Model(model.inputs, model.layers[-1].input)
+        s = model.inputs[0].shape
+
+        @tf.function(input_signature=[tf.TensorSpec([None, *s[1:]], tf.float32), tf.TensorSpec([], tf.int32)])
+        def fn(batch, target):
             with tf.GradientTape() as tape:
                 tape.watch(batch)
                 score = tf.reduce_sum(target_logit(model, pen_model(batch, training=False), target))
-            total += tape.gradient(score, batch).numpy().sum(axis=0)
-            self.report(done + share * min(start + p.batch_size, p.steps) / p.steps)
-        return ((x - x0) * total / p.steps).sum(axis=-1).astype(np.float32)
+            return tf.reduce_sum(tape.gradient(score, batch), axis=0)
+
+        _INPUT_GRAD_FNS[model] = fn
+    return _INPUT_GRAD_FNS[model]

@@ -35,6 +35,7 @@ if go_btn:
 req = st.session_state.get("cmp_request")
 if not req or req[0] != inp.sha or len(req[1]) < 1:
     st.info("Pick at least one method and press **Compare** (LIME/SHAP use the fast settings of the Explain page).")
+    svc.warm_up(ckpt, tuple(methods))  # what the chosen methods need, while they are chosen
     st.stop()
 _, methods, k, target = (*req, pred)[:4]
 params = {m: ui.default_params(m) for m in methods}

@@ -59,3 +59,5 @@ with c2:
     for i, c in enumerate(clf.class_names):
         st.metric(c, f"{after[i]:.1%}", delta=f"{(after[i] - before[i]) * 100:+.1f} points")
     st.caption("A large drop for the predicted class means the model relied on this region.")
+if not (req and req[0] == inp.sha):
+    svc.warm_up(ckpt, tuple(methods))  # what the chosen methods need, while the region is drawn

@@ -124,3 +124,5 @@ if q["revealed"] and path in q["answers"]:
         ui.set_current_image(data, ex.path.rsplit("/", 1)[-1], ex.mask_paths, ex.class_name, "example")
         st.switch_page("pages/3_Compare.py")
     st.caption(svc.DISCLAIMER)
+if not q["revealed"]:
+    svc.warm_up(ckpt, ("gradcam",))  # the evidence shown at the reveal, prepared while the case is read

@@ -1114,6 +1114,13 @@ def test_warm_up_compiles_the_perturbation_forward_before_the_first_explanation(
     svc.warm_up(app_env)  # cached: not run twice
     assert seen == [(1, clf.input_size, clf.input_size, 3)]
     assert clf._forward is not None and clf.perturbation_forward() is not None
+    # Compare's defaults: Grad-CAM++ shares Grad-CAM's graph, occlusion the forward pass already compiled; integrated
+    # gradients trace their own input-gradient function
+    from core.explain.integrated_gradients import _INPUT_GRAD_FNS
+
+    assert clf.model not in _INPUT_GRAD_FNS
+    svc.warm_up(app_env, ("gradcam", "gradcam++", "occlusion", "integrated_gradients"))
+    assert clf.model in _INPUT_GRAD_FNS and seen == [(1, clf.input_size, clf.input_size, 3)]
 
 
 def test_compare_captions_say_how_far_perturbations_moved_the_prediction():
