@@ -126,11 +126,11 @@ def _warm_up(path: str, mtime: float, method: str) -> bool:
         core_explain(clf, blank, "gradcam")
     elif method == "integrated_gradients":
         core_explain(clf, blank, "integrated_gradients", steps=1)
-    elif method in ("lime", "occlusion"):
-        if method == "lime":
-            import lime.lime_image  # noqa: F401
-        _warm_up(path, mtime, "perturbation forward")
-    elif method == "perturbation forward":
+    elif method == "lime":
+        import lime.lime_image  # noqa: F401
+
+        _warm_up(path, mtime, "occlusion")
+    elif method == "occlusion":  # and SHAP: the perturbation forward pass
         clf.predict_perturbed(blank[None])
     return True
 
