@@ -116,7 +116,8 @@ def warm_up(path: Path, methods: tuple[str, ...] = ("gradcam", "lime")) -> None:
 WARM_UP_AS = {"gradcam++": "gradcam", "shap": "occlusion"}
 
 
-@st.cache_resource(max_entries=32, show_spinner=False)
+@st.cache_resource(max_entries=32, show_spinner="Preparing the explanation methods for this checkpoint (once per server "
+                  "start; up to a minute on a slow CPU)…")
 def _warm_up(path: str, mtime: float, method: str) -> bool:
     from core.explain import explain as core_explain
 
