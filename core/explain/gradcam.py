@@ -13,6 +13,12 @@ from core.patches import blend_window, stitch
 _GRAD_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def compiled_for(model) -> dict:
+    """The gradient functions compiled for `model` so far (Grad-CAM's by layer name, integrated gradients' under
+    `core.explain.integrated_gradients.INPUT_GRADIENT`), kept while the model lives."""
+    return _GRAD_FNS.setdefault(model, {})
+
+
 def layer_outputs(model, layer_name: str) -> list:
     """Every output of a layer inside `model`'s graph: one per call. A multi-scale model calls each trunk layer
     once per scale (full size first, `core.models._multi_scale`); other models call it once."""
@@ -52,7 +58,7 @@ def gradcam_function(model, layer_name: str):
     import keras
     import tensorflow as tf
 
-    per_model = _GRAD_FNS.setdefault(model, {})
+    per_model = compiled_for(model)
     if layer_name not in per_model:
         final = model.layers[-1]
         groups = [layer_outputs(model, n) for n in layer_names(layer_name)]

@@ -1,13 +1,12 @@
 """Integrated gradients (Sundararajan et al. 2017) of the target's pre-softmax score."""
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
 from core.explain.base import BATCH_MAX, Explainer, baseline_image, bounded, one_of
-from core.explain.gradcam import target_logit
+from core.explain.gradcam import compiled_for, target_logit
 from core.patches import stitch
 
 
@@ -47,14 +46,17 @@ class IntegratedGradients(Explainer):
         return ((x - x0) * total / p.steps).sum(axis=-1).astype(np.float32)
 
 
-_INPUT_GRAD_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: The key of `input_gradient_function`'s entry in a model's cache (Grad-CAM's entries are keyed by layer names).
+INPUT_GRADIENT = ("input gradient",)
 
 
 def input_gradient_function(model):
     """Compiled f(x (N, S, S, 3) float32, target int32) -> (S, S, 3): the gradient of the target's pre-softmax score
     with respect to each input, summed over the batch. Traced once per model for every batch size and target (busi_
-    densenet121 on a 2-core CPU: 17 s to trace, then 5.6 s for 16 inputs against 18 s eagerly)."""
-    if model not in _INPUT_GRAD_FNS:
+    densenet121 on a 2-core CPU: 17 s to trace, then 5.6 s for 16 inputs against 18 s eagerly); kept beside Grad-CAM's
+    in the model's cache of compiled gradient functions (`core.explain.gradcam.compiled_for`)."""
+    per_model = compiled_for(model)
+    if INPUT_GRADIENT not in per_model:
         import keras
         import tensorflow as tf
 
@@ -68,5 +70,5 @@ def input_gradient_function(model):
                 score = tf.reduce_sum(target_logit(model, pen_model(batch, training=False), target))
             return tf.reduce_sum(tape.gradient(score, batch), axis=0)
 
-        _INPUT_GRAD_FNS[model] = fn
-    return _INPUT_GRAD_FNS[model]
+        per_model[INPUT_GRADIENT] = fn
+    return per_model[INPUT_GRADIENT]

@@ -1116,11 +1116,12 @@ def test_warm_up_compiles_the_perturbation_forward_before_the_first_explanation(
     assert clf._forward is not None and clf.perturbation_forward() is not None
     # Compare's defaults: Grad-CAM++ shares Grad-CAM's graph, occlusion the forward pass already compiled; integrated
     # gradients trace their own input-gradient function
-    from core.explain.integrated_gradients import _INPUT_GRAD_FNS
+    from core.explain.gradcam import compiled_for
+    from core.explain.integrated_gradients import INPUT_GRADIENT
 
-    assert clf.model not in _INPUT_GRAD_FNS
+    assert INPUT_GRADIENT not in compiled_for(clf.model)  # Grad-CAM's graph is there, the input gradient not yet
     svc.warm_up(app_env, ("gradcam", "gradcam++", "occlusion", "integrated_gradients"))
-    assert clf.model in _INPUT_GRAD_FNS and seen == [(1, clf.input_size, clf.input_size, 3)]
+    assert INPUT_GRADIENT in compiled_for(clf.model) and seen == [(1, clf.input_size, clf.input_size, 3)]
 
 
 def test_compare_captions_say_how_far_perturbations_moved_the_prediction():
