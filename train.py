@@ -95,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-size", type=int, default=None,
                    help="square input side in pixels (default: 150 for BreakHis, as in the seeds; 224 otherwise)")
     g.add_argument("--weights", default=d.weights,
-                   help="'imagenet' (Keras download, needs network), 'none' (from scratch) or a trunk weights file")
-    g.add_argument("--pooling", default=d.pooling, choices=("avg", "flatten"), help="GAP or Flatten before the head")
+                   help="'imagenet' (Keras download, needs network), 'none' (from scratch), a trunk weights file "
+                        "or a lesion segmenter bundle (its encoder; with --pooling lesion the whole segmenter)")
+    g.add_argument("--pooling", default=d.pooling, choices=("avg", "flatten", "lesion"),
+                   help="GAP or Flatten before the head; 'lesion': with --weights SEGMENTER_BUNDLE and --trunk-layer, "
+                        "the whole segmenter runs and the encoder map is averaged over its predicted lesion")
     g.add_argument("--head-units", type=int, nargs="+", default=list(d.head_units),
                    help="Dense layer sizes; 0: a linear head (pooled features -> softmax)")
     g.add_argument("--trunk-layer", default=None, metavar="LAYER",
@@ -253,14 +256,15 @@ def refresh_all(out_dir: Path) -> int:
 
 
 def encoder_first(meta: dict, argv: list[str], out_dir: Path) -> tuple[list[str], int]:
-    """For a classifier started from a lesion segmenter's encoder whose bundle is not here: retrain the segmenter
-    from its recorded command into `out_dir/.encoders` first -> (the classifier's argv with --weights pointing
-    there, 1 if that training failed else 0). Any other bundle's argv is returned as it is. `meta`: the
-    classifier's metadata, or an ensemble member's entry in the ensemble's (it keeps the member's weights)."""
+    """For a classifier started from a lesion segmenter (its encoder, or with lesion pooling the whole of it) whose
+    bundle is not here: retrain the segmenter from its recorded command into `out_dir/.encoders` first -> (the
+    classifier's argv with --weights pointing there, 1 if that training failed else 0). Any other bundle's argv is
+    returned as it is. `meta`: the classifier's metadata, or an ensemble member's entry in the ensemble's (it keeps
+    the member's weights)."""
     from core.models import segmenter_bundle
 
     w = meta.get("weights") or {}
-    if w.get("source") != "segmenter encoder" or "--weights" not in argv:
+    if w.get("source") not in ("segmenter encoder", "segmenter") or "--weights" not in argv:
         return argv, 0
     i = argv.index("--weights") + 1
     if segmenter_bundle(argv[i]) is not None:

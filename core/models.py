@@ -2,7 +2,8 @@
 
 Every model takes float32 RGB in 0-255 of shape (S, S, 3); backbone-specific normalisation happens
 inside the graph (`BackbonePreprocess`), so explainers and Grad-CAM work on raw pixels.
-Layer naming convention: `preprocess` (normalisation), backbone layers (Keras names), `head_*`.
+Layer naming convention: `preprocess` (normalisation), backbone layers (Keras names), `head_*`; a classifier on a
+lesion segmenter (`pooling="lesion"`) also holds the segmenter's `seg_*` decoder and `lesion_pool`.
 """
 from __future__ import annotations
 
@@ -38,11 +39,11 @@ class ModelConfig:
     backbone: str = "densenet121"
     num_classes: int = 2
     input_size: int = 224
-    pooling: str = "avg"  # "avg" (GAP) or "flatten"
+    pooling: str = "avg"  # "avg" (GAP), "flatten" or "lesion" (LesionPool: needs a segmenter as `weights`)
     head_units: tuple[int, ...] = (256, 128, 64)
     dropout: float = 0.5
     l2: float = 0.01
-    weights: str = "none"  # "imagenet", "none" or a path to a Keras weights file of the trunk
+    weights: str = "none"  # "imagenet", "none", a path to a Keras weights file of the trunk, or a segmenter bundle
     stain_targets: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None  # (OD mean, OD std): StainStandardise
     trunk_layer: Optional[str] = None  # cut the backbone at this layer (e.g. DenseNet121 "pool3_relu"); None: whole
     scales: tuple[int, ...] = ()  # extra sides: the trunk (same weights) also sees the input resized to each
@@ -111,6 +112,40 @@ class StainStandardise(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "target_mean": self.target_mean, "target_std": self.target_std}
+
+
+@keras.saving.register_keras_serializable(package="breastxai")
+class LesionPool(layers.Layer):
+    """Pool a feature map over the predicted lesion: inputs [features (N, h, w, c), lesion map (N, S, S, 1) in 0-1],
+    S a multiple of h and w -> (N, c), the features' mean weighted by the map's mean over each feature cell.
+
+    Where the map holds almost nothing (its cells sum below `min_share` of the cells: no lesion found, e.g. a normal
+    scan), the plain mean over the whole map is taken instead. `feature_layer` names the layer whose map is pooled
+    (Grad-CAM's default target in a model with this layer).
+    """
+
+    def __init__(self, feature_layer: str = "", min_share: float = 1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.feature_layer = str(feature_layer)
+        self.min_share = float(min_share)
+
+    def call(self, inputs):
+        ops = keras.ops
+        feats, lesion = inputs
+        h, w = feats.shape[1], feats.shape[2]
+        side_h, side_w = lesion.shape[1] // h, lesion.shape[2] // w
+        cells = ops.average_pool(ops.cast(lesion, feats.dtype), (side_h, side_w), strides=(side_h, side_w),
+                                 padding="valid")  # (N, h, w, 1): the lesion's share of each feature cell
+        total = ops.sum(cells, axis=(1, 2), keepdims=True)
+        found = ops.cast(total >= self.min_share * h * w, feats.dtype)
+        weights = found * cells / ops.maximum(total, 1e-6) + (1.0 - found) / float(h * w)
+        return ops.sum(feats * weights, axis=(1, 2))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], input_shape[0][-1])
+
+    def get_config(self):
+        return {**super().get_config(), "feature_layer": self.feature_layer, "min_share": self.min_share}
 
 
 def stain_targets(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -205,8 +240,10 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
     """
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"Unknown backbone {cfg.backbone!r}; choose one of {', '.join(BACKBONES)}.")
-    if cfg.pooling not in ("avg", "flatten"):
-        raise ValueError("pooling must be 'avg' or 'flatten'")
+    if cfg.pooling not in ("avg", "flatten", "lesion"):
+        raise ValueError("pooling must be 'avg', 'flatten' or 'lesion'")
+    if cfg.pooling == "lesion":
+        return _lesion_model(cfg)
     if cfg.trunk_layer and cfg.backbone == "simple_cnn":
         raise ValueError("--trunk-layer cuts an ImageNet backbone; the simple CNN has no trunk to cut.")
     size = (cfg.input_size, cfg.input_size, 3)
@@ -260,21 +297,75 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
             if len(features.shape) != 4:
                 raise ValueError(f"--trunk-layer {cfg.trunk_layer!r} is not a feature map (shape {features.shape}).")
 
-    reg = keras.regularizers.l2(cfg.l2) if cfg.l2 > 0 else None
     if cfg.pooling == "avg":
         h = layers.GlobalAveragePooling2D(name=HEAD_PREFIX + "pool")(features)
     else:
         h = layers.Flatten(name=HEAD_PREFIX + "flatten")(features)
     if cfg.scales:
         h = _multi_scale(cfg, inp, features, h)
-    h = layers.BatchNormalization(name=HEAD_PREFIX + "bn")(h)
+    model = keras.Model(inp, _head(cfg, h), name=f"breastxai_{cfg.backbone}")
+    return model, provenance
+
+
+def _head(cfg: ModelConfig, pooled):
+    """The classifier head on pooled features (N, F): BatchNorm, `cfg.head_units` Dense ReLU layers with dropout,
+    softmax over `cfg.num_classes` (float32) -> the output tensor."""
+    reg = keras.regularizers.l2(cfg.l2) if cfg.l2 > 0 else None
+    h = layers.BatchNormalization(name=HEAD_PREFIX + "bn")(pooled)
     for i, units in enumerate(cfg.head_units, start=1):
         h = layers.Dense(units, activation="relu", kernel_regularizer=reg, name=f"{HEAD_PREFIX}dense{i}")(h)
         if cfg.dropout > 0:
             h = layers.Dropout(cfg.dropout, name=f"{HEAD_PREFIX}dropout{i}")(h)
-    out = layers.Dense(cfg.num_classes, activation="softmax", dtype="float32", name=OUTPUT_NAME)(h)
-    model = keras.Model(inp, out, name=f"breastxai_{cfg.backbone}")
-    return model, provenance
+    return layers.Dense(cfg.num_classes, activation="softmax", dtype="float32", name=OUTPUT_NAME)(h)
+
+
+#: The layer that pools a lesion classifier's features over the segmenter's predicted lesion (`LesionPool`).
+LESION_POOL_NAME = "lesion_pool"
+
+
+def _lesion_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
+    """A classifier on a lesion segmenter: the whole U-Net (frozen weights from `cfg.weights`, a segmenter bundle
+    or, in a cross-validation fold, a segmenter `.keras` file) runs on the image; its encoder's `cfg.trunk_layer`
+    map is pooled over the predicted lesion (`LesionPool`) and the head classifies that. One flat graph whose
+    input is the segmenter's (0-255 RGB, `cfg.input_size`)."""
+    from core.checkpoints import CheckpointError, load_segmenter
+
+    problems = [msg for bad, msg in (
+        (cfg.backbone != "densenet121", "--backbone densenet121 (the segmenter's encoder)"),
+        (not cfg.trunk_layer, "--trunk-layer: the encoder map to pool, e.g. pool3_relu"),
+        (bool(cfg.scales), "no --scales"),
+        (cfg.stain_targets is not None, "no --stain-standardise"),
+    ) if bad]
+    if problems:
+        raise ValueError("Lesion pooling (--pooling lesion) needs " + "; ".join(problems) + ".")
+    path = Path(cfg.weights)
+    if segmenter_bundle(cfg.weights) is not None:
+        seg = load_segmenter(path, backend="keras")
+        model, meta = seg.keras_model(), seg.metadata
+        provenance = {"source": "segmenter", "path": str(path), "sha256": meta.get("model_sha256"),
+                      "segmenter": path.name, "segmenter_command": meta.get("command"),
+                      "segmenter_argv": meta.get("argv"), "segmenter_weights": meta.get("weights")}
+    elif path.is_file() and path.suffix == ".keras":
+        try:
+            model = keras.models.load_model(path, compile=False, safe_mode=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same error for the user
+            raise CheckpointError(f"{path}: not a readable segmenter model ({exc})") from exc
+        provenance = {"source": "segmenter model file", "path": str(path), "sha256": sha256_file(path)}
+    else:
+        raise WeightsUnavailableError(f"Lesion pooling (--pooling lesion) takes its segmenter from --weights: a "
+                                      f"lesion segmenter bundle (train.py --task segmentation), not {cfg.weights}.")
+    if model.output.shape[-1] != 1 or len(model.output.shape) != 4:
+        raise WeightsUnavailableError(f"{path.name} is not a lesion segmenter (output {model.output.shape}).")
+    if model.input.shape[1] != cfg.input_size:
+        raise ValueError(f"The segmenter {path.name} takes {model.input.shape[1]} px images: use --input-size "
+                         f"{model.input.shape[1]}, not {cfg.input_size}.")
+    names = [l.name for l in model.layers]
+    if cfg.trunk_layer not in names or cfg.trunk_layer.startswith(SEG_PREFIX):
+        raise ValueError(f"The segmenter's encoder has no layer {cfg.trunk_layer!r} to pool; DenseNet121's block "
+                         "ends are pool2_relu, pool3_relu, pool4_relu and relu.")
+    features = model.get_layer(cfg.trunk_layer).output
+    pooled = LesionPool(cfg.trunk_layer, name=LESION_POOL_NAME)([features, model.output])
+    return keras.Model(model.input, _head(cfg, pooled), name="breastxai_lesion_densenet121"), provenance
 
 
 def _multi_scale(cfg: ModelConfig, inp, features, pooled):
@@ -465,7 +556,11 @@ def set_trainable(model: keras.Model, fine_tune_layers: int) -> int:
 
 
 def last_conv_layer(model: keras.Model) -> str:
-    """Name of the last backbone layer with a 4-D (N, h, w, c) output: Grad-CAM's default target."""
+    """Name of the last backbone layer with a 4-D (N, h, w, c) output: Grad-CAM's default target (in a model that
+    pools over a predicted lesion, the pooled encoder map, not the segmenter's decoder)."""
+    pool = next((l for l in model.layers if isinstance(l, LesionPool)), None)
+    if pool is not None:
+        return pool.feature_layer
     for layer in reversed(backbone_layers(model)):
         shape = getattr(layer.output, "shape", None)
         if shape is not None and len(shape) == 4:

@@ -24,7 +24,9 @@ import numpy as np
 
 from core.errors import BreastXAIError
 
-FEATURE_LAYERS = ("head_concat", "head_pool", "head_flatten")  # head_concat: every scale of a multi-scale model
+#: head_concat: every scale of a multi-scale model; lesion_pool: the encoder map averaged over the predicted lesion
+#: (core.models.LesionPool)
+FEATURE_LAYERS = ("head_concat", "head_pool", "head_flatten", "lesion_pool")
 
 
 #: A training copy lies within this share of the smallest validation-to-training distance of a training image.
@@ -130,7 +132,7 @@ def feature_layer(model) -> str:
     for n in FEATURE_LAYERS:
         if n in names:
             return n
-    raise ValueError("model has no pooled feature layer (head_pool / head_flatten)")
+    raise ValueError(f"model has no pooled feature layer ({' / '.join(FEATURE_LAYERS)})")
 
 
 def fit_bundle(bundle: str | Path, data_dir: Optional[str] = None, false_alarm_rate: float = 0.05) -> dict:

@@ -285,3 +285,26 @@ def test_attention_unet_gates_every_skip_and_survives_a_save(tmp_path):
     assert y.shape == plain.predict(x, verbose=0).shape == (2, 32, 32, 1) and ((y >= 0) & (y <= 1)).all()
     gated.save(tmp_path / "m.keras")
     np.testing.assert_allclose(keras.saving.load_model(tmp_path / "m.keras").predict(x, verbose=0), y, atol=1e-6)
+
+
+def test_lesion_pool_against_hand_computed_values(tmp_path):
+    """LesionPool: the feature map's mean weighted by the lesion map's share of each feature cell; where the map
+    holds (almost) nothing, the plain mean; it survives a save and names the pooled layer for Grad-CAM."""
+    from core.models import LesionPool
+
+    feats = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)[None, ..., None].repeat(3, axis=0)  # (3, 2, 2, 1)
+    maps = np.zeros((3, 4, 4, 1), np.float32)
+    maps[0, :2, :2] = 1.0  # the lesion fills the top-left cell: that cell's feature, 1
+    maps[1, :2, :2], maps[1, 2:, 2:] = 0.5, 1.0  # cells 0.5 and 1: (0.5 * 1 + 1 * 4) / 1.5 = 3
+    # maps[2] is empty (a normal scan): the plain mean, 2.5
+    pool = LesionPool("pool3_relu", name="lesion_pool")
+    np.testing.assert_allclose(np.asarray(pool([feats, maps])), [[1.0], [3.0], [2.5]], rtol=1e-6)
+    maps[2, 0, 0] = 1e-3  # below the floor (a share 1e-3 of the 4 cells): still the plain mean
+    np.testing.assert_allclose(np.asarray(pool([feats, maps]))[2], [2.5], rtol=1e-6)
+
+    fi, mi = keras.Input((2, 2, 1)), keras.Input((4, 4, 1))
+    model = keras.Model([fi, mi], LesionPool("pool3_relu", name="lesion_pool")([fi, mi]))
+    model.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(np.asarray(again.predict([feats, maps], verbose=0)), [[1.0], [3.0], [2.5]], rtol=1e-6)
+    assert again.get_layer("lesion_pool").feature_layer == "pool3_relu"

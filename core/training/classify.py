@@ -305,6 +305,11 @@ def check_inputs(cfg: TrainConfig, segmentation: bool = False) -> None:
         if getattr(cfg, option) and not segmentation:
             raise ConfigError(f"--{option.replace('_', '-')} ({what}) is for segmentation training "
                               "(--task segmentation).")
+    if cfg.pooling == "lesion" and (segmentation or segmenter_bundle(cfg.weights) is None or not cfg.trunk_layer
+                                    or cfg.backbone != "densenet121"):
+        raise ConfigError("--pooling lesion averages an encoder map over a segmenter's predicted lesion: it needs a "
+                          "classifier with --backbone densenet121, --weights SEGMENTER_BUNDLE (train.py --task "
+                          "segmentation) and --trunk-layer (e.g. pool3_relu).")
     if cfg.weights not in ("imagenet", "none"):
         if segmenter_bundle(cfg.weights) is not None:
             check_encoder_source(cfg, segmentation)
@@ -887,7 +892,8 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
     ROC AUC, per-class recall, and patient-level results where each patient has one class.
 
     With `--weights SEGMENTER_BUNDLE` each fold's trunk is that segmenter's recipe retrained on the fold's training
-    masks (`core.training.segment.fold_encoder`), never the bundle's own encoder, which learned from held-out masks.
+    masks (`core.training.segment.fold_encoder`; with `--pooling lesion` the whole segmenter, `fold_segmenter`),
+    never the bundle's own, which learned from held-out masks.
 
     With `work_dir`, each finished fold's predictions are saved there (`fold_<k>.npz`) and a rerun with the same
     configuration and data resumes after the last finished fold; retrained encoders are kept in
@@ -932,10 +938,12 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
         else:
             t_fold = time.time()
             fold_cfg = quiet
-            if encoder is not None:  # the segmenter's recipe on this fold's training masks, its encoder the trunk
-                from core.training.segment import fold_encoder
+            if encoder is not None:  # the segmenter's recipe on this fold's training masks: its encoder the
+                # trunk, or (lesion pooling) the whole segmenter
+                from core.training.segment import fold_encoder, fold_segmenter
 
-                fold_cfg = replace(quiet, weights=str(fold_encoder(encoder, parts, enc_dir, f + 1)))
+                made = (fold_segmenter if cfg.pooling == "lesion" else fold_encoder)(encoder, parts, enc_dir, f + 1)
+                fold_cfg = replace(quiet, weights=str(made))
             set_seeds(cfg.seed)
             data = {s: decode_split(parts[s], quiet) for s in parts}
             soft = None
@@ -975,8 +983,10 @@ def cross_validate(cfg: TrainConfig, manifest: Manifest, work_dir: Optional[Path
     if encoder is not None:
         from core.training.segment import encoder_recipe
 
-        method += (f"; in every fold the trunk is a segmenter encoder retrained on that fold's training masks by "
-                   f"{encoder.name}'s recipe ({encoder_recipe(encoder)[1]}), so no held-out image's mask trained it")
+        what = "the whole segmenter (its lesion map and encoder) is" if cfg.pooling == "lesion" else \
+            "the trunk is a segmenter encoder"
+        method += (f"; in every fold {what} retrained on that fold's training masks by {encoder.name}'s recipe "
+                   f"({encoder_recipe(encoder)[1]}), so no held-out image's mask trained it")
     if encoder is not None and work_dir is None:
         shutil.rmtree(enc_dir, ignore_errors=True)
     out = summarise_cv(manifest, folds, idx, probs, fold_of, method, cfg.seed)

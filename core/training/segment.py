@@ -451,35 +451,58 @@ def encoder_recipe(bundle: Path) -> tuple[TrainConfig, str]:
     return recipe, what
 
 
-def fold_encoder(bundle: Path, parts: dict, folder: Path, fold: int) -> Path:
-    """Train `bundle`'s segmenter recipe (`encoder_recipe`) on a cross-validation fold's "train" masks (early stopping
-    on its "val" part) and write its encoder as a DenseNet121 trunk weights file in `folder` -> that file. The file
-    is named by the fold, the recipe and the fold's images, so a resumed cross-validation reuses it."""
+def _fold_key(bundle: Path, parts: dict) -> str:
+    """What a fold's segmenter depends on: the recipe's training settings and the fold's train / val images."""
     import hashlib
-
-    import keras
-
-    from core.models import save_encoder
 
     recipe, _ = encoder_recipe(bundle)
     training = {k: v for k, v in config_json(recipe).items() if k not in RECIPE_NAMING}
     key = json.dumps({"recipe": training, **{s: [os.path.relpath(x.path, parts[s].root) for x in parts[s].samples]
                                              for s in ("train", "val")}}, sort_keys=True)
-    dest = Path(folder) / f"fold_{fold}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.weights.h5"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def fold_segmenter(bundle: Path, parts: dict, folder: Path, fold: int) -> Path:
+    """Train `bundle`'s segmenter recipe (`encoder_recipe`) on a cross-validation fold's "train" masks (early stopping
+    on its "val" part) and write the whole segmenter (`.keras`, no optimizer) in `folder` -> that file. The file is
+    named by the fold, the recipe and the fold's images, so a resumed cross-validation reuses it."""
+    import keras
+
+    dest = Path(folder) / f"fold_{fold}_{_fold_key(bundle, parts)}.keras"
     if dest.is_file():
-        log.info("CV fold %d: segmenter encoder reused from %s", fold, dest)
+        log.info("CV fold %d: segmenter reused from %s", fold, dest)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    recipe, _ = encoder_recipe(bundle)
     set_seeds(recipe.seed)
     data = {s: load_seg_arrays(parts[s], recipe.input_size, recipe.clahe) for s in ("train", "val")}
     model, _, hist, _ = train_fold_model(recipe, data["train"], data["val"], parts)
     tmp = dest.with_name("partial-" + dest.name)
-    save_encoder(model, tmp)
+    export_model(model).save(tmp)
     os.replace(tmp, dest)
     keras.backend.clear_session()
-    log.info("CV fold %d: %s's recipe retrained on %d training masks (%d epochs, %.0f s); its encoder is the trunk",
-             fold, bundle.name, len(parts["train"]), len(hist), time.time() - t0)
+    log.info("CV fold %d: %s's recipe retrained on %d training masks (%d epochs, %.0f s)", fold, bundle.name,
+             len(parts["train"]), len(hist), time.time() - t0)
+    return dest
+
+
+def fold_encoder(bundle: Path, parts: dict, folder: Path, fold: int) -> Path:
+    """The encoder of `fold_segmenter`'s model for this fold as a DenseNet121 trunk weights file in `folder` (what a
+    classifier on the segmenter's encoder starts from) -> that file; reused when it is there."""
+    import keras
+
+    from core.models import save_encoder
+
+    dest = Path(folder) / f"fold_{fold}_{_fold_key(bundle, parts)}.weights.h5"
+    if dest.is_file():
+        log.info("CV fold %d: segmenter encoder reused from %s", fold, dest)
+        return dest
+    seg = keras.models.load_model(fold_segmenter(bundle, parts, folder, fold), compile=False)
+    tmp = dest.with_name("partial-" + dest.name)
+    save_encoder(seg, tmp)
+    os.replace(tmp, dest)
+    keras.backend.clear_session()
     return dest
 
 

@@ -475,7 +475,10 @@ def test_cross_validation_retrains_the_segmenters_encoder_in_every_fold(tiny_seg
                                                                        monkeypatch):
     """With --weights SEGMENTER_BUNDLE each fold's trunk is the segmenter's recipe retrained on that fold's training
     masks (never the bundle's encoder, which learned from held-out masks); a resumed run reuses the fold's encoder
-    file; the recorded method says so."""
+    file; the recorded method says so. With --pooling lesion the folds' whole segmenters (kept beside the encoders)
+    are reused, not retrained."""
+    from dataclasses import replace
+
     import keras
 
     import train
@@ -521,3 +524,68 @@ def test_cross_validation_retrains_the_segmenters_encoder_in_every_fold(tiny_seg
     seen.clear()
     classify.cross_validate(cfg, manifest, work_dir=tmp_path / "cv")
     assert [Path(w) for w in seen] == files and [f.stat().st_mtime_ns for f in files] == stamps
+
+    # --pooling lesion on the same folds: each fold's whole segmenter, the one its encoder came from (not retrained)
+    whole = sorted((tmp_path / ".fold-encoders").glob("*.keras"))
+    assert [f.with_suffix("").name for f in whole] == [f.name[:-len(".weights.h5")] for f in files]
+    stamps = [f.stat().st_mtime_ns for f in whole]
+    seen.clear()
+    lesion = replace(cfg, pooling="lesion", name="lpcv")
+    cv = classify.cross_validate(lesion, manifest, work_dir=tmp_path / "lpcv")
+    assert [Path(w) for w in seen] == whole and [f.stat().st_mtime_ns for f in whole] == stamps
+    assert len(cv["predictions"]) == len(manifest.samples)
+    assert "in every fold the whole segmenter (its lesion map and encoder) is retrained on that fold's" in cv["method"]
+
+
+def test_a_classifier_pools_the_segmenters_features_over_its_predicted_lesion(tiny_segmenter, tiny_busi_tree,
+                                                                              tmp_path, capsys, monkeypatch):
+    """--pooling lesion: the whole segmenter runs inside the classifier and its encoder map is averaged over the
+    segmenter's own lesion map (checked against the segmenter's outputs by hand); Grad-CAM targets the pooled map;
+    the provenance names the bundle; a classifier without a segmenter is refused before any image is decoded; a
+    refresh retrains a missing segmenter first (cross-validation:
+    `test_cross_validation_retrains_the_segmenters_encoder_in_every_fold`)."""
+    import keras
+
+    import train
+    from core.checkpoints import load_classifier, load_segmenter, read_metadata
+    from core.explain import explain
+    from core.models import LESION_POOL_NAME
+
+    base = ["--dataset", "busi", "--data-dir", str(tiny_busi_tree), "--backbone", "densenet121",
+            "--weights", str(tiny_segmenter), "--input-size", "32", "--pooling", "lesion", "--trunk-layer",
+            "pool4_relu", "--head-units", "0", "--logistic-c", "0.01", "--fine-tune-epochs", "0", "--no-augment",
+            "--out-dir", str(tmp_path), "--quiet"]
+    assert train.main(base + ["--split-file", str(tiny_segmenter / "split.csv"), "--name", "lp"]) == 0
+    meta, seg_meta = read_metadata(tmp_path / "lp"), read_metadata(tiny_segmenter)
+    assert meta["weights"]["source"] == "segmenter" and meta["weights"]["sha256"] == seg_meta["model_sha256"]
+    assert meta["gradcam_layer"] == "pool4_relu" and meta["head"]["pooling"] == "lesion"
+
+    clf, seg = load_classifier(tmp_path / "lp", backend="keras"), load_segmenter(tiny_segmenter, backend="keras")
+    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    s = seg.keras_model()
+    feats, lesion = (np.asarray(t) for t in keras.Model(s.input, [s.get_layer("pool4_relu").output, s.output])(x))
+    cells = lesion[..., 0].reshape(3, 2, 16, 2, 16).mean(axis=(2, 4))  # the lesion's share of each 2 x 2 cell
+    w = np.where(cells.sum((1, 2), keepdims=True) >= 4e-3, cells / np.maximum(cells.sum((1, 2), keepdims=True), 1e-6),
+                 0.25)
+    pooled = np.asarray(keras.Model(clf.model.input, clf.model.get_layer(LESION_POOL_NAME).output)(x))
+    np.testing.assert_allclose(pooled, (feats * w[..., None]).sum((1, 2)), rtol=1e-4, atol=1e-5)
+    assert clf.predict_proba(x[0].astype(np.uint8)).shape == (1, 3)
+    gc = explain(clf, x[0].astype(np.uint8), "gradcam")
+    assert gc.attribution.shape == (32, 32) and np.isfinite(gc.attribution).all()
+
+
+    for argv in (["--weights", "imagenet"], ["--trunk-layer", ""]):  # no segmenter / nothing to pool
+        bad = list(base)
+        bad[bad.index(argv[0]) + 1] = argv[1]
+        assert train.main(bad + ["--name", "bad"]) == 2
+        out = capsys.readouterr()
+        assert "--pooling lesion averages an encoder map" in out.out + out.err
+
+    # `python train.py` (refresh every checkpoint) retrains its segmenter first when the bundle is not here
+    calls = []
+    monkeypatch.setattr(train, "main", lambda a: calls.append(a) or 0)
+    gone = [a if a != str(tiny_segmenter) else str(tmp_path / "gone") for a in meta["argv"]]
+    argv, failed = train.encoder_first(meta, gone, tmp_path)
+    assert failed == 0 and calls == [[*seg_meta["argv"], "--out-dir", str(tmp_path / ".encoders"), "--name",
+                                      "seg_tiny"]]
+    assert argv[argv.index("--weights") + 1] == str(tmp_path / ".encoders" / "seg_tiny")
