@@ -233,6 +233,14 @@ def _encoder_weights(backbone: str, bundle: Path) -> tuple[tuple[list[np.ndarray
         raise WeightsUnavailableError(f"{bundle.name}: {exc}") from exc
 
 
+def _segmenter_provenance(source: str, bundle: Path, meta: dict) -> dict:
+    """Weights provenance of a classifier started from a segmenter bundle (`source`: "segmenter encoder" or, with
+    lesion pooling, "segmenter"): the bundle, its model hash and the command that retrains it."""
+    return {"source": source, "path": str(bundle), "sha256": meta.get("model_sha256"), "segmenter": bundle.name,
+            "segmenter_command": meta.get("command"), "segmenter_argv": meta.get("argv"),
+            "segmenter_weights": meta.get("weights")}
+
+
 def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
     """Build the flat classifier; returns (model, weights provenance dict).
 
@@ -266,10 +274,7 @@ def build_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
         elif segmenter_bundle(cfg.weights) is not None:
             bundle = Path(cfg.weights)
             ref, seg_meta = _encoder_weights(cfg.backbone, bundle)
-            provenance = {"source": "segmenter encoder", "path": str(bundle), "sha256": seg_meta.get("model_sha256"),
-                          "segmenter": bundle.name, "segmenter_command": seg_meta.get("command"),
-                          "segmenter_argv": seg_meta.get("argv"),
-                          "segmenter_weights": seg_meta.get("weights")}
+            provenance = _segmenter_provenance("segmenter encoder", bundle, seg_meta)
         else:
             path = weights_file(cfg.weights)
             stamp = _stamp(path)
@@ -341,10 +346,7 @@ def _lesion_model(cfg: ModelConfig) -> tuple[keras.Model, dict]:
     path = Path(cfg.weights)
     if segmenter_bundle(cfg.weights) is not None:
         seg = load_segmenter(path, backend="keras")
-        model, meta = seg.keras_model(), seg.metadata
-        provenance = {"source": "segmenter", "path": str(path), "sha256": meta.get("model_sha256"),
-                      "segmenter": path.name, "segmenter_command": meta.get("command"),
-                      "segmenter_argv": meta.get("argv"), "segmenter_weights": meta.get("weights")}
+        model, provenance = seg.keras_model(), _segmenter_provenance("segmenter", path, seg.metadata)
     elif path.is_file() and path.suffix == ".keras":
         try:
             model = keras.models.load_model(path, compile=False, safe_mode=True)

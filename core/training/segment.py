@@ -451,11 +451,10 @@ def encoder_recipe(bundle: Path) -> tuple[TrainConfig, str]:
     return recipe, what
 
 
-def _fold_key(bundle: Path, parts: dict) -> str:
+def _fold_key(recipe: TrainConfig, parts: dict) -> str:
     """What a fold's segmenter depends on: the recipe's training settings and the fold's train / val images."""
     import hashlib
 
-    recipe, _ = encoder_recipe(bundle)
     training = {k: v for k, v in config_json(recipe).items() if k not in RECIPE_NAMING}
     key = json.dumps({"recipe": training, **{s: [os.path.relpath(x.path, parts[s].root) for x in parts[s].samples]
                                              for s in ("train", "val")}}, sort_keys=True)
@@ -468,13 +467,13 @@ def fold_segmenter(bundle: Path, parts: dict, folder: Path, fold: int) -> Path:
     named by the fold, the recipe and the fold's images, so a resumed cross-validation reuses it."""
     import keras
 
-    dest = Path(folder) / f"fold_{fold}_{_fold_key(bundle, parts)}.keras"
+    recipe, _ = encoder_recipe(bundle)
+    dest = Path(folder) / f"fold_{fold}_{_fold_key(recipe, parts)}.keras"
     if dest.is_file():
         log.info("CV fold %d: segmenter reused from %s", fold, dest)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    recipe, _ = encoder_recipe(bundle)
     set_seeds(recipe.seed)
     data = {s: load_seg_arrays(parts[s], recipe.input_size, recipe.clahe) for s in ("train", "val")}
     model, _, hist, _ = train_fold_model(recipe, data["train"], data["val"], parts)
@@ -494,7 +493,7 @@ def fold_encoder(bundle: Path, parts: dict, folder: Path, fold: int) -> Path:
 
     from core.models import save_encoder
 
-    dest = Path(folder) / f"fold_{fold}_{_fold_key(bundle, parts)}.weights.h5"
+    dest = Path(folder) / f"fold_{fold}_{_fold_key(encoder_recipe(bundle)[0], parts)}.weights.h5"
     if dest.is_file():
         log.info("CV fold %d: segmenter encoder reused from %s", fold, dest)
         return dest

@@ -573,7 +573,6 @@ def test_a_classifier_pools_the_segmenters_features_over_its_predicted_lesion(ti
     gc = explain(clf, x[0].astype(np.uint8), "gradcam")
     assert gc.attribution.shape == (32, 32) and np.isfinite(gc.attribution).all()
 
-
     for argv in (["--weights", "imagenet"], ["--trunk-layer", ""]):  # no segmenter / nothing to pool
         bad = list(base)
         bad[bad.index(argv[0]) + 1] = argv[1]
